@@ -1,0 +1,5 @@
+import sys
+
+from membrain.cli import main
+
+sys.exit(main())
