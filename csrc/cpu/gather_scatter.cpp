@@ -5,6 +5,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "cpu/stream_copy.h"
 #include "cpu/thread_pool.h"
 
 namespace membrain::cpu {
@@ -12,6 +13,9 @@ namespace {
 
 // Below this a single thread beats the wake-up cost of the pool.
 constexpr std::size_t kMinBytesPerThread = 256 * 1024;
+// Copies at least this large bypass the cache (see stream_copy.h); smaller ones stay cached,
+// since the transport usually reads a fresh gather right away.
+constexpr std::size_t kStreamingThreshold = 8u << 20;
 
 // Splits the packed byte range evenly over the threads. Each part walks the (block, layer)
 // pages that intersect its range, so pages larger than a part are split between threads and
@@ -28,13 +32,15 @@ void for_each_packed_range(const PagedLayout& layout, std::size_t n_ids, CopyFn&
     const std::size_t begin = total * part / parts;
     const std::size_t end = total * (part + 1) / parts;
     std::size_t pos = begin;
+    const bool streaming = total >= kStreamingThreshold;
     while (pos < end) {
       const std::size_t flat_page = pos / page;  // = i * layers + l
       const std::size_t in_page = pos - flat_page * page;
       const std::size_t len = std::min(page - in_page, end - pos);
-      copy(flat_page / layers, flat_page % layers, in_page, pos, len);
+      copy(flat_page / layers, flat_page % layers, in_page, pos, len, streaming);
       pos += len;
     }
+    if (streaming) stream_fence();
   });
 }
 
@@ -51,8 +57,13 @@ void gather(const PagedLayout& layout, const int64_t* ids, std::size_t n_ids, vo
   if (n_ids > 0 && out == nullptr) throw std::invalid_argument("gather output pointer is null");
   auto* dst = static_cast<uint8_t*>(out);
   for_each_packed_range(layout, n_ids, [&](std::size_t i, std::size_t l, std::size_t in_page, std::size_t pos,
-                                           std::size_t len) {
-    std::memcpy(dst + pos, page_addr(layout, l, ids[i]) + in_page, len);
+                                           std::size_t len, bool streaming) {
+    const uint8_t* from = page_addr(layout, l, ids[i]) + in_page;
+    if (streaming) {
+      stream_copy(dst + pos, from, len);
+    } else {
+      std::memcpy(dst + pos, from, len);
+    }
   });
 }
 
@@ -83,9 +94,14 @@ void scatter(const void* src, std::size_t src_bytes, const PagedLayout& layout, 
   }
   const auto* from = static_cast<const uint8_t*>(src);
   for_each_packed_range(layout, n_ids, [&](std::size_t i, std::size_t l, std::size_t in_page, std::size_t pos,
-                                           std::size_t len) {
+                                           std::size_t len, bool streaming) {
     if (!skip.empty() && skip[i]) return;
-    std::memcpy(page_addr(layout, l, ids[i]) + in_page, from + pos, len);
+    uint8_t* to = page_addr(layout, l, ids[i]) + in_page;
+    if (streaming) {
+      stream_copy(to, from + pos, len);
+    } else {
+      std::memcpy(to, from + pos, len);
+    }
   });
 }
 

