@@ -56,7 +56,7 @@ void register_server(py::module_& m) {
       .def(py::init([](std::string host, int port, uint64_t capacity, int threads, int max_connections,
                        double idle_timeout, double ttl, std::string auth_token, uint64_t slab_bytes,
                        int socket_buffer_bytes, uint32_t max_batch, uint32_t max_key_len, uint64_t max_value_bytes,
-                       uint64_t max_payload_bytes) {
+                       uint64_t max_payload_bytes, bool prefault) {
              if (port < 0 || port > 65535) throw std::invalid_argument("port " + std::to_string(port) + " must be in 0..65535");
              ServerConfig c;
              c.host = std::move(host);
@@ -73,13 +73,14 @@ void register_server(py::module_& m) {
              c.limits.max_key_len = max_key_len;
              c.limits.max_value_bytes = max_value_bytes;
              c.limits.max_payload_bytes = max_payload_bytes;
+             c.prefault = prefault;
              return std::make_unique<Server>(std::move(c));
            }),
            py::arg("host") = "127.0.0.1", py::arg("port") = 9201, py::arg("capacity") = 256ull << 20,
            py::arg("threads") = 2, py::arg("max_connections") = 1024, py::arg("idle_timeout") = 60.0,
            py::arg("ttl") = 0.0, py::arg("auth_token") = "", py::arg("slab_bytes") = 0,
            py::arg("socket_buffer_bytes") = 4 << 20, py::arg("max_batch") = 1024, py::arg("max_key_len") = 128,
-           py::arg("max_value_bytes") = 256ull << 20, py::arg("max_payload_bytes") = 1ull << 30)
+           py::arg("max_value_bytes") = 256ull << 20, py::arg("max_payload_bytes") = 1ull << 30, py::arg("prefault") = true)
       .def("start", [](Server& s) { py::gil_scoped_release r; return s.start(); },
            "Bind, listen and start the workers; returns the bound port.")
       .def("stop", [](Server& s, double drain_timeout) { py::gil_scoped_release r; s.stop(drain_timeout); },

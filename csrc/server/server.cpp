@@ -89,12 +89,18 @@ uint16_t Server::start() {
   for (auto& l : loops_) l->start();
   hk_stop_ = false;
   housekeeper_ = std::thread([this] { housekeeping(); });
+  if (config_.prefault) {
+    prefault_stop_ = false;
+    prefaulter_ = std::thread([this] { storage_.prefault(prefault_stop_); });
+  }
   running_.store(true);
   return port_;
 }
 
 void Server::stop(double drain_timeout_s) {
   if (!running_.exchange(false)) return;
+  prefault_stop_ = true;
+  if (prefaulter_.joinable()) prefaulter_.join();
   for (auto& l : loops_) l->request_stop(drain_timeout_s);
   for (auto& l : loops_) l->join();
   loops_.clear();

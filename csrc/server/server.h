@@ -61,6 +61,8 @@ class Server {
   uint16_t port_ = 0;
   std::vector<std::unique_ptr<EventLoop>> loops_;
   std::thread housekeeper_;
+  std::thread prefaulter_;
+  std::atomic<bool> prefault_stop_{false};
   std::mutex hk_mu_;
   std::condition_variable hk_cv_;
   bool hk_stop_ = false;

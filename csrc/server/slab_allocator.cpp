@@ -146,8 +146,25 @@ void SlabAllocator::release_slab_locked(uint32_t first, uint32_t n) {
     free_slabs_.insert(first + i);
   }
   slabs_in_use_ -= n;
-  // Give the pages back so RSS follows what is stored, not the high-water mark.
-  ::madvise(region_ + static_cast<uint64_t>(first) * slab_bytes_, static_cast<uint64_t>(n) * slab_bytes_, MADV_DONTNEED);
+  // The pages stay mapped: a cache at capacity frees and refills slabs all the time, and
+  // handing pages back would make every refill pay page faults and zeroing inside recv().
+  // RSS is bounded by the region (= capacity) either way.
+}
+
+void SlabAllocator::prefault(const std::atomic<bool>& stop) {
+  // Populates the region in steps so a stop request is honoured quickly. MADV_POPULATE_WRITE
+  // (Linux 5.14+) faults pages in without writing them, so it is safe beside live values; on
+  // older kernels it fails with EINVAL and values keep faulting in on first write.
+#ifdef MADV_POPULATE_WRITE
+  constexpr uint64_t kStep = 64ull << 20;
+  for (uint64_t off = 0; off < region_bytes_ && !stop.load(std::memory_order_relaxed); off += kStep) {
+    const uint64_t len = std::min(kStep, region_bytes_ - off);
+    if (::madvise(region_ + off, len, MADV_POPULATE_WRITE) != 0) return;
+    prefaulted_bytes_.store(off + len, std::memory_order_relaxed);
+  }
+#else
+  (void)stop;
+#endif
 }
 
 void SlabAllocator::free(const Chunk& c) {

@@ -7,12 +7,13 @@
 // and carved into equal chunks; classes are power-of-two-ish (2^k x {1, 1.25, 1.5, 1.75}, so at
 // most ~20% of a chunk is wasted and exact powers of two - typical KV block sizes - waste
 // nothing). A value larger than a slab takes a run of contiguous slabs. A slab whose last chunk
-// is freed goes back to the free pool (and its pages back to the kernel), so memory flows
-// between classes as the workload changes.
+// is freed goes back to the free pool (its pages stay mapped for the next value), so memory
+// flows between classes as the workload changes.
 //
 // Thread-safe; the mutex is a leaf lock (nothing else is locked while it is held), so objects
 // may free their chunk from any thread, including while the storage lock is held.
 #pragma once
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
@@ -61,6 +62,11 @@ class SlabAllocator {
   // Bytes of chunks handed out (>= the values stored in them).
   uint64_t chunk_bytes_in_use() const;
 
+  // Backs the whole region with memory ahead of use (run on a background thread), so PUTs
+  // do not pay first-touch page faults inside recv(). Returns early when `stop` turns true.
+  void prefault(const std::atomic<bool>& stop);
+  uint64_t prefaulted_bytes() const { return prefaulted_bytes_.load(std::memory_order_relaxed); }
+
  private:
   struct Slab {
     uint32_t klass = kNoClass;  // kNoClass = free
@@ -86,6 +92,7 @@ class SlabAllocator {
   std::vector<std::set<uint32_t>> partial_;       // per class: slabs with a free chunk
   uint64_t slabs_in_use_ = 0;
   uint64_t chunk_bytes_in_use_ = 0;
+  std::atomic<uint64_t> prefaulted_bytes_{0};
 };
 
 }  // namespace membrain::server

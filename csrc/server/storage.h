@@ -65,6 +65,8 @@ class Storage {
   StorageStats stats() const;
   uint64_t capacity() const { return alloc_.capacity(); }
   uint64_t slab_bytes() const { return alloc_.slab_bytes(); }
+  void prefault(const std::atomic<bool>& stop) { alloc_.prefault(stop); }
+  uint64_t prefaulted_bytes() const { return alloc_.prefaulted_bytes(); }
   // Bytes of bookkeeping per visible object beyond its key (for docs/server.md).
   static std::size_t per_object_overhead_bytes();
 

@@ -46,6 +46,7 @@ class Server:
         max_key_len: int = 128,
         max_value_bytes: int | str = 256 << 20,
         max_payload_bytes: int | str = 1 << 30,
+        prefault: bool = True,
     ) -> None:
         from membrain import _native
 
@@ -65,6 +66,7 @@ class Server:
             max_key_len=int(max_key_len),
             max_value_bytes=parse_size(max_value_bytes),
             max_payload_bytes=parse_size(max_payload_bytes),
+            prefault=bool(prefault),
         )
         self.host = host
 

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", type=_nonneg_float, default=0.0, help="seconds an object lives after it is written; 0 = forever")
     p.add_argument("--auth-token-file", default=None,
                    help="file holding a shared secret; clients must HELLO with it before anything else")
+    p.add_argument("--no-prefault", action="store_true",
+                   help="do not back the whole --capacity with memory at start (it is then faulted in as values "
+                        "arrive, which slows first PUTs); by default a background thread populates it")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr log level")
     return p
 
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = Server(host=args.host, port=args.port, capacity=args.capacity, threads=args.threads,
                         max_connections=args.max_connections, idle_timeout=args.idle_timeout, ttl=args.ttl,
-                        auth_token=token)
+                        auth_token=token, prefault=not args.no_prefault)
         server.start()
     except (ValueError, RuntimeError, OSError) as e:
         log.error("cannot start: %s", e)
