@@ -57,6 +57,14 @@ __device__ __forceinline__ V load_nc(const V* p) {
   return __ldg(p);  // read-only path: sources are never written by the same launch
 }
 
+// The addresses come from integers; without the assumption a plain store compiles to a generic
+// ST instead of STG (mapped pinned host memory lies in the global window too).
+template <typename V>
+__device__ __forceinline__ void store_global(V* p, const V& v) {
+  __builtin_assume(__isGlobal(p));
+  *p = v;
+}
+
 // kToPacked: gather (paged -> packed); otherwise scatter (packed -> paged).
 // kGroupShift: log2 of the group size G.
 template <typename V, bool kToPacked, int kGroupShift>
@@ -88,11 +96,12 @@ __global__ void __launch_bounds__(kThreads) page_copy_kernel(const PageCopyParam
     for (int k = 0; k < kUnroll; ++k) {
       const int64_t e = first + int64_t{k} * kGroup;
       if (e < p.page_elems) {
-        // Gather output is consumed by a DMA or the transport, not by SMs: stream it past L2.
+        // Gather output is consumed by a DMA or the transport, not by SMs: stream it
+        // (evict-first). Scattered pages are read by attention soon: an ordinary store.
         if constexpr (kToPacked) {
           __stcs(dst + e, r[k]);
         } else {
-          dst[e] = r[k];
+          store_global(dst + e, r[k]);
         }
       }
     }
