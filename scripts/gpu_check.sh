@@ -15,6 +15,10 @@ cd "$here"
 py="${PYTHON:-python3}"
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+# CMake finds nvcc through PATH (or CUDACXX); toolkits often live outside the default PATH.
+if ! command -v nvcc >/dev/null && [ -z "${CUDACXX:-}" ]; then
+  for d in /usr/local/cuda/bin /usr/local/cuda-13.0/bin; do [ -x "$d/nvcc" ] && export PATH="$d:$PATH" && break; done
+fi
 
 names=()
 results=()

@@ -55,6 +55,11 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8).cpu()
 
 
+def pages(t: torch.Tensor, ids) -> torch.Tensor:
+    """Bytes of pages `ids` of one layer (indexing a uint8 view works for every dtype)."""
+    return t.view(torch.uint8)[list(ids)].cpu()
+
+
 def reference_gather(kv, ids) -> torch.Tensor:
     parts = [as_bytes(layer[b]) for b in ids for layer in kv]
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
@@ -101,7 +106,7 @@ def gather_and_check(kv, ids, target):
     packed = Packed(target, ops.packed_nbytes(kv, len(ids)))
     ops.gather_blocks(kv, ids, packed.buf, mode=packed.mode)
     got = packed.bytes()
-    want = reference_gather(kv, list(ids))
+    want = reference_gather(kv, [int(i) for i in ids])
     assert torch.equal(got[: want.numel()], want), f"gather into {target} differs from the reference"
     return packed
 
@@ -114,9 +119,9 @@ def scatter_and_check(packed, kv, ids):
     wanted = sorted(set(int(i) for i in ids))
     untouched = sorted(set(range(kv[0].shape[0])) - set(wanted))
     for new, old in zip(fresh, kv):
-        assert torch.equal(as_bytes(new[wanted]), as_bytes(old[wanted]))
+        assert torch.equal(pages(new, wanted), pages(old, wanted))
         if untouched:
-            assert bool((as_bytes(new[untouched]) == POISON).all()), "scatter wrote pages outside block_ids"
+            assert bool((pages(new, untouched) == POISON).all()), "scatter wrote pages outside block_ids"
 
 
 # --- always runs: the build's CUDA surface --------------------------------------------------
@@ -213,7 +218,7 @@ def test_misaligned_packed_pointer(offset, where):
         ops.scatter_blocks(out, fresh, ids, mode=mode)
         torch.cuda.synchronize()
         for new, old in zip(fresh, kv):
-            assert torch.equal(as_bytes(new[ids]), as_bytes(old[ids]))
+            assert torch.equal(pages(new, ids), pages(old, ids))
 
 
 @needs_cuda
@@ -326,7 +331,7 @@ def test_two_streams_two_threads_concurrently():
                     stream.synchronize()
                     assert torch.equal(out, reference_gather(kv, ids))
                     for new, old in zip(back, kv):
-                        assert torch.equal(as_bytes(new[ids]), as_bytes(old[ids]))
+                        assert torch.equal(pages(new, ids), pages(old, ids))
         except Exception as exc:  # surfaced in the main thread
             errors.append(exc)
 
