@@ -3,6 +3,8 @@
 # vLLM or server, run the CUDA gather benchmark, collect everything in OUTDIR.
 #
 # Usage: scripts/gpu_check.sh OUTDIR
+# Every step runs under `bash -o pipefail` (pipefail is not inherited by `bash -c`), so a
+# failing command is not hidden by its `| tee`.
 # Needs (no network): python3 with torch (CUDA), pybind11, numpy, pytest (hypothesis for the
 # CPU tests), CMake, nvcc, nvidia-smi. Budget: about 6 minutes; each step has its own timeout.
 # Keeps going after a failing step; exits non-zero at the end if any step failed.
@@ -34,17 +36,17 @@ step() {  # step NAME TIMEOUT_S CMD...
 }
 
 # 1. The machine.
-step nvidia-smi 30 bash -c "nvidia-smi | tee '$out/nvidia-smi.txt'; nvidia-smi -q > '$out/nvidia-smi-q.txt'"
+step nvidia-smi 30 bash -o pipefail -c "nvidia-smi | tee '$out/nvidia-smi.txt'; nvidia-smi -q > '$out/nvidia-smi-q.txt'"
 
 # 2. Build in place (the .so lands in membrain/, found through PYTHONPATH) for this GPU only,
 #    which keeps the build short. Falls back to sm_90 when the compute capability is unknown.
 cc="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')"
 arch="${cc:-90}-real"
-step build 240 bash -c "JOBS=\$(nproc) PYTHON='$py' scripts/dev_build.sh gpu -DMEMBRAIN_CUDA=ON \
+step build 240 bash -o pipefail -c "JOBS=\$(nproc) PYTHON='$py' scripts/dev_build.sh gpu -DMEMBRAIN_CUDA=ON \
   -DCMAKE_CUDA_ARCHITECTURES='$arch' 2>&1 | tee '$out/build.log'"
 
 # 3. What was built and what it sees.
-step native-info 60 bash -c "'$py' -c 'import json, membrain, torch; i = membrain.native_info(); \
+step native-info 60 bash -o pipefail -c "'$py' -c 'import json, membrain, torch; i = membrain.native_info(); \
 i[\"torch\"] = torch.__version__; i[\"torch_cuda\"] = torch.version.cuda; print(json.dumps(i, indent=1)); \
 assert i[\"cuda_compiled\"] and i[\"cuda_devices\"] > 0, \"CUDA kernels not compiled or no device visible\"' \
   | tee '$out/native_info.json'"
@@ -60,18 +62,19 @@ sass_check() {
   if grep -A1 page_copy "$out/res-usage.txt" | grep -q "LOCAL:[1-9]"; then echo "register spills to local memory"; return 1; fi
   grep -q "LDG.E.128" "$out/sass.txt"
 }
-step sass-check 60 sass_check
+export -f sass_check; export out
+step sass-check 60 bash -o pipefail -c sass_check
 
 # 5. Tests that need neither vLLM nor a server.
 tests=(tests/test_gather_cuda.py)
 for t in tests/test_gather_cpu.py tests/test_host_pool.py tests/test_native_info_and_checksum.py tests/test_ops*.py; do
   [ -f "$t" ] && tests+=("$t")
 done
-step pytest 200 bash -c "'$py' -m pytest -q -ra -p no:cacheprovider ${tests[*]} --junitxml='$out/junit.xml' 2>&1 \
+step pytest 200 bash -o pipefail -c "'$py' -m pytest -q -ra -p no:cacheprovider ${tests[*]} --junitxml='$out/junit.xml' 2>&1 \
   | tee '$out/pytest.log'"
 
 # 6. The CUDA gather benchmark (quick configs).
-step bench 200 bash -c "'$py' -m membrain.bench.gather_cuda --quick --out '$out/gather_cuda.json' 2>&1 \
+step bench 200 bash -o pipefail -c "'$py' -m membrain.bench.gather_cuda --quick --out '$out/gather_cuda.json' 2>&1 \
   | tee '$out/bench.log'"
 
 # Summary last.
