@@ -61,6 +61,8 @@ def pages(t: torch.Tensor, ids) -> torch.Tensor:
 
 
 def reference_gather(kv, ids) -> torch.Tensor:
+    """Packed block-major bytes computed the slow, obvious way (on CPU copies of the layers)."""
+    kv = [t.cpu() for t in kv]
     parts = [as_bytes(layer[b]) for b in ids for layer in kv]
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
 
