@@ -31,5 +31,5 @@ function(membrain_configure_cuda_target target)
   set_target_properties(${target} PROPERTIES CUDA_RUNTIME_LIBRARY Static)
   target_link_libraries(${target} PRIVATE CUDA::cudart_static)
   target_compile_options(${target} PRIVATE
-    $<$<COMPILE_LANGUAGE:CUDA>:-O3 --expt-relaxed-constexpr -Xcompiler=-fPIC -lineinfo>)
+    $<$<COMPILE_LANGUAGE:CUDA>:-O3 --expt-relaxed-constexpr -Xcompiler=-fPIC -Xcompiler=-Wall -Xcompiler=-Wextra -lineinfo>)
 endfunction()

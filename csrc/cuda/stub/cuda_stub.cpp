@@ -15,4 +15,22 @@ bool host_register(void*, std::size_t) { return false; }
 void host_unregister(void*) {}
 void* host_alloc_pinned(std::size_t) { return nullptr; }
 void host_free_pinned(void*) {}
+
+namespace {
+[[noreturn]] void no_cuda(const char* what) {
+  throw std::runtime_error(std::string(what) + ": this build of membrain._native has no CUDA support");
+}
+}  // namespace
+
+HostMode parse_host_mode(const std::string&) { no_cuda("parse_host_mode"); }
+const char* host_mode_name(HostMode) { return "none"; }
+HostMode default_host_mode() { return HostMode::kAuto; }
+void gather(const PagedLayout&, const int64_t*, std::size_t, void*, std::size_t, int, std::uintptr_t, HostMode) {
+  no_cuda("gather_cuda");
+}
+void scatter(const void*, std::size_t, const PagedLayout&, const int64_t*, std::size_t, int, std::uintptr_t,
+             HostMode) {
+  no_cuda("scatter_cuda");
+}
+void memcpy_async(void*, const void*, std::size_t, int, std::uintptr_t) { no_cuda("cuda_memcpy"); }
 }  // namespace membrain::cuda
