@@ -15,7 +15,7 @@ mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 cd "$here"
 py="${PYTHON:-python3}"
-export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+unset PYTHONPATH
 export PYTHONUNBUFFERED=1
 # CMake finds nvcc through PATH (or CUDACXX); toolkits often live outside the default PATH.
 if ! command -v nvcc >/dev/null && [ -z "${CUDACXX:-}" ]; then
@@ -38,22 +38,22 @@ step() {  # step NAME TIMEOUT_S CMD...
 # 1. The machine.
 step nvidia-smi 30 bash -o pipefail -c "nvidia-smi | tee '$out/nvidia-smi.txt'; nvidia-smi -q > '$out/nvidia-smi-q.txt'"
 
-# 2. Build in place (the .so lands in membrain/, found through PYTHONPATH) for this GPU only,
-#    which keeps the build short. Falls back to sm_90 when the compute capability is unknown.
+# 2. Build and install against this machine's torch, without network or build isolation, for
+#    this GPU only (keeps the build short). Falls back to sm_90 when the capability is unknown.
 cc="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')"
 arch="${cc:-90}-real"
-step build 240 bash -o pipefail -c "JOBS=\$(nproc) PYTHON='$py' scripts/dev_build.sh gpu -DMEMBRAIN_CUDA=ON \
-  -DCMAKE_CUDA_ARCHITECTURES='$arch' 2>&1 | tee '$out/build.log'"
+step build 300 bash -o pipefail -c "MEMBRAIN_CUDA=ON '$py' -m pip install --no-build-isolation --no-deps -v \
+  -C cmake.define.CMAKE_CUDA_ARCHITECTURES='$arch' -C build-dir=build/gpu . 2>&1 | tee '$out/build.log'"
 
 # 3. What was built and what it sees.
-step native-info 60 bash -o pipefail -c "'$py' -c 'import json, membrain, torch; i = membrain.native_info(); \
+step native-info 60 bash -o pipefail -c "cd '$out' && '$py' -c 'import json, membrain, torch; i = membrain.native_info(); \
 i[\"torch\"] = torch.__version__; i[\"torch_cuda\"] = torch.version.cuda; print(json.dumps(i, indent=1)); \
 assert i[\"cuda_compiled\"] and i[\"cuda_devices\"] > 0, \"CUDA kernels not compiled or no device visible\"' \
   | tee '$out/native_info.json'"
 
 # 4. Kernel code check: 16-byte loads/stores, no spills (needs cuobjdump; skipped without it).
 sass_check() {
-  local so; so="$(ls membrain/_native*.so | head -1)"
+  local so; so="$(cd "$out" && "$py" -c 'import membrain._native as n; print(n.__file__)')"
   if ! command -v cuobjdump >/dev/null; then echo "cuobjdump not found: skipped"; return 0; fi
   cuobjdump -res-usage "$so" > "$out/res-usage.txt" 2>&1 || true
   cuobjdump -sass "$so" > "$out/sass.txt" 2>&1 || true
@@ -70,11 +70,11 @@ tests=(tests/test_gather_cuda.py)
 for t in tests/test_gather_cpu.py tests/test_host_pool.py tests/test_native_info_and_checksum.py tests/test_ops*.py; do
   [ -f "$t" ] && tests+=("$t")
 done
-step pytest 200 bash -o pipefail -c "'$py' -m pytest -q -ra -p no:cacheprovider ${tests[*]} --junitxml='$out/junit.xml' 2>&1 \
+step pytest 200 bash -o pipefail -c "cd '$here/tests' && '$py' -m pytest -c '$here/pyproject.toml' --rootdir '$here' -q -ra -p no:cacheprovider ${tests[*]//tests\//} --junitxml='$out/junit.xml' 2>&1 \
   | tee '$out/pytest.log'"
 
 # 6. The CUDA gather benchmark (quick configs).
-step bench 200 bash -o pipefail -c "'$py' -m membrain.bench.gather_cuda --quick --out '$out/gather_cuda.json' 2>&1 \
+step bench 200 bash -o pipefail -c "cd '$out' && '$py' -m membrain.bench.gather_cuda --quick --out '$out/gather_cuda.json' 2>&1 \
   | tee '$out/bench.log'"
 
 # Summary last.
