@@ -1,3 +1,4 @@
+#include <stdexcept>
 #include "bindings/registry.h"
 #include "common/checksum.h"
 

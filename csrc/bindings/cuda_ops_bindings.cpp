@@ -1,6 +1,7 @@
 // Raw-pointer entry points for the CUDA gather/scatter. membrain/ops.py turns tensors into
 // these arguments. They are registered only when the kernels are compiled, so Python can
 // test `hasattr(_native, "gather_cuda")` instead of catching "no CUDA" errors.
+#include <stdexcept>
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 

@@ -1,5 +1,6 @@
 // Raw-pointer entry points for the CPU gather/scatter. membrain/ops.py turns tensors into
 // these arguments; this layer re-validates everything because it is callable directly.
+#include <stdexcept>
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 

@@ -1,6 +1,7 @@
 // Python view of the host block pool: HostPool hands out Slot handles; a Slot exports its
 // bytes through the buffer protocol (zero copy) and gives its reference back when released
 // or garbage-collected.
+#include <stdexcept>
 #include <pybind11/stl.h>
 
 #include "bindings/registry.h"

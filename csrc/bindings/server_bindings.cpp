@@ -1,5 +1,6 @@
 // membrain._native.Server: the C++ data plane, driven from Python only to start, stop and
 // read statistics. start()/stop() release the GIL; the workers never take it.
+#include <stdexcept>
 #include <pybind11/stl.h>
 
 #include "bindings/registry.h"

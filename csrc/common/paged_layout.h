@@ -5,6 +5,7 @@
 // The packed ("gathered") form used by the host tier and the transport is block-major:
 // block i of the id list, layer l lives at byte (i * num_layers + l) * page_bytes.
 #pragma once
+#include <stdexcept>
 #include <cstddef>
 #include <cstdint>
 #include <vector>

@@ -1,3 +1,4 @@
+#include <stdexcept>
 #include "cpu/gather_scatter.h"
 
 #include <algorithm>

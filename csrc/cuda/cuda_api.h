@@ -1,6 +1,7 @@
 // The only doorway from host C++ to CUDA. Implemented by csrc/cuda/*.cu when the kernels are
 // compiled, and by csrc/cuda/stub/cuda_stub.cpp otherwise, so callers never need #ifdefs.
 #pragma once
+#include <stdexcept>
 #include <cstddef>
 #include <cstdint>
 #include <string>

@@ -1,3 +1,4 @@
+#include <stdexcept>
 #include "cuda/device_resources.h"
 
 #include <algorithm>

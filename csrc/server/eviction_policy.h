@@ -3,6 +3,7 @@
 // when the last pin drops). New policies implement this interface and register in
 // make_eviction_policy().
 #pragma once
+#include <stdexcept>
 #include <cstdint>
 #include <memory>
 #include <string>

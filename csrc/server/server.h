@@ -2,6 +2,7 @@
 // housekeeping thread (TTL sweep). Started and stopped from Python (bindings/server_bindings.cpp)
 // but no Python runs on the data path: every request is parsed and answered in C++ threads.
 #pragma once
+#include <stdexcept>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>

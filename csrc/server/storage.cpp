@@ -1,3 +1,4 @@
+#include <algorithm>
 #include "server/storage.h"
 
 #include <chrono>
