@@ -63,6 +63,7 @@ sass_check() {
   grep -q "LDG.E.128" "$out/sass.txt"
 }
 export -f sass_check; export out
+export py
 step sass-check 60 bash -o pipefail -c sass_check
 
 # 5. Tests that need neither vLLM nor a server.

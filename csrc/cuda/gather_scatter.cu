@@ -34,7 +34,7 @@ constexpr HostMode kAutoHostMode = HostMode::kStaged;
 namespace {
 
 constexpr int kThreads = 256;  // threads per CTA
-constexpr int kUnroll = 4;     // loads in flight per thread per unit
+constexpr int kUnroll = 8;     // loads in flight per thread per unit
 // Group sizes 2^5..2^8: a group is at least a warp (groups never split a warp) and at most a CTA.
 constexpr int kMinGroupShift = 5;
 constexpr int kMaxGroupShift = 8;
@@ -65,46 +65,63 @@ __device__ __forceinline__ void store_global(V* p, const V& v) {
   *p = v;
 }
 
+// Moves one unit (one chunk of one (row, layer) page). Index is uint32_t when every unit and
+// element index fits, which keeps the per-unit div/mod off the slow 64-bit path.
+template <typename V, bool kToPacked, int kGroupShift, typename Index>
+__device__ __forceinline__ void copy_unit(const PageCopyParams& p, Index u, int lane) {
+  constexpr int kGroup = 1 << kGroupShift;
+  constexpr Index kChunkElems = Index{kGroup} * kUnroll;
+  const Index chunks_per_page = static_cast<Index>(p.chunks_per_page);
+  const Index num_layers = static_cast<Index>(p.num_layers);
+  const Index page_elems = static_cast<Index>(p.page_elems);
+  // All threads of a group share u, so these branches and loads are uniform per group.
+  const Index page = u / chunks_per_page;
+  const Index chunk = u - page * chunks_per_page;
+  const Index i = page / num_layers;
+  const Index l = page - i * num_layers;
+  const int64_t row = p.rows != nullptr ? p.rows[i] : static_cast<int64_t>(i);
+  V* paged = reinterpret_cast<V*>(p.layers[l] + static_cast<std::uintptr_t>(p.ids[i] * p.block_stride));
+  V* packed = reinterpret_cast<V*>(p.packed) + (row * p.num_layers + static_cast<int64_t>(l)) * p.page_elems;
+  const V* src = kToPacked ? paged : packed;
+  V* dst = kToPacked ? packed : paged;
+  const Index first = chunk * kChunkElems + static_cast<Index>(lane);
+  V r[kUnroll];
+#pragma unroll
+  for (int k = 0; k < kUnroll; ++k) {
+    const Index e = first + static_cast<Index>(k) * kGroup;
+    if (e < page_elems) r[k] = load_nc(src + e);
+  }
+#pragma unroll
+  for (int k = 0; k < kUnroll; ++k) {
+    const Index e = first + static_cast<Index>(k) * kGroup;
+    if (e < page_elems) {
+      // Gather output is consumed by a DMA or the transport, not by SMs: stream it
+      // (evict-first). Scattered pages are read by attention soon: an ordinary store.
+      if constexpr (kToPacked) {
+        __stcs(dst + e, r[k]);
+      } else {
+        store_global(dst + e, r[k]);
+      }
+    }
+  }
+}
+
 // kToPacked: gather (paged -> packed); otherwise scatter (packed -> paged).
 // kGroupShift: log2 of the group size G.
 template <typename V, bool kToPacked, int kGroupShift>
 __global__ void __launch_bounds__(kThreads) page_copy_kernel(const PageCopyParams p) {
   constexpr int kGroup = 1 << kGroupShift;
   constexpr int kGroupsPerCta = kThreads / kGroup;
-  constexpr int64_t kChunkElems = int64_t{kGroup} * kUnroll;
   const int lane = threadIdx.x & (kGroup - 1);
   const int64_t step = int64_t{gridDim.x} * kGroupsPerCta;
-  for (int64_t u = int64_t{blockIdx.x} * kGroupsPerCta + (threadIdx.x >> kGroupShift); u < p.num_units; u += step) {
-    // All threads of a group share u, so these branches and loads are uniform per group.
-    const int64_t page = u / p.chunks_per_page;
-    const int64_t chunk = u - page * p.chunks_per_page;
-    const int64_t i = page / p.num_layers;
-    const int64_t l = page - i * p.num_layers;
-    const int64_t row = p.rows != nullptr ? p.rows[i] : i;
-    V* paged = reinterpret_cast<V*>(p.layers[l] + static_cast<std::uintptr_t>(p.ids[i] * p.block_stride));
-    V* packed = reinterpret_cast<V*>(p.packed) + (row * p.num_layers + l) * p.page_elems;
-    const V* src = kToPacked ? paged : packed;
-    V* dst = kToPacked ? packed : paged;
-    const int64_t first = chunk * kChunkElems + lane;
-    V r[kUnroll];
-#pragma unroll
-    for (int k = 0; k < kUnroll; ++k) {
-      const int64_t e = first + int64_t{k} * kGroup;
-      if (e < p.page_elems) r[k] = load_nc(src + e);
-    }
-#pragma unroll
-    for (int k = 0; k < kUnroll; ++k) {
-      const int64_t e = first + int64_t{k} * kGroup;
-      if (e < p.page_elems) {
-        // Gather output is consumed by a DMA or the transport, not by SMs: stream it
-        // (evict-first). Scattered pages are read by attention soon: an ordinary store.
-        if constexpr (kToPacked) {
-          __stcs(dst + e, r[k]);
-        } else {
-          store_global(dst + e, r[k]);
-        }
-      }
-    }
+  const int64_t start = int64_t{blockIdx.x} * kGroupsPerCta + (threadIdx.x >> kGroupShift);
+  // Uniform across the grid: 32-bit index math whenever the unit count and a page's element
+  // count (plus one stride of slack) fit, 64-bit otherwise.
+  if (p.num_units + step <= 0xFFFFFFFFll && p.page_elems + int64_t{kGroup} * kUnroll <= 0xFFFFFFFFll) {
+    for (uint32_t u = static_cast<uint32_t>(start); u < static_cast<uint32_t>(p.num_units); u += static_cast<uint32_t>(step))
+      copy_unit<V, kToPacked, kGroupShift, uint32_t>(p, u, lane);
+  } else {
+    for (int64_t u = start; u < p.num_units; u += step) copy_unit<V, kToPacked, kGroupShift, int64_t>(p, u, lane);
   }
 }
 
@@ -151,6 +168,15 @@ cudaPointerAttributes attributes(const void* p) {
   return a;
 }
 
+void* mapped_alias(const void* p) {
+  void* d = nullptr;
+  if (cudaHostGetDevicePointer(&d, const_cast<void*>(p), 0) != cudaSuccess) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  return d;
+}
+
 bool device_accessible_on(const cudaPointerAttributes& a, int device) {
   return (a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged) && a.device == device;
 }
@@ -169,11 +195,16 @@ PackedTarget classify_packed(const void* p, std::size_t bytes, int device, const
         throw std::invalid_argument(std::string(what) + " at " + hex(p) + " is only partly pinned: its last byte is " +
                                     "pageable host memory");
       t.host = true;
-      t.device_ptr = first.devicePointer;
+      // Some pinned allocations report no alias in their attributes (seen for torch
+      // pin_memory() buffers made on a non-main thread); the runtime still maps them, and
+      // cudaHostGetDevicePointer is the documented way to ask.
+      void* first_alias = first.devicePointer ? first.devicePointer : mapped_alias(p);
+      void* last_alias = last.devicePointer ? last.devicePointer
+                                            : mapped_alias(static_cast<const std::uint8_t*>(p) + bytes - 1);
       // The mapped alias must cover the whole range contiguously (one registration).
-      if (t.device_ptr != nullptr && static_cast<const std::uint8_t*>(last.devicePointer) !=
-                                         static_cast<const std::uint8_t*>(t.device_ptr) + bytes - 1)
-        t.device_ptr = nullptr;
+      if (first_alias != nullptr &&
+          static_cast<const std::uint8_t*>(last_alias) == static_cast<const std::uint8_t*>(first_alias) + bytes - 1)
+        t.device_ptr = first_alias;
       return t;
     }
     case cudaMemoryTypeDevice:
