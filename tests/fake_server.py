@@ -157,3 +157,32 @@ class FakeServer:
         else:
             return _header(rop, rid, 0, 2, 0)
         return _header(rop, rid, count, 0, len(body)) + body
+
+
+def main() -> None:
+    """``python tests/fake_server.py --port N``: serve until killed (a stand-in subprocess
+    for the client tests when the real server is not built)."""
+    import argparse
+    import sys
+    import time
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, default=0)
+    args = ap.parse_args()
+    srv = FakeServer.__new__(FakeServer)
+    srv.store, srv.corrupt_gets, srv.max_batch, srv.on_request = {}, False, 1024, None
+    srv._lsock = socket.socket()
+    srv._lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv._lsock.bind(("127.0.0.1", args.port))
+    srv._lsock.listen(64)
+    srv.port = srv._lsock.getsockname()[1]
+    srv._stop, srv._conns = False, []
+    threading.Thread(target=srv._accept, daemon=True).start()
+    print(f"MEMBRAIN SERVER READY tcp://127.0.0.1:{srv.port} (python fake)", flush=True)
+    while True:
+        time.sleep(3600)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
