@@ -90,6 +90,13 @@ class ServerProc:
 
     def pause(self) -> None:
         self.proc.send_signal(signal.SIGSTOP)
+        # SIGSTOP is asynchronous: wait until the kernel reports the process stopped.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                    return
+            time.sleep(0.005)
 
     def resume(self) -> None:
         self.proc.send_signal(signal.SIGCONT)
