@@ -62,8 +62,9 @@ class ServerProc:
         while True:
             try:
                 if spawn is not None:
-                    self._handle = spawn(host="127.0.0.1", port=self.port, **self.opts)
-                    self.proc = getattr(self._handle, "proc", None) or getattr(self._handle, "process", None) or self._handle
+                    opts = {"capacity": "512MiB", **self.opts}
+                    self._handle = spawn(host="127.0.0.1", port=self.port, **opts)
+                    self.proc = self._handle.process
                 else:
                     self.proc = subprocess.Popen([sys.executable, str(HERE / "fake_server.py"), "--port", str(self.port)],
                                                  stdout=subprocess.PIPE, text=True,

@@ -341,9 +341,8 @@ def make_plan(quick: bool, full: bool) -> Plan:
 def _spawn_server(capacity: int, threads: int) -> tuple[str, Any]:
     from membrain.server import spawn_server  # provided by the server package
 
-    handle = spawn_server(host="127.0.0.1", port=0, capacity_bytes=capacity, threads=threads)
-    endpoint = getattr(handle, "endpoint", None) or f"tcp://127.0.0.1:{handle.port}"
-    return endpoint, handle
+    handle = spawn_server(capacity=capacity, host="127.0.0.1", port=0, extra_args=["--threads", str(threads)])
+    return handle.endpoint, handle
 
 
 def _stop_server(handle: Any) -> None:
