@@ -146,6 +146,24 @@ def bench_membrain(endpoint: str, size: int, batch: int, conns: int, seconds: fl
     out = [Point("PUT", size, batch, conns, moved / wall / 1e9, moved / size / wall, _pct(lat, 50) * 1e3,
                  _pct(lat, 99) * 1e3, calls, fails)]
 
+    # PUT* rewrites the same few key sets: the server's memory for them is already faulted in,
+    # which separates the transport from first-touch page-fault cost on the server.
+    def reput_body(w: int, client: Any) -> Callable[[], tuple[int, bool]]:
+        it = [0]
+        sets = written[w] or [[f"reput-{w}-{j}" for j in range(batch)]]
+
+        def step() -> tuple[int, bool]:
+            keys = sets[it[0] % len(sets)]
+            it[0] += 1
+            ok = client.put(keys, views[w])
+            return size * sum(ok), all(ok)
+
+        return step
+
+    wall, moved, lat, calls, fails = _run_workers(conns, seconds, reput_body, make_client)
+    out.append(Point("PUT*", size, batch, conns, moved / wall / 1e9, moved / size / wall, _pct(lat, 50) * 1e3,
+                     _pct(lat, 99) * 1e3, calls, fails))
+
     def get_body(w: int, client: Any) -> Callable[[], tuple[int, bool]]:
         it = [0]
         sets = written[w] or [[f"absent-{j}" for j in range(batch)]]
@@ -295,6 +313,10 @@ class Redis:
         out: dict[str, float] = {}
         # Size n so each test lasts roughly `seconds` at ~2 GB/s, within sane bounds.
         n = int(min(200000, max(200, seconds * 2e9 / size)))
+        # GET without -r reads the literal key "key:__rand_int__": create it first (unmeasured),
+        # otherwise every GET is a tiny nil reply and the figure is meaningless.
+        subprocess.run(["redis-benchmark", "-p", str(self.port), "-t", "set", "-d", str(size), "-n", "1", "-c", "1"],
+                       capture_output=True, timeout=60)
         for test, extra in (("set", ["-r", "100000"]), ("get", [])):
             cmd = ["redis-benchmark", "-p", str(self.port), "-t", test, "-d", str(size), "-c", str(conns), "-n", str(n),
                    "-P", "1", "--csv", *extra]
@@ -401,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         for size, batch, conns in plan.points:
             pts = bench_membrain(endpoint, size, batch, conns, plan.seconds, args.timeout_ms, run_id)
             for p in pts:
-                print(f"  {p.op:<3} {fmt_size(size):>7} x{batch:<3} c{conns}: {p.gbps:6.2f} GB/s "
+                print(f"  {p.op:<4} {fmt_size(size):>7} x{batch:<3} c{conns}: {p.gbps:6.2f} GB/s "
                       f"{p.ops_s:9.0f} val/s  p50 {p.p50_ms:8.3f} ms  p99 {p.p99_ms:8.3f} ms"
                       + (f"  FAILED {p.failures}" if p.failures else ""), flush=True)
             points += pts
@@ -430,17 +452,17 @@ def main(argv: list[str] | None = None) -> int:
     for p in points:
         if p.conns in loop and loop[p.conns]["gbps"] > 0:
             p.vs_loopback = p.gbps / loop[p.conns]["gbps"]
-        rv = redis.get(f"{p.size}/{p.conns}", {}).get("SET" if p.op == "PUT" else "GET")
+        rv = redis.get(f"{p.size}/{p.conns}", {}).get("GET" if p.op == "GET" else "SET")
         if rv:
             p.vs_redis = p.gbps / rv
 
     print()
-    print(f"{'op':<4}{'size':>8}{'batch':>6}{'conns':>6}{'GB/s':>8}{'values/s':>11}{'p50 ms':>9}{'p99 ms':>9}"
+    print(f"{'op':<5}{'size':>8}{'batch':>6}{'conns':>6}{'GB/s':>8}{'values/s':>11}{'p50 ms':>9}{'p99 ms':>9}"
           f"{'x loop':>8}{'x redis':>8}")
     for p in points:
         vl = f"{p.vs_loopback:.2f}" if p.vs_loopback is not None else "-"
         vr = f"{p.vs_redis:.2f}" if p.vs_redis is not None else "-"
-        print(f"{p.op:<4}{fmt_size(p.size):>8}{p.batch:>6}{p.conns:>6}{p.gbps:>8.2f}{p.ops_s:>11.0f}"
+        print(f"{p.op:<5}{fmt_size(p.size):>8}{p.batch:>6}{p.conns:>6}{p.gbps:>8.2f}{p.ops_s:>11.0f}"
               f"{p.p50_ms:>9.3f}{p.p99_ms:>9.3f}{vl:>8}{vr:>8}")
     print(f"LOOKUP_PREFIX 64 keys: p50 {lookup.get('p50_ms', float('nan')):.3f} ms, "
           f"p99 {lookup.get('p99_ms', float('nan')):.3f} ms")
@@ -448,11 +470,16 @@ def main(argv: list[str] | None = None) -> int:
     accept = [p for p in points if p.size == MiB and p.batch == 16]
     verdict = {
         "points": [asdict(p) for p in accept],
+        "note": "PUT = fresh keys (server faults in new memory); PUT* = rewriting warm keys",
         "put_get_ge_0.7x_loopback": all(p.vs_loopback is not None and p.vs_loopback >= 0.7 for p in accept) if accept else None,
         "put_get_ge_1.3x_redis": all(p.vs_redis is not None and p.vs_redis >= 1.3 for p in accept) if accept else None,
         "lookup_p99_lt_1ms": lookup.get("p99_ms", 1e9) < 1.0,
     }
     print("acceptance (1 MiB x16):", json.dumps({k: v for k, v in verdict.items() if k != "points"}))
+    for p in accept:
+        vl = f"{p.vs_loopback:.2f}x loopback" if p.vs_loopback is not None else "no loopback figure"
+        vr = f"{p.vs_redis:.2f}x redis" if p.vs_redis is not None else "no redis figure"
+        print(f"  {p.op:<4} c{p.conns}: {p.gbps:.2f} GB/s = {vl} (need 0.7), {vr} (need 1.3)")
     result = {"machine": info, "endpoint": endpoint if args.endpoint else "spawned", "transport": args.transport,
               "seconds_per_point": plan.seconds, "points": [asdict(p) for p in points], "lookup_prefix": lookup,
               "loopback": {str(k): v for k, v in loop.items()}, "redis": redis, "acceptance": verdict,
