@@ -220,6 +220,45 @@ def bench_lookup(endpoint: str, iters: int, timeout_ms: int) -> dict[str, float]
             "native_p50_ms": _pct(raw, 50) * 1e3, "native_p99_ms": _pct(raw, 99) * 1e3}
 
 
+def timing_split(endpoint: str, size: int, batch: int, seconds: float, run_id: str) -> dict[str, dict[str, float]]:
+    """Where the time of one PUT/GET frame goes, from the client's side (ms per frame):
+    checksum, send, wait (request sent -> reply header: server work + network), recv, verify."""
+    from membrain import _native
+    from membrain.client.endpoints import parse_endpoint
+
+    ep = parse_endpoint(endpoint)
+    conn = _native.Connection(ep.host, ep.port, namespace="bench-split", timeout_ms=30000)
+    data = np.random.default_rng(1).integers(0, 256, size * batch, dtype=np.uint8)
+    vals = [memoryview(data)[i * size:(i + 1) * size] for i in range(batch)]
+    dst = np.empty_like(data)
+    dvals = [memoryview(dst)[i * size:(i + 1) * size] for i in range(batch)]
+    out: dict[str, dict[str, float]] = {}
+    warm = [f"{run_id}-split-warm-{j}".encode() for j in range(batch)]
+    conn.put(warm, vals)
+    it = [0]
+
+    def fresh() -> None:
+        it[0] += 1
+        conn.put([f"{run_id}-split-{it[0]}-{j}".encode() for j in range(batch)], vals)
+
+    for name, fn in (("PUT", fresh), ("PUT*", lambda: conn.put(warm, vals)), ("GET", lambda: conn.get_into(warm, dvals))):
+        conn.reset_timings()
+        t0 = time.perf_counter()
+        calls = 0
+        while time.perf_counter() - t0 < seconds:
+            fn()
+            calls += 1
+        wall = time.perf_counter() - t0
+        t = conn.timings()
+        frames = max(1, t.pop("frames"))
+        row = {k: v / frames * 1e3 for k, v in t.items()}
+        row["call_ms"] = wall / calls * 1e3
+        row["gbps"] = calls * batch * size / wall / 1e9
+        out[name] = row
+    conn.close()
+    return out
+
+
 # ---------------------------------------------------------------------------- loopback limit
 
 
@@ -415,11 +454,16 @@ def main(argv: list[str] | None = None) -> int:
     run_id = f"r{os.getpid()}-{int(time.time())}"
     points: list[Point] = []
     lookup: dict[str, float] = {}
+    split: dict[str, dict[str, float]] = {}
     try:
         # LOOKUP_PREFIX first, while the server is idle.
         lookup = bench_lookup(endpoint, 300 if args.quick else 2000, args.timeout_ms)
         print(f"LOOKUP_PREFIX 64 keys: p50 {lookup['p50_ms']:.3f} ms  p99 {lookup['p99_ms']:.3f} ms "
               f"(raw connection p50 {lookup['native_p50_ms']:.3f} / p99 {lookup['native_p99_ms']:.3f} ms)", flush=True)
+        split = timing_split(endpoint, MiB, 16, plan.seconds, run_id)
+        print("time per 16 x 1 MiB frame, client view (ms): " + "; ".join(
+            f"{op}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k != "gbps") for op, row in split.items()),
+            flush=True)
         for size, batch, conns in plan.points:
             pts = bench_membrain(endpoint, size, batch, conns, plan.seconds, args.timeout_ms, run_id)
             for p in pts:
@@ -482,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {p.op:<4} c{p.conns}: {p.gbps:.2f} GB/s = {vl} (need 0.7), {vr} (need 1.3)")
     result = {"machine": info, "endpoint": endpoint if args.endpoint else "spawned", "transport": args.transport,
               "seconds_per_point": plan.seconds, "points": [asdict(p) for p in points], "lookup_prefix": lookup,
+              "timing_split_1MiB_x16": split,
               "loopback": {str(k): v for k, v in loop.items()}, "redis": redis, "acceptance": verdict,
               "argv": list(argv or [])}
     out_dir = Path(args.results_dir)
