@@ -125,6 +125,11 @@ def bench_membrain(endpoint: str, size: int, batch: int, conns: int, seconds: fl
     rng = np.random.default_rng(0)
     src = [rng.integers(0, 256, size * batch, dtype=np.uint8) for _ in range(conns)]
     dst = [np.empty(size * batch, dtype=np.uint8) for _ in range(conns)]
+    for d in dst:
+        # Touch the destination pages now: first-touch page faults (numpy asks for huge pages
+        # on large arrays, and THP compaction is slow here) would otherwise dominate the
+        # first GETs of a one-second window and be charged to the transport.
+        d.fill(0)
     views = [[memoryview(s)[i * size:(i + 1) * size] for i in range(batch)] for s in src]
     dviews = [[memoryview(d)[i * size:(i + 1) * size] for i in range(batch)] for d in dst]
     written: list[list[list[str]]] = [[] for _ in range(conns)]
