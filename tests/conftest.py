@@ -1,16 +1,110 @@
-"""Shared fixtures. Tests import the installed `membrain` (make test installs it with pip)."""
+"""Shared fixtures.
+
+``server_factory(**opts)`` starts a real ``membrain server`` subprocess and returns a handle with
+``endpoint``, ``port``, ``kill()``, ``restart()`` (same port), ``pause()``/``resume()``
+(SIGSTOP/SIGCONT, a hung server). Tests import the installed ``membrain`` (make test installs it).
+"""
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import pytest
-
 from hypothesis import settings
 
 # Property tests must stay inside CI's time budget on 2 cores.
 settings.register_profile("ci", max_examples=60, deadline=None)
 settings.register_profile("dev", max_examples=25, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+HERE = Path(__file__).resolve().parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProc:
+    """One server subprocess on a fixed port (so it can be restarted in place)."""
+
+    def __init__(self, port: int | None = None, **opts: Any) -> None:
+        self.port = port or _free_port()
+        self.opts = opts
+        self.proc: Any = None
+        self._handle: Any = None
+        self.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def start(self) -> None:
+        from membrain.server import spawn_server
+
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                opts = {"capacity": "512MiB", **self.opts}
+                self._handle = spawn_server(host="127.0.0.1", port=self.port, **opts)
+                self.proc = self._handle.process
+                return
+            except Exception:
+                # The port can linger briefly after a kill; retry until the deadline.
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def pause(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+        # SIGSTOP is asynchronous: wait until the kernel reports the process stopped.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                    return
+            time.sleep(0.005)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+
+@pytest.fixture
+def server_factory() -> Iterator[Callable[..., ServerProc]]:
+    procs: list[ServerProc] = []
+
+    def make(**opts: Any) -> ServerProc:
+        p = ServerProc(**opts)
+        procs.append(p)
+        return p
+
+    yield make
+    for p in procs:
+        p.kill()
+
+
+@pytest.fixture
+def server(server_factory: Callable[..., ServerProc]) -> ServerProc:
+    return server_factory()
 
 
 @pytest.fixture
