@@ -162,10 +162,6 @@ def test_many_threads_mixed_ops(server) -> None:
 
 
 def test_namespaces_and_auth(server_factory, tmp_path) -> None:
-    from conftest import _real_spawn
-
-    if _real_spawn() is None:
-        pytest.skip("needs the real server (auth, namespaces)")
     token = tmp_path / "token"
     token.write_text("s3cret")
     srv = server_factory(extra_args=["--auth-token-file", str(token)])
