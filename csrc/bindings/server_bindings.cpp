@@ -19,6 +19,7 @@ py::dict stats_dict(const StatsSnapshot& s) {
   py::dict d;
   d["used_bytes"] = s.storage.stored_bytes;
   d["capacity_bytes"] = s.storage.capacity_bytes;
+  d["prefaulted_bytes"] = s.prefaulted_bytes;
   d["allocated_bytes"] = s.storage.allocated_bytes;
   d["chunk_bytes"] = s.storage.chunk_bytes;
   d["items"] = s.storage.items;

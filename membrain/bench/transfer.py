@@ -415,7 +415,25 @@ def _spawn_server(capacity: int, threads: int) -> tuple[str, Any]:
     from membrain.server import spawn_server  # provided by the server package
 
     handle = spawn_server(capacity=capacity, host="127.0.0.1", port=0, extra_args=["--threads", str(threads)])
+    _wait_prefaulted(handle.port)
     return handle.endpoint, handle
+
+
+def _wait_prefaulted(port: int, timeout_s: float = 120.0) -> None:
+    """A server backs its storage with memory in the background after start; measuring before
+    that finishes would time the kernel's page faults, not the server."""
+    import json
+
+    from membrain import _native
+
+    conn = _native.Connection("127.0.0.1", port)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        st = json.loads(conn.stats_json())
+        if st.get("prefaulted_bytes", 0) >= st["capacity_bytes"]:
+            break
+        time.sleep(0.2)
+    conn.close()
 
 
 def _stop_server(handle: Any) -> None:
