@@ -55,6 +55,10 @@ class ServerProc:
         while True:
             try:
                 opts = {"capacity": "512MiB", **self.opts}
+                # Test servers skip the background prefault: three of them populating 512 MiB
+                # each would only compete with the test for two cores (test_server_storage
+                # covers prefault itself).
+                opts["extra_args"] = ["--no-prefault", *opts.get("extra_args", [])]
                 self._handle = spawn_server(host="127.0.0.1", port=self.port, **opts)
                 self.proc = self._handle.process
                 return

@@ -16,11 +16,14 @@ from membrain.server import spawn_server
 from membrain.utils.sizes import format_size, parse_size
 from wire import OK, WireClient
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import membrain
+
+# The directory holding the membrain package under test (installed or built in place).
+PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(membrain.__file__)))
 
 
 def _run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=PKG_PARENT)
     return subprocess.run([sys.executable, "-m", "membrain", "server", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 

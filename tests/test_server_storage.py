@@ -125,3 +125,23 @@ def test_concurrent_readers_writers_same_keys(make_server):
     for t in ts:
         t.join()
     assert not errors
+
+
+def test_prefault_backs_capacity_without_touching_live_values(make_server):
+    s = make_server(capacity="256MiB")
+    cap = s.stats()["capacity_bytes"]
+    values = {b"early%d" % i: os.urandom(1 << 20) for i in range(32)}
+    with WireClient(s.port) as c:
+        # Written while the background prefault is still populating the region.
+        assert c.put(list(values.items())) == [OK] * len(values)
+        deadline = time.monotonic() + 60
+        while s.stats()["prefaulted_bytes"] < cap:
+            assert time.monotonic() < deadline, "prefault did not finish within 60 s"
+            time.sleep(0.05)
+        assert c.get(list(values)) == list(values.values())
+
+
+def test_no_prefault_leaves_memory_lazy(make_server):
+    s = make_server(capacity="64MiB", prefault=False)
+    time.sleep(0.3)
+    assert s.stats()["prefaulted_bytes"] == 0
