@@ -1,11 +1,121 @@
-"""Shared fixtures. Tests import the installed `membrain` (make test installs it with pip)."""
+"""Fixtures for the client tests: real server subprocesses.
+
+``server_factory(**opts)`` starts a server subprocess and returns a handle with ``endpoint``,
+``port``, ``kill()``, ``restart()`` (same port), ``pause()``/``resume()`` (SIGSTOP/SIGCONT, a
+hung server). It uses the real server via ``membrain.server.spawn_server`` when available and
+falls back to the Python protocol fake (tests/fake_server.py) only when the real server is not
+built in this checkout, so the client suite stays runnable on its own branch.
+"""
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import pytest
 
-from hypothesis import settings
+HERE = Path(__file__).resolve().parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _real_spawn() -> Callable[..., Any] | None:
+    if os.environ.get("MEMBRAIN_TEST_FAKE_SERVER"):
+        return None
+    try:
+        from membrain.server import spawn_server  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return spawn_server
+
+
+class ServerProc:
+    """One server subprocess on a fixed port (so it can be restarted in place)."""
+
+    def __init__(self, port: int | None = None, **opts: Any) -> None:
+        self.port = port or _free_port()
+        self.opts = opts
+        self.proc: Any = None
+        self._handle: Any = None
+        self.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def start(self) -> None:
+        spawn = _real_spawn()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if spawn is not None:
+                    self._handle = spawn(host="127.0.0.1", port=self.port, **self.opts)
+                    self.proc = getattr(self._handle, "proc", None) or getattr(self._handle, "process", None) or self._handle
+                else:
+                    self.proc = subprocess.Popen([sys.executable, str(HERE / "fake_server.py"), "--port", str(self.port)],
+                                                 stdout=subprocess.PIPE, text=True,
+                                                 env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+                    line = self.proc.stdout.readline()
+                    if "READY" not in line:
+                        raise RuntimeError(f"fake server did not start: {line!r}")
+                return
+            except Exception:
+                # The port can linger briefly after a kill; retry until the deadline.
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def pause(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+
+@pytest.fixture
+def server_factory() -> Iterator[Callable[..., ServerProc]]:
+    procs: list[ServerProc] = []
+
+    def make(**opts: Any) -> ServerProc:
+        p = ServerProc(**opts)
+        procs.append(p)
+        return p
+
+    yield make
+    for p in procs:
+        p.kill()
+
+
+@pytest.fixture
+def server(server_factory: Callable[..., ServerProc]) -> ServerProc:
+    return server_factory()
+
+
+# --- shared settings (from the main branch) ---
+from hypothesis import settings  # noqa: E402
 
 # Property tests must stay inside CI's time budget on 2 cores.
 settings.register_profile("ci", max_examples=60, deadline=None)

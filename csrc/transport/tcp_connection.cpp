@@ -1,0 +1,538 @@
+#include "transport/tcp_connection.h"
+
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <climits>
+#include <cstring>
+#include <fstream>
+
+#include "common/checksum.h"
+
+namespace membrain {
+
+using proto::Header;
+using proto::Op;
+using proto::Status;
+
+namespace {
+
+constexpr std::size_t kIovBatch = IOV_MAX;  // the most iovecs one sendmsg/recvmsg accepts
+constexpr std::size_t kDrainBytes = 256 << 10;
+// Replies other than GET are tiny (statuses, counts, stats JSON); anything larger is a
+// corrupted or hostile stream and we refuse to allocate for it.
+constexpr uint64_t kMaxSmallReply = 64ull << 20;
+constexpr int kWantSocketBuffer = 4 << 20;
+
+// Loopback and LAN transfers of MiB-sized values stall on the default 128-212 KiB socket
+// buffers. Setting SO_SNDBUF/SO_RCVBUF turns off the kernel's autotuning, so only do it when
+// the system allows at least what we ask for; otherwise autotuning (up to tcp_rmem[2]) does
+// better than a clamped fixed size.
+int allowed_socket_buffer(const char* path) {
+  std::ifstream f(path);
+  long v = 0;
+  if (f >> v) return static_cast<int>(std::min<long>(v, INT_MAX));
+  return 0;
+}
+
+void set_socket_options(int fd) {
+  const int one = 1;
+  // Requests are written in one go and the reply is awaited: Nagle would only add latency.
+  ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  static const int wmax = allowed_socket_buffer("/proc/sys/net/core/wmem_max");
+  static const int rmax = allowed_socket_buffer("/proc/sys/net/core/rmem_max");
+  if (wmax >= kWantSocketBuffer) ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &kWantSocketBuffer, sizeof(int));
+  if (rmax >= kWantSocketBuffer) ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &kWantSocketBuffer, sizeof(int));
+}
+
+std::string errno_text(int err) { return std::string(std::strerror(err)); }
+
+}  // namespace
+
+void UniqueFd::reset(int fd) {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = fd;
+}
+
+void validate_key(std::string_view key, std::size_t index, uint32_t max_key_len) {
+  if (key.empty() || key.size() > max_key_len) {
+    throw std::invalid_argument("key " + std::to_string(index) + " is " + std::to_string(key.size()) +
+                                " bytes; keys must be 1.." + std::to_string(max_key_len) + " bytes");
+  }
+}
+
+struct TcpConnection::Deadline {
+  std::chrono::steady_clock::time_point at;
+  explicit Deadline(int timeout_ms)
+      : at(std::chrono::steady_clock::now() + std::chrono::milliseconds(std::max(timeout_ms, 0))) {}
+  // Milliseconds left, rounded up so a sub-millisecond remainder still gets one poll.
+  int remaining_ms() const {
+    const auto left = at - std::chrono::steady_clock::now();
+    if (left <= std::chrono::steady_clock::duration::zero()) return 0;
+    const auto us = std::chrono::duration_cast<std::chrono::microseconds>(left).count();
+    return static_cast<int>(std::min<long long>((us + 999) / 1000, INT_MAX));
+  }
+};
+
+TcpConnection::TcpConnection(Options options) : opts_(std::move(options)) {
+  if (!proto::valid_namespace(opts_.ns, limits_)) {
+    throw std::invalid_argument("namespace must be 1..64 bytes of [A-Za-z0-9._-], got '" + opts_.ns + "'");
+  }
+  if (opts_.auth_token && opts_.auth_token->size() > 0xFFFF) throw std::invalid_argument("auth token too long");
+  connect_socket();
+  hello();
+}
+
+void TcpConnection::fail(const std::string& what) {
+  broken_ = true;
+  fd_.reset();
+  throw TransportError(opts_.host + ":" + std::to_string(opts_.port) + ": " + what);
+}
+
+void TcpConnection::close() {
+  std::lock_guard<std::mutex> lock(mu_);
+  broken_ = true;
+  fd_.reset();
+}
+
+void TcpConnection::check_usable() {
+  if (broken_ || !fd_) throw TransportError(opts_.host + ":" + std::to_string(opts_.port) + ": connection is closed");
+}
+
+void TcpConnection::connect_socket() {
+  Deadline dl(opts_.connect_timeout_ms);
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  const std::string port = std::to_string(opts_.port);
+  const int rc = ::getaddrinfo(opts_.host.c_str(), port.c_str(), &hints, &res);
+  if (rc != 0) {
+    broken_ = true;
+    throw TransportError("cannot resolve " + opts_.host + ": " + ::gai_strerror(rc));
+  }
+  std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)> guard(res, &::freeaddrinfo);
+  std::string last_error = "no addresses";
+  for (addrinfo* ai = res; ai; ai = ai->ai_next) {
+    UniqueFd fd(::socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol));
+    if (!fd) {
+      last_error = errno_text(errno);
+      continue;
+    }
+    set_socket_options(fd.get());
+    if (::connect(fd.get(), ai->ai_addr, ai->ai_addrlen) != 0) {
+      if (errno != EINPROGRESS) {
+        last_error = errno_text(errno);
+        continue;
+      }
+      pollfd p{fd.get(), POLLOUT, 0};
+      int prc;
+      do {
+        prc = ::poll(&p, 1, dl.remaining_ms());
+      } while (prc < 0 && errno == EINTR);
+      if (prc == 0) {
+        last_error = "connect timed out after " + std::to_string(opts_.connect_timeout_ms) + " ms";
+        break;  // the deadline is spent; other addresses would not get a chance anyway
+      }
+      int err = 0;
+      socklen_t len = sizeof(err);
+      ::getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &err, &len);
+      if (prc < 0 || err != 0) {
+        last_error = errno_text(prc < 0 ? errno : err);
+        continue;
+      }
+    }
+    fd_ = std::move(fd);
+    return;
+  }
+  broken_ = true;
+  throw TransportError("cannot connect to " + opts_.host + ":" + port + ": " + last_error);
+}
+
+void TcpConnection::hello() {
+  Deadline dl(opts_.connect_timeout_ms);
+  const std::string token = opts_.auth_token.value_or("");
+  std::vector<uint8_t> payload(4 + opts_.ns.size() + token.size());
+  proto::put_u16(payload.data(), static_cast<uint16_t>(opts_.ns.size()));
+  proto::put_u16(payload.data() + 2, static_cast<uint16_t>(token.size()));
+  std::memcpy(payload.data() + 4, opts_.ns.data(), opts_.ns.size());
+  if (!token.empty()) std::memcpy(payload.data() + 4 + opts_.ns.size(), token.data(), token.size());
+  const auto reply = simple_call(Op::kHello, 0, payload, dl);
+  if (reply.size() < 32) fail("HELLO reply too short (" + std::to_string(reply.size()) + " bytes)");
+  const uint32_t version = proto::get_u32(reply.data());
+  if (version != proto::kVersion) fail("server speaks protocol version " + std::to_string(version));
+  limits_.max_batch = std::max<uint32_t>(1, proto::get_u32(reply.data() + 4));
+  limits_.max_key_len = proto::get_u32(reply.data() + 8);
+  limits_.max_value_bytes = proto::get_u64(reply.data() + 16);
+  limits_.max_payload_bytes = proto::get_u64(reply.data() + 24);
+}
+
+void TcpConnection::wait_fd(short events, const Deadline& dl) {
+  for (;;) {
+    const int ms = dl.remaining_ms();
+    if (ms <= 0) fail("timed out");
+    pollfd p{fd_.get(), events, 0};
+    const int rc = ::poll(&p, 1, ms);
+    if (rc > 0) return;  // ready, or an error the next syscall will report
+    if (rc < 0 && errno != EINTR) fail("poll: " + errno_text(errno));
+  }
+}
+
+void TcpConnection::send_all(iovec* iov, std::size_t iovcnt, const Deadline& dl) {
+  std::size_t i = 0;
+  while (i < iovcnt) {
+    msghdr msg{};
+    msg.msg_iov = iov + i;
+    msg.msg_iovlen = std::min(iovcnt - i, kIovBatch);
+    // MSG_NOSIGNAL: a peer that went away must surface as an error, not kill the process.
+    const ssize_t n = ::sendmsg(fd_.get(), &msg, MSG_NOSIGNAL);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        wait_fd(POLLOUT, dl);
+        continue;
+      }
+      fail("send: " + errno_text(errno));
+    }
+    std::size_t left = static_cast<std::size_t>(n);
+    while (i < iovcnt && left >= iov[i].iov_len) {
+      left -= iov[i].iov_len;
+      ++i;
+    }
+    if (left > 0) {
+      iov[i].iov_base = static_cast<uint8_t*>(iov[i].iov_base) + left;
+      iov[i].iov_len -= left;
+    }
+  }
+}
+
+void TcpConnection::recv_vec(iovec* iov, std::size_t iovcnt, const Deadline& dl) {
+  std::size_t i = 0;
+  while (i < iovcnt && iov[i].iov_len == 0) ++i;
+  while (i < iovcnt) {
+    msghdr msg{};
+    msg.msg_iov = iov + i;
+    msg.msg_iovlen = std::min(iovcnt - i, kIovBatch);
+    const ssize_t n = ::recvmsg(fd_.get(), &msg, 0);
+    if (n == 0) fail("server closed the connection");
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        wait_fd(POLLIN, dl);
+        continue;
+      }
+      fail("recv: " + errno_text(errno));
+    }
+    std::size_t left = static_cast<std::size_t>(n);
+    while (i < iovcnt && left >= iov[i].iov_len) {
+      left -= iov[i].iov_len;
+      ++i;
+    }
+    if (left > 0) {
+      iov[i].iov_base = static_cast<uint8_t*>(iov[i].iov_base) + left;
+      iov[i].iov_len -= left;
+    }
+  }
+}
+
+void TcpConnection::recv_exact(uint8_t* dst, std::size_t n, const Deadline& dl) {
+  iovec iov{dst, n};
+  recv_vec(&iov, 1, dl);
+}
+
+Header TcpConnection::recv_reply(uint8_t op, uint64_t request_id, const Deadline& dl) {
+  uint8_t raw[proto::kHeaderBytes];
+  recv_exact(raw, sizeof(raw), dl);
+  Header h;
+  const auto err = proto::decode_header(raw, &h);
+  if (err != proto::HeaderError::kNone) fail(std::string("bad reply header: ") + proto::header_error_name(err));
+  if (h.opcode != (op | proto::kReplyBit)) {
+    fail(std::string("reply opcode ") + proto::op_name(h.opcode) + " does not answer " + proto::op_name(op));
+  }
+  if (h.request_id != request_id) fail("reply for request " + std::to_string(h.request_id) + ", expected " + std::to_string(request_id));
+  if (h.status != static_cast<uint32_t>(Status::kOk)) {
+    // Frame-level failures (auth, malformed, limits) end the session on the server side.
+    fail(std::string(proto::op_name(op)) + " refused by server: " + proto::status_name(static_cast<uint8_t>(h.status)));
+  }
+  return h;
+}
+
+std::vector<uint8_t> TcpConnection::simple_call(Op op, uint32_t count, const std::vector<uint8_t>& payload,
+                                                const Deadline& dl, Header* reply_header) {
+  check_usable();
+  Header h;
+  h.opcode = static_cast<uint8_t>(op);
+  h.request_id = next_id_++;
+  h.count = count;
+  h.payload_len = payload.size();
+  uint8_t raw[proto::kHeaderBytes];
+  proto::encode_header(h, raw);
+  iovec iov[2] = {{raw, sizeof(raw)}, {const_cast<uint8_t*>(payload.data()), payload.size()}};
+  send_all(iov, payload.empty() ? 1 : 2, dl);
+  const Header r = recv_reply(h.opcode, h.request_id, dl);
+  if (r.payload_len > kMaxSmallReply) fail("reply payload of " + std::to_string(r.payload_len) + " bytes is implausible");
+  std::vector<uint8_t> out(r.payload_len);
+  if (!out.empty()) recv_exact(out.data(), out.size(), dl);
+  if (reply_header) *reply_header = r;
+  return out;
+}
+
+std::vector<std::pair<std::size_t, std::size_t>> TcpConnection::chunks(const std::vector<std::string_view>& keys,
+                                                                       const std::vector<std::size_t>* value_sizes,
+                                                                       std::size_t per_item_overhead) const {
+  std::vector<std::pair<std::size_t, std::size_t>> out;
+  std::size_t begin = 0;
+  uint64_t bytes = 0;
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    const uint64_t item = per_item_overhead + keys[i].size() + (value_sizes ? (*value_sizes)[i] : 0);
+    const bool full = (i - begin) >= limits_.max_batch || (i > begin && bytes + item > limits_.max_payload_bytes);
+    if (full) {
+      out.emplace_back(begin, i);
+      begin = i;
+      bytes = 0;
+    }
+    bytes += item;
+  }
+  if (begin < keys.size()) out.emplace_back(begin, keys.size());
+  return out;
+}
+
+std::vector<uint8_t> TcpConnection::put(const std::vector<std::string_view>& keys,
+                                        const std::vector<ConstSpan>& values, int timeout_ms) {
+  if (keys.size() != values.size()) {
+    throw std::invalid_argument("put: " + std::to_string(keys.size()) + " keys but " + std::to_string(values.size()) + " values");
+  }
+  for (std::size_t i = 0; i < keys.size(); ++i) validate_key(keys[i], i, limits_.max_key_len);
+  std::lock_guard<std::mutex> lock(mu_);
+  Deadline dl(timeout_ms);
+  std::vector<uint8_t> status(keys.size(), static_cast<uint8_t>(Status::kTooLarge));
+  // Items over the server's limits are answered locally and never sent.
+  std::vector<std::size_t> send_idx;
+  std::vector<std::string_view> send_keys;
+  std::vector<std::size_t> send_sizes;
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    const uint64_t frame = proto::kPutItemBytes + keys[i].size() + values[i].size;
+    if (values[i].size > limits_.max_value_bytes || frame > limits_.max_payload_bytes) continue;
+    send_idx.push_back(i);
+    send_keys.push_back(keys[i]);
+    send_sizes.push_back(values[i].size);
+  }
+  std::vector<uint8_t> meta;
+  std::vector<iovec> iov;
+  for (const auto& [b, e] : chunks(send_keys, &send_sizes, proto::kPutItemBytes)) {
+    check_usable();
+    const uint32_t n = static_cast<uint32_t>(e - b);
+    std::size_t key_bytes = 0;
+    uint64_t value_bytes = 0;
+    for (std::size_t j = b; j < e; ++j) {
+      key_bytes += send_keys[j].size();
+      value_bytes += send_sizes[j];
+    }
+    // Header, item table and keys are small and contiguous: one iovec. Values follow, one
+    // iovec each, pointing at the caller's memory.
+    meta.assign(proto::kHeaderBytes + proto::kPutItemBytes * n + key_bytes, 0);
+    Header h;
+    h.opcode = static_cast<uint8_t>(Op::kPut);
+    h.request_id = next_id_++;
+    h.count = n;
+    h.payload_len = proto::kPutItemBytes * n + key_bytes + value_bytes;
+    proto::encode_header(h, meta.data());
+    uint8_t* table = meta.data() + proto::kHeaderBytes;
+    uint8_t* kp = table + proto::kPutItemBytes * n;
+    iov.clear();
+    iov.push_back({meta.data(), meta.size()});
+    for (std::size_t j = b; j < e; ++j) {
+      const ConstSpan& v = values[send_idx[j]];
+      uint8_t* row = table + proto::kPutItemBytes * (j - b);
+      proto::put_u16(row, static_cast<uint16_t>(send_keys[j].size()));
+      proto::put_u64(row + 8, v.size);
+      proto::put_u64(row + 16, checksum64(v.data, v.size));
+      std::memcpy(kp, send_keys[j].data(), send_keys[j].size());
+      kp += send_keys[j].size();
+      if (v.size) iov.push_back({const_cast<uint8_t*>(v.data), v.size});
+    }
+    send_all(iov.data(), iov.size(), dl);
+    const Header r = recv_reply(h.opcode, h.request_id, dl);
+    if (r.payload_len != n) fail("PUT reply carries " + std::to_string(r.payload_len) + " statuses for " + std::to_string(n) + " items");
+    std::vector<uint8_t> st(n);
+    recv_exact(st.data(), n, dl);
+    for (std::size_t j = b; j < e; ++j) status[send_idx[j]] = st[j - b];
+  }
+  return status;
+}
+
+std::vector<uint8_t> TcpConnection::get_with(const std::vector<std::string_view>& keys, const Placer& placer,
+                                             int timeout_ms, std::vector<uint64_t>* lengths) {
+  for (std::size_t i = 0; i < keys.size(); ++i) validate_key(keys[i], i, limits_.max_key_len);
+  std::lock_guard<std::mutex> lock(mu_);
+  Deadline dl(timeout_ms);
+  std::vector<uint8_t> status(keys.size(), static_cast<uint8_t>(Status::kNotFound));
+  if (lengths) lengths->assign(keys.size(), 0);
+  std::vector<uint8_t> req;
+  std::vector<uint8_t> table;
+  std::vector<uint8_t> scratch;  // sink for values we must drain to keep the stream in sync
+  std::vector<iovec> iov;
+  for (const auto& [b, e] : chunks(keys, nullptr, 2)) {
+    check_usable();
+    const uint32_t n = static_cast<uint32_t>(e - b);
+    req.assign(proto::kHeaderBytes, 0);
+    std::vector<std::string_view> part(keys.begin() + b, keys.begin() + e);
+    proto::append_key_list(part, &req);
+    Header h;
+    h.opcode = static_cast<uint8_t>(Op::kGet);
+    h.request_id = next_id_++;
+    h.count = n;
+    h.payload_len = req.size() - proto::kHeaderBytes;
+    proto::encode_header(h, req.data());
+    iovec riov{req.data(), req.size()};
+    send_all(&riov, 1, dl);
+
+    const Header r = recv_reply(h.opcode, h.request_id, dl);
+    const uint64_t table_bytes = uint64_t(proto::kGetItemBytes) * n;
+    if (r.count != n || r.payload_len < table_bytes) fail("GET reply does not carry an item table for " + std::to_string(n) + " keys");
+    table.resize(table_bytes);
+    recv_exact(table.data(), table.size(), dl);
+    std::vector<uint8_t> st(n);
+    std::vector<uint64_t> len(n);
+    std::vector<uint64_t> sum(n);
+    uint64_t value_bytes = 0;
+    for (uint32_t j = 0; j < n; ++j) {
+      const uint8_t* row = table.data() + proto::kGetItemBytes * j;
+      st[j] = row[0];
+      len[j] = proto::get_u64(row + 8);
+      sum[j] = proto::get_u64(row + 16);
+      if (st[j] != static_cast<uint8_t>(Status::kOk)) len[j] = 0;  // only hits carry bytes
+      value_bytes += len[j];
+    }
+    if (r.payload_len != table_bytes + value_bytes) fail("GET reply length does not match its item table");
+
+    std::vector<uint8_t*> dest(n, nullptr);
+    placer(b, st, len, &dest);
+    iov.clear();
+    for (uint32_t j = 0; j < n; ++j) {
+      if (len[j] == 0) continue;
+      if (dest[j]) {
+        iov.push_back({dest[j], len[j]});
+        continue;
+      }
+      if (scratch.empty()) scratch.resize(kDrainBytes);
+      for (uint64_t left = len[j]; left > 0;) {
+        const std::size_t take = static_cast<std::size_t>(std::min<uint64_t>(left, scratch.size()));
+        iov.push_back({scratch.data(), take});
+        left -= take;
+      }
+    }
+    if (!iov.empty()) recv_vec(iov.data(), iov.size(), dl);
+    for (uint32_t j = 0; j < n; ++j) {
+      uint8_t s = st[j];
+      if (s == static_cast<uint8_t>(Status::kOk) && len[j] > 0 && !dest[j]) {
+        s = static_cast<uint8_t>(Status::kTooLarge);
+      } else if (s == static_cast<uint8_t>(Status::kOk) && checksum64(dest[j], len[j]) != sum[j]) {
+        // The bytes are in the caller's buffer but must never be reported as a hit.
+        s = static_cast<uint8_t>(Status::kChecksumMismatch);
+      }
+      status[b + j] = s;
+      if (lengths) (*lengths)[b + j] = len[j];
+    }
+  }
+  return status;
+}
+
+std::vector<uint8_t> TcpConnection::get_into(const std::vector<std::string_view>& keys,
+                                             const std::vector<MutSpan>& buffers, int timeout_ms,
+                                             std::vector<uint64_t>* lengths) {
+  if (keys.size() != buffers.size()) {
+    throw std::invalid_argument("get_into: " + std::to_string(keys.size()) + " keys but " + std::to_string(buffers.size()) + " buffers");
+  }
+  // Zero-length hits need a non-null destination so they are not mistaken for "drain"; any
+  // valid pointer will do since nothing is written.
+  static uint8_t empty_sink;
+  auto placer = [&](std::size_t first, const std::vector<uint8_t>&, const std::vector<uint64_t>& len,
+                    std::vector<uint8_t*>* dest) {
+    for (std::size_t j = 0; j < len.size(); ++j) {
+      const MutSpan& buf = buffers[first + j];
+      if (len[j] <= buf.size) (*dest)[j] = buf.data ? buf.data : &empty_sink;
+    }
+  };
+  return get_with(keys, placer, timeout_ms, lengths);
+}
+
+std::vector<uint8_t> TcpConnection::key_list_call(Op op, const std::vector<std::string_view>& keys, std::size_t begin,
+                                                  std::size_t end, const Deadline& dl) {
+  std::vector<uint8_t> payload;
+  std::vector<std::string_view> part(keys.begin() + begin, keys.begin() + end);
+  proto::append_key_list(part, &payload);
+  return simple_call(op, static_cast<uint32_t>(end - begin), payload, dl);
+}
+
+std::vector<uint8_t> TcpConnection::exists(const std::vector<std::string_view>& keys, int timeout_ms) {
+  for (std::size_t i = 0; i < keys.size(); ++i) validate_key(keys[i], i, limits_.max_key_len);
+  std::lock_guard<std::mutex> lock(mu_);
+  Deadline dl(timeout_ms);
+  std::vector<uint8_t> out;
+  out.reserve(keys.size());
+  for (const auto& [b, e] : chunks(keys, nullptr, 2)) {
+    const auto st = key_list_call(Op::kExists, keys, b, e, dl);
+    if (st.size() != e - b) fail("EXISTS reply carries " + std::to_string(st.size()) + " statuses for " + std::to_string(e - b) + " keys");
+    out.insert(out.end(), st.begin(), st.end());
+  }
+  return out;
+}
+
+uint32_t TcpConnection::lookup_prefix(const std::vector<std::string_view>& keys, int timeout_ms) {
+  for (std::size_t i = 0; i < keys.size(); ++i) validate_key(keys[i], i, limits_.max_key_len);
+  std::lock_guard<std::mutex> lock(mu_);
+  Deadline dl(timeout_ms);
+  uint32_t total = 0;
+  for (const auto& [b, e] : chunks(keys, nullptr, 2)) {
+    const auto r = key_list_call(Op::kLookupPrefix, keys, b, e, dl);
+    if (r.size() != 4) fail("LOOKUP_PREFIX reply is " + std::to_string(r.size()) + " bytes, expected 4");
+    const uint32_t n = proto::get_u32(r.data());
+    if (n > e - b) fail("LOOKUP_PREFIX reply counts more keys than were asked");
+    total += n;
+    if (n < e - b) break;
+  }
+  return total;
+}
+
+uint32_t TcpConnection::del(const std::vector<std::string_view>& keys, int timeout_ms) {
+  for (std::size_t i = 0; i < keys.size(); ++i) validate_key(keys[i], i, limits_.max_key_len);
+  std::lock_guard<std::mutex> lock(mu_);
+  Deadline dl(timeout_ms);
+  uint32_t total = 0;
+  for (const auto& [b, e] : chunks(keys, nullptr, 2)) {
+    const auto r = key_list_call(Op::kDelete, keys, b, e, dl);
+    if (r.size() != 4) fail("DELETE reply is " + std::to_string(r.size()) + " bytes, expected 4");
+    total += proto::get_u32(r.data());
+  }
+  return total;
+}
+
+std::string TcpConnection::stats(int timeout_ms) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Deadline dl(timeout_ms);
+  const auto r = simple_call(Op::kStats, 0, {}, dl);
+  return std::string(r.begin(), r.end());
+}
+
+double TcpConnection::ping(int timeout_ms) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Deadline dl(timeout_ms);
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<uint8_t> payload(8);
+  proto::put_u64(payload.data(), next_id_);
+  const auto r = simple_call(Op::kPing, 0, payload, dl);
+  if (r != payload) fail("PING echo does not match");
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace membrain

@@ -1,0 +1,154 @@
+// One client-side TCP connection to a Membrain server speaking protocol v1 (docs/protocol.md).
+//
+// Calls are blocking and batched, each bounded by a deadline. The socket is non-blocking and
+// every wait goes through poll() with the time left, so a slow or vanished server can never
+// hold a caller past its deadline. Any timeout, I/O error or protocol violation marks the
+// connection broken (the byte stream may be out of sync) and throws TransportError; the owner
+// (the Python pool) then discards it and reconnects.
+//
+// Values move without intermediate copies: PUT sends straight from the caller's buffers with
+// writev, GET reads straight into the caller's buffers with readv, and checksums are computed
+// and verified on those same bytes.
+#pragma once
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <sys/uio.h>
+
+#include "transport/protocol.h"
+
+namespace membrain {
+
+// A transport failure: connect/HELLO failure, timeout, reset, protocol violation. The
+// connection that raised it is unusable afterwards.
+class TransportError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// Owns a file descriptor; closes it exactly once.
+class UniqueFd {
+ public:
+  UniqueFd() = default;
+  explicit UniqueFd(int fd) : fd_(fd) {}
+  ~UniqueFd() { reset(); }
+  UniqueFd(UniqueFd&& o) noexcept : fd_(o.release()) {}
+  UniqueFd& operator=(UniqueFd&& o) noexcept {
+    if (this != &o) reset(o.release());
+    return *this;
+  }
+  UniqueFd(const UniqueFd&) = delete;
+  UniqueFd& operator=(const UniqueFd&) = delete;
+  int get() const { return fd_; }
+  explicit operator bool() const { return fd_ >= 0; }
+  int release() {
+    int fd = fd_;
+    fd_ = -1;
+    return fd;
+  }
+  void reset(int fd = -1);
+
+ private:
+  int fd_ = -1;
+};
+
+struct ConstSpan {
+  const uint8_t* data;
+  std::size_t size;
+};
+struct MutSpan {
+  uint8_t* data;
+  std::size_t size;
+};
+
+class TcpConnection {
+ public:
+  struct Options {
+    std::string host;
+    uint16_t port = 0;
+    std::string ns = "default";
+    std::optional<std::string> auth_token;
+    int connect_timeout_ms = 2000;
+  };
+
+  // Connects, sets socket options and completes HELLO; throws TransportError on failure.
+  explicit TcpConnection(Options options);
+  TcpConnection(const TcpConnection&) = delete;
+  TcpConnection& operator=(const TcpConnection&) = delete;
+
+  // Item statuses (proto::Status values), one per key. Values longer than the server's
+  // max_value_bytes get TOO_LARGE locally and are not sent.
+  std::vector<uint8_t> put(const std::vector<std::string_view>& keys, const std::vector<ConstSpan>& values,
+                           int timeout_ms);
+
+  // Called once per GET frame, after the item table arrives: given the value lengths of the
+  // hits (0 for misses), returns where each value should land; a null pointer means "drain".
+  // Used by get() to allocate Python bytes of the exact size under the GIL.
+  using Placer = std::function<void(std::size_t first, const std::vector<uint8_t>& statuses,
+                                    const std::vector<uint64_t>& lengths, std::vector<uint8_t*>* dest)>;
+
+  // Statuses: OK (value landed and its checksum matched), NOT_FOUND, TOO_LARGE (value longer
+  // than its buffer: drained, buffer untouched), CHECKSUM_MISMATCH (bytes landed but are bad),
+  // or the server's item status. `lengths` (when non-null) receives each value's length.
+  std::vector<uint8_t> get_into(const std::vector<std::string_view>& keys, const std::vector<MutSpan>& buffers,
+                                int timeout_ms, std::vector<uint64_t>* lengths = nullptr);
+  std::vector<uint8_t> get_with(const std::vector<std::string_view>& keys, const Placer& placer, int timeout_ms,
+                                std::vector<uint64_t>* lengths);
+
+  std::vector<uint8_t> exists(const std::vector<std::string_view>& keys, int timeout_ms);
+  // Number of leading keys present. Batches above max_batch are asked chunk by chunk and the
+  // walk stops at the first chunk that is not fully present.
+  uint32_t lookup_prefix(const std::vector<std::string_view>& keys, int timeout_ms);
+  uint32_t del(const std::vector<std::string_view>& keys, int timeout_ms);
+  std::string stats(int timeout_ms);
+  // Round trip with a small payload; returns the seconds it took.
+  double ping(int timeout_ms);
+
+  bool broken() const { return broken_; }
+  void close();
+  const proto::Limits& limits() const { return limits_; }
+  const std::string& host() const { return opts_.host; }
+  uint16_t port() const { return opts_.port; }
+
+ private:
+  struct Deadline;
+  void connect_socket();
+  void hello();
+  void fail(const std::string& what);  // marks broken, throws TransportError
+  void send_all(::iovec* iov, std::size_t iovcnt, const Deadline& dl);
+  void recv_exact(uint8_t* dst, std::size_t n, const Deadline& dl);
+  void recv_vec(::iovec* iov, std::size_t iovcnt, const Deadline& dl);
+  void wait_fd(short events, const Deadline& dl);
+  proto::Header recv_reply(uint8_t op, uint64_t request_id, const Deadline& dl);
+  // Sends a request whose payload is one contiguous buffer and reads the reply payload.
+  std::vector<uint8_t> simple_call(proto::Op op, uint32_t count, const std::vector<uint8_t>& payload,
+                                   const Deadline& dl, proto::Header* reply_header = nullptr);
+  std::vector<uint8_t> key_list_call(proto::Op op, const std::vector<std::string_view>& keys, std::size_t begin,
+                                     std::size_t end, const Deadline& dl);
+  void check_usable();
+  // [begin, end) chunks of a batch honouring max_batch and, when sizes are given, the
+  // per-frame payload limit.
+  std::vector<std::pair<std::size_t, std::size_t>> chunks(const std::vector<std::string_view>& keys,
+                                                          const std::vector<std::size_t>* value_sizes,
+                                                          std::size_t per_item_overhead) const;
+
+  Options opts_;
+  UniqueFd fd_;
+  proto::Limits limits_;
+  uint64_t next_id_ = 1;
+  std::atomic<bool> broken_{false};
+  std::mutex mu_;  // one call at a time; the stream is strictly request/reply ordered
+};
+
+void validate_key(std::string_view key, std::size_t index, uint32_t max_key_len);
+
+}  // namespace membrain

@@ -1,0 +1,188 @@
+"""A tiny in-process Membrain protocol v1 server, for client unit tests only.
+
+It exists to exercise client paths a correct server never takes (a GET reply whose value bytes
+do not match their checksum) and to let the client tests run where the real server is not
+built. It is single-namespace, unbounded and slow; never use it for measurements.
+"""
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from typing import Callable
+
+from membrain import _native
+
+MAGIC = 0x4E52424D
+HDR = struct.Struct("<IBBHQIIQI")  # without the trailing checksum
+
+
+def _header(op: int, rid: int, count: int, status: int, plen: int) -> bytes:
+    body = HDR.pack(MAGIC, 1, op, 0, rid, count, status, plen, 0)
+    return body + struct.pack("<I", _native.checksum64(body) & 0xFFFFFFFF)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("closed")
+        buf += chunk
+    return bytes(buf)
+
+
+def _keys(payload: bytes, count: int) -> list[bytes]:
+    out, pos = [], 0
+    for _ in range(count):
+        (klen,) = struct.unpack_from("<H", payload, pos)
+        out.append(payload[pos + 2 : pos + 2 + klen])
+        pos += 2 + klen
+    return out
+
+
+class FakeServer:
+    """Serves protocol v1 on 127.0.0.1 from a dict. ``corrupt_gets`` flips a byte of every
+    value sent in GET replies (the checksum stays that of the stored value)."""
+
+    def __init__(self, corrupt_gets: bool = False, max_batch: int = 1024, on_request: Callable[[int], None] | None = None):
+        self.store: dict[bytes, tuple[bytes, int]] = {}
+        self.corrupt_gets = corrupt_gets
+        self.max_batch = max_batch
+        self.on_request = on_request
+        self._lsock = socket.socket()
+        self._lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._lsock.bind(("127.0.0.1", 0))
+        self._lsock.listen(16)
+        self.port = self._lsock.getsockname()[1]
+        self._stop = False
+        self._conns: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self._stop = True
+        try:
+            self._lsock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._lsock.close()
+        for c in list(self._conns):
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self._lsock.accept()
+            except OSError:
+                return
+            self._conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        try:
+            while True:
+                raw = _recv_exact(sock, 40)
+                magic, _v, op, _f, rid, count, _s, plen, _r = HDR.unpack(raw[:36])
+                assert magic == MAGIC
+                payload = _recv_exact(sock, plen) if plen else b""
+                if self.on_request:
+                    self.on_request(op)
+                sock.sendall(self._handle(op, rid, count, payload))
+        except (ConnectionError, OSError, AssertionError):
+            sock.close()
+
+    def _handle(self, op: int, rid: int, count: int, payload: bytes) -> bytes:
+        rop = op | 0x80
+        if op == 1:  # HELLO
+            body = struct.pack("<IIIIQQ", 1, self.max_batch, 128, 0, 256 << 20, 1 << 30)
+        elif op == 2:  # PUT
+            table = [struct.unpack_from("<HHIQQ", payload, 24 * i) for i in range(count)]
+            pos = 24 * count
+            keys = []
+            for klen, *_ in table:
+                keys.append(payload[pos : pos + klen])
+                pos += klen
+            st = bytearray()
+            for key, (_k, _a, _b, vlen, cks) in zip(keys, table):
+                val = payload[pos : pos + vlen]
+                pos += vlen
+                if _native.checksum64(val) != cks:
+                    st.append(6)
+                else:
+                    self.store[key] = (val, cks)
+                    st.append(0)
+            body = bytes(st)
+        elif op == 3:  # GET
+            rows, vals = bytearray(), bytearray()
+            for key in _keys(payload, count):
+                hit = self.store.get(key)
+                if hit is None:
+                    rows += struct.pack("<B7xQQ", 1, 0, 0)
+                else:
+                    val, cks = hit
+                    if self.corrupt_gets and val:
+                        val = bytes([val[0] ^ 0xFF]) + val[1:]
+                    rows += struct.pack("<B7xQQ", 0, len(val), cks)
+                    vals += val
+            body = bytes(rows + vals)
+        elif op == 4:
+            body = bytes(0 if k in self.store else 1 for k in _keys(payload, count))
+        elif op == 5:
+            n = 0
+            for k in _keys(payload, count):
+                if k not in self.store:
+                    break
+                n += 1
+            body = struct.pack("<I", n)
+        elif op == 6:
+            n = sum(1 for k in _keys(payload, count) if self.store.pop(k, None) is not None)
+            body = struct.pack("<I", n)
+        elif op == 7:
+            import json
+
+            used = sum(len(v) for v, _ in self.store.values())
+            body = json.dumps({"used_bytes": used, "capacity_bytes": 1 << 30, "items": len(self.store), "hits": 0,
+                               "misses": 0, "evictions": 0}).encode()
+        elif op == 8:
+            body = payload
+        else:
+            return _header(rop, rid, 0, 2, 0)
+        return _header(rop, rid, count, 0, len(body)) + body
+
+
+def main() -> None:
+    """``python tests/fake_server.py --port N``: serve until killed (a stand-in subprocess
+    for the client tests when the real server is not built)."""
+    import argparse
+    import sys
+    import time
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, default=0)
+    args = ap.parse_args()
+    srv = FakeServer.__new__(FakeServer)
+    srv.store, srv.corrupt_gets, srv.max_batch, srv.on_request = {}, False, 1024, None
+    srv._lsock = socket.socket()
+    srv._lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv._lsock.bind(("127.0.0.1", args.port))
+    srv._lsock.listen(64)
+    srv.port = srv._lsock.getsockname()[1]
+    srv._stop, srv._conns = False, []
+    threading.Thread(target=srv._accept, daemon=True).start()
+    print(f"MEMBRAIN SERVER READY tcp://127.0.0.1:{srv.port} (python fake)", flush=True)
+    while True:
+        time.sleep(3600)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
