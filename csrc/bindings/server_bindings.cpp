@@ -1,6 +1,95 @@
-// Placeholder: filled in by the layer that owns these bindings.
+// membrain._native.Server: the C++ data plane, driven from Python only to start, stop and
+// read statistics. start()/stop() release the GIL; the workers never take it.
+#include <pybind11/stl.h>
+
 #include "bindings/registry.h"
+#include "server/server.h"
+
+namespace py = pybind11;
 
 namespace membrain::bindings {
-void register_server(pybind11::module_&) {}
+
+namespace {
+using membrain::server::Server;
+using membrain::server::ServerConfig;
+using membrain::server::StatsSnapshot;
+
+py::dict stats_dict(const StatsSnapshot& s) {
+  py::dict d;
+  d["used_bytes"] = s.storage.stored_bytes;
+  d["capacity_bytes"] = s.storage.capacity_bytes;
+  d["allocated_bytes"] = s.storage.allocated_bytes;
+  d["chunk_bytes"] = s.storage.chunk_bytes;
+  d["items"] = s.storage.items;
+  d["hits"] = s.storage.hits;
+  d["misses"] = s.storage.misses;
+  d["evictions"] = s.storage.evictions;
+  d["expired"] = s.storage.expired;
+  d["puts"] = s.storage.puts;
+  d["deletes"] = s.storage.deletes;
+  d["fragmentation"] = s.storage.fragmentation;
+  py::dict req;
+  for (int i = 1; i < membrain::server::kNumOps; ++i) req[proto::op_name(static_cast<uint8_t>(i))] = s.requests[i];
+  req["UNKNOWN"] = s.requests[0];
+  d["requests"] = req;
+  d["gets"] = s.requests[static_cast<int>(proto::Op::kGet)];
+  d["bytes_in"] = s.bytes_in;
+  d["bytes_out"] = s.bytes_out;
+  d["connections"] = s.connections;
+  d["connections_total"] = s.connections_total;
+  d["connections_rejected"] = s.connections_rejected;
+  d["protocol_errors"] = s.protocol_errors;
+  d["auth_failures"] = s.auth_failures;
+  d["timeouts"] = s.timeouts;
+  d["checksum_failures"] = s.checksum_failures;
+  d["no_space"] = s.no_space;
+  d["slab_bytes"] = s.slab_bytes;
+  d["per_object_overhead_bytes"] = s.per_object_overhead_bytes;
+  d["per_connection_bytes"] = s.per_connection_bytes;
+  d["uptime_s"] = s.uptime_s;
+  return d;
+}
+}  // namespace
+
+void register_server(py::module_& m) {
+  py::class_<Server>(m, "Server", "Membrain data-plane server (epoll workers in C++ threads).")
+      .def(py::init([](std::string host, int port, uint64_t capacity, int threads, int max_connections,
+                       double idle_timeout, double ttl, std::string auth_token, uint64_t slab_bytes,
+                       int socket_buffer_bytes, uint32_t max_batch, uint32_t max_key_len, uint64_t max_value_bytes,
+                       uint64_t max_payload_bytes) {
+             if (port < 0 || port > 65535) throw std::invalid_argument("port " + std::to_string(port) + " must be in 0..65535");
+             ServerConfig c;
+             c.host = std::move(host);
+             c.port = static_cast<uint16_t>(port);
+             c.capacity_bytes = capacity;
+             c.threads = threads;
+             c.max_connections = max_connections;
+             c.idle_timeout_s = idle_timeout;
+             c.ttl_s = ttl;
+             c.auth_token = std::move(auth_token);
+             c.slab_bytes = slab_bytes;
+             c.socket_buffer_bytes = socket_buffer_bytes;
+             c.limits.max_batch = max_batch;
+             c.limits.max_key_len = max_key_len;
+             c.limits.max_value_bytes = max_value_bytes;
+             c.limits.max_payload_bytes = max_payload_bytes;
+             return std::make_unique<Server>(std::move(c));
+           }),
+           py::arg("host") = "127.0.0.1", py::arg("port") = 9201, py::arg("capacity") = 256ull << 20,
+           py::arg("threads") = 2, py::arg("max_connections") = 1024, py::arg("idle_timeout") = 60.0,
+           py::arg("ttl") = 0.0, py::arg("auth_token") = "", py::arg("slab_bytes") = 0,
+           py::arg("socket_buffer_bytes") = 4 << 20, py::arg("max_batch") = 1024, py::arg("max_key_len") = 128,
+           py::arg("max_value_bytes") = 256ull << 20, py::arg("max_payload_bytes") = 1ull << 30)
+      .def("start", [](Server& s) { py::gil_scoped_release r; return s.start(); },
+           "Bind, listen and start the workers; returns the bound port.")
+      .def("stop", [](Server& s, double drain_timeout) { py::gil_scoped_release r; s.stop(drain_timeout); },
+           py::arg("drain_timeout") = 5.0,
+           "Stop accepting, finish in-flight frames and replies (at most drain_timeout s), join the workers.")
+      .def_property_readonly("port", &Server::port)
+      .def_property_readonly("running", &Server::running)
+      .def_property_readonly("max_value_bytes", [](const Server& s) { return s.config().limits.max_value_bytes; })
+      .def("stats", [](const Server& s) { return stats_dict(s.stats()); }, "Counters and storage figures as a dict.")
+      .def("stats_json", &Server::stats_json);
+}
+
 }  // namespace membrain::bindings

@@ -1,0 +1,505 @@
+#include "server/connection.h"
+
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "common/checksum.h"
+
+namespace membrain::server {
+
+using proto::Op;
+using proto::Status;
+
+namespace {
+constexpr int kMaxIov = 256;
+constexpr std::size_t kReadBudget = 32 << 20;      // per readiness event, for fairness between connections
+constexpr std::size_t kDirectRecvMin = 16 << 10;   // smaller remainders go through the buffer (fewer syscalls)
+constexpr uint32_t kMaxTokenBytes = 4096;
+
+// Constant-time comparison: the time taken depends on the lengths only, never on where the
+// first differing byte is.
+bool equal_constant_time(const uint8_t* a, std::size_t alen, const std::string& b) {
+  const std::size_t n = std::max(alen, b.size());
+  volatile uint8_t diff = static_cast<uint8_t>(alen != b.size());
+  for (std::size_t i = 0; i < n; ++i) {
+    const uint8_t x = i < alen ? a[i] : 0;
+    const uint8_t y = i < b.size() ? static_cast<uint8_t>(b[i]) : 0;
+    diff = diff | static_cast<uint8_t>(x ^ y);
+  }
+  return diff == 0;
+}
+}  // namespace
+
+Connection::Connection(UniqueFd fd, ServerContext& ctx, int64_t now_ns)
+    : fd_(std::move(fd)), ctx_(ctx), limits_(ctx.config.limits), authed_(ctx.config.auth_token.empty()),
+      in_(kInputBufferBytes), last_activity_ns_(now_ns) {}
+
+Connection::~Connection() { ctx_.counters.connections_current.fetch_sub(1, std::memory_order_relaxed); }
+
+bool Connection::can_consume() const {
+  if (closing_ || peer_eof_ || done_ || phase_ == Phase::kLinger) return false;
+  if (out_bytes_ >= ctx_.config.output_backlog_bytes) return false;
+  if (draining_ && phase_ == Phase::kHeader) return false;  // finish started frames only
+  return true;
+}
+
+bool Connection::wants_read() const {
+  if (done_) return false;
+  if (phase_ == Phase::kLinger) return true;
+  return can_consume();
+}
+
+void Connection::compact() {
+  if (in_r_ == 0) return;
+  const std::size_t n = buffered();
+  if (n) std::memmove(in_.data(), in_.data() + in_r_, n);
+  in_r_ = 0;
+  in_w_ = n;
+}
+
+void Connection::on_readable(int64_t now) {
+  if (phase_ == Phase::kLinger) {
+    // Discard whatever the peer still sends until it closes, so our close does not turn into
+    // an RST that could destroy the error reply before the peer reads it.
+    uint8_t sink[16 << 10];
+    for (;;) {
+      ssize_t n = ::recv(fd_.get(), sink, sizeof sink, 0);
+      if (n > 0) continue;
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+      close_now();
+      return;
+    }
+  }
+  pump(now);
+  if (!done_ && !out_.empty()) flush(now);
+}
+
+void Connection::on_writable(int64_t now) {
+  flush(now);
+  // Buffered requests do not raise EPOLLIN again: resume them now that the backlog shrank.
+  if (!done_ && can_consume()) pump(now);
+  if (!done_ && !out_.empty()) flush(now);
+}
+
+void Connection::begin_drain() {
+  draining_ = true;
+  if (phase_ == Phase::kHeader && out_.empty()) close_now();
+}
+
+void Connection::pump(int64_t now) {
+  std::size_t budget = kReadBudget;
+  while (can_consume()) {
+    const Step s = step();
+    if (s == Step::kProgress) continue;
+    if (s == Step::kStop) break;
+    if (budget == 0) break;
+    // Need bytes from the socket. A value with a large remainder is received in place.
+    ssize_t n;
+    const bool direct = phase_ == Phase::kPutValue && pending_ && buffered() == 0 &&
+                        items_[item_].value_len - value_have_ >= kDirectRecvMin;
+    if (direct) {
+      const uint64_t want = std::min<uint64_t>(items_[item_].value_len - value_have_, budget);
+      n = ::recv(fd_.get(), pending_->data() + value_have_, want, 0);
+      if (n > 0) value_have_ += static_cast<uint64_t>(n);
+    } else {
+      if (in_w_ == in_.size()) compact();
+      n = ::recv(fd_.get(), in_.data() + in_w_, in_.size() - in_w_, 0);
+      if (n > 0) in_w_ += static_cast<std::size_t>(n);
+    }
+    if (n > 0) {
+      Counters::inc(ctx_.counters.bytes_in, static_cast<uint64_t>(n));
+      last_activity_ns_ = now;
+      budget -= std::min<std::size_t>(budget, static_cast<std::size_t>(n));
+      continue;
+    }
+    if (n == 0) {
+      // Peer closed its side. Replies already queued are still sent (it may be half-closed).
+      peer_eof_ = true;
+      if (out_.empty()) close_now();
+      break;
+    }
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+    close_now();
+    return;
+  }
+  // Slow-frame deadline: starts at the first byte of a frame, ends when it is processed.
+  if (phase_ == Phase::kHeader && buffered() == 0) frame_since_ns_ = 0;
+  else if (frame_since_ns_ == 0) frame_since_ns_ = now;
+  if (draining_ && phase_ == Phase::kHeader && out_.empty()) close_now();
+}
+
+Connection::Step Connection::step() {
+  switch (phase_) {
+    case Phase::kHeader: return step_header();
+    case Phase::kPayload:
+    case Phase::kPutTable:
+    case Phase::kPutKeys: {
+      const Step s = fill_payload();
+      if (s != Step::kProgress) return s;
+      if (phase_ == Phase::kPutTable) finish_put_table();
+      else if (phase_ == Phase::kPutKeys) { item_ = 0; value_started_ = false; phase_ = Phase::kPutValue; }
+      else execute();
+      return Step::kProgress;
+    }
+    case Phase::kPutValue: return step_put_value();
+    case Phase::kLinger: return Step::kStop;
+  }
+  return Step::kStop;
+}
+
+Connection::Step Connection::step_header() {
+  if (buffered() < proto::kHeaderBytes) {
+    if (in_r_ + proto::kHeaderBytes > in_.size()) compact();
+    return Step::kNeedBytes;
+  }
+  const uint8_t* h = in_.data() + in_r_;
+  const proto::HeaderError err = proto::decode_header(h, &hdr_);
+  in_r_ += proto::kHeaderBytes;
+  frame_since_ns_ = frame_since_ns_ ? frame_since_ns_ : last_activity_ns_;
+  if (err != proto::HeaderError::kNone) {
+    if (err == proto::HeaderError::kBadMagic) {
+      hdr_ = proto::Header{};  // nothing in it can be trusted, not even the request id
+    } else {
+      hdr_.request_id = proto::get_u64(h + 8);
+      hdr_.opcode = h[5];
+    }
+    protocol_error(err == proto::HeaderError::kBadVersion ? Status::kUnsupportedVersion : Status::kBadRequest,
+                   proto::header_error_name(err));
+    return Step::kStop;
+  }
+  start_frame();
+  return closing_ ? Step::kStop : Step::kProgress;
+}
+
+void Connection::start_frame() {
+  const uint8_t op = hdr_.opcode;
+  if (!proto::is_request_op(op)) {
+    Counters::inc(ctx_.counters.requests[0]);
+    protocol_error(Status::kBadRequest, "unknown opcode");
+    return;
+  }
+  Counters::inc(ctx_.counters.requests[op]);
+  if (!authed_ && op != static_cast<uint8_t>(Op::kHello)) {
+    Counters::inc(ctx_.counters.auth_failures);
+    protocol_error(Status::kUnauthorized, "not authenticated");
+    return;
+  }
+  const uint64_t len = hdr_.payload_len;
+  const uint32_t count = hdr_.count;
+  if (len > limits_.max_payload_bytes) return protocol_error(Status::kTooLarge, "payload_len over max_payload_bytes");
+  switch (static_cast<Op>(op)) {
+    case Op::kHello:
+      if (len > 4 + limits_.max_namespace_len + kMaxTokenBytes) return protocol_error(Status::kTooLarge, "HELLO too long");
+      break;
+    case Op::kPing:
+      if (len > limits_.max_ping_bytes) return protocol_error(Status::kTooLarge, "PING payload over limit");
+      break;
+    case Op::kStats:
+      if (len != 0) return protocol_error(Status::kBadRequest, "STATS takes no payload");
+      break;
+    case Op::kPut:
+      if (count > limits_.max_batch) return protocol_error(Status::kTooLarge, "count over max_batch");
+      if (len < uint64_t{count} * proto::kPutItemBytes) return protocol_error(Status::kBadRequest, "PUT payload shorter than its table");
+      payload_.resize(std::size_t{count} * proto::kPutItemBytes);
+      payload_have_ = 0;
+      payload_need_ = payload_.size();
+      phase_ = Phase::kPutTable;
+      return;
+    default:  // key-list requests
+      if (count > limits_.max_batch) return protocol_error(Status::kTooLarge, "count over max_batch");
+      if (len > uint64_t{count} * (2 + limits_.max_key_len)) return protocol_error(Status::kTooLarge, "key list longer than count keys can be");
+      if (len < uint64_t{count} * 3) return protocol_error(Status::kBadRequest, "key list shorter than count keys");
+      break;
+  }
+  payload_.resize(len);  // bounded above: at most max_batch * 130 bytes or a few KiB
+  payload_have_ = 0;
+  payload_need_ = len;
+  phase_ = Phase::kPayload;
+}
+
+Connection::Step Connection::fill_payload() {
+  const std::size_t want = payload_need_ - payload_have_;
+  const std::size_t n = std::min(want, buffered());
+  if (n) {
+    std::memcpy(payload_.data() + payload_have_, in_.data() + in_r_, n);
+    payload_have_ += n;
+    in_r_ += n;
+  }
+  return payload_have_ == payload_need_ ? Step::kProgress : Step::kNeedBytes;
+}
+
+void Connection::finish_put_table() {
+  const uint32_t count = hdr_.count;
+  items_.clear();
+  items_.reserve(count);
+  // Everything is validated before any storage is reserved; the sum is computed without
+  // overflow by checking each term against what is left of payload_len.
+  uint64_t left = hdr_.payload_len - uint64_t{count} * proto::kPutItemBytes;
+  uint64_t keys_total = 0;
+  for (uint32_t i = 0; i < count; ++i) {
+    const uint8_t* e = payload_.data() + std::size_t{i} * proto::kPutItemBytes;
+    PutItem it{};
+    it.key_len = proto::get_u16(e);
+    it.value_len = proto::get_u64(e + 8);
+    it.checksum = proto::get_u64(e + 16);
+    it.status = static_cast<uint8_t>(Status::kOk);
+    if (it.key_len > limits_.max_key_len) return protocol_error(Status::kTooLarge, "PUT key over max_key_len");
+    if (it.key_len == 0 || proto::get_u16(e + 2) != 0 || proto::get_u32(e + 4) != 0) it.status = static_cast<uint8_t>(Status::kBadRequest);
+    else if (it.value_len > limits_.max_value_bytes) it.status = static_cast<uint8_t>(Status::kTooLarge);
+    if (it.key_len > left) return protocol_error(Status::kBadRequest, "PUT lengths exceed payload_len");
+    left -= it.key_len;
+    if (it.value_len > left) return protocol_error(Status::kBadRequest, "PUT lengths exceed payload_len");
+    left -= it.value_len;
+    it.key_off = std::size_t{count} * proto::kPutItemBytes + keys_total;
+    keys_total += it.key_len;
+    items_.push_back(it);
+  }
+  if (left != 0) return protocol_error(Status::kBadRequest, "PUT payload_len does not match its table");
+  payload_.resize(payload_.size() + keys_total);
+  payload_need_ = payload_.size();
+  phase_ = Phase::kPutKeys;
+}
+
+Connection::Step Connection::step_put_value() {
+  while (item_ < items_.size()) {
+    PutItem& it = items_[item_];
+    if (!value_started_) {
+      value_started_ = true;
+      value_have_ = 0;
+      if (it.status == static_cast<uint8_t>(Status::kOk)) {
+        Status why = Status::kNoSpace;
+        const std::string_view key(reinterpret_cast<const char*>(payload_.data() + it.key_off), it.key_len);
+        pending_ = ctx_.storage.reserve(ns_, key, it.value_len, it.checksum, &why);
+        if (!pending_) {
+          it.status = static_cast<uint8_t>(why);
+          Counters::inc(ctx_.counters.no_space);
+        }
+      }
+    }
+    const uint64_t remaining = it.value_len - value_have_;
+    if (remaining > 0) {
+      const std::size_t n = static_cast<std::size_t>(std::min<uint64_t>(remaining, buffered()));
+      if (n == 0) return Step::kNeedBytes;
+      if (pending_) std::memcpy(pending_->data() + value_have_, in_.data() + in_r_, n);  // read-ahead only
+      in_r_ += n;
+      value_have_ += n;
+      if (value_have_ < it.value_len) return Step::kNeedBytes;
+    }
+    if (pending_) {
+      if (checksum64(pending_->data(), it.value_len) == it.checksum) {
+        ctx_.storage.publish(pending_);
+      } else {
+        it.status = static_cast<uint8_t>(Status::kChecksumMismatch);
+        Counters::inc(ctx_.counters.checksum_failures);
+      }
+      pending_.reset();  // an unpublished chunk goes straight back to the allocator
+    }
+    ++item_;
+    value_started_ = false;
+  }
+  finish_put();
+  return Step::kProgress;
+}
+
+void Connection::finish_put() {
+  std::vector<uint8_t> body(items_.size());
+  for (std::size_t i = 0; i < items_.size(); ++i) body[i] = items_[i].status;
+  queue_reply(hdr_.opcode, static_cast<uint32_t>(items_.size()), Status::kOk, std::move(body));
+  phase_ = Phase::kHeader;
+  frame_since_ns_ = 0;
+}
+
+void Connection::execute() {
+  const Op op = static_cast<Op>(hdr_.opcode);
+  phase_ = Phase::kHeader;
+  frame_since_ns_ = 0;
+  const uint8_t* p = payload_.data();
+  const std::size_t len = payload_.size();
+  switch (op) {
+    case Op::kHello: {
+      if (len < 4) return protocol_error(Status::kBadRequest, "HELLO too short");
+      const uint16_t ns_len = proto::get_u16(p), tok_len = proto::get_u16(p + 2);
+      if (std::size_t{4} + ns_len + tok_len != len) return protocol_error(Status::kBadRequest, "HELLO lengths do not match payload_len");
+      const std::string_view ns(reinterpret_cast<const char*>(p + 4), ns_len);
+      if (!ctx_.config.auth_token.empty() && !equal_constant_time(p + 4 + ns_len, tok_len, ctx_.config.auth_token)) {
+        Counters::inc(ctx_.counters.auth_failures);
+        return protocol_error(Status::kUnauthorized, "bad token");
+      }
+      if (!proto::valid_namespace(ns, limits_)) return protocol_error(Status::kBadRequest, "bad namespace");
+      authed_ = true;
+      ns_.assign(ns);
+      std::vector<uint8_t> body(32, 0);
+      proto::put_u32(body.data() + 0, proto::kVersion);
+      proto::put_u32(body.data() + 4, limits_.max_batch);
+      proto::put_u32(body.data() + 8, limits_.max_key_len);
+      proto::put_u64(body.data() + 16, limits_.max_value_bytes);
+      proto::put_u64(body.data() + 24, limits_.max_payload_bytes);
+      return queue_reply(hdr_.opcode, 0, Status::kOk, std::move(body));
+    }
+    case Op::kPing:
+      return queue_reply(hdr_.opcode, 0, Status::kOk, std::vector<uint8_t>(p, p + len));
+    case Op::kStats: {
+      const std::string js = ctx_.stats_json();
+      return queue_reply(hdr_.opcode, 0, Status::kOk, std::vector<uint8_t>(js.begin(), js.end()));
+    }
+    default: break;
+  }
+  std::string why;
+  auto keys = proto::parse_key_list(p, len, hdr_.count, limits_, &why);
+  if (!keys) return protocol_error(Status::kBadRequest, "bad key list");
+  const uint32_t count = hdr_.count;
+  switch (op) {
+    case Op::kGet: {
+      std::vector<ObjectRef> found;
+      ctx_.storage.get_many(ns_, *keys, &found);
+      std::vector<uint8_t> body(std::size_t{count} * proto::kGetItemBytes, 0);
+      std::vector<ObjectRef> pins;
+      pins.reserve(count);
+      for (uint32_t i = 0; i < count; ++i) {
+        uint8_t* e = body.data() + std::size_t{i} * proto::kGetItemBytes;
+        if (!found[i]) {
+          e[0] = static_cast<uint8_t>(Status::kNotFound);
+          continue;
+        }
+        e[0] = static_cast<uint8_t>(Status::kOk);
+        proto::put_u64(e + 8, found[i]->value_len);
+        proto::put_u64(e + 16, found[i]->checksum);
+        pins.push_back(std::move(found[i]));
+      }
+      return queue_reply(hdr_.opcode, count, Status::kOk, std::move(body), std::move(pins));
+    }
+    case Op::kExists: {
+      std::vector<uint8_t> present;
+      ctx_.storage.exists_many(ns_, *keys, &present);
+      for (auto& b : present) b = static_cast<uint8_t>(b ? Status::kOk : Status::kNotFound);
+      return queue_reply(hdr_.opcode, count, Status::kOk, std::move(present));
+    }
+    case Op::kLookupPrefix:
+    case Op::kDelete: {
+      const uint32_t n = op == Op::kLookupPrefix ? ctx_.storage.lookup_prefix(ns_, *keys) : ctx_.storage.erase_many(ns_, *keys);
+      std::vector<uint8_t> body(4);
+      proto::put_u32(body.data(), n);
+      return queue_reply(hdr_.opcode, count, Status::kOk, std::move(body));
+    }
+    default:
+      return protocol_error(Status::kBadRequest, "unknown opcode");
+  }
+}
+
+void Connection::queue_reply(uint8_t op, uint32_t count, Status st, std::vector<uint8_t> body, std::vector<ObjectRef> pins) {
+  uint64_t payload = body.size();
+  for (const auto& o : pins) payload += o->value_len;
+  proto::Header h;
+  h.opcode = static_cast<uint8_t>(op | proto::kReplyBit);
+  h.request_id = hdr_.request_id;
+  h.count = count;
+  h.status = static_cast<uint32_t>(st);
+  h.payload_len = payload;
+  OutMsg m;
+  m.head.resize(proto::kHeaderBytes + body.size());
+  proto::encode_header(h, m.head.data());
+  if (!body.empty()) std::memcpy(m.head.data() + proto::kHeaderBytes, body.data(), body.size());
+  m.pins = std::move(pins);
+  if (out_.empty()) out_progress_ns_ = last_activity_ns_;
+  out_bytes_ += proto::kHeaderBytes + payload;
+  out_.push_back(std::move(m));
+}
+
+void Connection::protocol_error(Status st, const char* /*why: counted, not logged per frame*/) {
+  if (st != Status::kUnauthorized) Counters::inc(ctx_.counters.protocol_errors);
+  queue_reply(hdr_.opcode ? hdr_.opcode : 0, 0, st, {});
+  closing_ = true;
+  pending_.reset();
+  phase_ = Phase::kHeader;
+}
+
+void Connection::flush(int64_t now) {
+  while (!out_.empty()) {
+    iovec iov[kMaxIov];
+    int n = 0;
+    for (auto mi = out_.begin(); mi != out_.end() && n < kMaxIov; ++mi) {
+      for (std::size_t s = mi->seg; s <= mi->pins.size() && n < kMaxIov; ++s) {
+        const uint8_t* base = s == 0 ? mi->head.data() : mi->pins[s - 1]->data();
+        std::size_t len = s == 0 ? mi->head.size() : mi->pins[s - 1]->value_len;
+        const std::size_t off = s == mi->seg ? mi->seg_off : 0;
+        if (len == off) continue;
+        iov[n].iov_base = const_cast<uint8_t*>(base + off);
+        iov[n].iov_len = len - off;
+        ++n;
+      }
+    }
+    std::size_t w = 0;
+    if (n > 0) {
+      msghdr mh{};
+      mh.msg_iov = iov;
+      mh.msg_iovlen = static_cast<std::size_t>(n);
+      const ssize_t r = ::sendmsg(fd_.get(), &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+      if (r < 0) {
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return;
+        close_now();
+        return;
+      }
+      w = static_cast<std::size_t>(r);
+      Counters::inc(ctx_.counters.bytes_out, w);
+      out_bytes_ -= w;
+      last_activity_ns_ = now;
+    }
+    // Advance over what was written; finished replies drop their pins here.
+    while (!out_.empty()) {
+      OutMsg& m = out_.front();
+      while (m.seg <= m.pins.size()) {
+        const std::size_t len = m.seg == 0 ? m.head.size() : m.pins[m.seg - 1]->value_len;
+        const std::size_t rem = len - m.seg_off;
+        if (w < rem) {
+          m.seg_off += w;
+          w = 0;
+          break;
+        }
+        w -= rem;
+        ++m.seg;
+        m.seg_off = 0;
+      }
+      if (m.seg <= m.pins.size()) break;
+      out_.pop_front();
+      out_progress_ns_ = now;
+    }
+  }
+  if (closing_ || peer_eof_) enter_linger(now);
+  else if (draining_ && phase_ == Phase::kHeader) close_now();
+}
+
+void Connection::enter_linger(int64_t now) {
+  if (peer_eof_) {
+    close_now();
+    return;
+  }
+  if (phase_ == Phase::kLinger) return;
+  ::shutdown(fd_.get(), SHUT_WR);
+  phase_ = Phase::kLinger;
+  linger_since_ns_ = now;
+}
+
+void Connection::on_timer(int64_t now) {
+  if (done_) return;
+  if (phase_ == Phase::kLinger) {
+    if (now - linger_since_ns_ > kLingerNs) close_now();
+    return;
+  }
+  const int64_t limit = static_cast<int64_t>(ctx_.config.idle_timeout_s * 1e9);
+  if (limit <= 0) return;
+  const bool idle = now - last_activity_ns_ > limit;
+  const bool slow_frame = frame_since_ns_ != 0 && now - frame_since_ns_ > limit;
+  const bool slow_reader = !out_.empty() && now - out_progress_ns_ > limit;
+  if (idle || slow_frame || slow_reader) {
+    Counters::inc(ctx_.counters.timeouts);
+    close_now();
+  }
+}
+
+}  // namespace membrain::server

@@ -1,0 +1,132 @@
+// One client connection: a non-blocking socket driven by its worker's epoll, parsing frames
+// with an explicit state machine (never blocking, never trusting a length before checking it)
+// and answering each request in arrival order.
+//
+// Input: small things (headers, key lists, the PUT item table) go through a fixed 256 KiB
+// buffer; PUT value bytes are received straight into their storage chunk (only the few bytes
+// that arrive read-ahead in the buffer are copied). Output: each reply is a small owned head
+// (header + table) plus pinned storage chunks, gathered with sendmsg() - GET never copies a
+// value. A connection with more than output_backlog_bytes queued stops reading until the peer
+// catches up, so a client that pipelines without reading cannot grow server memory.
+#pragma once
+#include <sys/uio.h>
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "server/config.h"
+#include "server/stats.h"
+#include "server/storage.h"
+#include "server/unique_fd.h"
+#include "transport/protocol.h"
+
+namespace membrain::server {
+
+struct ServerContext {
+  const ServerConfig& config;
+  Storage& storage;
+  Counters& counters;
+  std::function<std::string()> stats_json;
+};
+
+class Connection {
+ public:
+  static constexpr std::size_t kInputBufferBytes = 256 << 10;
+  static constexpr int64_t kLingerNs = 2'000'000'000;  // wait for the peer's FIN after an error reply
+
+  Connection(UniqueFd fd, ServerContext& ctx, int64_t now_ns);
+  ~Connection();
+  Connection(const Connection&) = delete;
+  Connection& operator=(const Connection&) = delete;
+
+  int fd() const { return fd_.get(); }
+  // Socket events. After either, check done() and wants_*().
+  void on_readable(int64_t now);
+  void on_writable(int64_t now);
+  void on_timer(int64_t now);  // idle / slow-frame / slow-reader / linger deadlines
+  // Server shutdown: finish the frame being received and the queued replies, then close.
+  void begin_drain();
+  // The socket reported an error or hang-up and nothing is left to send.
+  void hang_up() { done_ = true; }
+
+  bool done() const { return done_; }
+  bool wants_read() const;
+  bool wants_write() const { return !out_.empty(); }
+
+ private:
+  enum class Phase { kHeader, kPayload, kPutTable, kPutKeys, kPutValue, kLinger };
+  enum class Step { kProgress, kNeedBytes, kStop };
+
+  struct PutItem {
+    uint16_t key_len;
+    uint8_t status;  // proto::Status
+    uint64_t value_len;
+    uint64_t checksum;
+    std::size_t key_off;  // into payload_
+  };
+  struct OutMsg {
+    std::vector<uint8_t> head;  // header + reply table
+    std::vector<ObjectRef> pins;  // values sent after head, in order
+    std::size_t seg = 0;        // 0 = head, i >= 1 = pins[i - 1]
+    std::size_t seg_off = 0;
+  };
+
+  void pump(int64_t now);
+  bool can_consume() const;
+  Step step();
+  Step step_header();
+  Step fill_payload();  // copies buffered bytes into payload_ until payload_need_
+  Step step_put_value();
+  void start_frame();
+  void execute();  // a complete non-PUT request is in payload_
+  void finish_put_table();
+  void finish_put();
+
+  void queue_reply(uint8_t op, uint32_t count, proto::Status st, std::vector<uint8_t> body,
+                   std::vector<ObjectRef> pins = {});
+  void protocol_error(proto::Status st, const char* why);
+  void flush(int64_t now);
+  void enter_linger(int64_t now);
+  void close_now() { done_ = true; }
+
+  std::size_t buffered() const { return in_w_ - in_r_; }
+  void compact();
+
+  UniqueFd fd_;
+  ServerContext& ctx_;
+  const proto::Limits& limits_;
+
+  Phase phase_ = Phase::kHeader;
+  bool authed_;
+  bool closing_ = false;   // an error reply is queued: stop reading, flush, linger, close
+  bool draining_ = false;
+  bool peer_eof_ = false;
+  bool done_ = false;
+  std::string ns_ = "default";
+
+  std::vector<uint8_t> in_;
+  std::size_t in_r_ = 0, in_w_ = 0;
+
+  proto::Header hdr_;
+  std::vector<uint8_t> payload_;
+  std::size_t payload_have_ = 0, payload_need_ = 0;
+
+  std::vector<PutItem> items_;
+  std::size_t item_ = 0;
+  bool value_started_ = false;
+  uint64_t value_have_ = 0;
+  ObjectRef pending_;  // storage chunk the current value is being received into
+
+  std::deque<OutMsg> out_;
+  uint64_t out_bytes_ = 0;
+
+  int64_t last_activity_ns_;
+  int64_t frame_since_ns_ = 0;    // first byte of the frame being received; 0 = between frames
+  int64_t out_progress_ns_ = 0;   // last time a queued reply finished (or the queue became non-empty)
+  int64_t linger_since_ns_ = 0;
+};
+
+}  // namespace membrain::server

@@ -1,0 +1,51 @@
+// One stored value. Owned through std::shared_ptr: the index holds one reference while the
+// object is visible, and every reply that is sending its bytes holds another (a "pin"). The
+// chunk goes back to the allocator only in the destructor, i.e. when the last of those lets
+// go - so eviction, overwrite and DELETE never free bytes a socket is still reading from.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "server/slab_allocator.h"
+
+namespace membrain::server {
+
+struct Object;
+
+// Per-object state an EvictionPolicy may use (intrusive list links plus a recency/frequency
+// stamp), so policies need no side table and no allocation per access.
+struct EvictionHook {
+  Object* prev = nullptr;
+  Object* next = nullptr;
+  uint64_t stamp = 0;
+  bool linked = false;
+};
+
+struct Object {
+  Object(SlabAllocator* alloc, SlabAllocator::Chunk chunk, std::string index_key, uint64_t value_len, uint64_t checksum)
+      : alloc(alloc), chunk(chunk), index_key(std::move(index_key)), value_len(value_len), checksum(checksum) {}
+  ~Object() {
+    if (alloc) alloc->free(chunk);
+  }
+  Object(const Object&) = delete;
+  Object& operator=(const Object&) = delete;
+
+  uint8_t* data() const { return chunk.data; }
+  uint32_t size_class() const { return chunk.klass; }
+
+  SlabAllocator* alloc;
+  SlabAllocator::Chunk chunk;
+  std::string index_key;  // namespace + '\0' + key (namespaces never contain NUL)
+  uint64_t value_len;
+  uint64_t checksum;      // XXH3-64 of the value, verified on receipt, returned on GET
+  int64_t expires_at_ns = 0;  // steady clock; 0 = never
+  bool indexed = false;       // visible in the index (guarded by the storage lock)
+  EvictionHook hook;          // guarded by the storage lock
+  Object* exp_prev = nullptr;  // expiry FIFO, guarded by the storage lock
+  Object* exp_next = nullptr;
+};
+
+using ObjectRef = std::shared_ptr<Object>;
+
+}  // namespace membrain::server

@@ -1,0 +1,71 @@
+// The Membrain server: a listening socket, N event-loop workers, the storage engine and a
+// housekeeping thread (TTL sweep). Started and stopped from Python (bindings/server_bindings.cpp)
+// but no Python runs on the data path: every request is parsed and answered in C++ threads.
+#pragma once
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "server/config.h"
+#include "server/connection.h"
+#include "server/event_loop.h"
+#include "server/stats.h"
+#include "server/storage.h"
+#include "server/unique_fd.h"
+
+namespace membrain::server {
+
+struct StatsSnapshot {
+  StorageStats storage;
+  uint64_t requests[kNumOps] = {};
+  uint64_t bytes_in = 0, bytes_out = 0;
+  uint64_t connections = 0, connections_total = 0, connections_rejected = 0;
+  uint64_t protocol_errors = 0, auth_failures = 0, timeouts = 0, checksum_failures = 0, no_space = 0;
+  uint64_t slab_bytes = 0;
+  uint64_t per_object_overhead_bytes = 0;
+  uint64_t per_connection_bytes = 0;
+  double uptime_s = 0;
+};
+
+class Server {
+ public:
+  explicit Server(ServerConfig config);  // validates; throws std::invalid_argument naming the bad value
+  ~Server();
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+
+  // Binds, listens and starts the workers. Returns the bound port. Throws on bind failure.
+  uint16_t start();
+  // Stops accepting, lets in-flight frames and replies finish (up to drain_timeout_s), joins.
+  void stop(double drain_timeout_s);
+  bool running() const { return running_.load(); }
+  uint16_t port() const { return port_; }
+  const ServerConfig& config() const { return config_; }
+
+  StatsSnapshot stats() const;
+  std::string stats_json() const;
+
+ private:
+  void housekeeping();
+
+  ServerConfig config_;
+  Storage storage_;
+  Counters counters_;
+  ServerContext ctx_;
+  UniqueFd listen_;
+  uint16_t port_ = 0;
+  std::vector<std::unique_ptr<EventLoop>> loops_;
+  std::thread housekeeper_;
+  std::mutex hk_mu_;
+  std::condition_variable hk_cv_;
+  bool hk_stop_ = false;
+  std::atomic<bool> running_{false};
+  int64_t started_ns_ = 0;
+};
+
+}  // namespace membrain::server

@@ -1,0 +1,223 @@
+#include "server/storage.h"
+
+#include <chrono>
+
+namespace membrain::server {
+
+namespace {
+// Reused per thread so a lookup builds its index key without a heap allocation.
+thread_local std::string t_key;
+}  // namespace
+
+Storage::Storage(const Options& o)
+    : alloc_(o.capacity_bytes, o.slab_bytes ? o.slab_bytes : SlabAllocator::auto_slab_bytes(o.capacity_bytes)),
+      policy_(make_eviction_policy(o.policy, alloc_.num_classes())),
+      ttl_ns_(static_cast<int64_t>(o.ttl_s * 1e9)) {}
+
+Storage::~Storage() {
+  // Objects still pinned elsewhere would outlive the allocator; the server joins every worker
+  // (and so drops every pin) before destroying Storage.
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto& [k, obj] : index_) obj->indexed = false;
+  index_.clear();
+}
+
+std::size_t Storage::per_object_overhead_bytes() {
+  // Object + shared_ptr control block (make_shared: one allocation) + hash node + key string
+  // header + bucket pointer. Key bytes beyond the SSO buffer come on top.
+  return sizeof(Object) + 16 + sizeof(Index::value_type) + 2 * sizeof(void*) + sizeof(void*);
+}
+
+void Storage::make_index_key(std::string_view ns, std::string_view key, std::string* out) {
+  out->assign(ns.data(), ns.size());
+  out->push_back('\0');
+  out->append(key.data(), key.size());
+}
+
+int64_t Storage::now_ns() const {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+bool Storage::expired_locked(const Object* o, int64_t now) const { return o->expires_at_ns != 0 && now >= o->expires_at_ns; }
+
+void Storage::exp_link_locked(Object* o) {
+  o->exp_prev = exp_tail_;
+  o->exp_next = nullptr;
+  if (exp_tail_) exp_tail_->exp_next = o; else exp_head_ = o;
+  exp_tail_ = o;
+}
+
+void Storage::exp_unlink_locked(Object* o) {
+  if (o->exp_prev) o->exp_prev->exp_next = o->exp_next; else if (exp_head_ == o) exp_head_ = o->exp_next;
+  if (o->exp_next) o->exp_next->exp_prev = o->exp_prev; else if (exp_tail_ == o) exp_tail_ = o->exp_prev;
+  o->exp_prev = o->exp_next = nullptr;
+}
+
+void Storage::remove_locked(Index::iterator it) {
+  Object* o = it->second.get();
+  policy_->on_remove(o);
+  exp_unlink_locked(o);
+  o->indexed = false;
+  stored_bytes_ -= o->value_len;
+  index_.erase(it);  // may run ~Object (frees the chunk; the allocator lock is a leaf lock)
+}
+
+Object* Storage::find_live_locked(std::string_view ns, std::string_view key, int64_t now, Index::iterator* where) {
+  make_index_key(ns, key, &t_key);
+  auto it = index_.find(t_key);
+  if (it == index_.end()) return nullptr;
+  if (expired_locked(it->second.get(), now)) {
+    remove_locked(it);
+    ++expired_;
+    return nullptr;
+  }
+  if (where) *where = it;
+  return it->second.get();
+}
+
+ObjectRef Storage::reserve(std::string_view ns, std::string_view key, uint64_t len, uint64_t checksum, proto::Status* why) {
+  std::string ikey;
+  make_index_key(ns, key, &ikey);
+  if (len == 0) {
+    // Empty values take no chunk; class 0 keeps them on an ordinary LRU list.
+    SlabAllocator::Chunk none;
+    none.klass = 0;
+    return std::make_shared<Object>(&alloc_, none, std::move(ikey), 0, checksum);
+  }
+  if (len > alloc_.max_allocation()) {
+    *why = proto::Status::kTooLarge;
+    return nullptr;
+  }
+  auto chunk = alloc_.allocate(len);
+  if (!chunk) {
+    const uint32_t klass = alloc_.class_of(len);
+    std::lock_guard<std::mutex> lock(mu_);
+    // Evict until the allocator can serve us. Prefer the same class (one eviction frees a chunk
+    // of the right size); otherwise the globally least recent, until whole slabs come free.
+    while (!(chunk = alloc_.allocate(len))) {
+      Object* v = klass != alloc_.large_class() ? policy_->victim_in_class(klass) : nullptr;
+      if (!v) v = policy_->victim_any();
+      if (!v) break;  // nothing left to evict: the rest is pending or pinned
+      auto it = index_.find(v->index_key);
+      remove_locked(it);
+      ++evictions_;
+    }
+  }
+  if (!chunk) {
+    *why = proto::Status::kNoSpace;
+    return nullptr;
+  }
+  return std::make_shared<Object>(&alloc_, *chunk, std::move(ikey), len, checksum);
+}
+
+void Storage::publish(const ObjectRef& obj) {
+  ObjectRef old;  // released after the lock, so freeing the old chunk happens outside it
+  std::lock_guard<std::mutex> lock(mu_);
+  const int64_t now = now_ns();
+  obj->expires_at_ns = ttl_ns_ > 0 ? now + ttl_ns_ : 0;
+  auto [it, inserted] = index_.try_emplace(obj->index_key, obj);
+  if (!inserted) {
+    Object* prev = it->second.get();
+    policy_->on_remove(prev);
+    exp_unlink_locked(prev);
+    prev->indexed = false;
+    stored_bytes_ -= prev->value_len;
+    old = std::move(it->second);
+    it->second = obj;
+  }
+  obj->indexed = true;
+  stored_bytes_ += obj->value_len;
+  policy_->on_insert(obj.get());
+  exp_link_locked(obj.get());
+  ++puts_;
+}
+
+void Storage::get_many(std::string_view ns, const std::vector<std::string_view>& keys, std::vector<ObjectRef>* out) {
+  out->clear();
+  out->reserve(keys.size());
+  std::lock_guard<std::mutex> lock(mu_);
+  const int64_t now = now_ns();
+  for (auto k : keys) {
+    Index::iterator it;
+    Object* o = find_live_locked(ns, k, now, &it);
+    if (!o) {
+      ++misses_;
+      out->emplace_back();
+      continue;
+    }
+    ++hits_;
+    policy_->on_access(o);
+    out->push_back(it->second);  // the pin
+  }
+}
+
+void Storage::exists_many(std::string_view ns, const std::vector<std::string_view>& keys, std::vector<uint8_t>* present) {
+  present->assign(keys.size(), 0);
+  std::lock_guard<std::mutex> lock(mu_);
+  const int64_t now = now_ns();
+  for (std::size_t i = 0; i < keys.size(); ++i) (*present)[i] = find_live_locked(ns, keys[i], now, nullptr) != nullptr;
+}
+
+uint32_t Storage::lookup_prefix(std::string_view ns, const std::vector<std::string_view>& keys) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const int64_t now = now_ns();
+  uint32_t n = 0;
+  for (auto k : keys) {
+    if (!find_live_locked(ns, k, now, nullptr)) break;
+    ++n;
+  }
+  return n;
+}
+
+uint32_t Storage::erase_many(std::string_view ns, const std::vector<std::string_view>& keys) {
+  std::vector<ObjectRef> dropped;  // freed after the lock
+  dropped.reserve(keys.size());
+  std::lock_guard<std::mutex> lock(mu_);
+  const int64_t now = now_ns();
+  uint32_t n = 0;
+  for (auto k : keys) {
+    Index::iterator it;
+    if (!find_live_locked(ns, k, now, &it)) continue;
+    dropped.push_back(it->second);
+    remove_locked(it);
+    ++n;
+  }
+  deletes_ += n;
+  return n;
+}
+
+std::size_t Storage::sweep_expired(std::size_t max_items) {
+  if (ttl_ns_ <= 0) return 0;
+  std::lock_guard<std::mutex> lock(mu_);
+  const int64_t now = now_ns();
+  std::size_t n = 0;
+  while (exp_head_ && n < max_items && expired_locked(exp_head_, now)) {
+    auto it = index_.find(exp_head_->index_key);
+    remove_locked(it);
+    ++expired_;
+    ++n;
+  }
+  return n;
+}
+
+StorageStats Storage::stats() const {
+  StorageStats s;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    s.stored_bytes = stored_bytes_;
+    s.items = index_.size();
+    s.hits = hits_;
+    s.misses = misses_;
+    s.evictions = evictions_;
+    s.expired = expired_;
+    s.puts = puts_;
+    s.deletes = deletes_;
+  }
+  s.capacity_bytes = alloc_.capacity();
+  s.allocated_bytes = alloc_.slab_bytes_in_use();
+  s.chunk_bytes = alloc_.chunk_bytes_in_use();
+  s.fragmentation = s.allocated_bytes ? double(s.allocated_bytes - std::min(s.allocated_bytes, s.stored_bytes)) / double(s.allocated_bytes) : 0.0;
+  return s;
+}
+
+}  // namespace membrain::server

@@ -1,0 +1,95 @@
+// The object store: index of (namespace, key) -> Object, the slab allocator that holds the
+// value bytes, the eviction policy, and TTL expiry.
+//
+// Life of a PUT value: reserve() finds room (evicting if it must) and returns an Object that
+// is NOT visible; the connection receives the bytes straight into object->data(), verifies the
+// checksum, then publish() swaps it into the index atomically (readers see the old value or
+// the new one, never a partial one). Dropping an unpublished Object frees its chunk.
+//
+// One mutex guards the index, the policy and the expiry list. Critical sections are hash-map
+// operations only - no value byte is ever touched under it - so on this 2-4 core target a
+// single lock measured cheaper than sharding (and keeps eviction, which crosses shards, simple).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include "server/eviction_policy.h"
+#include "server/object.h"
+#include "server/slab_allocator.h"
+#include "transport/protocol.h"
+
+namespace membrain::server {
+
+struct StorageStats {
+  uint64_t capacity_bytes = 0;
+  uint64_t stored_bytes = 0;     // sum of visible value lengths
+  uint64_t allocated_bytes = 0;  // slabs in use (visible, pending, and evicted-but-pinned values)
+  uint64_t chunk_bytes = 0;      // chunks handed out
+  uint64_t items = 0;
+  uint64_t hits = 0, misses = 0, evictions = 0, expired = 0, puts = 0, deletes = 0;
+  double fragmentation = 0.0;    // (allocated - stored) / allocated
+};
+
+class Storage {
+ public:
+  struct Options {
+    uint64_t capacity_bytes = 0;
+    uint64_t slab_bytes = 0;  // 0 = SlabAllocator::auto_slab_bytes
+    double ttl_s = 0.0;
+    std::string policy = "lru";
+  };
+  explicit Storage(const Options& o);
+  ~Storage();
+
+  // Room for a value of `len` bytes, not yet visible. nullptr with *why = NO_SPACE (nothing
+  // more can be evicted, e.g. everything left is pinned) or TOO_LARGE (larger than capacity).
+  ObjectRef reserve(std::string_view ns, std::string_view key, uint64_t len, uint64_t checksum, proto::Status* why);
+  // Makes a fully received and verified object visible, replacing any older version.
+  void publish(const ObjectRef& obj);
+
+  // Pinned references to the values of `keys` (nullptr for misses); counts hits/misses and
+  // refreshes recency.
+  void get_many(std::string_view ns, const std::vector<std::string_view>& keys, std::vector<ObjectRef>* out);
+  void exists_many(std::string_view ns, const std::vector<std::string_view>& keys, std::vector<uint8_t>* present);
+  uint32_t lookup_prefix(std::string_view ns, const std::vector<std::string_view>& keys);
+  uint32_t erase_many(std::string_view ns, const std::vector<std::string_view>& keys);
+
+  // Drops up to `max_items` expired objects; returns how many.
+  std::size_t sweep_expired(std::size_t max_items);
+
+  StorageStats stats() const;
+  uint64_t capacity() const { return alloc_.capacity(); }
+  uint64_t slab_bytes() const { return alloc_.slab_bytes(); }
+  // Bytes of bookkeeping per visible object beyond its key (for docs/server.md).
+  static std::size_t per_object_overhead_bytes();
+
+ private:
+  using Index = std::unordered_map<std::string, ObjectRef>;
+  static void make_index_key(std::string_view ns, std::string_view key, std::string* out);
+  int64_t now_ns() const;
+  bool expired_locked(const Object* o, int64_t now) const;
+  // Unindexes `it`; the bytes are freed when the last pin drops (possibly right here).
+  void remove_locked(Index::iterator it);
+  // Looks up a key, dropping it if expired. nullptr on miss.
+  Object* find_live_locked(std::string_view ns, std::string_view key, int64_t now, Index::iterator* where);
+  void exp_link_locked(Object* o);
+  void exp_unlink_locked(Object* o);
+
+  SlabAllocator alloc_;
+  std::unique_ptr<EvictionPolicy> policy_;
+  int64_t ttl_ns_;
+
+  mutable std::mutex mu_;
+  Index index_;
+  Object* exp_head_ = nullptr;  // oldest write first: with one global TTL this is expiry order
+  Object* exp_tail_ = nullptr;
+  uint64_t stored_bytes_ = 0;
+  uint64_t hits_ = 0, misses_ = 0, evictions_ = 0, expired_ = 0, puts_ = 0, deletes_ = 0;
+};
+
+}  // namespace membrain::server

@@ -1,0 +1,115 @@
+"""`membrain server` as a subprocess: READY line, HTTP metrics, SIGTERM drain, option errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from membrain.server import spawn_server
+from membrain.utils.sizes import format_size, parse_size
+from wire import OK, WireClient
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "membrain", "server", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_parse_and_format_size():
+    assert parse_size("256MiB") == 256 << 20
+    assert parse_size("64GiB") == 64 << 30
+    assert parse_size("1.5 KiB") == 1536
+    assert parse_size("2g") == 2 << 30
+    assert parse_size("10MB") == 10_000_000
+    assert parse_size("4096") == 4096
+    assert parse_size(7) == 7
+    for bad in ("", "MiB", "12XB", "-1", "1.0000001B", "1e9", "ten"):
+        with pytest.raises(ValueError, match="invalid size"):
+            parse_size(bad)
+    assert format_size(64 << 30) == "64GiB" and format_size(1536) == "1.5KiB" and format_size(10) == "10B"
+    for n in (1, 1023, 1 << 20, 3 << 30, 5 << 40):
+        assert parse_size(format_size(n)) == n
+
+
+def test_help_documents_every_option():
+    r = _run_cli("--help")
+    assert r.returncode == 0
+    for opt in ("--host", "--port", "--capacity", "--metrics-port", "--threads", "--max-connections",
+                "--idle-timeout", "--ttl", "--auth-token-file", "--log-level"):
+        assert opt in r.stdout, opt
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--capacity", "lots"], "invalid size"),
+    (["--port", "70000"], "out of range"),
+    (["--threads", "0"], "must be >= 1"),
+    (["--capacity", "1KiB", "--port", "0", "--metrics-port", "-1"], "64 KiB minimum"),
+    (["--auth-token-file", "/nonexistent/token", "--port", "0"], "cannot read --auth-token-file"),
+])
+def test_bad_options_fail_clearly(args, needle):
+    r = _run_cli(*args)
+    assert r.returncode != 0
+    assert needle in r.stderr, r.stderr
+
+
+def test_spawn_metrics_and_sigterm(tmp_path):
+    srv = spawn_server(capacity="32MiB", metrics_port=0, extra_args=["--log-level", "WARNING"])
+    try:
+        assert srv.endpoint.startswith("tcp://127.0.0.1:") and srv.metrics_url.startswith("http://127.0.0.1:")
+        with WireClient(srv.port) as c:
+            assert c.put([(b"k", b"v" * 1000)]) == [OK]
+            assert c.get([b"k", b"miss"]) == [b"v" * 1000, None]
+        assert urllib.request.urlopen(srv.metrics_url + "/healthz", timeout=5).read() == b"ok\n"
+        text = urllib.request.urlopen(srv.metrics_url + "/metrics", timeout=5).read().decode()
+        for name in ("membrain_stored_bytes 1000.0", 'membrain_requests_total{op="PUT"} 1.0',
+                     "membrain_hits_total 1.0", "membrain_misses_total 1.0", "membrain_evictions_total 0.0",
+                     "membrain_capacity_bytes", "membrain_fragmentation_ratio"):
+            assert name in text, name
+        stats = json.loads(urllib.request.urlopen(srv.metrics_url + "/stats", timeout=5).read())
+        assert stats["items"] == 1 and stats["used_bytes"] == 1000
+    finally:
+        assert srv.stop() == 0
+
+
+def test_sigterm_drains_in_flight_reply():
+    srv = spawn_server(capacity="64MiB", extra_args=["--log-level", "WARNING"])
+    big = os.urandom(8 << 20)
+    with WireClient(srv.port) as c:
+        c.put([(b"big", big)])
+        c.sock.setsockopt(__import__("socket").SOL_SOCKET, __import__("socket").SO_RCVBUF, 65536)
+        from wire import GET, keys_frame, parse_get
+        c.send(keys_frame(GET, [b"big"], rid=9))
+        time.sleep(0.2)
+        srv.process.send_signal(signal.SIGTERM)
+        f = c.recv_frame()  # the queued reply still arrives whole
+        assert f.request_id == 9 and parse_get(f.payload, 1) == [big]
+    assert srv.process.wait(20) == 0
+
+
+def test_sigint_exits_zero_and_auth_file(tmp_path):
+    tok = tmp_path / "token"
+    tok.write_text("hunter2\n")
+    srv = spawn_server(extra_args=["--auth-token-file", str(tok), "--log-level", "WARNING"])
+    with WireClient(srv.port) as c:
+        assert c.hello(b"default", b"hunter2").status == OK
+    srv.process.send_signal(signal.SIGINT)
+    assert srv.process.wait(20) == 0
+
+
+def test_port_in_use_fails(tmp_path):
+    srv = spawn_server(extra_args=["--log-level", "WARNING"])
+    try:
+        r = _run_cli("--port", str(srv.port), "--metrics-port", "-1")
+        assert r.returncode == 2 and "cannot listen" in r.stderr
+    finally:
+        srv.stop()
