@@ -119,7 +119,7 @@ ucs_status_t UcxConnection::on_reply(void* arg, const void* header, size_t heade
   if (in.arrived || self->expect_id_ == ~uint64_t{0}) {
     in.error = "unexpected reply from server";
     if (rndv || persistent) in.stray.push_back(data);
-    return persistent ? UCS_INPROGRESS : UCS_OK;
+    return (rndv || persistent) ? UCS_INPROGRESS : UCS_OK;
   }
   in.arrived = true;
   in.header.assign(static_cast<const uint8_t*>(header), static_cast<const uint8_t*>(header) + header_len);
@@ -127,7 +127,7 @@ ucs_status_t UcxConnection::on_reply(void* arg, const void* header, size_t heade
   if (rndv) {
     in.rndv = true;
     in.data = data;
-    return UCS_OK;  // descriptor stays valid until ucp_am_recv_data_nbx / ucp_am_data_release
+    return UCS_INPROGRESS;  // keeps the descriptor for ucp_am_recv_data_nbx / ucp_am_data_release
   }
   if (persistent) {
     in.held = true;
@@ -157,7 +157,7 @@ void UcxConnection::release_incoming() {
   in.header.clear();
 }
 
-UcxConnection::Op* UcxConnection::track(ucs_status_ptr_t req, const char* what) {
+UcxConnection::Req* UcxConnection::track(ucs_status_ptr_t req, const char* what) {
   if (req == nullptr) return nullptr;  // completed in place
   if (UCS_PTR_IS_ERR(req)) {
     // The record (already in graveyard_) will never be completed: mark it so.
@@ -165,12 +165,12 @@ UcxConnection::Op* UcxConnection::track(ucs_status_ptr_t req, const char* what) 
     graveyard_.back()->req = nullptr;
     fail(std::string(what) + ": " + ucs_status_string(UCS_PTR_STATUS(req)));
   }
-  Op* op = graveyard_.back().get();
+  Req* op = graveyard_.back().get();
   op->req = req;
   return op;
 }
 
-void UcxConnection::finish_op(Op* op) {
+void UcxConnection::finish_op(Req* op) {
   for (auto it = graveyard_.begin(); it != graveyard_.end(); ++it) {
     if (it->get() == op) {
       if (op->req) ucp_request_free(op->req);
@@ -180,7 +180,7 @@ void UcxConnection::finish_op(Op* op) {
   }
 }
 
-void UcxConnection::wait_op(Op* op, Clock::time_point dl) {
+void UcxConnection::wait_op(Req* op, Clock::time_point dl) {
   if (!op) return;
   while (!op->done) {
     if (ep_status_ != UCS_OK) fail(std::string("connection lost: ") + ucs_status_string(ep_status_));
@@ -202,7 +202,7 @@ void UcxConnection::send_and_wait(const std::vector<uint8_t>& am_header, const s
   for (const auto& s : data) {
     if (s.size) iov.push_back({const_cast<uint8_t*>(s.data), s.size});
   }
-  graveyard_.push_back(std::make_unique<Op>());
+  graveyard_.push_back(std::make_unique<Req>());
   ucp_request_param_t p{};
   p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS |
                    UCP_OP_ATTR_FIELD_DATATYPE;
@@ -223,7 +223,7 @@ void UcxConnection::send_and_wait(const std::vector<uint8_t>& am_header, const s
     p.datatype = ucp_dt_make_contig(1);
   }
   ucs_status_ptr_t r = ucp_am_send_nbx(ep_.get(), kAmRequest, am_header.data(), am_header.size(), buf, count, &p);
-  Op* op = track(r, "ucp_am_send_nbx");
+  Req* op = track(r, "ucp_am_send_nbx");
   if (!op) {
     graveyard_.pop_back();
   }
@@ -257,7 +257,7 @@ void UcxConnection::recv_data(std::vector<ConstSpan> dests, Clock::time_point dl
   for (const auto& d : dests) {
     if (d.size) iov.push_back({const_cast<uint8_t*>(d.data), d.size});
   }
-  graveyard_.push_back(std::make_unique<Op>());
+  graveyard_.push_back(std::make_unique<Req>());
   ucp_request_param_t p{};
   p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_DATATYPE;
   p.cb.recv_am = &Completion::on_recv;
@@ -277,7 +277,7 @@ void UcxConnection::recv_data(std::vector<ConstSpan> dests, Clock::time_point dl
   in.rndv = false;  // UCP owns the descriptor from here on, whatever happens
   in.data = nullptr;
   ucs_status_ptr_t r = ucp_am_recv_data_nbx(worker_->get(), desc, buf, count, &p);
-  Op* op = track(r, "ucp_am_recv_data_nbx");
+  Req* op = track(r, "ucp_am_recv_data_nbx");
   if (!op) {
     graveyard_.pop_back();
     return;

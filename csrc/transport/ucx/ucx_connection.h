@@ -62,7 +62,7 @@ class UcxConnection {
   std::size_t am_header_cap() const { return am_cap_; }
 
  private:
-  using Op = Completion;
+  using Req = Completion;
   struct Incoming;  // the reply AM as delivered by the callback
   static ucs_status_t on_reply(void* arg, const void* header, size_t header_len, void* data, size_t len,
                                const ucp_am_recv_param_t* param);
@@ -71,9 +71,9 @@ class UcxConnection {
   [[noreturn]] void fail(const std::string& what);
   void check_usable();
   void abort_inflight();
-  Op* track(ucs_status_ptr_t req, const char* what);
-  void wait_op(Op* op, Clock::time_point dl);
-  void finish_op(Op*);
+  Req* track(ucs_status_ptr_t req, const char* what);
+  void wait_op(Req* op, Clock::time_point dl);
+  void finish_op(Req*);
   // Sends one request AM (header bytes, then data as an iov of spans) and waits for the
   // reply AM of `request_id`; leaves it in *in (data not yet consumed).
   void send_and_wait(const std::vector<uint8_t>& am_header, const std::vector<ConstSpan>& data,
@@ -97,7 +97,7 @@ class UcxConnection {
   std::mutex mu_;
   // Declaration order is destruction order in reverse: the endpoint closes first, then the
   // worker (cancelling anything left), and only then the completion records UCX may touch.
-  std::list<std::unique_ptr<Op>> graveyard_;  // records of requests abandoned after a failure
+  std::list<std::unique_ptr<Req>> graveyard_;  // records of requests abandoned after a failure
   std::unique_ptr<Incoming> in_;
   std::shared_ptr<Context> ctx_;
   std::unique_ptr<Worker> worker_;

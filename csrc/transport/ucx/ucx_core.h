@@ -120,6 +120,7 @@ class Listener {
   Listener(const Listener&) = delete;
   Listener& operator=(const Listener&) = delete;
   uint16_t port() const { return port_; }
+  ucp_listener_h get() const { return h_; }
 
  private:
   ucp_listener_h h_ = nullptr;
