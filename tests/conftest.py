@@ -62,8 +62,9 @@ class ServerProc:
         while True:
             try:
                 if spawn is not None:
-                    self._handle = spawn(host="127.0.0.1", port=self.port, **self.opts)
-                    self.proc = getattr(self._handle, "proc", None) or getattr(self._handle, "process", None) or self._handle
+                    opts = {"capacity": "512MiB", **self.opts}
+                    self._handle = spawn(host="127.0.0.1", port=self.port, **opts)
+                    self.proc = self._handle.process
                 else:
                     self.proc = subprocess.Popen([sys.executable, str(HERE / "fake_server.py"), "--port", str(self.port)],
                                                  stdout=subprocess.PIPE, text=True,
@@ -90,6 +91,13 @@ class ServerProc:
 
     def pause(self) -> None:
         self.proc.send_signal(signal.SIGSTOP)
+        # SIGSTOP is asynchronous: wait until the kernel reports the process stopped.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                    return
+            time.sleep(0.005)
 
     def resume(self) -> None:
         self.proc.send_signal(signal.SIGCONT)

@@ -61,12 +61,14 @@ def test_breaker_backoff() -> None:
     assert b.admit() == "closed"
     b.failure()
     assert b.admit() == "open"
+    b.failure()  # a second in-flight failure does not escalate
+    assert b.retry_in() <= 0.05
     import time
 
     time.sleep(0.06)
     assert b.admit() == "probe"
     assert b.admit() == "open"  # only one probe at a time
-    b.failure()  # backoff doubles
+    b.failure(probe=True)  # a failed probe doubles the backoff
     assert 0.05 < b.retry_in() <= 0.1
     time.sleep(0.11)
     assert b.admit() == "probe"

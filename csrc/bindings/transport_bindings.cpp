@@ -261,6 +261,21 @@ void register_transport(py::module_& m) {
            t, "Server statistics as a dict.")
       .def("ping", &PyConnection::ping, t, "Round trip; returns seconds taken.")
       .def("close", &PyConnection::close)
+      .def("timings",
+           [](PyConnection& c) {
+             const auto t = c.conn().timings();
+             py::dict d;
+             d["checksum"] = t.checksum;
+             d["send"] = t.send;
+             d["wait"] = t.wait;
+             d["recv"] = t.recv;
+             d["verify"] = t.verify;
+             d["frames"] = t.frames;
+             return d;
+           },
+           "Cumulative seconds per phase of PUT/GET frames: checksum, send, wait (for the reply "
+           "header: server work + network), recv (reply payload), verify (GET checksums).")
+      .def("reset_timings", [](PyConnection& c) { c.conn().reset_timings(); })
       .def_property_readonly("broken", [](PyConnection& c) { return c.conn().broken(); })
       .def_property_readonly("host", [](PyConnection& c) { return c.conn().host(); })
       .def_property_readonly("port", [](PyConnection& c) { return c.conn().port(); })

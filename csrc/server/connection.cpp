@@ -24,7 +24,8 @@ constexpr uint32_t kMaxTokenBytes = 4096;
 
 Connection::Connection(UniqueFd fd, ServerContext& ctx, int64_t now_ns)
     : fd_(std::move(fd)), ctx_(ctx), limits_(ctx.config.limits), authed_(ctx.config.auth_token.empty()),
-      in_(kInputBufferBytes), last_activity_ns_(now_ns) {}
+      in_(new uint8_t[kInputBufferBytes]),  // not value-initialised: see kInputBufferBytes
+      last_activity_ns_(now_ns) {}
 
 Connection::~Connection() { ctx_.counters.connections_current.fetch_sub(1, std::memory_order_relaxed); }
 
@@ -44,7 +45,7 @@ bool Connection::wants_read() const {
 void Connection::compact() {
   if (in_r_ == 0) return;
   const std::size_t n = buffered();
-  if (n) std::memmove(in_.data(), in_.data() + in_r_, n);
+  if (n) std::memmove(in_.get(), in_.get() + in_r_, n);
   in_r_ = 0;
   in_w_ = n;
 }
@@ -95,8 +96,8 @@ void Connection::pump(int64_t now) {
       n = ::recv(fd_.get(), pending_->data() + value_have_, want, 0);
       if (n > 0) value_have_ += static_cast<uint64_t>(n);
     } else {
-      if (in_w_ == in_.size()) compact();
-      n = ::recv(fd_.get(), in_.data() + in_w_, in_.size() - in_w_, 0);
+      if (in_w_ == kInputBufferBytes) compact();
+      n = ::recv(fd_.get(), in_.get() + in_w_, kInputBufferBytes - in_w_, 0);
       if (n > 0) in_w_ += static_cast<std::size_t>(n);
     }
     if (n > 0) {
@@ -143,10 +144,10 @@ Connection::Step Connection::step() {
 
 Connection::Step Connection::step_header() {
   if (buffered() < proto::kHeaderBytes) {
-    if (in_r_ + proto::kHeaderBytes > in_.size()) compact();
+    if (in_r_ + proto::kHeaderBytes > kInputBufferBytes) compact();
     return Step::kNeedBytes;
   }
-  const uint8_t* h = in_.data() + in_r_;
+  const uint8_t* h = in_.get() + in_r_;
   const proto::HeaderError err = proto::decode_header(h, &hdr_);
   in_r_ += proto::kHeaderBytes;
   frame_since_ns_ = frame_since_ns_ ? frame_since_ns_ : last_activity_ns_;
@@ -215,7 +216,7 @@ Connection::Step Connection::fill_payload() {
   const std::size_t want = payload_need_ - payload_have_;
   const std::size_t n = std::min(want, buffered());
   if (n) {
-    std::memcpy(payload_.data() + payload_have_, in_.data() + in_r_, n);
+    std::memcpy(payload_.data() + payload_have_, in_.get() + in_r_, n);
     payload_have_ += n;
     in_r_ += n;
   }
@@ -274,7 +275,7 @@ Connection::Step Connection::step_put_value() {
     if (remaining > 0) {
       const std::size_t n = static_cast<std::size_t>(std::min<uint64_t>(remaining, buffered()));
       if (n == 0) return Step::kNeedBytes;
-      if (pending_) std::memcpy(pending_->data() + value_have_, in_.data() + in_r_, n);  // read-ahead only
+      if (pending_) std::memcpy(pending_->data() + value_have_, in_.get() + in_r_, n);  // read-ahead only
       in_r_ += n;
       value_have_ += n;
       if (value_have_ < it.value_len) return Step::kNeedBytes;
@@ -295,7 +296,13 @@ Connection::Step Connection::step_put_value() {
   return Step::kProgress;
 }
 
+void Connection::release_frame_buffers() {
+  // A max-size key list or PUT table (~150 KiB) should not stay resident on an idle connection.
+  if (payload_.capacity() > kInputBufferBytes) std::vector<uint8_t>().swap(payload_);
+}
+
 void Connection::finish_put() {
+  release_frame_buffers();
   std::vector<uint8_t> body(items_.size());
   for (std::size_t i = 0; i < items_.size(); ++i) body[i] = items_[i].status;
   queue_reply(hdr_.opcode, static_cast<uint32_t>(items_.size()), Status::kOk, std::move(body));
@@ -307,6 +314,7 @@ void Connection::execute() {
   phase_ = Phase::kHeader;
   frame_since_ns_ = 0;
   Reply r = execute_request(ctx_, hdr_, payload_.data(), payload_.size(), &ns_, &authed_);
+  release_frame_buffers();  // the reply no longer refers to payload_
   if (r.close) return protocol_error(r.status, "request refused");
   queue_reply(hdr_.opcode, r.count, r.status, std::move(r.body), std::move(r.pins));
 }

@@ -56,6 +56,14 @@ void set_socket_options(int fd) {
 
 std::string errno_text(int err) { return std::string(std::strerror(err)); }
 
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point& t) {
+  const auto now = Clock::now();
+  const double s = std::chrono::duration<double>(now - t).count();
+  t = now;
+  return s;
+}
+
 }  // namespace
 
 void UniqueFd::reset(int fd) {
@@ -350,6 +358,7 @@ std::vector<uint8_t> TcpConnection::put(const std::vector<std::string_view>& key
     uint8_t* kp = table + proto::kPutItemBytes * n;
     iov.clear();
     iov.push_back({meta.data(), meta.size()});
+    auto t = Clock::now();
     for (std::size_t j = b; j < e; ++j) {
       const ConstSpan& v = values[send_idx[j]];
       uint8_t* row = table + proto::kPutItemBytes * (j - b);
@@ -360,8 +369,12 @@ std::vector<uint8_t> TcpConnection::put(const std::vector<std::string_view>& key
       kp += send_keys[j].size();
       if (v.size) iov.push_back({const_cast<uint8_t*>(v.data), v.size});
     }
+    timings_.checksum += since(t);
     send_all(iov.data(), iov.size(), dl);
+    timings_.send += since(t);
     const Header r = recv_reply(h.opcode, h.request_id, dl);
+    timings_.wait += since(t);
+    ++timings_.frames;
     if (r.payload_len != n) fail("PUT reply carries " + std::to_string(r.payload_len) + " statuses for " + std::to_string(n) + " items");
     std::vector<uint8_t> st(n);
     recv_exact(st.data(), n, dl);
@@ -394,9 +407,13 @@ std::vector<uint8_t> TcpConnection::get_with(const std::vector<std::string_view>
     h.payload_len = req.size() - proto::kHeaderBytes;
     proto::encode_header(h, req.data());
     iovec riov{req.data(), req.size()};
+    auto t = Clock::now();
     send_all(&riov, 1, dl);
+    timings_.send += since(t);
 
     const Header r = recv_reply(h.opcode, h.request_id, dl);
+    timings_.wait += since(t);
+    ++timings_.frames;
     const uint64_t table_bytes = uint64_t(proto::kGetItemBytes) * n;
     if (r.count != n || r.payload_len < table_bytes) fail("GET reply does not carry an item table for " + std::to_string(n) + " keys");
     table.resize(table_bytes);
@@ -432,6 +449,7 @@ std::vector<uint8_t> TcpConnection::get_with(const std::vector<std::string_view>
       }
     }
     if (!iov.empty()) recv_vec(iov.data(), iov.size(), dl);
+    timings_.recv += since(t);
     for (uint32_t j = 0; j < n; ++j) {
       uint8_t s = st[j];
       if (s == static_cast<uint8_t>(Status::kOk) && len[j] > 0 && !dest[j]) {
@@ -443,6 +461,7 @@ std::vector<uint8_t> TcpConnection::get_with(const std::vector<std::string_view>
       status[b + j] = s;
       if (lengths) (*lengths)[b + j] = len[j];
     }
+    timings_.verify += since(t);
   }
   return status;
 }
@@ -522,6 +541,16 @@ std::string TcpConnection::stats(int timeout_ms) {
   Deadline dl(timeout_ms);
   const auto r = simple_call(Op::kStats, 0, {}, dl);
   return std::string(r.begin(), r.end());
+}
+
+TcpConnection::Timings TcpConnection::timings() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return timings_;
+}
+
+void TcpConnection::reset_timings() {
+  std::lock_guard<std::mutex> lock(mu_);
+  timings_ = Timings{};
 }
 
 double TcpConnection::ping(int timeout_ms) {

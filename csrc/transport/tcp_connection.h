@@ -113,6 +113,16 @@ class TcpConnection {
   // Round trip with a small payload; returns the seconds it took.
   double ping(int timeout_ms);
 
+  // Cumulative seconds per phase, so benchmarks can say where the time of a call goes:
+  // checksum (PUT hashing), send, wait (request sent -> reply header received, i.e. server
+  // work plus network), recv (reply payload), verify (GET checksum verification).
+  struct Timings {
+    double checksum = 0, send = 0, wait = 0, recv = 0, verify = 0;
+    uint64_t frames = 0;
+  };
+  Timings timings();
+  void reset_timings();
+
   bool broken() const { return broken_; }
   void close();
   const proto::Limits& limits() const { return limits_; }
@@ -142,6 +152,7 @@ class TcpConnection {
                                                           std::size_t per_item_overhead) const;
 
   Options opts_;
+  Timings timings_;
   UniqueFd fd_;
   proto::Limits limits_;
   uint64_t next_id_ = 1;

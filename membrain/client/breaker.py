@@ -55,8 +55,13 @@ class CircuitBreaker:
             self._open_until = 0.0
             self._probing = False
 
-    def failure(self) -> None:
+    def failure(self, probe: bool = False) -> None:
+        """Record a failed call. Only the first failure after closing, and failed probes,
+        lengthen the backoff: calls that were already in flight when the endpoint went down
+        fail together and must not escalate it once each."""
         with self._lock:
+            if self._failures and not probe:
+                return
             self._failures += 1
             backoff = min(self.max_s, self.base_s * (2 ** min(self._failures - 1, 30)))
             self._open_until = time.monotonic() + backoff

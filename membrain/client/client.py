@@ -149,7 +149,7 @@ class Client:
         try:
             conn, reused = pool.acquire(left)
         except ConnectionError:
-            breaker.failure()
+            breaker.failure(probe=state == "probe")
             return FAILED
         for attempt in range(2):
             try:
@@ -168,7 +168,7 @@ class Client:
                         continue
                     except ConnectionError:
                         pass
-                breaker.failure()
+                breaker.failure(probe=state == "probe")
                 return FAILED
             pool.release(conn)
             if state != "closed" or breaker.failures:
