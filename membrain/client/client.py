@@ -106,7 +106,7 @@ class Client:
         self.namespace = namespace
         self.timeout_ms = int(timeout_ms)
         self.replicas = int(replicas)
-        self._placement = Rendezvous([e.placement_name for e in self.endpoints])
+        self._placement = Rendezvous([str(e) for e in self.endpoints])
         self._pools = [ConnectionPool(e, namespace, auth_token, connect_timeout_ms, max_idle) for e in self.endpoints]
         self._breakers = [CircuitBreaker(breaker_base_s, breaker_max_s) for _ in self.endpoints]
         # Two executors so fan-out work (which never submits further work) can never be

@@ -23,12 +23,6 @@ class Endpoint:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.transport}://{host}:{self.port}"
 
-    @property
-    def placement_name(self) -> str:
-        """Identity used for key placement: the server's address, independent of transport,
-        so TCP and UCX clients of the same servers (same host order) agree on placement."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"tcp://{host}:{self.port}"
 
 
 def parse_endpoint(text: str) -> Endpoint:

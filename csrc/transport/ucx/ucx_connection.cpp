@@ -3,6 +3,8 @@
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include "common/checksum.h"
@@ -33,6 +35,9 @@ struct UcxConnection::Incoming {
 
 
 UcxConnection::UcxConnection(Options options) : opts_(std::move(options)), in_(std::make_unique<Incoming>()) {
+  // Latency over CPU: poll the worker without ever sleeping on its event fd.
+  const char* bp = std::getenv("MEMBRAIN_UCX_BUSY_POLL");
+  busy_poll_ = bp && *bp && *bp != '0';
   const auto dl = Clock::now() + std::chrono::milliseconds(std::max(1, opts_.connect_timeout_ms));
   const std::string where = "ucx://" + opts_.host + ":" + std::to_string(opts_.port);
   try {
@@ -122,6 +127,7 @@ ucs_status_t UcxConnection::on_reply(void* arg, const void* header, size_t heade
     return (rndv || persistent) ? UCS_INPROGRESS : UCS_OK;
   }
   in.arrived = true;
+  if (getenv("MEMBRAIN_UCX_DEBUG")) fprintf(stderr, "reply len=%zu rndv=%d persistent=%d\n", len, (int)rndv, (int)persistent);
   in.header.assign(static_cast<const uint8_t*>(header), static_cast<const uint8_t*>(header) + header_len);
   in.len = len;
   if (rndv) {
@@ -187,7 +193,7 @@ void UcxConnection::wait_op(Req* op, Clock::time_point dl) {
     if (worker_->progress_all()) continue;
     if (op->done) break;
     if (Clock::now() >= dl) fail("timed out");
-    worker_->wait_event(std::max(1, ms_until(dl, 100)));
+    if (!busy_poll_) worker_->wait_event(std::max(1, ms_until(dl, 100)));
   }
   const ucs_status_t st = op->status;
   finish_op(op);
@@ -234,7 +240,7 @@ void UcxConnection::send_and_wait(const std::vector<uint8_t>& am_header, const s
     if (worker_->progress_all()) continue;
     if (in_->arrived && (!op || op->done)) break;
     if (Clock::now() >= dl) fail("timed out");
-    worker_->wait_event(std::max(1, ms_until(dl, 100)));
+    if (!busy_poll_) worker_->wait_event(std::max(1, ms_until(dl, 100)));
   }
   if (op) {
     const ucs_status_t st = op->status;

@@ -105,6 +105,7 @@ class UcxConnection {
   ucs_status_t ep_status_ = UCS_OK;
   std::size_t am_cap_ = 0;
   uint64_t expect_id_ = 0;
+  bool busy_poll_ = false;  // MEMBRAIN_UCX_BUSY_POLL=1
 };
 
 }  // namespace membrain::ucx

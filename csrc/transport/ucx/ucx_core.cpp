@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <thread>
@@ -33,8 +34,13 @@ struct ConfigGuard {
 };
 }  // namespace
 
-std::shared_ptr<Context> Context::create(const char* name) {
+std::shared_ptr<Context> Context::create(const char* name, bool server) {
   ConfigGuard cfg;
+  if (server && !std::getenv("UCX_CM_REUSEADDR")) {
+    // Without it a restarted server cannot bind its UCX port while old connections sit in
+    // TIME_WAIT. Not every UCX accepts transport options here: then the default stays.
+    (void)ucp_config_modify(cfg.cfg, "CM_REUSEADDR", "y");
+  }
   ucp_params_t p{};
   p.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED | UCP_PARAM_FIELD_NAME;
   p.features = UCP_FEATURE_AM | UCP_FEATURE_WAKEUP | UCP_FEATURE_RMA;

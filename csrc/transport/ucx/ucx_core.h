@@ -38,7 +38,9 @@ int ms_until(Clock::time_point deadline, int cap = 1000);
 class Context {
  public:
   // Features: active messages, wakeup (event fd) and RMA (memory registration).
-  static std::shared_ptr<Context> create(const char* name);
+  // `server`: listeners rebind their port at once after a restart (CM_REUSEADDR, unless the
+  // user's environment says otherwise).
+  static std::shared_ptr<Context> create(const char* name, bool server = false);
   // The context shared by every client connection of this process (created on first use).
   static std::shared_ptr<Context> client_shared();
   ~Context();

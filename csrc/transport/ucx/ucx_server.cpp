@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <list>
@@ -98,7 +99,7 @@ class Impl final : public UcxServer {
  public:
   Impl(server::ServerContext& ctx, const std::string& host, uint16_t port) : ctx_(ctx), limits_(ctx.config.limits) {
     try {
-      uctx_ = Context::create("membrain-server");
+      uctx_ = Context::create("membrain-server", /*server=*/true);
       worker_ = std::make_unique<Worker>(uctx_);
       worker_->register_am(kAmRequest, &Impl::on_request, this);
       listener_ = std::make_unique<Listener>(*worker_, host, port, &Impl::on_conn, this);
@@ -172,7 +173,7 @@ class Impl final : public UcxServer {
     while (!stopping_.load()) {
       bool busy = worker_->progress_all();
       busy |= service();
-      if (busy || in_flight()) continue;  // spin only while transfers are in flight
+      if (busy || (spin_ && in_flight())) continue;  // spin only while transfers are in flight
       worker_->wait_event(100, stop_fd_);
     }
     shutdown();
@@ -654,6 +655,12 @@ class Impl final : public UcxServer {
   std::vector<void*> stray_;
   std::vector<void*> closing_;
   std::size_t actives_ = 0;
+  // MEMBRAIN_UCX_SERVER_SPIN=1: keep polling while transfers are in flight instead of sleeping
+  // on the event fd (lower latency when cores are plentiful; contention on small machines).
+  bool spin_ = [] {
+    const char* v = std::getenv("MEMBRAIN_UCX_SERVER_SPIN");
+    return v && *v && *v != '0';
+  }();
   uint16_t port_ = 0;
   int stop_fd_ = -1;
   std::atomic<bool> stopping_{false};
