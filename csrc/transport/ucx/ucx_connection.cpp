@@ -53,7 +53,7 @@ UcxConnection::UcxConnection(Options options) : opts_(std::move(options)), in_(s
     p.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
     p.sockaddr.addr = reinterpret_cast<const sockaddr*>(&ss);
     p.sockaddr.addrlen = static_cast<socklen_t>(len);
-    p.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+    p.err_mode = err_mode_from_env();
     p.err_handler.cb = &UcxConnection::on_ep_error;
     p.err_handler.arg = this;
     ucp_ep_h ep = nullptr;
@@ -127,7 +127,6 @@ ucs_status_t UcxConnection::on_reply(void* arg, const void* header, size_t heade
     return (rndv || persistent) ? UCS_INPROGRESS : UCS_OK;
   }
   in.arrived = true;
-  if (getenv("MEMBRAIN_UCX_DEBUG")) fprintf(stderr, "reply len=%zu rndv=%d persistent=%d\n", len, (int)rndv, (int)persistent);
   in.header.assign(static_cast<const uint8_t*>(header), static_cast<const uint8_t*>(header) + header_len);
   in.len = len;
   if (rndv) {

@@ -151,6 +151,11 @@ void Completion::on_send(void*, ucs_status_t st, void* user) {
 
 void Completion::on_recv(void* request, ucs_status_t st, size_t, void* user) { on_send(request, st, user); }
 
+ucp_err_handling_mode_t err_mode_from_env() {
+  const char* v = std::getenv("MEMBRAIN_UCX_ERR_MODE");
+  return v && std::strcmp(v, "peer") == 0 ? UCP_ERR_HANDLING_MODE_PEER : UCP_ERR_HANDLING_MODE_NONE;
+}
+
 std::size_t resolve_sockaddr(const std::string& host, uint16_t port, void* storage) {
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;

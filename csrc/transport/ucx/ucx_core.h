@@ -161,6 +161,13 @@ struct Completion {
   static void on_recv(void* request, ucs_status_t st, size_t length, void* user);
 };
 
+// Endpoint error-handling mode from MEMBRAIN_UCX_ERR_MODE: "none" (default) or "peer".
+// UCX 1.13 only selects shared-memory transports for endpoints without peer-failure handling,
+// so "none" is what makes same-host traffic go over shm/CMA; failures are then noticed by
+// deadlines (client) and the idle timeout (server). "peer" adds UCX's own failure detection
+// (keepalive, reset notification) and restricts transports to those that support it.
+ucp_err_handling_mode_t err_mode_from_env();
+
 // Fills a sockaddr_storage for host:port (numeric or resolvable IPv4/IPv6); throws UcxError.
 std::size_t resolve_sockaddr(const std::string& host, uint16_t port, void* storage);
 

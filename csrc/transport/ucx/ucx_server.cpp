@@ -84,6 +84,7 @@ struct Conn {
   bool closing = false;  // an error reply is queued: close once it is sent
   bool dead = false;     // the peer is gone: force-close
   Clock::time_point closing_since{};
+  Clock::time_point last_activity = Clock::now();
 };
 
 struct SendOp {
@@ -158,6 +159,7 @@ class Impl final : public UcxServer {
       in.data = in.copy.data();
     }
     c->inbox_bytes += rndv ? 0 : len;
+    c->last_activity = Clock::now();
     c->inbox.push_back(std::move(in));
     // INPROGRESS keeps a rendezvous descriptor (or a persistent eager buffer) for later.
     return (rndv || persistent) ? UCS_INPROGRESS : UCS_OK;
@@ -226,8 +228,15 @@ class Impl final : public UcxServer {
           (c.inbox.size() > kMaxQueuedFrames || c.inbox_bytes > kMaxQueuedBytes)) {
         refuse(c, Header{}, Status::kTooLarge);  // a peer pipelining without bounds
       }
-      if ((c.closing || c.dead) && !c.active && (c.sends == 0 || c.dead ||
-                                                  Clock::now() - c.closing_since > std::chrono::milliseconds(kCloseGraceMs))) {
+      const auto now = Clock::now();
+      if (!c.dead && idle_ns_ > 0 && now - c.last_activity > std::chrono::nanoseconds(idle_ns_)) {
+        // Idle (or a transfer stuck) past idle_timeout: with UCP_ERR_HANDLING_MODE_NONE this
+        // is also how a vanished client is noticed.
+        Counters::inc(ctx_.counters.timeouts);
+        c.dead = true;
+      }
+      if (c.dead || (c.closing && ((!c.active && c.sends == 0) ||
+                                   now - c.closing_since > std::chrono::milliseconds(kCloseGraceMs)))) {
         gone.push_back(ep);
       }
     }
@@ -235,6 +244,7 @@ class Impl final : public UcxServer {
       drop(ep);
       did = true;
     }
+    reap_zombies();
     // Endpoint closes in progress.
     for (auto it = closing_.begin(); it != closing_.end();) {
       if (ucp_request_check_status(*it) != UCS_INPROGRESS) {
@@ -256,7 +266,7 @@ class Impl final : public UcxServer {
     ucp_ep_params_t p{};
     p.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
     p.conn_request = req;
-    p.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+    p.err_mode = err_mode_from_env();
     p.err_handler.cb = &Impl::on_ep_error;
     p.err_handler.arg = this;
     ucp_ep_h ep = nullptr;
@@ -272,19 +282,38 @@ class Impl final : public UcxServer {
     Counters::inc(ctx_.counters.connections_total);
   }
 
+  // Unmaps the connection and closes its endpoint (force when the peer is gone or stuck). A
+  // receive still in flight completes (with an error) once the endpoint is closed; the
+  // connection waits for that among the zombies, since the receive targets its buffers.
   void drop(ucp_ep_h ep) {
     auto it = conns_.find(ep);
     if (it == conns_.end()) return;
-    Conn& c = *it->second;
-    for (auto& in : c.inbox) release(in);
-    const bool force = c.dead;
+    std::unique_ptr<Conn> c = std::move(it->second);
     conns_.erase(it);
+    for (auto& in : c->inbox) release(in);
+    c->inbox.clear();
     ctx_.counters.connections_current.fetch_sub(1, std::memory_order_relaxed);
     ucp_request_param_t p{};
     p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-    p.flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
+    p.flags = (c->dead || c->active || c->sends) ? UCP_EP_CLOSE_FLAG_FORCE : 0;
     ucs_status_ptr_t r = ucp_ep_close_nbx(ep, &p);
     if (r && !UCS_PTR_IS_ERR(r)) closing_.push_back(r);
+    if (c->active) zombies_.push_back(std::move(c));
+  }
+
+  void reap_zombies() {
+    for (auto it = zombies_.begin(); it != zombies_.end();) {
+      Active* a = (*it)->active.get();
+      if (a && !a->done.done) {
+        ++it;
+        continue;
+      }
+      if (a) {
+        if (a->done.req) ucp_request_free(a->done.req);
+        --actives_;
+      }
+      it = zombies_.erase(it);
+    }
   }
 
   // A frame-level refusal: reply with `st` and close after it is sent.
@@ -497,6 +526,7 @@ class Impl final : public UcxServer {
   void complete_active(Conn& c) {
     std::unique_ptr<Active> a = std::move(c.active);
     --actives_;
+    c.last_activity = Clock::now();
     if (a->done.req) ucp_request_free(a->done.req);
     if (a->done.status != UCS_OK) {  // transfer failed: the peer is gone
       c.dead = true;
@@ -588,6 +618,7 @@ class Impl final : public UcxServer {
     auto it = conns_.find(s.ep);
     if (it == conns_.end()) return;
     --it->second->sends;
+    it->second->last_activity = Clock::now();
     if (s.done.status != UCS_OK) it->second->dead = true;
   }
 
@@ -618,6 +649,9 @@ class Impl final : public UcxServer {
       for (void* r : closing_) {
         if (ucp_request_check_status(r) == UCS_INPROGRESS) return true;
       }
+      for (auto& z : zombies_) {
+        if (z->active && !z->active->done.done) return true;
+      }
       return false;
     };
     while (pending() && Clock::now() < dl) {
@@ -636,9 +670,11 @@ class Impl final : public UcxServer {
     }
     closing_.clear();
     ctx_.counters.connections_current.fetch_sub(conns_.size(), std::memory_order_relaxed);
+    reap_zombies();
     worker_.reset();  // cancels whatever is left; only then may the buffers go
     sends_.clear();
     conns_.clear();
+    zombies_.clear();
   }
 
   server::ServerContext& ctx_;
@@ -648,6 +684,7 @@ class Impl final : public UcxServer {
   // (destroyed first) has cancelled them by the time they go.
   std::list<std::unique_ptr<SendOp>> sends_;
   std::unordered_map<ucp_ep_h, std::unique_ptr<Conn>> conns_;
+  std::list<std::unique_ptr<Conn>> zombies_;  // closed, waiting for an in-flight receive to end
   std::unique_ptr<Worker> worker_;
   std::unique_ptr<Listener> listener_;
   std::deque<ucp_conn_request_h> conn_reqs_;
@@ -655,6 +692,7 @@ class Impl final : public UcxServer {
   std::vector<void*> stray_;
   std::vector<void*> closing_;
   std::size_t actives_ = 0;
+  int64_t idle_ns_ = static_cast<int64_t>(ctx_.config.idle_timeout_s * 1e9);
   // MEMBRAIN_UCX_SERVER_SPIN=1: keep polling while transfers are in flight instead of sleeping
   // on the event fd (lower latency when cores are plentiful; contention on small machines).
   bool spin_ = [] {
