@@ -3,6 +3,7 @@
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <deque>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -30,6 +31,14 @@ struct UcxConnection::Incoming {
   bool held = false;            // data is a UCX-owned eager buffer to release
   std::vector<uint8_t> copy;    // eager bytes copied out of the callback
   std::vector<void*> stray;     // descriptors of unexpected AMs, released outside the callback
+  struct Piece {                // a value AM (split GET reply)
+    std::vector<uint8_t> header;
+    void* data = nullptr;
+    std::size_t len = 0;
+    bool rndv = false, held = false;
+    std::vector<uint8_t> copy;
+  };
+  std::deque<Piece> pieces;
   std::string error;            // protocol violation seen in the callback
 };
 
@@ -44,6 +53,7 @@ UcxConnection::UcxConnection(Options options) : opts_(std::move(options)), in_(s
     ctx_ = Context::client_shared();
     worker_ = std::make_unique<Worker>(ctx_);
     worker_->register_am(kAmReply, &UcxConnection::on_reply, this);
+    worker_->register_am(kAmValue, &UcxConnection::on_value, this);
     am_cap_ = worker_->max_am_header() ? worker_->max_am_header() : kDefaultAmCap;
     sockaddr_storage ss{};
     const std::size_t len = resolve_sockaddr(opts_.host, opts_.port, &ss);
@@ -144,6 +154,99 @@ ucs_status_t UcxConnection::on_reply(void* arg, const void* header, size_t heade
   return UCS_OK;
 }
 
+ucs_status_t UcxConnection::on_value(void* arg, const void* header, size_t header_len, void* data, size_t len,
+                                     const ucp_am_recv_param_t* param) {
+  auto* self = static_cast<UcxConnection*>(arg);
+  Incoming::Piece pc;
+  pc.header.assign(static_cast<const uint8_t*>(header), static_cast<const uint8_t*>(header) + header_len);
+  pc.len = len;
+  pc.data = data;
+  const bool rndv = param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV;
+  const bool persistent = param->recv_attr & UCP_AM_RECV_ATTR_FLAG_DATA;
+  if (rndv) {
+    pc.rndv = true;
+  } else if (persistent) {
+    pc.held = true;
+  } else {
+    pc.copy.assign(static_cast<const uint8_t*>(data), static_cast<const uint8_t*>(data) + len);
+    pc.data = pc.copy.data();
+  }
+  self->in_->pieces.push_back(std::move(pc));
+  return (rndv || persistent) ? UCS_INPROGRESS : UCS_OK;
+}
+
+void UcxConnection::wait_until(const std::function<bool()>& ready, Clock::time_point dl) {
+  while (!ready()) {
+    if (!in_->error.empty()) fail(in_->error);
+    if (ep_status_ != UCS_OK) fail(std::string("connection lost: ") + ucs_status_string(ep_status_));
+    if (worker_->progress_all()) continue;
+    if (ready()) break;
+    if (Clock::now() >= dl) fail("timed out");
+    if (!busy_poll_) worker_->wait_event(std::max(1, ms_until(dl, 100)));
+  }
+}
+
+std::vector<UcxConnection::Req*> UcxConnection::send_values(uint64_t request_id,
+                                                           const std::vector<std::pair<uint32_t, ConstSpan>>& values,
+                                                           std::vector<std::vector<uint8_t>>* headers) {
+  std::vector<Req*> out;
+  headers->reserve(values.size());  // stable addresses: UCX may read a header until completion
+  for (const auto& [index, v] : values) {
+    headers->emplace_back(kValueHeaderBytes);
+    proto::put_u64(headers->back().data(), request_id);
+    proto::put_u32(headers->back().data() + 8, index);
+    graveyard_.push_back(std::make_unique<Req>());
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS |
+                     UCP_OP_ATTR_FIELD_DATATYPE;
+    p.cb.send = &Completion::on_send;
+    p.user_data = graveyard_.back().get();
+    p.flags = UCP_AM_SEND_FLAG_REPLY;
+    p.datatype = ucp_dt_make_contig(1);
+    ucs_status_ptr_t r = ucp_am_send_nbx(ep_.get(), kAmValue, headers->back().data(), kValueHeaderBytes, v.data,
+                                         v.size, &p);
+    Req* op = track(r, "ucp_am_send_nbx (value)");
+    if (op) {
+      out.push_back(op);
+    } else {
+      graveyard_.pop_back();
+    }
+  }
+  return out;
+}
+
+void UcxConnection::recv_split(uint64_t request_id, const std::vector<std::pair<uint32_t, ConstSpan>>& dests,
+                               Clock::time_point dl) {
+  std::vector<Req*> ops;
+  for (const auto& [index, d] : dests) {
+    wait_until([&] { return !in_->pieces.empty(); }, dl);
+    Incoming::Piece pc = std::move(in_->pieces.front());
+    in_->pieces.pop_front();
+    const bool ok = pc.header.size() == kValueHeaderBytes && proto::get_u64(pc.header.data()) == request_id &&
+                    proto::get_u32(pc.header.data() + 8) == index && pc.len == d.size;
+    if (!ok || !pc.rndv) {
+      if (ok) std::memcpy(const_cast<uint8_t*>(d.data), pc.data, d.size);
+      if (pc.held || pc.rndv) ucp_am_data_release(worker_->get(), pc.data);
+      if (!ok) fail("value AM does not match the GET reply's item table");
+      continue;
+    }
+    graveyard_.push_back(std::make_unique<Req>());
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_DATATYPE;
+    p.cb.recv_am = &Completion::on_recv;
+    p.user_data = graveyard_.back().get();
+    p.datatype = ucp_dt_make_contig(1);
+    ucs_status_ptr_t r = ucp_am_recv_data_nbx(worker_->get(), pc.data, const_cast<uint8_t*>(d.data), d.size, &p);
+    Req* op = track(r, "ucp_am_recv_data_nbx (value)");
+    if (op) {
+      ops.push_back(op);
+    } else {
+      graveyard_.pop_back();
+    }
+  }
+  for (Req* op : ops) wait_op(op, dl);
+}
+
 void UcxConnection::on_ep_error(void* arg, ucp_ep_h, ucs_status_t status) {
   static_cast<UcxConnection*>(arg)->ep_status_ = status;
 }
@@ -153,7 +256,11 @@ void UcxConnection::release_incoming() {
   if (worker_) {
     if ((in.held || in.rndv) && in.data) ucp_am_data_release(worker_->get(), in.data);
     for (void* d : in.stray) ucp_am_data_release(worker_->get(), d);
+    for (auto& pc : in.pieces) {
+      if (pc.held || pc.rndv) ucp_am_data_release(worker_->get(), pc.data);
+    }
   }
+  in.pieces.clear();
   in.stray.clear();
   in.arrived = in.held = in.rndv = false;
   in.data = nullptr;
@@ -200,7 +307,8 @@ void UcxConnection::wait_op(Req* op, Clock::time_point dl) {
 }
 
 void UcxConnection::send_and_wait(const std::vector<uint8_t>& am_header, const std::vector<ConstSpan>& data,
-                                  Clock::time_point dl) {
+                                  Clock::time_point dl, const std::vector<std::pair<uint32_t, ConstSpan>>* split,
+                                  uint64_t request_id) {
   check_usable();
   release_incoming();
   std::vector<ucp_dt_iov_t> iov;
@@ -232,18 +340,29 @@ void UcxConnection::send_and_wait(const std::vector<uint8_t>& am_header, const s
   if (!op) {
     graveyard_.pop_back();
   }
+  std::vector<std::vector<uint8_t>> value_headers;
+  std::vector<Req*> value_ops;
+  if (split) value_ops = send_values(request_id, *split, &value_headers);
+  auto sent = [&] {
+    for (Req* v : value_ops) {
+      if (!v->done) return false;
+    }
+    return true;
+  };
   // Wait for the reply; the send (rendezvous: the server pulling our values) completes first.
-  while (!in_->arrived || (op && !op->done)) {
+  while (!in_->arrived || (op && !op->done) || !sent()) {
     if (!in_->error.empty()) fail(in_->error);
     if (ep_status_ != UCS_OK && !in_->arrived) fail(std::string("connection lost: ") + ucs_status_string(ep_status_));
     if (worker_->progress_all()) continue;
-    if (in_->arrived && (!op || op->done)) break;
+    if (in_->arrived && (!op || op->done) && sent()) break;
     if (Clock::now() >= dl) fail("timed out");
     if (!busy_poll_) worker_->wait_event(std::max(1, ms_until(dl, 100)));
   }
-  if (op) {
-    const ucs_status_t st = op->status;
-    finish_op(op);
+  value_ops.push_back(op);
+  for (Req* v : value_ops) {
+    if (!v) continue;
+    const ucs_status_t st = v->status;
+    finish_op(v);
     if (st != UCS_OK) fail(std::string("send failed: ") + ucs_status_string(st));
   }
 }
@@ -306,7 +425,8 @@ Header UcxConnection::check_reply(uint8_t op, uint64_t request_id, std::size_t e
     fail(std::string(proto::op_name(op)) + " refused by server: " + proto::status_name(static_cast<uint8_t>(h.status)));
   }
   if (in.header.size() != proto::kHeaderBytes + ext_len) fail("reply AM header has an unexpected length");
-  if (h.payload_len != ext_len + in.len) fail("reply payload_len does not match the bytes carried");
+  const bool split_get = op == static_cast<uint8_t>(Op::kGet) && in.len == 0;  // values follow as value AMs
+  if (!split_get && h.payload_len != ext_len + in.len) fail("reply payload_len does not match the bytes carried");
   return h;
 }
 
@@ -420,6 +540,8 @@ std::vector<uint8_t> UcxConnection::put(const std::vector<std::string_view>& key
     uint8_t* table = meta.data() + proto::kHeaderBytes;
     uint8_t* kp = table + proto::kPutItemBytes * n;
     data.clear();
+    const bool split = value_bytes > kInlineValueBytes;
+    std::vector<std::pair<uint32_t, ConstSpan>> split_values;
     for (std::size_t j = b; j < e; ++j) {
       const ConstSpan& v = values[send_idx[j]];
       uint8_t* row = table + proto::kPutItemBytes * (j - b);
@@ -428,10 +550,14 @@ std::vector<uint8_t> UcxConnection::put(const std::vector<std::string_view>& key
       proto::put_u64(row + 16, checksum64(v.data, v.size));
       std::memcpy(kp, send_keys[j].data(), send_keys[j].size());
       kp += send_keys[j].size();
-      data.push_back(v);
+      if (!split) {
+        data.push_back(v);
+      } else if (v.size) {
+        split_values.emplace_back(static_cast<uint32_t>(j - b), v);
+      }
     }
     expect_id_ = h.request_id;
-    send_and_wait(meta, data, dl);
+    send_and_wait(meta, data, dl, split ? &split_values : nullptr, h.request_id);
     check_reply(h.opcode, h.request_id, 0);
     const auto st = reply_body(dl);
     if (st.size() != n) fail("PUT reply carries " + std::to_string(st.size()) + " statuses for " + std::to_string(n) + " items");
@@ -478,7 +604,10 @@ std::vector<uint8_t> UcxConnection::get_with(const std::vector<std::string_view>
       if (st[j] != static_cast<uint8_t>(Status::kOk)) len[j] = 0;
       value_bytes += len[j];
     }
-    if (value_bytes != in_->len) fail("GET reply length does not match its item table");
+    const bool split = in_->len == 0 && value_bytes > 0;  // values follow as value AMs
+    if ((!split && value_bytes != in_->len) || r.payload_len != table_bytes + value_bytes) {
+      fail("GET reply length does not match its item table");
+    }
     std::vector<uint8_t*> dest(n, nullptr);
     placer(b, st, len, &dest);
     std::vector<ConstSpan> spans;
@@ -487,11 +616,17 @@ std::vector<uint8_t> UcxConnection::get_with(const std::vector<std::string_view>
       if (len[j] && !dest[j]) drain = std::max(drain, len[j]);
     }
     if (drain > scratch.size()) scratch.resize(drain);  // values we must consume but not keep
+    std::vector<std::pair<uint32_t, ConstSpan>> split_dests;
     for (uint32_t j = 0; j < n; ++j) {
       if (len[j] == 0) continue;
       spans.push_back({dest[j] ? dest[j] : scratch.data(), len[j]});
+      split_dests.emplace_back(j, spans.back());
     }
-    if (!spans.empty()) recv_data(std::move(spans), dl);
+    if (split) {
+      recv_split(h.request_id, split_dests, dl);
+    } else if (!spans.empty()) {
+      recv_data(std::move(spans), dl);
+    }
     release_incoming();
     for (uint32_t j = 0; j < n; ++j) {
       uint8_t s = st[j];

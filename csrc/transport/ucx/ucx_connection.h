@@ -11,6 +11,7 @@
 // destination buffers (rendezvous: zero-copy, RDMA on capable fabrics).
 #pragma once
 #include <atomic>
+#include <functional>
 #include <cstdint>
 #include <list>
 #include <memory>
@@ -66,7 +67,16 @@ class UcxConnection {
   struct Incoming;  // the reply AM as delivered by the callback
   static ucs_status_t on_reply(void* arg, const void* header, size_t header_len, void* data, size_t len,
                                const ucp_am_recv_param_t* param);
+  static ucs_status_t on_value(void* arg, const void* header, size_t header_len, void* data, size_t len,
+                               const ucp_am_recv_param_t* param);
   static void on_ep_error(void* arg, ucp_ep_h ep, ucs_status_t status);
+  // Sends the value AMs of a split PUT; returns their send records.
+  std::vector<Req*> send_values(uint64_t request_id, const std::vector<std::pair<uint32_t, ConstSpan>>& values,
+                                std::vector<std::vector<uint8_t>>* headers);
+  // Receives the split values of the current GET reply into dests (index, span) in order.
+  void recv_split(uint64_t request_id, const std::vector<std::pair<uint32_t, ConstSpan>>& dests,
+                  Clock::time_point dl);
+  void wait_until(const std::function<bool()>& ready, Clock::time_point dl);
 
   [[noreturn]] void fail(const std::string& what);
   void check_usable();
@@ -77,7 +87,8 @@ class UcxConnection {
   // Sends one request AM (header bytes, then data as an iov of spans) and waits for the
   // reply AM of `request_id`; leaves it in *in (data not yet consumed).
   void send_and_wait(const std::vector<uint8_t>& am_header, const std::vector<ConstSpan>& data,
-                     Clock::time_point dl);
+                     Clock::time_point dl, const std::vector<std::pair<uint32_t, ConstSpan>>* split = nullptr,
+                     uint64_t request_id = 0);
   // Receives the current reply's data into the given destinations (eager copy or rendezvous).
   void recv_data(std::vector<ConstSpan> dests_as_mut, Clock::time_point dl);
   std::vector<uint8_t> reply_body(Clock::time_point dl);

@@ -174,5 +174,12 @@ std::size_t resolve_sockaddr(const std::string& host, uint16_t port, void* stora
 // AM ids of the Membrain protocol over UCP.
 constexpr uint16_t kAmRequest = 0x4d31;  // client -> server: one protocol request frame
 constexpr uint16_t kAmReply = 0x4d32;    // server -> client: one protocol reply frame
+// One large value of the frame just sent (PUT request or GET reply), as its own AM so it
+// moves by contiguous rendezvous (UCX 1.13 moves IOV rendezvous through bounce buffers).
+// AM header: u64 request_id, u32 item index; AM data: the value.
+constexpr uint16_t kAmValue = 0x4d33;
+constexpr std::size_t kValueHeaderBytes = 12;
+// Frames whose values total at most this travel inline (AM data of the frame itself).
+constexpr uint64_t kInlineValueBytes = 64 << 10;
 
 }  // namespace membrain::ucx

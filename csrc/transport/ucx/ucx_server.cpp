@@ -50,6 +50,7 @@ struct Inbound {
   std::size_t len = 0;
   bool rndv = false;
   bool held = false;            // UCX-owned eager buffer (release with ucp_am_data_release)
+  bool is_value = false;        // a kAmValue message (one value of a split PUT)
   std::vector<uint8_t> copy;
 };
 
@@ -62,15 +63,39 @@ struct PutItem {
   ObjectRef obj;            // reserved storage chunk, not yet visible
 };
 
-// The frame whose data is being received by rendezvous.
+// The frame whose data is being received by rendezvous (one receive, or one per value of a
+// split PUT whose values arrive as separate value AMs).
 struct Active {
-  Completion done;
+  std::vector<std::unique_ptr<Completion>> parts;  // one per receive issued
+  bool all_issued = true;                          // split PUT: false until every value AM is taken
   Header hdr;
   Inbound in;
   std::vector<uint8_t> payload;  // non-PUT payload
   std::vector<PutItem> items;    // PUT
   std::vector<uint8_t> scratch;  // PUT values that will not be stored
   std::vector<ucp_dt_iov_t> iov;
+  std::vector<std::size_t> expect;  // split PUT: items whose value AMs are awaited, in order
+  std::size_t next = 0;
+
+  bool settled() const {
+    for (const auto& p : parts) {
+      if (!p->done) return false;
+    }
+    return true;
+  }
+  bool finished() const { return all_issued && settled(); }
+  ucs_status_t status() const {
+    for (const auto& p : parts) {
+      if (p->status != UCS_OK) return p->status;
+    }
+    return UCS_OK;
+  }
+  void free_requests() {
+    for (auto& p : parts) {
+      if (p->req) ucp_request_free(p->req);
+      p->req = nullptr;
+    }
+  }
 };
 
 struct Conn {
@@ -103,6 +128,7 @@ class Impl final : public UcxServer {
       uctx_ = Context::create("membrain-server", /*server=*/true);
       worker_ = std::make_unique<Worker>(uctx_);
       worker_->register_am(kAmRequest, &Impl::on_request, this);
+      worker_->register_am(kAmValue, &Impl::on_value, this);
       listener_ = std::make_unique<Listener>(*worker_, host, port, &Impl::on_conn, this);
     } catch (const UcxError& e) {
       throw std::runtime_error(std::string("UCX listener: ") + e.what());
@@ -134,7 +160,16 @@ class Impl final : public UcxServer {
 
   static ucs_status_t on_request(void* arg, const void* header, size_t header_len, void* data, size_t len,
                                  const ucp_am_recv_param_t* param) {
-    auto* self = static_cast<Impl*>(arg);
+    return static_cast<Impl*>(arg)->enqueue(header, header_len, data, len, param, false);
+  }
+  static ucs_status_t on_value(void* arg, const void* header, size_t header_len, void* data, size_t len,
+                               const ucp_am_recv_param_t* param) {
+    return static_cast<Impl*>(arg)->enqueue(header, header_len, data, len, param, true);
+  }
+
+  ucs_status_t enqueue(const void* header, size_t header_len, void* data, size_t len, const ucp_am_recv_param_t* param,
+                       bool is_value) {
+    Impl* self = this;
     const bool rndv = param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV;
     const bool persistent = param->recv_attr & UCP_AM_RECV_ATTR_FLAG_DATA;
     Conn* c = nullptr;
@@ -147,6 +182,7 @@ class Impl final : public UcxServer {
       return (rndv || persistent) ? UCS_INPROGRESS : UCS_OK;
     }
     Inbound in;
+    in.is_value = is_value;
     in.header.assign(static_cast<const uint8_t*>(header), static_cast<const uint8_t*>(header) + header_len);
     in.len = len;
     in.data = data;
@@ -213,7 +249,14 @@ class Impl final : public UcxServer {
     std::vector<ucp_ep_h> gone;
     for (auto& [ep, cp] : conns_) {
       Conn& c = *cp;
-      if (c.active && c.active->done.done) {
+      while (c.active && !c.active->all_issued && !c.closing && !c.dead && !c.inbox.empty()) {
+        Inbound in = std::move(c.inbox.front());
+        c.inbox.pop_front();
+        c.inbox_bytes -= in.rndv ? 0 : in.len;
+        take_value(c, std::move(in));
+        did = true;
+      }
+      if (c.active && c.active->finished()) {
         complete_active(c);
         did = true;
       }
@@ -304,12 +347,12 @@ class Impl final : public UcxServer {
   void reap_zombies() {
     for (auto it = zombies_.begin(); it != zombies_.end();) {
       Active* a = (*it)->active.get();
-      if (a && !a->done.done) {
+      if (a && !a->settled()) {
         ++it;
         continue;
       }
       if (a) {
-        if (a->done.req) ucp_request_free(a->done.req);
+        a->free_requests();
         --actives_;
       }
       it = zombies_.erase(it);
@@ -328,6 +371,10 @@ class Impl final : public UcxServer {
 
   void start_frame(Conn& c, Inbound in) {
     Header h;
+    if (in.is_value) {  // a value AM with no split PUT waiting for it
+      release(in);
+      return refuse(c, h, Status::kBadRequest);
+    }
     if (in.header.size() < proto::kHeaderBytes) {
       release(in);
       return refuse(c, h, Status::kBadRequest);
@@ -361,11 +408,11 @@ class Impl final : public UcxServer {
       return refuse(c, h, st);
     }
     const std::size_t ext = in.header.size() - proto::kHeaderBytes;
+    if (op == static_cast<uint8_t>(Op::kPut)) return start_put(c, h, std::move(in));  // checks its own lengths
     if (ext + uint64_t{in.len} != h.payload_len) {
       release(in);
       return refuse(c, h, Status::kBadRequest);  // the AM does not carry payload_len bytes
     }
-    if (op == static_cast<uint8_t>(Op::kPut)) return start_put(c, h, std::move(in));
     if (ext != 0) {
       release(in);
       return refuse(c, h, Status::kBadRequest);
@@ -448,7 +495,8 @@ class Impl final : public UcxServer {
       values_total += it.value_len;
     }
     // The keys travel in the AM header, the values (exactly) in the AM data.
-    if (left != 0 || table + keys_total != ext || values_total != in.len) {
+    const bool split = in.len == 0 && values_total > 0;  // the values follow as value AMs
+    if (left != 0 || table + keys_total != ext || (!split && values_total != in.len)) {
       release(in);
       return refuse(c, h, Status::kBadRequest);
     }
@@ -464,6 +512,17 @@ class Impl final : public UcxServer {
         }
       }
       if (!it.obj) drop_max = std::max(drop_max, it.value_len);
+    }
+    if (split) {
+      a->scratch.resize(drop_max);
+      for (std::size_t i = 0; i < a->items.size(); ++i) {
+        if (a->items[i].value_len) a->expect.push_back(i);
+      }
+      a->all_issued = false;
+      a->in = std::move(in);
+      c.active = std::move(a);
+      ++actives_;
+      return;
     }
     if (!in.rndv) {  // eager: the values are here already
       const uint8_t* src = static_cast<const uint8_t*>(in.data);
@@ -490,10 +549,12 @@ class Impl final : public UcxServer {
 
   void receive(Conn& c, std::unique_ptr<Active> a, std::vector<ucp_dt_iov_t> iov) {
     a->iov = std::move(iov);
+    a->parts.push_back(std::make_unique<Completion>());
+    Completion* done = a->parts.back().get();
     ucp_request_param_t p{};
     p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_DATATYPE;
     p.cb.recv_am = &Completion::on_recv;
-    p.user_data = &a->done;
+    p.user_data = done;
     void* buf;
     std::size_t count;
     if (a->iov.size() == 1) {
@@ -514,21 +575,63 @@ class Impl final : public UcxServer {
       return;
     }
     if (r == nullptr) {
-      a->done.done = true;
-      a->done.status = UCS_OK;
+      done->done = true;
+      done->status = UCS_OK;
     } else {
-      a->done.req = r;
+      done->req = r;
     }
     c.active = std::move(a);
     ++actives_;
+  }
+
+  // The next value AM of the split PUT in c.active: received straight into its chunk.
+  void take_value(Conn& c, Inbound in) {
+    Active& a = *c.active;
+    const PutItem* it = a.next < a.expect.size() ? &a.items[a.expect[a.next]] : nullptr;
+    const bool ok = it && in.is_value && in.header.size() == kValueHeaderBytes &&
+                    proto::get_u64(in.header.data()) == a.hdr.request_id &&
+                    proto::get_u32(in.header.data() + 8) == a.expect[a.next] && in.len == it->value_len;
+    if (!ok) {
+      release(in);
+      a.all_issued = true;  // nothing more will be taken; in-flight receives still finish
+      return refuse(c, a.hdr, Status::kBadRequest);
+    }
+    ++a.next;
+    if (a.next == a.expect.size()) a.all_issued = true;
+    uint8_t* dst = it->obj ? it->obj->data() : a.scratch.data();
+    if (!in.rndv) {
+      std::memcpy(dst, in.data, in.len);
+      release(in);
+      return;
+    }
+    a.parts.push_back(std::make_unique<Completion>());
+    Completion* done = a.parts.back().get();
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_DATATYPE;
+    p.cb.recv_am = &Completion::on_recv;
+    p.user_data = done;
+    p.datatype = ucp_dt_make_contig(1);
+    void* desc = in.data;
+    in.rndv = false;
+    in.data = nullptr;
+    ucs_status_ptr_t r = ucp_am_recv_data_nbx(worker_->get(), desc, dst, it->value_len, &p);
+    if (UCS_PTR_IS_ERR(r)) {
+      done->done = true;
+      done->status = UCS_PTR_STATUS(r);
+    } else if (r == nullptr) {
+      done->done = true;
+      done->status = UCS_OK;
+    } else {
+      done->req = r;
+    }
   }
 
   void complete_active(Conn& c) {
     std::unique_ptr<Active> a = std::move(c.active);
     --actives_;
     c.last_activity = Clock::now();
-    if (a->done.req) ucp_request_free(a->done.req);
-    if (a->done.status != UCS_OK) {  // transfer failed: the peer is gone
+    a->free_requests();
+    if (a->status() != UCS_OK) {  // transfer failed: the peer is gone
       c.dead = true;
       return;
     }
@@ -574,16 +677,43 @@ class Impl final : public UcxServer {
     // receiving them; everything else: the body is the AM data.
     s->header.resize(proto::kHeaderBytes + (is_get ? r.body.size() : 0));
     proto::encode_header(h, s->header.data());
-    if (is_get) {
-      std::memcpy(s->header.data() + proto::kHeaderBytes, r.body.data(), r.body.size());
+    Counters::inc(ctx_.counters.bytes_out, proto::kHeaderBytes + r.body.size() + values);
+    if (!is_get) {
+      s->body = std::move(r.body);
+      if (!s->body.empty()) s->iov.push_back({s->body.data(), s->body.size()});
+      post(c, std::move(s), kAmReply);
+      return;
+    }
+    std::memcpy(s->header.data() + proto::kHeaderBytes, r.body.data(), r.body.size());
+    if (values <= kInlineValueBytes) {  // small: the values are the reply's AM data
       for (const auto& o : r.pins) {
         if (o->value_len) s->iov.push_back({o->data(), o->value_len});
       }
       s->pins = std::move(r.pins);
-    } else {
-      s->body = std::move(r.body);
-      if (!s->body.empty()) s->iov.push_back({s->body.data(), s->body.size()});
+      post(c, std::move(s), kAmReply);
+      return;
     }
+    // Large: the reply carries no data; each value follows as its own AM, sent contiguously
+    // from its pinned storage chunk (rendezvous: zero-copy / RDMA).
+    post(c, std::move(s), kAmReply);
+    std::size_t k = 0;
+    for (uint32_t j = 0; j < r.count && k < r.pins.size(); ++j) {
+      if (r.body[std::size_t{j} * proto::kGetItemBytes] != static_cast<uint8_t>(Status::kOk)) continue;
+      ObjectRef& o = r.pins[k++];
+      if (!o->value_len) continue;
+      auto v = std::make_unique<SendOp>();
+      v->ep = c.ep;
+      v->header.resize(kValueHeaderBytes);
+      proto::put_u64(v->header.data(), req.request_id);
+      proto::put_u32(v->header.data() + 8, j);
+      v->iov.push_back({o->data(), o->value_len});
+      v->pins.push_back(std::move(o));
+      post(c, std::move(v), kAmValue);
+    }
+  }
+
+  void post(Conn& c, std::unique_ptr<SendOp> s, uint16_t am_id) {
+    if (c.dead) return;
     ucp_request_param_t p{};
     p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_DATATYPE;
     p.cb.send = &Completion::on_send;
@@ -601,8 +731,7 @@ class Impl final : public UcxServer {
     } else {
       p.datatype = ucp_dt_make_contig(1);
     }
-    Counters::inc(ctx_.counters.bytes_out, s->header.size() + values + s->body.size());
-    ucs_status_ptr_t ret = ucp_am_send_nbx(c.ep, kAmReply, s->header.data(), s->header.size(), buf, count, &p);
+    ucs_status_ptr_t ret = ucp_am_send_nbx(c.ep, am_id, s->header.data(), s->header.size(), buf, count, &p);
     if (UCS_PTR_IS_ERR(ret)) {
       c.dead = true;
       return;
@@ -641,7 +770,7 @@ class Impl final : public UcxServer {
     const auto dl = Clock::now() + std::chrono::milliseconds(500);
     auto pending = [&] {
       for (auto& [ep, c] : conns_) {
-        if (c->active && !c->active->done.done) return true;
+        if (c->active && !c->active->settled()) return true;
       }
       for (auto& s : sends_) {
         if (!s->done.done) return true;
@@ -650,7 +779,7 @@ class Impl final : public UcxServer {
         if (ucp_request_check_status(r) == UCS_INPROGRESS) return true;
       }
       for (auto& z : zombies_) {
-        if (z->active && !z->active->done.done) return true;
+        if (z->active && !z->active->settled()) return true;
       }
       return false;
     };
@@ -663,7 +792,7 @@ class Impl final : public UcxServer {
       if (s->done.done && s->done.req) ucp_request_free(s->done.req);
     }
     for (auto& [ep, c] : conns_) {
-      if (c->active && c->active->done.done && c->active->done.req) ucp_request_free(c->active->done.req);
+      if (c->active && c->active->settled()) c->active->free_requests();
     }
     for (void* r : closing_) {
       if (ucp_request_check_status(r) != UCS_INPROGRESS) ucp_request_free(r);
