@@ -519,7 +519,7 @@ class Impl final : public UcxServer {
         if (a->items[i].value_len) a->expect.push_back(i);
       }
       a->all_issued = false;
-      a->in = std::move(in);
+      release(in);  // no data of its own (it may still be a UCX-held buffer)
       c.active = std::move(a);
       ++actives_;
       return;
