@@ -159,3 +159,23 @@ def test_many_threads_mixed_ops(server) -> None:
             th.join()
         assert not errors, errors[:5]
         assert time.monotonic() - t0 < 60
+
+
+def test_namespaces_and_auth(server_factory, tmp_path) -> None:
+    from conftest import _real_spawn
+
+    if _real_spawn() is None:
+        pytest.skip("needs the real server (auth, namespaces)")
+    token = tmp_path / "token"
+    token.write_text("s3cret")
+    srv = server_factory(extra_args=["--auth-token-file", str(token)])
+    with membrain.Client(srv.endpoint, auth_token="s3cret", namespace="a") as a, \
+            membrain.Client(srv.endpoint, auth_token="s3cret", namespace="b") as b:
+        assert a.put(["k"], [b"from-a"]) == [True]
+        assert b.get(["k"]) == [None]  # namespaces never collide
+        assert a.get(["k"]) == [b"from-a"]
+    with membrain.Client(srv.endpoint, auth_token="wrong", timeout_ms=500) as bad:
+        assert bad.get(["k"]) == [None]  # refused HELLO: a miss, not an exception
+        assert bad.put(["k"], [b"x"]) == [False]
+    with pytest.raises(ConnectionError, match="UNAUTHORIZED"):
+        _native.Connection("127.0.0.1", srv.port, auth_token="wrong")

@@ -125,6 +125,11 @@ def bench_membrain(endpoint: str, size: int, batch: int, conns: int, seconds: fl
     rng = np.random.default_rng(0)
     src = [rng.integers(0, 256, size * batch, dtype=np.uint8) for _ in range(conns)]
     dst = [np.empty(size * batch, dtype=np.uint8) for _ in range(conns)]
+    for d in dst:
+        # Touch the destination pages now: first-touch page faults (numpy asks for huge pages
+        # on large arrays, and THP compaction is slow here) would otherwise dominate the
+        # first GETs of a one-second window and be charged to the transport.
+        d.fill(0)
     views = [[memoryview(s)[i * size:(i + 1) * size] for i in range(batch)] for s in src]
     dviews = [[memoryview(d)[i * size:(i + 1) * size] for i in range(batch)] for d in dst]
     written: list[list[list[str]]] = [[] for _ in range(conns)]
@@ -354,9 +359,16 @@ class Redis:
         n = int(min(200000, max(200, seconds * 2e9 / size)))
         # GET without -r reads the literal key "key:__rand_int__": create it first (unmeasured),
         # otherwise every GET is a tiny nil reply and the figure is meaningless.
-        subprocess.run(["redis-benchmark", "-p", str(self.port), "-t", "set", "-d", str(size), "-n", "1", "-c", "1"],
-                       capture_output=True, timeout=60)
+        # Created after the SET run (and a flush), so LRU eviction during SET cannot remove it.
         for test, extra in (("set", ["-r", "100000"]), ("get", [])):
+            if test == "get":
+                subprocess.run(["redis-cli", "-p", str(self.port), "flushall"], capture_output=True)
+                subprocess.run(["redis-benchmark", "-p", str(self.port), "-t", "set", "-d", str(size), "-n", "1",
+                                "-c", "1"], capture_output=True, timeout=60)
+                got = subprocess.run(["redis-cli", "-p", str(self.port), "strlen", "key:__rand_int__"],
+                                     capture_output=True, text=True).stdout.strip()
+                if got != str(size):
+                    raise RuntimeError(f"redis GET benchmark key missing or wrong size ({got!r})")
             cmd = ["redis-benchmark", "-p", str(self.port), "-t", test, "-d", str(size), "-c", str(conns), "-n", str(n),
                    "-P", "1", "--csv", *extra]
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(60, seconds * 20))

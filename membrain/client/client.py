@@ -11,6 +11,7 @@ raise immediately.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,6 +24,7 @@ from membrain.client.placement import Rendezvous
 from membrain.client.pool import ConnectionPool
 
 T = TypeVar("T")
+log = logging.getLogger("membrain.client")
 MAX_KEY_LEN = 128
 _OK = _native.STATUS_OK
 
@@ -148,8 +150,8 @@ class Client:
         pool = self._pools[ep]
         try:
             conn, reused = pool.acquire(left)
-        except ConnectionError:
-            breaker.failure(probe=state == "probe")
+        except ConnectionError as e:
+            self._mark_failed(ep, state, e)
             return FAILED
         for attempt in range(2):
             try:
@@ -168,13 +170,24 @@ class Client:
                         continue
                     except ConnectionError:
                         pass
-                breaker.failure(probe=state == "probe")
+                self._mark_failed(ep, state, e)
                 return FAILED
             pool.release(conn)
             if state != "closed" or breaker.failures:
+                if breaker.failures:
+                    log.info("membrain endpoint %s is back", self.endpoints[ep])
                 breaker.success()
             return result
         return FAILED  # unreachable
+
+    def _mark_failed(self, ep: int, state: str, err: BaseException) -> None:
+        breaker = self._breakers[ep]
+        was_open = breaker.is_open
+        breaker.failure(probe=state == "probe")
+        if not was_open:
+            # Once per outage: its keys are misses until a probe succeeds.
+            log.warning("membrain endpoint %s marked down (%s); retrying in %.2fs", self.endpoints[ep], err,
+                        breaker.retry_in())
 
     def _fanout(self, groups: dict[int, list[int]], fn: Callable[[_native.Connection, int, list[int]], T],
                 deadline: float) -> dict[int, T | _Failed]:
