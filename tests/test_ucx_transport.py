@@ -101,6 +101,16 @@ def test_large_batches_are_chunked_to_the_am_header(srv):
     assert c.delete(keys) == 1000
 
 
+def test_many_small_values_split_into_value_ams(srv):
+    # Short keys: ~290 items per frame, each frame's values (> 64 KiB in total) sent as one
+    # value AM each; the server must take them all without calling it a flood.
+    c = _ucx(srv)
+    keys = [b"%04d" % i for i in range(1000)]
+    vals = [os.urandom(1024 + i) for i in range(1000)]
+    assert c.put(keys, vals) == [0] * 1000
+    assert c.get(keys) == vals
+
+
 def test_client_high_level_and_tcp_interop(srv):
     u = membrain.Client(srv.ucx_endpoint, timeout_ms=10000)
     t = membrain.Client(srv.endpoint, timeout_ms=10000)

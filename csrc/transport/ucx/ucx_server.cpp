@@ -104,6 +104,7 @@ struct Conn {
   bool authed = false;
   std::deque<Inbound> inbox;
   std::size_t inbox_bytes = 0;
+  std::size_t inbox_frames = 0;  // request frames queued (value AMs are bounded by their frame)
   std::unique_ptr<Active> active;
   int sends = 0;         // replies not yet completed
   bool closing = false;  // an error reply is queued: close once it is sent
@@ -195,6 +196,7 @@ class Impl final : public UcxServer {
       in.data = in.copy.data();
     }
     c->inbox_bytes += rndv ? 0 : len;
+    c->inbox_frames += is_value ? 0 : 1;
     c->last_activity = Clock::now();
     c->inbox.push_back(std::move(in));
     // INPROGRESS keeps a rendezvous descriptor (or a persistent eager buffer) for later.
@@ -253,6 +255,7 @@ class Impl final : public UcxServer {
         Inbound in = std::move(c.inbox.front());
         c.inbox.pop_front();
         c.inbox_bytes -= in.rndv ? 0 : in.len;
+        c.inbox_frames -= in.is_value ? 0 : 1;
         take_value(c, std::move(in));
         did = true;
       }
@@ -264,11 +267,13 @@ class Impl final : public UcxServer {
         Inbound in = std::move(c.inbox.front());
         c.inbox.pop_front();
         c.inbox_bytes -= in.rndv ? 0 : in.len;
+        c.inbox_frames -= in.is_value ? 0 : 1;
         start_frame(c, std::move(in));
         did = true;
       }
       if (!c.closing && !c.dead &&
-          (c.inbox.size() > kMaxQueuedFrames || c.inbox_bytes > kMaxQueuedBytes)) {
+          (c.inbox_frames > kMaxQueuedFrames || c.inbox.size() > kMaxQueuedFrames + 2 * limits_.max_batch ||
+           c.inbox_bytes > kMaxQueuedBytes)) {
         refuse(c, Header{}, Status::kTooLarge);  // a peer pipelining without bounds
       }
       const auto now = Clock::now();
