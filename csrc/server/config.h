@@ -11,6 +11,7 @@ namespace membrain::server {
 struct ServerConfig {
   std::string host = "127.0.0.1";
   uint16_t port = 9201;                 // 0 = let the kernel pick
+  int ucx_port = -1;                    // UCX listener beside TCP: -1 = off, 0 = pick a free port
   uint64_t capacity_bytes = 256ull << 20;  // hard bound on value storage (one reserved region)
   uint64_t slab_bytes = 0;              // 0 = derive from capacity (see SlabAllocator::auto_slab_bytes)
   int threads = 2;                      // event-loop workers, each with its own epoll

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "common/checksum.h"
+#include "server/request.h"
 
 namespace membrain::server {
 
@@ -19,18 +20,6 @@ constexpr std::size_t kReadBudget = 32 << 20;      // per readiness event, for f
 constexpr std::size_t kDirectRecvMin = 16 << 10;   // smaller remainders go through the buffer (fewer syscalls)
 constexpr uint32_t kMaxTokenBytes = 4096;
 
-// Constant-time comparison: the time taken depends on the lengths only, never on where the
-// first differing byte is.
-bool equal_constant_time(const uint8_t* a, std::size_t alen, const std::string& b) {
-  const std::size_t n = std::max(alen, b.size());
-  volatile uint8_t diff = static_cast<uint8_t>(alen != b.size());
-  for (std::size_t i = 0; i < n; ++i) {
-    const uint8_t x = i < alen ? a[i] : 0;
-    const uint8_t y = i < b.size() ? static_cast<uint8_t>(b[i]) : 0;
-    diff = diff | static_cast<uint8_t>(x ^ y);
-  }
-  return diff == 0;
-}
 }  // namespace
 
 Connection::Connection(UniqueFd fd, ServerContext& ctx, int64_t now_ns)
@@ -322,84 +311,12 @@ void Connection::finish_put() {
 }
 
 void Connection::execute() {
-  const Op op = static_cast<Op>(hdr_.opcode);
   phase_ = Phase::kHeader;
   frame_since_ns_ = 0;
-  const uint8_t* p = payload_.data();
-  const std::size_t len = payload_.size();
-  switch (op) {
-    case Op::kHello: {
-      if (len < 4) return protocol_error(Status::kBadRequest, "HELLO too short");
-      const uint16_t ns_len = proto::get_u16(p), tok_len = proto::get_u16(p + 2);
-      if (std::size_t{4} + ns_len + tok_len != len) return protocol_error(Status::kBadRequest, "HELLO lengths do not match payload_len");
-      const std::string_view ns(reinterpret_cast<const char*>(p + 4), ns_len);
-      if (!ctx_.config.auth_token.empty() && !equal_constant_time(p + 4 + ns_len, tok_len, ctx_.config.auth_token)) {
-        Counters::inc(ctx_.counters.auth_failures);
-        return protocol_error(Status::kUnauthorized, "bad token");
-      }
-      if (!proto::valid_namespace(ns, limits_)) return protocol_error(Status::kBadRequest, "bad namespace");
-      authed_ = true;
-      ns_.assign(ns);
-      std::vector<uint8_t> body(32, 0);
-      proto::put_u32(body.data() + 0, proto::kVersion);
-      proto::put_u32(body.data() + 4, limits_.max_batch);
-      proto::put_u32(body.data() + 8, limits_.max_key_len);
-      proto::put_u64(body.data() + 16, limits_.max_value_bytes);
-      proto::put_u64(body.data() + 24, limits_.max_payload_bytes);
-      return queue_reply(hdr_.opcode, 0, Status::kOk, std::move(body));
-    }
-    case Op::kPing:
-      return queue_reply(hdr_.opcode, 0, Status::kOk, std::vector<uint8_t>(p, p + len));
-    case Op::kStats: {
-      const std::string js = ctx_.stats_json();
-      return queue_reply(hdr_.opcode, 0, Status::kOk, std::vector<uint8_t>(js.begin(), js.end()));
-    }
-    default: break;
-  }
-  struct Release {
-    Connection* c;
-    ~Release() { c->release_frame_buffers(); }
-  } release{this};  // after the reply is built from payload_
-  std::string why;
-  auto keys = proto::parse_key_list(p, len, hdr_.count, limits_, &why);
-  if (!keys) return protocol_error(Status::kBadRequest, "bad key list");
-  const uint32_t count = hdr_.count;
-  switch (op) {
-    case Op::kGet: {
-      std::vector<ObjectRef> found;
-      ctx_.storage.get_many(ns_, *keys, &found);
-      std::vector<uint8_t> body(std::size_t{count} * proto::kGetItemBytes, 0);
-      std::vector<ObjectRef> pins;
-      pins.reserve(count);
-      for (uint32_t i = 0; i < count; ++i) {
-        uint8_t* e = body.data() + std::size_t{i} * proto::kGetItemBytes;
-        if (!found[i]) {
-          e[0] = static_cast<uint8_t>(Status::kNotFound);
-          continue;
-        }
-        e[0] = static_cast<uint8_t>(Status::kOk);
-        proto::put_u64(e + 8, found[i]->value_len);
-        proto::put_u64(e + 16, found[i]->checksum);
-        pins.push_back(std::move(found[i]));
-      }
-      return queue_reply(hdr_.opcode, count, Status::kOk, std::move(body), std::move(pins));
-    }
-    case Op::kExists: {
-      std::vector<uint8_t> present;
-      ctx_.storage.exists_many(ns_, *keys, &present);
-      for (auto& b : present) b = static_cast<uint8_t>(b ? Status::kOk : Status::kNotFound);
-      return queue_reply(hdr_.opcode, count, Status::kOk, std::move(present));
-    }
-    case Op::kLookupPrefix:
-    case Op::kDelete: {
-      const uint32_t n = op == Op::kLookupPrefix ? ctx_.storage.lookup_prefix(ns_, *keys) : ctx_.storage.erase_many(ns_, *keys);
-      std::vector<uint8_t> body(4);
-      proto::put_u32(body.data(), n);
-      return queue_reply(hdr_.opcode, count, Status::kOk, std::move(body));
-    }
-    default:
-      return protocol_error(Status::kBadRequest, "unknown opcode");
-  }
+  Reply r = execute_request(ctx_, hdr_, payload_.data(), payload_.size(), &ns_, &authed_);
+  release_frame_buffers();  // the reply no longer refers to payload_
+  if (r.close) return protocol_error(r.status, "request refused");
+  queue_reply(hdr_.opcode, r.count, r.status, std::move(r.body), std::move(r.pins));
 }
 
 void Connection::queue_reply(uint8_t op, uint32_t count, Status st, std::vector<uint8_t> body, std::vector<ObjectRef> pins) {

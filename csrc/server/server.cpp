@@ -84,6 +84,10 @@ uint16_t Server::start() {
     break;
   }
   if (!listen_) throw std::runtime_error("cannot listen on " + config_.host + ":" + port_s + ": " + last_err);
+  if (config_.ucx_port >= 0) {
+    // Same storage, same request processing; its own progress thread (transport/ucx).
+    ucx_ = ucx::UcxServer::start(ctx_, config_.host, static_cast<uint16_t>(config_.ucx_port));
+  }
   started_ns_ = monotonic_ns();
   for (int i = 0; i < config_.threads; ++i) loops_.push_back(std::make_unique<EventLoop>(ctx_, listen_.get()));
   for (auto& l : loops_) l->start();
@@ -104,6 +108,10 @@ void Server::stop(double drain_timeout_s) {
   for (auto& l : loops_) l->request_stop(drain_timeout_s);
   for (auto& l : loops_) l->join();
   loops_.clear();
+  if (ucx_) {
+    ucx_->stop();
+    ucx_.reset();
+  }
   listen_.reset();
   {
     std::lock_guard<std::mutex> lock(hk_mu_);

@@ -18,6 +18,7 @@
 #include "server/stats.h"
 #include "server/storage.h"
 #include "server/unique_fd.h"
+#include "transport/ucx/ucx_server.h"
 
 namespace membrain::server {
 
@@ -47,6 +48,8 @@ class Server {
   void stop(double drain_timeout_s);
   bool running() const { return running_.load(); }
   uint16_t port() const { return port_; }
+  // The UCX listener's port (config.ucx_port >= 0), 0 when UCX is off.
+  uint16_t ucx_port() const { return ucx_ ? ucx_->port() : 0; }
   const ServerConfig& config() const { return config_; }
 
   StatsSnapshot stats() const;
@@ -62,6 +65,7 @@ class Server {
   UniqueFd listen_;
   uint16_t port_ = 0;
   std::vector<std::unique_ptr<EventLoop>> loops_;
+  std::unique_ptr<ucx::UcxServer> ucx_;  // declared after storage_: stopped before it goes
   std::thread housekeeper_;
   std::thread prefaulter_;
   std::atomic<bool> prefault_stop_{false};

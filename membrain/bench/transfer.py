@@ -411,6 +411,46 @@ def make_plan(quick: bool, full: bool) -> Plan:
     return Plan(pts, 1.0)
 
 
+def bench_ucx_vs_tcp(args: argparse.Namespace) -> int:
+    """``--transport ucx``: one server listening on TCP and UCX; the same 1 MiB x16 workload over
+    each, alternated per round (TCP, UCX, UCX, TCP) so drift on a shared machine hits both, with the
+    UCX/TCP ratio per operation. UCX transports follow UCX_TLS / UCX_NET_DEVICES of this process
+    (and of the server, which inherits them when spawned here)."""
+    from membrain.server import spawn_server
+
+    seconds = args.seconds or 2.0
+    if args.endpoint:
+        print("--transport ucx spawns its own server (it needs both listeners)", file=sys.stderr)
+        return 2
+    handle = spawn_server(capacity=int(args.capacity_gib * GiB), host="127.0.0.1", port=0,
+                          extra_args=["--threads", str(args.server_threads), "--ucx-port", "0"])
+    run_id = f"u{os.getpid()}-{int(time.time())}"
+    rows: list[dict[str, Any]] = []
+    try:
+        eps = {"tcp": handle.endpoint, "ucx": handle.ucx_endpoint}
+        print(f"server {eps['tcp']} + {eps['ucx']}  UCX_TLS={os.environ.get('UCX_TLS', '(default)')}", flush=True)
+        for rnd in range(max(1, args.accept_rounds)):
+            for c in (1, 4):
+                res: dict[str, dict[str, float]] = {"tcp": {}, "ucx": {}}
+                for tr in ("tcp", "ucx", "ucx", "tcp"):
+                    for p in bench_membrain(eps[tr], MiB, 16, c, seconds / 2, args.timeout_ms, f"{run_id}-{rnd}-{tr}"):
+                        if p.failures:
+                            print(f"  {tr} {p.op}: {p.failures} failed calls", flush=True)
+                        res[tr].setdefault(p.op, 0.0)
+                        res[tr][p.op] += p.gbps / 2
+                row = {"round": rnd, "conns": c, **{f"{tr}_{op}_gbps": v for tr in res for op, v in res[tr].items()}}
+                rows.append(row)
+                print(f"round {rnd} c{c} 1 MiB x16: " + "  ".join(
+                    f"{op} tcp {res['tcp'][op]:.2f} / ucx {res['ucx'][op]:.2f} GB/s ({res['ucx'][op] / res['tcp'][op]:.2f}x)"
+                    for op in res["tcp"]), flush=True)
+    finally:
+        _stop_server(handle)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine_info(), "ucx_vs_tcp": rows,
+                                               "ucx_tls": os.environ.get("UCX_TLS")}, indent=2))
+    return 0
+
+
 def _spawn_server(capacity: int, threads: int) -> tuple[str, Any]:
     from membrain.server import spawn_server  # provided by the server package
 
@@ -472,8 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         if not _native.native_info().get("ucx"):
             print("membrain bench transfer: the UCX transport is not built in this installation", file=sys.stderr)
             return 2
-        print("membrain bench transfer: UCX client transport not implemented yet", file=sys.stderr)
-        return 2
+        return bench_ucx_vs_tcp(args)
 
     plan = make_plan(args.quick, args.full)
     if args.seconds:

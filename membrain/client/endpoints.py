@@ -1,12 +1,13 @@
 """Endpoint strings: ``tcp://host:port`` (``http://host:port`` is accepted as a synonym, for
-configurations written for other caches). IPv6 hosts go in brackets: ``tcp://[::1]:7400``."""
+configurations written for other caches) or ``ucx://host:port`` (the server's ``--ucx-port``,
+UCX transport; needs a build with UCX). IPv6 hosts go in brackets: ``tcp://[::1]:7400``."""
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from typing import Iterable
 
-_SCHEMES = ("tcp", "http")
+_SCHEMES = ("tcp", "http", "ucx")
 _RE = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<host>\[[0-9A-Fa-f:.]+\]|[^\[\]:/\s]+):(?P<port>[0-9]+)/?$")
 
 
@@ -16,10 +17,12 @@ class Endpoint:
 
     host: str
     port: int
+    transport: str = "tcp"  # "tcp" or "ucx"
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"tcp://{host}:{self.port}"
+        return f"{self.transport}://{host}:{self.port}"
+
 
 
 def parse_endpoint(text: str) -> Endpoint:
@@ -31,12 +34,12 @@ def parse_endpoint(text: str) -> Endpoint:
         raise ValueError(f"bad endpoint {text!r}: expected 'tcp://host:port' (or 'http://host:port')")
     scheme = m["scheme"].lower()
     if scheme not in _SCHEMES:
-        raise ValueError(f"bad endpoint {text!r}: unsupported scheme {scheme!r} (use tcp:// or http://)")
+        raise ValueError(f"bad endpoint {text!r}: unsupported scheme {scheme!r} (use tcp://, http:// or ucx://)")
     port = int(m["port"])
     if not 1 <= port <= 65535:
         raise ValueError(f"bad endpoint {text!r}: port must be 1..65535")
     host = m["host"].strip("[]")
-    return Endpoint(host, port)
+    return Endpoint(host, port, "ucx" if scheme == "ucx" else "tcp")
 
 
 def parse_endpoints(spec: str | Iterable[str]) -> list[Endpoint]:

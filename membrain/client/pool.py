@@ -14,10 +14,22 @@ from membrain import _native
 from membrain.client.endpoints import Endpoint
 
 
+def connection_class(endpoint: Endpoint) -> type:
+    """The native connection type for an endpoint's transport (same API for both)."""
+    if endpoint.transport == "ucx":
+        cls = getattr(_native, "UcxConnection", None)
+        if cls is None:
+            raise ValueError(f"{endpoint}: this membrain build has no UCX transport "
+                             "(native_info()['ucx'] is False); use a tcp:// endpoint")
+        return cls
+    return _native.Connection
+
+
 class ConnectionPool:
     def __init__(self, endpoint: Endpoint, namespace: str, auth_token: Optional[str], connect_timeout_ms: int,
                  max_idle: int = 8) -> None:
         self.endpoint = endpoint
+        self._cls = connection_class(endpoint)  # a ucx:// endpoint without UCX fails here, at setup
         self.namespace = namespace
         self.auth_token = auth_token
         self.connect_timeout_ms = connect_timeout_ms
@@ -35,7 +47,7 @@ class ConnectionPool:
             if self._idle:
                 return self._idle.pop(), True
         timeout = max(1, min(self.connect_timeout_ms, budget_ms))
-        conn = _native.Connection(self.endpoint.host, self.endpoint.port, namespace=self.namespace,
+        conn = self._cls(self.endpoint.host, self.endpoint.port, namespace=self.namespace,
                                   auth_token=self.auth_token, connect_timeout_ms=timeout, timeout_ms=timeout)
         return conn, False
 

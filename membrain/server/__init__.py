@@ -23,7 +23,8 @@ from typing import Any
 from membrain.utils.sizes import parse_size
 
 READY_PREFIX = "MEMBRAIN SERVER READY"
-_READY_RE = re.compile(r"^MEMBRAIN SERVER READY tcp://(?P<host>\[[^\]]+\]|[^:\s]+):(?P<port>\d+)(?: metrics=(?P<metrics>\S+))?")
+_READY_RE = re.compile(r"^MEMBRAIN SERVER READY tcp://(?P<host>\[[^\]]+\]|[^:\s]+):(?P<port>\d+)(?: metrics=(?P<metrics>\S+))?"
+                       r"(?: ucx=ucx://(?:\[[^\]]+\]|[^:\s]+):(?P<ucx_port>\d+))?")
 
 
 class Server:
@@ -47,6 +48,7 @@ class Server:
         max_value_bytes: int | str = 256 << 20,
         max_payload_bytes: int | str = 1 << 30,
         prefault: bool = True,
+        ucx_port: int | None = None,
     ) -> None:
         from membrain import _native
 
@@ -67,6 +69,7 @@ class Server:
             max_value_bytes=parse_size(max_value_bytes),
             max_payload_bytes=parse_size(max_payload_bytes),
             prefault=bool(prefault),
+            ucx_port=-1 if ucx_port is None else int(ucx_port),
         )
         self.host = host
 
@@ -90,6 +93,17 @@ class Server:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"tcp://{host}:{self.port}"
 
+    @property
+    def ucx_port(self) -> int | None:
+        """The UCX listener's port, or None when the server was started without one."""
+        p = int(self._native.ucx_port)
+        return p or None
+
+    @property
+    def ucx_endpoint(self) -> str | None:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ucx://{host}:{self.ucx_port}" if self.ucx_port else None
+
     def stats(self) -> dict[str, Any]:
         return dict(self._native.stats())
 
@@ -110,10 +124,15 @@ class ServerProcess:
     metrics_url: str | None
     ready_line: str
     _stdout_thread: threading.Thread | None = field(default=None, repr=False)
+    ucx_port: int | None = None
 
     @property
     def endpoint(self) -> str:
         return f"tcp://{self.host}:{self.port}"
+
+    @property
+    def ucx_endpoint(self) -> str | None:
+        return f"ucx://{self.host}:{self.ucx_port}" if self.ucx_port else None
 
     @property
     def pid(self) -> int:
@@ -201,7 +220,8 @@ def spawn_server(
         proc.wait(5)
         raise RuntimeError(f"membrain server exited with {proc.returncode} before READY: {cmd}\n" + "\n".join(lines))
     host_out = found["host"].strip("[]")
-    return ServerProcess(proc, host_out, int(found["port"]), found.get("metrics"), found["line"], t)
+    ucx = int(found["ucx_port"]) if "ucx_port" in found else None
+    return ServerProcess(proc, host_out, int(found["port"]), found.get("metrics"), found["line"], t, ucx_port=ucx)
 
 
 __all__ = ["Server", "ServerProcess", "spawn_server", "READY_PREFIX"]

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hard bound on stored value bytes, e.g. 256MiB, 64GiB; LRU eviction keeps within it")
     p.add_argument("--metrics-port", type=_port(True), default=9202,
                    help="HTTP port for /healthz, /metrics (Prometheus) and /stats (JSON); 0 = free port, -1 = off")
+    p.add_argument("--ucx-port", type=_port(True), default=-1,
+                   help="also listen for UCX clients (ucx://host:port) on this port; 0 picks a free port "
+                        "(printed in the READY line), -1 (default) = off. Transports follow UCX_TLS/UCX_NET_DEVICES")
     p.add_argument("--threads", type=_positive_int, default=min(4, os.cpu_count() or 1),
                    help="event-loop worker threads")
     p.add_argument("--max-connections", type=_positive_int, default=1024,
@@ -111,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = Server(host=args.host, port=args.port, capacity=args.capacity, threads=args.threads,
                         max_connections=args.max_connections, idle_timeout=args.idle_timeout, ttl=args.ttl,
-                        auth_token=token, prefault=not args.no_prefault)
+                        auth_token=token, prefault=not args.no_prefault,
+                        ucx_port=None if args.ucx_port < 0 else args.ucx_port)
         server.start()
     except (ValueError, RuntimeError, OSError) as e:
         log.error("cannot start: %s", e)
@@ -146,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     ready = f"MEMBRAIN SERVER READY {server.endpoint}"
     if metrics:
         ready += f" metrics={metrics.url}"
+    if server.ucx_endpoint:
+        ready += f" ucx={server.ucx_endpoint}"
     print(ready, flush=True)
 
     while not stop.wait(1.0):

@@ -1,0 +1,848 @@
+// UCX listener of the Membrain server. One progress thread owns the UCP worker, the listener
+// and every endpoint; frames arrive as active messages (docs/rdma.md):
+//   AM header = 40-byte frame header [+ PUT item table and keys]
+//   AM data   = the rest of the payload (PUT: the values; otherwise the key list / bytes)
+// Replies go back the same way (GET: item table in the AM header, values as the AM data, sent
+// from the pinned storage chunks). PUT values sent by rendezvous are received with
+// ucp_am_recv_data_nbx straight into their reserved storage chunks.
+//
+// Each connection handles one frame at a time, in arrival order, so replies keep request order
+// and a GET sees the PUTs sent before it. The thread spins on ucp_worker_progress only while
+// transfers are in flight; otherwise it arms the worker and sleeps on its event fd.
+#include "transport/ucx/ucx_server.h"
+
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <list>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "common/checksum.h"
+#include "server/request.h"
+#include "transport/ucx/ucx_core.h"
+
+namespace membrain::ucx {
+
+bool compiled() { return true; }
+
+namespace {
+
+using proto::Header;
+using proto::Op;
+using proto::Status;
+using server::Counters;
+using server::ObjectRef;
+
+constexpr uint32_t kMaxTokenBytes = 4096;
+constexpr std::size_t kMaxQueuedFrames = 256;         // per connection, before it is refused
+constexpr std::size_t kMaxQueuedBytes = 64ull << 20;  // eager bytes held per connection
+constexpr int64_t kCloseGraceMs = 2000;               // flush-close budget before forcing
+
+struct Inbound {
+  std::vector<uint8_t> header;  // AM header (copied out of the callback)
+  void* data = nullptr;         // eager bytes or rendezvous descriptor
+  std::size_t len = 0;
+  bool rndv = false;
+  bool held = false;            // UCX-owned eager buffer (release with ucp_am_data_release)
+  bool is_value = false;        // a kAmValue message (one value of a split PUT)
+  std::vector<uint8_t> copy;
+};
+
+struct PutItem {
+  uint16_t key_len = 0;
+  uint8_t status = 0;
+  uint64_t value_len = 0;
+  uint64_t checksum = 0;
+  std::size_t key_off = 0;  // into the AM header
+  ObjectRef obj;            // reserved storage chunk, not yet visible
+};
+
+// The frame whose data is being received by rendezvous (one receive, or one per value of a
+// split PUT whose values arrive as separate value AMs).
+struct Active {
+  std::vector<std::unique_ptr<Completion>> parts;  // one per receive issued
+  bool all_issued = true;                          // split PUT: false until every value AM is taken
+  Header hdr;
+  Inbound in;
+  std::vector<uint8_t> payload;  // non-PUT payload
+  std::vector<PutItem> items;    // PUT
+  std::vector<uint8_t> scratch;  // PUT values that will not be stored
+  std::vector<ucp_dt_iov_t> iov;
+  std::vector<std::size_t> expect;  // split PUT: items whose value AMs are awaited, in order
+  std::size_t next = 0;
+
+  bool settled() const {
+    for (const auto& p : parts) {
+      if (!p->done) return false;
+    }
+    return true;
+  }
+  bool finished() const { return all_issued && settled(); }
+  ucs_status_t status() const {
+    for (const auto& p : parts) {
+      if (p->status != UCS_OK) return p->status;
+    }
+    return UCS_OK;
+  }
+  void free_requests() {
+    for (auto& p : parts) {
+      if (p->req) ucp_request_free(p->req);
+      p->req = nullptr;
+    }
+  }
+};
+
+struct Conn {
+  ucp_ep_h ep = nullptr;
+  std::string ns = "default";
+  bool authed = false;
+  std::deque<Inbound> inbox;
+  std::size_t inbox_bytes = 0;
+  std::size_t inbox_frames = 0;  // request frames queued (value AMs are bounded by their frame)
+  std::unique_ptr<Active> active;
+  int sends = 0;         // replies not yet completed
+  bool closing = false;  // an error reply is queued: close once it is sent
+  bool dead = false;     // the peer is gone: force-close
+  Clock::time_point closing_since{};
+  Clock::time_point last_activity = Clock::now();
+};
+
+struct SendOp {
+  Completion done;
+  ucp_ep_h ep;
+  std::vector<uint8_t> header;
+  std::vector<uint8_t> body;
+  std::vector<ObjectRef> pins;
+  std::vector<ucp_dt_iov_t> iov;
+};
+
+class Impl final : public UcxServer {
+ public:
+  Impl(server::ServerContext& ctx, const std::string& host, uint16_t port) : ctx_(ctx), limits_(ctx.config.limits) {
+    try {
+      uctx_ = Context::create("membrain-server", /*server=*/true);
+      worker_ = std::make_unique<Worker>(uctx_);
+      worker_->register_am(kAmRequest, &Impl::on_request, this);
+      worker_->register_am(kAmValue, &Impl::on_value, this);
+      listener_ = std::make_unique<Listener>(*worker_, host, port, &Impl::on_conn, this);
+    } catch (const UcxError& e) {
+      throw std::runtime_error(std::string("UCX listener: ") + e.what());
+    }
+    stop_fd_ = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (stop_fd_ < 0) throw std::runtime_error("eventfd failed");
+    port_ = listener_->port();
+    thread_ = std::thread([this] { run(); });
+  }
+  ~Impl() override {
+    stop();
+    if (stop_fd_ >= 0) ::close(stop_fd_);
+  }
+  uint16_t port() const override { return port_; }
+  void stop() override {
+    if (stopping_.exchange(true)) {
+      if (thread_.joinable()) thread_.join();
+      return;
+    }
+    const uint64_t one = 1;
+    (void)!::write(stop_fd_, &one, sizeof one);
+    if (thread_.joinable()) thread_.join();
+  }
+
+ private:
+  static void on_conn(ucp_conn_request_h req, void* arg) { static_cast<Impl*>(arg)->conn_reqs_.push_back(req); }
+
+  static void on_ep_error(void* arg, ucp_ep_h ep, ucs_status_t) { static_cast<Impl*>(arg)->errored_.push_back(ep); }
+
+  static ucs_status_t on_request(void* arg, const void* header, size_t header_len, void* data, size_t len,
+                                 const ucp_am_recv_param_t* param) {
+    return static_cast<Impl*>(arg)->enqueue(header, header_len, data, len, param, false);
+  }
+  static ucs_status_t on_value(void* arg, const void* header, size_t header_len, void* data, size_t len,
+                               const ucp_am_recv_param_t* param) {
+    return static_cast<Impl*>(arg)->enqueue(header, header_len, data, len, param, true);
+  }
+
+  ucs_status_t enqueue(const void* header, size_t header_len, void* data, size_t len, const ucp_am_recv_param_t* param,
+                       bool is_value) {
+    Impl* self = this;
+    const bool rndv = param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV;
+    const bool persistent = param->recv_attr & UCP_AM_RECV_ATTR_FLAG_DATA;
+    Conn* c = nullptr;
+    if ((param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) && param->reply_ep) {
+      auto it = self->conns_.find(param->reply_ep);
+      if (it != self->conns_.end() && !it->second->closing && !it->second->dead) c = it->second.get();
+    }
+    if (!c) {  // no way to answer (no reply endpoint) or a connection being closed: drop it
+      if (rndv || persistent) self->stray_.push_back(data);
+      return (rndv || persistent) ? UCS_INPROGRESS : UCS_OK;
+    }
+    Inbound in;
+    in.is_value = is_value;
+    in.header.assign(static_cast<const uint8_t*>(header), static_cast<const uint8_t*>(header) + header_len);
+    in.len = len;
+    in.data = data;
+    if (rndv) {
+      in.rndv = true;
+    } else if (persistent) {
+      in.held = true;
+    } else {
+      in.copy.assign(static_cast<const uint8_t*>(data), static_cast<const uint8_t*>(data) + len);
+      in.data = in.copy.data();
+    }
+    c->inbox_bytes += rndv ? 0 : len;
+    c->inbox_frames += is_value ? 0 : 1;
+    c->last_activity = Clock::now();
+    c->inbox.push_back(std::move(in));
+    // INPROGRESS keeps a rendezvous descriptor (or a persistent eager buffer) for later.
+    return (rndv || persistent) ? UCS_INPROGRESS : UCS_OK;
+  }
+
+  void release(Inbound& in) {
+    if ((in.rndv || in.held) && in.data) ucp_am_data_release(worker_->get(), in.data);
+    in.data = nullptr;
+    in.rndv = in.held = false;
+  }
+
+  void run() {
+    while (!stopping_.load()) {
+      bool busy = worker_->progress_all();
+      busy |= service();
+      if (busy || (spin_ && in_flight())) continue;  // spin only while transfers are in flight
+      worker_->wait_event(100, stop_fd_);
+    }
+    shutdown();
+  }
+
+  bool in_flight() const { return !sends_.empty() || actives_ > 0; }
+
+  bool service() {
+    bool did = false;
+    for (void* d : stray_) ucp_am_data_release(worker_->get(), d);
+    did |= !stray_.empty();
+    stray_.clear();
+    while (!conn_reqs_.empty()) {
+      ucp_conn_request_h req = conn_reqs_.front();
+      conn_reqs_.pop_front();
+      accept(req);
+      did = true;
+    }
+    for (ucp_ep_h ep : errored_) {
+      auto it = conns_.find(ep);
+      if (it != conns_.end()) it->second->dead = true;
+    }
+    did |= !errored_.empty();
+    errored_.clear();
+    // Completed replies.
+    for (auto it = sends_.begin(); it != sends_.end();) {
+      if (!(*it)->done.done) {
+        ++it;
+        continue;
+      }
+      finish_send(**it);
+      it = sends_.erase(it);
+      did = true;
+    }
+    std::vector<ucp_ep_h> gone;
+    for (auto& [ep, cp] : conns_) {
+      Conn& c = *cp;
+      while (c.active && !c.active->all_issued && !c.closing && !c.dead && !c.inbox.empty()) {
+        Inbound in = std::move(c.inbox.front());
+        c.inbox.pop_front();
+        c.inbox_bytes -= in.rndv ? 0 : in.len;
+        c.inbox_frames -= in.is_value ? 0 : 1;
+        take_value(c, std::move(in));
+        did = true;
+      }
+      if (c.active && c.active->finished()) {
+        complete_active(c);
+        did = true;
+      }
+      while (!c.active && !c.closing && !c.dead && !c.inbox.empty()) {
+        Inbound in = std::move(c.inbox.front());
+        c.inbox.pop_front();
+        c.inbox_bytes -= in.rndv ? 0 : in.len;
+        c.inbox_frames -= in.is_value ? 0 : 1;
+        start_frame(c, std::move(in));
+        did = true;
+      }
+      if (!c.closing && !c.dead &&
+          (c.inbox_frames > kMaxQueuedFrames || c.inbox.size() > kMaxQueuedFrames + 2 * limits_.max_batch ||
+           c.inbox_bytes > kMaxQueuedBytes)) {
+        refuse(c, Header{}, Status::kTooLarge);  // a peer pipelining without bounds
+      }
+      const auto now = Clock::now();
+      if (!c.dead && idle_ns_ > 0 && now - c.last_activity > std::chrono::nanoseconds(idle_ns_)) {
+        // Idle (or a transfer stuck) past idle_timeout: with UCP_ERR_HANDLING_MODE_NONE this
+        // is also how a vanished client is noticed.
+        Counters::inc(ctx_.counters.timeouts);
+        c.dead = true;
+      }
+      if (c.dead || (c.closing && ((!c.active && c.sends == 0) ||
+                                   now - c.closing_since > std::chrono::milliseconds(kCloseGraceMs)))) {
+        gone.push_back(ep);
+      }
+    }
+    for (ucp_ep_h ep : gone) {
+      drop(ep);
+      did = true;
+    }
+    reap_zombies();
+    // Endpoint closes in progress.
+    for (auto it = closing_.begin(); it != closing_.end();) {
+      if (ucp_request_check_status(*it) != UCS_INPROGRESS) {
+        ucp_request_free(*it);
+        it = closing_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    return did;
+  }
+
+  void accept(ucp_conn_request_h req) {
+    if (conns_.size() >= static_cast<std::size_t>(ctx_.config.max_connections)) {
+      Counters::inc(ctx_.counters.connections_rejected);
+      ucp_listener_reject(listener_->get(), req);
+      return;
+    }
+    ucp_ep_params_t p{};
+    p.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
+    p.conn_request = req;
+    p.err_mode = err_mode_from_env();
+    p.err_handler.cb = &Impl::on_ep_error;
+    p.err_handler.arg = this;
+    ucp_ep_h ep = nullptr;
+    if (ucp_ep_create(worker_->get(), &p, &ep) != UCS_OK) {
+      ucp_listener_reject(listener_->get(), req);
+      return;
+    }
+    auto c = std::make_unique<Conn>();
+    c->ep = ep;
+    c->authed = ctx_.config.auth_token.empty();
+    conns_.emplace(ep, std::move(c));
+    ctx_.counters.connections_current.fetch_add(1, std::memory_order_relaxed);
+    Counters::inc(ctx_.counters.connections_total);
+  }
+
+  // Unmaps the connection and closes its endpoint (force when the peer is gone or stuck). A
+  // receive still in flight completes (with an error) once the endpoint is closed; the
+  // connection waits for that among the zombies, since the receive targets its buffers.
+  void drop(ucp_ep_h ep) {
+    auto it = conns_.find(ep);
+    if (it == conns_.end()) return;
+    std::unique_ptr<Conn> c = std::move(it->second);
+    conns_.erase(it);
+    for (auto& in : c->inbox) release(in);
+    c->inbox.clear();
+    ctx_.counters.connections_current.fetch_sub(1, std::memory_order_relaxed);
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    p.flags = (c->dead || c->active || c->sends) ? UCP_EP_CLOSE_FLAG_FORCE : 0;
+    ucs_status_ptr_t r = ucp_ep_close_nbx(ep, &p);
+    if (r && !UCS_PTR_IS_ERR(r)) closing_.push_back(r);
+    if (c->active) zombies_.push_back(std::move(c));
+  }
+
+  void reap_zombies() {
+    for (auto it = zombies_.begin(); it != zombies_.end();) {
+      Active* a = (*it)->active.get();
+      if (a && !a->settled()) {
+        ++it;
+        continue;
+      }
+      if (a) {
+        a->free_requests();
+        --actives_;
+      }
+      it = zombies_.erase(it);
+    }
+  }
+
+  // A frame-level refusal: reply with `st` and close after it is sent.
+  void refuse(Conn& c, const Header& h, Status st) {
+    if (st != Status::kUnauthorized) Counters::inc(ctx_.counters.protocol_errors);
+    server::Reply r;
+    r.status = st;
+    send_reply(c, h, std::move(r));
+    c.closing = true;
+    c.closing_since = Clock::now();
+  }
+
+  void start_frame(Conn& c, Inbound in) {
+    Header h;
+    if (in.is_value) {  // a value AM with no split PUT waiting for it
+      release(in);
+      return refuse(c, h, Status::kBadRequest);
+    }
+    if (in.header.size() < proto::kHeaderBytes) {
+      release(in);
+      return refuse(c, h, Status::kBadRequest);
+    }
+    const auto err = proto::decode_header(in.header.data(), &h);
+    if (err != proto::HeaderError::kNone) {
+      Header echo;
+      if (err != proto::HeaderError::kBadMagic) {
+        echo.request_id = proto::get_u64(in.header.data() + 8);
+        echo.opcode = in.header[5];
+      }
+      release(in);
+      return refuse(c, echo, err == proto::HeaderError::kBadVersion ? Status::kUnsupportedVersion : Status::kBadRequest);
+    }
+    Counters::inc(ctx_.counters.bytes_in, in.header.size() + in.len);
+    const uint8_t op = h.opcode;
+    if (!proto::is_request_op(op)) {
+      Counters::inc(ctx_.counters.requests[0]);
+      release(in);
+      return refuse(c, h, Status::kBadRequest);
+    }
+    Counters::inc(ctx_.counters.requests[op]);
+    if (!c.authed && op != static_cast<uint8_t>(Op::kHello)) {
+      Counters::inc(ctx_.counters.auth_failures);
+      release(in);
+      return refuse(c, h, Status::kUnauthorized);
+    }
+    const Status st = check_limits(h);
+    if (st != Status::kOk) {
+      release(in);
+      return refuse(c, h, st);
+    }
+    const std::size_t ext = in.header.size() - proto::kHeaderBytes;
+    if (op == static_cast<uint8_t>(Op::kPut)) return start_put(c, h, std::move(in));  // checks its own lengths
+    if (ext + uint64_t{in.len} != h.payload_len) {
+      release(in);
+      return refuse(c, h, Status::kBadRequest);  // the AM does not carry payload_len bytes
+    }
+    if (ext != 0) {
+      release(in);
+      return refuse(c, h, Status::kBadRequest);
+    }
+    if (!in.rndv) {
+      execute(c, h, static_cast<const uint8_t*>(in.data), in.len);
+      release(in);
+      return;
+    }
+    auto a = std::make_unique<Active>();
+    a->hdr = h;
+    a->payload.resize(in.len);
+    a->in = std::move(in);
+    std::vector<ucp_dt_iov_t> iov{{a->payload.data(), a->payload.size()}};
+    receive(c, std::move(a), std::move(iov));
+  }
+
+  // Same per-op bounds as the TCP parser (server/connection.cpp start_frame).
+  Status check_limits(const Header& h) const {
+    const uint64_t len = h.payload_len;
+    const uint32_t count = h.count;
+    if (len > limits_.max_payload_bytes) return Status::kTooLarge;
+    switch (static_cast<Op>(h.opcode)) {
+      case Op::kHello: return len > 4 + limits_.max_namespace_len + kMaxTokenBytes ? Status::kTooLarge : Status::kOk;
+      case Op::kPing: return len > limits_.max_ping_bytes ? Status::kTooLarge : Status::kOk;
+      case Op::kStats: return len != 0 ? Status::kBadRequest : Status::kOk;
+      case Op::kPut:
+        if (count > limits_.max_batch) return Status::kTooLarge;
+        return len < uint64_t{count} * proto::kPutItemBytes ? Status::kBadRequest : Status::kOk;
+      default:
+        if (count > limits_.max_batch) return Status::kTooLarge;
+        if (len > uint64_t{count} * (2 + limits_.max_key_len)) return Status::kTooLarge;
+        return len < uint64_t{count} * 3 ? Status::kBadRequest : Status::kOk;
+    }
+  }
+
+  void execute(Conn& c, const Header& h, const uint8_t* p, std::size_t len) {
+    server::Reply r = server::execute_request(ctx_, h, p, len, &c.ns, &c.authed);
+    if (r.close) return refuse(c, h, r.status);
+    send_reply(c, h, std::move(r));
+  }
+
+  void start_put(Conn& c, const Header& h, Inbound in) {
+    // AM header: frame header, item table, keys. Validate everything before reserving.
+    const uint32_t count = h.count;
+    const std::size_t ext = in.header.size() - proto::kHeaderBytes;
+    const uint64_t table = uint64_t{count} * proto::kPutItemBytes;
+    if (ext < table) {
+      release(in);
+      return refuse(c, h, Status::kBadRequest);
+    }
+    const uint8_t* base = in.header.data() + proto::kHeaderBytes;
+    auto a = std::make_unique<Active>();
+    a->hdr = h;
+    a->items.resize(count);
+    uint64_t keys_total = 0, values_total = 0, left = h.payload_len - table;
+    for (uint32_t i = 0; i < count; ++i) {
+      const uint8_t* e = base + std::size_t{i} * proto::kPutItemBytes;
+      PutItem& it = a->items[i];
+      it.key_len = proto::get_u16(e);
+      it.value_len = proto::get_u64(e + 8);
+      it.checksum = proto::get_u64(e + 16);
+      it.status = static_cast<uint8_t>(Status::kOk);
+      if (it.key_len > limits_.max_key_len) {
+        release(in);
+        return refuse(c, h, Status::kTooLarge);
+      }
+      if (it.key_len == 0 || proto::get_u16(e + 2) != 0 || proto::get_u32(e + 4) != 0) {
+        it.status = static_cast<uint8_t>(Status::kBadRequest);
+      } else if (it.value_len > limits_.max_value_bytes) {
+        it.status = static_cast<uint8_t>(Status::kTooLarge);
+      }
+      if (it.key_len > left || it.value_len > left - it.key_len) {
+        release(in);
+        return refuse(c, h, Status::kBadRequest);
+      }
+      left -= it.key_len + it.value_len;
+      it.key_off = proto::kHeaderBytes + table + keys_total;
+      keys_total += it.key_len;
+      values_total += it.value_len;
+    }
+    // The keys travel in the AM header, the values (exactly) in the AM data.
+    const bool split = in.len == 0 && values_total > 0;  // the values follow as value AMs
+    if (left != 0 || table + keys_total != ext || (!split && values_total != in.len)) {
+      release(in);
+      return refuse(c, h, Status::kBadRequest);
+    }
+    uint64_t drop_max = 0;
+    for (auto& it : a->items) {
+      if (it.status == static_cast<uint8_t>(Status::kOk)) {
+        Status why = Status::kNoSpace;
+        const std::string_view key(reinterpret_cast<const char*>(in.header.data() + it.key_off), it.key_len);
+        it.obj = ctx_.storage.reserve(c.ns, key, it.value_len, it.checksum, &why);
+        if (!it.obj) {
+          it.status = static_cast<uint8_t>(why);
+          Counters::inc(ctx_.counters.no_space);
+        }
+      }
+      if (!it.obj) drop_max = std::max(drop_max, it.value_len);
+    }
+    if (split) {
+      a->scratch.resize(drop_max);
+      for (std::size_t i = 0; i < a->items.size(); ++i) {
+        if (a->items[i].value_len) a->expect.push_back(i);
+      }
+      a->all_issued = false;
+      release(in);  // no data of its own (it may still be a UCX-held buffer)
+      c.active = std::move(a);
+      ++actives_;
+      return;
+    }
+    if (!in.rndv) {  // eager: the values are here already
+      const uint8_t* src = static_cast<const uint8_t*>(in.data);
+      for (auto& it : a->items) {
+        if (it.obj && it.value_len) std::memcpy(it.obj->data(), src, it.value_len);
+        src += it.value_len;
+      }
+      release(in);
+      a->in = std::move(in);
+      finish_put(c, *a);
+      return;
+    }
+    // Rendezvous: one scatter receive straight into the reserved chunks; values that will
+    // not be stored land in a scratch buffer (reused: their bytes are discarded).
+    a->scratch.resize(drop_max);
+    std::vector<ucp_dt_iov_t> iov;
+    for (auto& it : a->items) {
+      if (it.value_len == 0) continue;
+      iov.push_back({it.obj ? it.obj->data() : a->scratch.data(), it.value_len});
+    }
+    a->in = std::move(in);
+    receive(c, std::move(a), std::move(iov));
+  }
+
+  void receive(Conn& c, std::unique_ptr<Active> a, std::vector<ucp_dt_iov_t> iov) {
+    a->iov = std::move(iov);
+    a->parts.push_back(std::make_unique<Completion>());
+    Completion* done = a->parts.back().get();
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_DATATYPE;
+    p.cb.recv_am = &Completion::on_recv;
+    p.user_data = done;
+    void* buf;
+    std::size_t count;
+    if (a->iov.size() == 1) {
+      p.datatype = ucp_dt_make_contig(1);
+      buf = a->iov[0].buffer;
+      count = a->iov[0].length;
+    } else {
+      p.datatype = ucp_dt_make_iov();
+      buf = a->iov.data();
+      count = a->iov.size();
+    }
+    void* desc = a->in.data;
+    a->in.rndv = false;  // UCP owns the descriptor now
+    a->in.data = nullptr;
+    ucs_status_ptr_t r = ucp_am_recv_data_nbx(worker_->get(), desc, buf, count, &p);
+    if (UCS_PTR_IS_ERR(r)) {
+      c.dead = true;
+      return;
+    }
+    if (r == nullptr) {
+      done->done = true;
+      done->status = UCS_OK;
+    } else {
+      done->req = r;
+    }
+    c.active = std::move(a);
+    ++actives_;
+  }
+
+  // The next value AM of the split PUT in c.active: received straight into its chunk.
+  void take_value(Conn& c, Inbound in) {
+    Active& a = *c.active;
+    const PutItem* it = a.next < a.expect.size() ? &a.items[a.expect[a.next]] : nullptr;
+    const bool ok = it && in.is_value && in.header.size() == kValueHeaderBytes &&
+                    proto::get_u64(in.header.data()) == a.hdr.request_id &&
+                    proto::get_u32(in.header.data() + 8) == a.expect[a.next] && in.len == it->value_len;
+    if (!ok) {
+      release(in);
+      a.all_issued = true;  // nothing more will be taken; in-flight receives still finish
+      return refuse(c, a.hdr, Status::kBadRequest);
+    }
+    ++a.next;
+    if (a.next == a.expect.size()) a.all_issued = true;
+    uint8_t* dst = it->obj ? it->obj->data() : a.scratch.data();
+    if (!in.rndv) {
+      std::memcpy(dst, in.data, in.len);
+      release(in);
+      return;
+    }
+    a.parts.push_back(std::make_unique<Completion>());
+    Completion* done = a.parts.back().get();
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_DATATYPE;
+    p.cb.recv_am = &Completion::on_recv;
+    p.user_data = done;
+    p.datatype = ucp_dt_make_contig(1);
+    void* desc = in.data;
+    in.rndv = false;
+    in.data = nullptr;
+    ucs_status_ptr_t r = ucp_am_recv_data_nbx(worker_->get(), desc, dst, it->value_len, &p);
+    if (UCS_PTR_IS_ERR(r)) {
+      done->done = true;
+      done->status = UCS_PTR_STATUS(r);
+    } else if (r == nullptr) {
+      done->done = true;
+      done->status = UCS_OK;
+    } else {
+      done->req = r;
+    }
+  }
+
+  void complete_active(Conn& c) {
+    std::unique_ptr<Active> a = std::move(c.active);
+    --actives_;
+    c.last_activity = Clock::now();
+    a->free_requests();
+    if (a->status() != UCS_OK) {  // transfer failed: the peer is gone
+      c.dead = true;
+      return;
+    }
+    if (c.dead || c.closing) return;
+    if (a->hdr.opcode == static_cast<uint8_t>(Op::kPut)) return finish_put(c, *a);
+    execute(c, a->hdr, a->payload.data(), a->payload.size());
+  }
+
+  void finish_put(Conn& c, Active& a) {
+    std::vector<uint8_t> body(a.items.size());
+    for (std::size_t i = 0; i < a.items.size(); ++i) {
+      PutItem& it = a.items[i];
+      if (it.obj) {
+        if (checksum64(it.obj->data(), it.value_len) == it.checksum) {
+          ctx_.storage.publish(it.obj);
+        } else {
+          it.status = static_cast<uint8_t>(Status::kChecksumMismatch);
+          Counters::inc(ctx_.counters.checksum_failures);
+        }
+        it.obj.reset();
+      }
+      body[i] = it.status;
+    }
+    server::Reply r;
+    r.count = static_cast<uint32_t>(body.size());
+    r.body = std::move(body);
+    send_reply(c, a.hdr, std::move(r));
+  }
+
+  void send_reply(Conn& c, const Header& req, server::Reply r) {
+    auto s = std::make_unique<SendOp>();
+    s->ep = c.ep;
+    Header h;
+    h.opcode = static_cast<uint8_t>(req.opcode | proto::kReplyBit);
+    h.request_id = req.request_id;
+    h.count = r.count;
+    h.status = static_cast<uint32_t>(r.status);
+    uint64_t values = 0;
+    for (const auto& o : r.pins) values += o->value_len;
+    h.payload_len = r.body.size() + values;
+    const bool is_get = req.opcode == static_cast<uint8_t>(Op::kGet) && r.status == Status::kOk;
+    // GET: the item table rides in the AM header so the client can place the values before
+    // receiving them; everything else: the body is the AM data.
+    s->header.resize(proto::kHeaderBytes + (is_get ? r.body.size() : 0));
+    proto::encode_header(h, s->header.data());
+    Counters::inc(ctx_.counters.bytes_out, proto::kHeaderBytes + r.body.size() + values);
+    if (!is_get) {
+      s->body = std::move(r.body);
+      if (!s->body.empty()) s->iov.push_back({s->body.data(), s->body.size()});
+      post(c, std::move(s), kAmReply);
+      return;
+    }
+    std::memcpy(s->header.data() + proto::kHeaderBytes, r.body.data(), r.body.size());
+    if (values <= kInlineValueBytes) {  // small: the values are the reply's AM data
+      for (const auto& o : r.pins) {
+        if (o->value_len) s->iov.push_back({o->data(), o->value_len});
+      }
+      s->pins = std::move(r.pins);
+      post(c, std::move(s), kAmReply);
+      return;
+    }
+    // Large: the reply carries no data; each value follows as its own AM, sent contiguously
+    // from its pinned storage chunk (rendezvous: zero-copy / RDMA).
+    post(c, std::move(s), kAmReply);
+    std::size_t k = 0;
+    for (uint32_t j = 0; j < r.count && k < r.pins.size(); ++j) {
+      if (r.body[std::size_t{j} * proto::kGetItemBytes] != static_cast<uint8_t>(Status::kOk)) continue;
+      ObjectRef& o = r.pins[k++];
+      if (!o->value_len) continue;
+      auto v = std::make_unique<SendOp>();
+      v->ep = c.ep;
+      v->header.resize(kValueHeaderBytes);
+      proto::put_u64(v->header.data(), req.request_id);
+      proto::put_u32(v->header.data() + 8, j);
+      v->iov.push_back({o->data(), o->value_len});
+      v->pins.push_back(std::move(o));
+      post(c, std::move(v), kAmValue);
+    }
+  }
+
+  void post(Conn& c, std::unique_ptr<SendOp> s, uint16_t am_id) {
+    if (c.dead) return;
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_DATATYPE;
+    p.cb.send = &Completion::on_send;
+    p.user_data = &s->done;
+    const void* buf = nullptr;
+    std::size_t count = 0;
+    if (s->iov.size() == 1) {
+      p.datatype = ucp_dt_make_contig(1);
+      buf = s->iov[0].buffer;
+      count = s->iov[0].length;
+    } else if (s->iov.size() > 1) {
+      p.datatype = ucp_dt_make_iov();
+      buf = s->iov.data();
+      count = s->iov.size();
+    } else {
+      p.datatype = ucp_dt_make_contig(1);
+    }
+    ucs_status_ptr_t ret = ucp_am_send_nbx(c.ep, am_id, s->header.data(), s->header.size(), buf, count, &p);
+    if (UCS_PTR_IS_ERR(ret)) {
+      c.dead = true;
+      return;
+    }
+    if (ret == nullptr) return;  // completed in place; `s` (and its pins) go now
+    s->done.req = ret;
+    ++c.sends;
+    sends_.push_back(std::move(s));
+  }
+
+  void finish_send(SendOp& s) {
+    if (s.done.req) ucp_request_free(s.done.req);
+    auto it = conns_.find(s.ep);
+    if (it == conns_.end()) return;
+    --it->second->sends;
+    it->second->last_activity = Clock::now();
+    if (s.done.status != UCS_OK) it->second->dead = true;
+  }
+
+  void shutdown() {
+    listener_.reset();
+    for (auto& [ep, c] : conns_) c->dead = true;
+    std::vector<ucp_ep_h> eps;
+    for (auto& [ep, c] : conns_) eps.push_back(ep);
+    // Outstanding receives and sends complete (with errors) once their endpoints are closed.
+    for (ucp_ep_h ep : eps) {
+      auto it = conns_.find(ep);
+      for (auto& in : it->second->inbox) release(in);
+      it->second->inbox.clear();
+      ucp_request_param_t p{};
+      p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+      p.flags = UCP_EP_CLOSE_FLAG_FORCE;
+      ucs_status_ptr_t r = ucp_ep_close_nbx(ep, &p);
+      if (r && !UCS_PTR_IS_ERR(r)) closing_.push_back(r);
+    }
+    const auto dl = Clock::now() + std::chrono::milliseconds(500);
+    auto pending = [&] {
+      for (auto& [ep, c] : conns_) {
+        if (c->active && !c->active->settled()) return true;
+      }
+      for (auto& s : sends_) {
+        if (!s->done.done) return true;
+      }
+      for (void* r : closing_) {
+        if (ucp_request_check_status(r) == UCS_INPROGRESS) return true;
+      }
+      for (auto& z : zombies_) {
+        if (z->active && !z->active->settled()) return true;
+      }
+      return false;
+    };
+    while (pending() && Clock::now() < dl) {
+      if (!worker_->progress_all()) worker_->wait_event(5);
+    }
+    for (void* d : stray_) ucp_am_data_release(worker_->get(), d);
+    stray_.clear();
+    for (auto& s : sends_) {
+      if (s->done.done && s->done.req) ucp_request_free(s->done.req);
+    }
+    for (auto& [ep, c] : conns_) {
+      if (c->active && c->active->settled()) c->active->free_requests();
+    }
+    for (void* r : closing_) {
+      if (ucp_request_check_status(r) != UCS_INPROGRESS) ucp_request_free(r);
+    }
+    closing_.clear();
+    ctx_.counters.connections_current.fetch_sub(conns_.size(), std::memory_order_relaxed);
+    reap_zombies();
+    worker_.reset();  // cancels whatever is left; only then may the buffers go
+    sends_.clear();
+    conns_.clear();
+    zombies_.clear();
+  }
+
+  server::ServerContext& ctx_;
+  const proto::Limits& limits_;
+  std::shared_ptr<Context> uctx_;
+  // Records UCX may still complete into are declared before the worker, so the worker
+  // (destroyed first) has cancelled them by the time they go.
+  std::list<std::unique_ptr<SendOp>> sends_;
+  std::unordered_map<ucp_ep_h, std::unique_ptr<Conn>> conns_;
+  std::list<std::unique_ptr<Conn>> zombies_;  // closed, waiting for an in-flight receive to end
+  std::unique_ptr<Worker> worker_;
+  std::unique_ptr<Listener> listener_;
+  std::deque<ucp_conn_request_h> conn_reqs_;
+  std::vector<ucp_ep_h> errored_;
+  std::vector<void*> stray_;
+  std::vector<void*> closing_;
+  std::size_t actives_ = 0;
+  int64_t idle_ns_ = static_cast<int64_t>(ctx_.config.idle_timeout_s * 1e9);
+  // MEMBRAIN_UCX_SERVER_SPIN=1: keep polling while transfers are in flight instead of sleeping
+  // on the event fd (lower latency when cores are plentiful; contention on small machines).
+  bool spin_ = [] {
+    const char* v = std::getenv("MEMBRAIN_UCX_SERVER_SPIN");
+    return v && *v && *v != '0';
+  }();
+  uint16_t port_ = 0;
+  int stop_fd_ = -1;
+  std::atomic<bool> stopping_{false};
+  std::thread thread_;
+};
+
+}  // namespace
+
+std::unique_ptr<UcxServer> UcxServer::start(server::ServerContext& ctx, const std::string& host, uint16_t port) {
+  return std::make_unique<Impl>(ctx, host, port);
+}
+
+}  // namespace membrain::ucx

@@ -1,0 +1,29 @@
+// The server's UCX listener: a ucp_listener on a sockaddr beside the TCP port, answering the
+// same protocol frames with the same request processing (server/request.h) against the same
+// storage. Deliberately free of UCX headers so the server compiles with or without UCX; when
+// UCX is absent (csrc/transport/ucx/stub) start() throws.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace membrain::server {
+struct ServerContext;
+}
+
+namespace membrain::ucx {
+
+class UcxServer {
+ public:
+  // Creates the UCP context, worker and listener on host:port (0 = any free port) and starts
+  // the progress thread. Throws std::runtime_error with UCX's reason on failure.
+  static std::unique_ptr<UcxServer> start(server::ServerContext& ctx, const std::string& host, uint16_t port);
+  virtual ~UcxServer() = default;
+  virtual uint16_t port() const = 0;
+  // Stops accepting, closes every endpoint and joins the progress thread. Idempotent.
+  virtual void stop() = 0;
+};
+
+bool compiled();
+
+}  // namespace membrain::ucx

@@ -1,0 +1,207 @@
+"""UCX transport: every op over `ucx://`, TCP/UCX interoperability on the same data, restart
+behaviour and hostile input on the UCX listener. Loopback, with UCX over TCP and over shared
+memory (UCX_TLS, set for both the server subprocess and this process's client context)."""
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import struct
+import time
+
+import pytest
+
+import membrain
+from membrain import _native
+
+pytestmark = pytest.mark.skipif(not _native.native_info()["ucx"],
+                                reason="membrain built without UCX (native_info()['ucx'] is False)")
+
+# UCX 1.13 accepts transport names and aliases: "tcp", "sm"/"shm" (posix/sysv/cma), "self".
+TLS = ["tcp", "sm,self,tcp"]
+MiB = 1 << 20
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(tls: str, port: int = 0, ucx_port: int = 0, extra: tuple[str, ...] = ()):
+    from membrain.server import spawn_server
+
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            return spawn_server(capacity="256MiB", port=port,
+                                extra_args=["--ucx-port", str(ucx_port), "--threads", "1", *extra],
+                                env={**os.environ, "UCX_TLS": tls}, timeout=20)
+        except RuntimeError:
+            if time.monotonic() > deadline:  # a just-freed port can linger briefly
+                raise
+            time.sleep(0.3)
+
+
+@pytest.fixture(params=TLS)
+def tls(request, monkeypatch):
+    # The client context is created on first use with the environment of that moment; make
+    # sure the previous parameter's context is gone first.
+    gc.collect()
+    monkeypatch.setenv("UCX_TLS", request.param)
+    yield request.param
+    gc.collect()
+
+
+@pytest.fixture
+def srv(tls):
+    s = _spawn(tls)
+    yield s
+    s.kill()
+
+
+def _ucx(srv, **kw):
+    return _native.UcxConnection("127.0.0.1", srv.ucx_port, timeout_ms=kw.pop("timeout_ms", 10000), **kw)
+
+
+def test_ready_line_and_every_op(srv):
+    assert srv.ucx_endpoint and "ucx=ucx://127.0.0.1:" in srv.ready_line
+    c = _ucx(srv)
+    assert c.ping() < 5
+    sizes = [0, 1, 100, 8 << 10, 64 << 10, MiB, 3 * MiB + 7]
+    vals = [os.urandom(n) for n in sizes]
+    keys = [f"k{i}".encode() for i in range(len(vals))]
+    assert c.put(keys, vals) == [0] * len(vals)
+    got = c.get(keys + [b"absent"])
+    assert got[:-1] == vals and got[-1] is None
+    bufs = [bytearray(n) for n in sizes] + [bytearray(4)]
+    st = c.get_into(keys + [b"absent"], bufs)
+    assert st == [0] * len(vals) + [_native.STATUS_NOT_FOUND]
+    assert [bytes(b) for b in bufs[:-1]] == vals
+    small = [bytearray(10)]
+    assert c.get_into([keys[5]], small) == [_native.STATUS_TOO_LARGE] and small[0] == bytearray(10)
+    assert c.exists(keys + [b"absent"]) == [0] * len(vals) + [_native.STATUS_NOT_FOUND]
+    assert c.lookup_prefix(keys + [b"absent"] + keys) == len(keys)
+    assert c.delete(keys[:2] + [b"absent"]) == 2
+    assert c.get(keys[:2]) == [None, None]
+    st = c.stats()
+    assert st["items"] == len(keys) - 2 and st["connections"] >= 1
+    c.close()
+
+
+def test_large_batches_are_chunked_to_the_am_header(srv):
+    # 1000 long keys: the PUT table + keys (~150 KiB) far exceed one AM header (~8 KiB).
+    c = _ucx(srv)
+    keys = [(b"%04d" % i) * 32 for i in range(1000)]
+    vals = [os.urandom(i % 300) for i in range(1000)]
+    assert c.put(keys, vals) == [0] * 1000
+    assert c.get(keys) == vals
+    assert c.exists(keys) == [0] * 1000
+    assert c.lookup_prefix(keys) == 1000
+    assert c.delete(keys) == 1000
+
+
+def test_many_small_values_split_into_value_ams(srv):
+    # Short keys: ~290 items per frame, each frame's values (> 64 KiB in total) sent as one
+    # value AM each; the server must take them all without calling it a flood.
+    c = _ucx(srv)
+    keys = [b"%04d" % i for i in range(1000)]
+    vals = [os.urandom(1024 + i) for i in range(1000)]
+    assert c.put(keys, vals) == [0] * 1000
+    assert c.get(keys) == vals
+
+
+def test_client_high_level_and_tcp_interop(srv):
+    u = membrain.Client(srv.ucx_endpoint, timeout_ms=10000)
+    t = membrain.Client(srv.endpoint, timeout_ms=10000)
+    a = [os.urandom(MiB) for _ in range(4)]
+    assert all(u.put([b"u0", b"u1", b"u2", b"u3"], a))
+    assert t.get([b"u0", b"u1", b"u2", b"u3"]) == a  # written over UCX, read over TCP
+    b = [os.urandom(300_000) for _ in range(3)]
+    assert all(t.put([b"t0", b"t1", b"t2"], b))
+    assert u.get([b"t0", b"t1", b"t2"]) == b  # written over TCP, read over UCX
+    assert u.exists([b"t0", b"zz"]) == [True, False]
+    assert u.lookup_prefix([b"u0", b"u1", b"nope"]) == 2
+    # Namespaces are per session, as over TCP.
+    n = _ucx(srv, namespace="other")
+    assert n.get([b"u0"]) == [None]
+    assert n.put([b"u0"], [b"ns"]) == [0]
+    assert u.get([b"u0"]) == [a[0]] and n.get([b"u0"]) == [b"ns"]
+    u.close()
+    t.close()
+
+
+def test_auth_over_ucx(tls, tmp_path):
+    tok = tmp_path / "token"
+    tok.write_text("s3cret\n")
+    s = _spawn(tls, extra=("--auth-token-file", str(tok)))
+    try:
+        with pytest.raises(ConnectionError, match="UNAUTHORIZED"):
+            _native.UcxConnection("127.0.0.1", s.ucx_port, auth_token="wrong", timeout_ms=5000)
+        with pytest.raises(ConnectionError):
+            _native.UcxConnection("127.0.0.1", s.ucx_port, timeout_ms=5000)
+        ok = _native.UcxConnection("127.0.0.1", s.ucx_port, auth_token="s3cret", timeout_ms=5000)
+        assert ok.put([b"a"], [b"b"]) == [0] and ok.get([b"a"]) == [b"b"]
+    finally:
+        s.kill()
+
+
+def test_server_restart_gives_misses_then_reconnects(tls):
+    port, uport = _free_port(), _free_port()
+    s = _spawn(tls, port, uport)
+    # Generous connect budget: UCX wire-up with peer-failure handling takes a few round trips,
+    # and this 2-core machine may be busy with other tests.
+    c = membrain.Client(f"ucx://127.0.0.1:{uport}", timeout_ms=2500, connect_timeout_ms=2000)
+    try:
+        assert c.put([b"k"], [b"v" * 1000]) == [True]
+        s.kill()
+        t0 = time.monotonic()
+        assert c.get([b"k"]) == [None]  # a miss, within the deadline
+        assert time.monotonic() - t0 < 2.5 + 2.0
+        s = _spawn(tls, port, uport)
+        deadline = time.monotonic() + 20
+        while not c.put([b"k2"], [b"w" * 5000])[0]:
+            assert time.monotonic() < deadline, "client did not reconnect after the restart"
+            time.sleep(0.2)
+        assert c.get([b"k2", b"k"]) == [b"w" * 5000, None]
+    finally:
+        c.close()
+        s.kill()
+
+
+def _hdr(op: int, rid: int, count: int, plen: int, magic: int = 0x4E52424D, version: int = 1) -> bytes:
+    h = struct.pack("<IBBHQIIQI", magic, version, op, 0, rid, count, 0, plen, 0)
+    return h + struct.pack("<I", _native.checksum64(h) & 0xFFFFFFFF)
+
+
+def _status(reply: bytes) -> int:
+    return struct.unpack_from("<I", reply, 20)[0]
+
+
+@pytest.mark.parametrize("case", ["garbage", "short", "lying_len", "bad_version", "put_lies", "unknown_op"])
+def test_hostile_frames_close_the_connection_server_keeps_serving(srv, case):
+    c = _ucx(srv, timeout_ms=3000)
+    if case == "garbage":
+        hdr, data, want = os.urandom(40), b"", _native.STATUS_BAD_REQUEST
+    elif case == "short":
+        hdr, data, want = b"MBRN", b"", _native.STATUS_BAD_REQUEST
+    elif case == "lying_len":  # header says 1000 payload bytes, the AM carries 10
+        hdr, data, want = _hdr(3, 7, 10, 1000), b"\x01\x00a" + b"x" * 7, _native.STATUS_BAD_REQUEST
+    elif case == "bad_version":
+        hdr, data, want = _hdr(8, 7, 0, 0, version=9), b"", _native.STATUS_UNSUPPORTED_VERSION
+    elif case == "put_lies":  # table claims a 1 MiB value, 3 bytes follow
+        table = struct.pack("<HHIQQ", 1, 0, 0, MiB, 0) + b"k"
+        hdr, data, want = _hdr(2, 7, 1, 24 + 1 + MiB) + table, b"abc", _native.STATUS_BAD_REQUEST
+    else:
+        hdr, data, want = _hdr(99, 7, 0, 0), b"", _native.STATUS_BAD_REQUEST
+    reply = c._raw_call(hdr, data)
+    assert len(reply) >= 40 and _status(reply) == want
+    # The server closes that connection ...
+    with pytest.raises(ConnectionError):
+        for _ in range(50):
+            c.ping(timeout_ms=500)
+            time.sleep(0.05)
+    # ... and keeps serving everyone else.
+    d = _ucx(srv)
+    assert d.put([b"after"], [b"ok"]) == [0] and d.get([b"after"]) == [b"ok"]
+    assert d.stats()["protocol_errors"] >= 1
