@@ -1,0 +1,54 @@
+"""vLLM general plugin (entry point ``vllm.general_plugins`` -> ``membrain.vllm.plugin:register``).
+
+With ``VLLM_MEMBRAIN_ENABLED=1`` it makes ``EngineArgs.create_engine_config`` -- which builds the
+``VllmConfig`` in the front-end process before it is sent to engine core and workers -- fill in a
+Membrain ``kv_transfer_config`` when none is given. Settings are validated there (a bad value is
+a start-up error) and resolved once (e.g. the default host-tier size), so every process agrees.
+Without ``VLLM_MEMBRAIN_ENABLED`` nothing is patched and vLLM runs as without Membrain.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+logger = logging.getLogger("vllm.membrain")
+
+CONNECTOR_NAME = "MembrainConnector"
+CONNECTOR_MODULE = "membrain.vllm.connector"
+
+_patched = False
+
+
+def kv_transfer_config_dict(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    from membrain.vllm import config as mcfg
+
+    settings = mcfg.resolve(extra)
+    return {
+        "kv_connector": CONNECTOR_NAME,
+        "kv_connector_module_path": CONNECTOR_MODULE,
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": settings.to_extra_config(),
+    }
+
+
+def register() -> None:
+    global _patched
+    from membrain.vllm import config as mcfg
+
+    if _patched or not mcfg.env_enabled():
+        return
+    from vllm.config import KVTransferConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+
+    def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.kv_transfer_config is None:
+            self.kv_transfer_config = KVTransferConfig(**kv_transfer_config_dict())
+            logger.info("Membrain enabled from the environment: %s",
+                        self.kv_transfer_config.kv_connector_extra_config)
+        return original(self, *args, **kwargs)
+
+    EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]
+    _patched = True
