@@ -171,3 +171,12 @@ def test_keys_short_and_identity_sensitive():
     assert len(mkeys.block_key("0" * 32, b"\x01" * 200)) <= 128
     f = {"model": "m", "tp": [0, 1]}
     assert mkeys.identity_digest(f) != mkeys.identity_digest({**f, "tp": [1, 2]})
+
+
+def test_circuit_breaker_skips_dead_remote():
+    fc = FakeClient(fail=True)
+    rt = RemoteTier(fc, backoff_s=60)
+    assert rt.lookup_prefix([b"a"]) == 0 and fc.lookups == 1
+    assert rt.lookup_prefix([b"a"]) == 0 and fc.lookups == 1  # skipped while backing off
+    assert not rt.available
+    assert rt.get_into([b"a"], [bytearray(4)]) == [False]

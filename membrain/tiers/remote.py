@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any, Callable, Sequence
 
@@ -26,39 +27,75 @@ def make_client(endpoints: list[str], namespace: str, timeout_ms: int) -> Any | 
 
 
 class RemoteTier:
-    def __init__(self, client: Any, max_inflight: int = 256) -> None:
+    """Exception-proof wrapper with a circuit breaker: after a failed or deadline-long call the
+    remote is skipped (an instant miss) for a back-off that doubles up to ``max_backoff_s``, so
+    a dead or black-holed server costs at most one timeout per back-off period, not one per
+    request."""
+
+    def __init__(self, client: Any, max_inflight: int = 256, timeout_ms: int = 2000,
+                 backoff_s: float = 2.0, max_backoff_s: float = 60.0) -> None:
         self.client = client
         self.max_inflight = max_inflight
+        self._slow_s = 0.8 * timeout_ms / 1000.0
+        self._backoff0, self._backoff_max = backoff_s, max_backoff_s
+        self._backoff = backoff_s
+        self._down_until = 0.0
         self._lock = threading.Lock()
         self._inflight = 0
         self._warned = False
 
-    def _warn(self, what: str, e: BaseException) -> None:
+    def _warn(self, what: str, e: BaseException | str) -> None:
         if not self._warned:
-            logger.warning("Membrain remote %s failed (%s); treating as miss", what, e)
+            logger.warning("Membrain remote %s failed (%s); treating as miss, retrying later", what, e)
             self._warned = True
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _trip(self) -> None:
+        with self._lock:
+            self._down_until = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, self._backoff_max)
+
+    def _ok(self) -> None:
+        if self._backoff != self._backoff0:
+            with self._lock:
+                self._backoff = self._backoff0
+            if self._warned:
+                logger.info("Membrain remote reachable again")
+                self._warned = False
+
+    def _call(self, what: str, fn: Callable[[], Any], fallback: Any) -> Any:
+        if not self.available:
+            return fallback
+        t0 = time.monotonic()
+        try:
+            res = fn()
+        except Exception as e:
+            self._warn(what, e)
+            self._trip()
+            return fallback
+        if time.monotonic() - t0 >= self._slow_s:
+            self._warn(what, "call took the whole deadline")
+            self._trip()
+        else:
+            self._ok()
+        return res
 
     def lookup_prefix(self, keys: Sequence[bytes]) -> int:
         if not keys:
             return 0
-        try:
-            n = int(self.client.lookup_prefix(list(keys)))
-            return max(0, min(n, len(keys)))
-        except Exception as e:
-            self._warn("lookup", e)
-            return 0
+        n = self._call("lookup", lambda: int(self.client.lookup_prefix(list(keys))), 0)
+        return max(0, min(int(n), len(keys)))
 
     def get_into(self, keys: Sequence[bytes], buffers: Sequence[Any]) -> list[bool]:
         if not keys:
             return []
-        try:
-            res = list(self.client.get_into(list(keys), list(buffers)))
-            if len(res) != len(keys):
-                return [False] * len(keys)
-            return [bool(r) for r in res]
-        except Exception as e:
-            self._warn("get", e)
+        res = self._call("get", lambda: list(self.client.get_into(list(keys), list(buffers))), None)
+        if res is None or len(res) != len(keys):
             return [False] * len(keys)
+        return [bool(r) for r in res]
 
     @property
     def inflight(self) -> int:
@@ -71,6 +108,8 @@ class RemoteTier:
         n = len(keys)
         if n == 0:
             return True
+        if not self.available:
+            return False
         with self._lock:
             if self._inflight + n > self.max_inflight:
                 return False
@@ -85,8 +124,10 @@ class RemoteTier:
                         res = [bool(x) for x in r] if r is not None and len(r) == n else [True] * n
                     except Exception as e:
                         self._warn("put", e)
+                        self._trip()
                 elif err is not None:
                     self._warn("put", err)
+                    self._trip()
             finally:
                 with self._lock:
                     self._inflight -= n

@@ -13,7 +13,6 @@ in the background. Any failed load is reported via ``get_block_ids_with_load_err
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,6 +31,7 @@ from membrain.tiers.manager import LoadPlan, StorePlan, TierManager
 from membrain.tiers.remote import RemoteTier, make_client
 from membrain.vllm import config as mcfg
 from membrain.vllm import keys as mkeys
+from membrain.vllm.stats import MembrainStats, StatsRecorder
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -84,7 +84,7 @@ class MembrainConnector(KVConnectorBase_V1):
         if self.enabled and self.settings.remote:
             client = make_client(self.settings.endpoints, self.settings.namespace, self.settings.timeout_ms)
             if client is not None:
-                self._remote = RemoteTier(client, self.settings.max_inflight)
+                self._remote = RemoteTier(client, self.settings.max_inflight, self.settings.timeout_ms)
         if role == KVConnectorRole.SCHEDULER:
             ident = mkeys.identity_digest(mkeys.identity_fields(vllm_config, kv_cache_config, 0, 0))
             self._identity = ident
@@ -104,7 +104,8 @@ class MembrainConnector(KVConnectorBase_V1):
             self._kv: ops.PagedKV | None = None
             self._store: HostStore | None = None
             self._failed: set[int] = set()
-            self._lock = threading.Lock()
+            self._failed_reqs: set[str] = set()
+            self._stats = StatsRecorder()
 
     # ------------------------------------------------------------------ scheduler side
 
@@ -229,7 +230,8 @@ class MembrainConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, MembrainMetadata)
         store = self._host(meta.host_capacity)
-        self._failed_reqs: set[str] = set()
+        self._failed_reqs = set()
+        bb = self._kv.packed_nbytes(1)
         for rid, plan in meta.loads.items():
             t0 = time.perf_counter()
             failed: list[int] = []
@@ -255,6 +257,11 @@ class MembrainConnector(KVConnectorBase_V1):
                         failed.append(plan.block_ids[i])
                         if not isinstance(buf, bytearray):
                             buf.release()
+            n_host_ok = len(host_idx) - sum(1 for i in host_idx if plan.block_ids[i] in failed)
+            n_rem_ok = len(rem_idx) - sum(1 for i in rem_idx if plan.block_ids[i] in failed)
+            self._stats.add(load_tokens_host=n_host_ok * self.block_size, load_tokens_remote=n_rem_ok * self.block_size,
+                            load_bytes_host=n_host_ok * bb, load_bytes_remote=n_rem_ok * bb,
+                            load_failed_blocks=len(failed), load_seconds=time.perf_counter() - t0, loads=1)
             if failed:
                 self._failed.update(failed)
                 self._failed_reqs.add(rid)
@@ -277,10 +284,10 @@ class MembrainConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, MembrainMetadata)
         store = self._host(meta.host_capacity)
-        failed_reqs = getattr(self, "_failed_reqs", set())
-        if meta.evict and not meta.loads and store is not None:
-            pass  # evictions were applied in start_load_kv (always called before wait_for_save)
+        failed_reqs = self._failed_reqs
+        bb = self._kv.packed_nbytes(1)
         for rid, plan in meta.stores.items():
+            t0 = time.perf_counter()
             if rid in failed_reqs:
                 continue  # this step computed on top of a failed load: its KV must not be stored
             keys = [self._key(h) for h in plan.hashes]
@@ -308,17 +315,26 @@ class MembrainConnector(KVConnectorBase_V1):
                     rv.append(memoryview(h))
                     handles.append(h)
                 if rk:
+                    stats = self._stats
+                    bs = self.block_size
+
                     def done(res: list[bool], handles: list[Any] = handles) -> None:
                         for h in handles:
                             h.release()
+                        ok = sum(1 for r in res if r)
+                        stats.add(store_tokens_remote=ok * bs, store_bytes_remote=ok * bb,
+                                  store_dropped_blocks=len(res) - ok)
                     if self._remote.put_async(rk, rv, done):
                         n_remote = len(rk)
                     else:
+                        self._stats.add(store_dropped_blocks=len(rk))
                         for h in handles:
                             h.release()
-            logger.info("MEMBRAIN STORE req=%s tokens=%d host=%d remote=%d", rid,
-                        len(keys) * self.block_size, sum(1 for s in host_slots if s is not None) * self.block_size,
-                        n_remote * self.block_size)
+            n_host = sum(1 for i in hi if host_slots[i] is not None)
+            self._stats.add(store_tokens_host=n_host * self.block_size, store_bytes_host=n_host * bb,
+                            store_seconds=time.perf_counter() - t0, stores=1)
+            logger.info("MEMBRAIN STORE req=%s tokens=%d host=%d remote=%d (remote shipped asynchronously)", rid,
+                        len(keys) * self.block_size, n_host * self.block_size, n_remote * self.block_size)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return None, None
@@ -328,6 +344,22 @@ class MembrainConnector(KVConnectorBase_V1):
             return set()
         out, self._failed = self._failed, set()
         return out
+
+    def get_kv_connector_stats(self) -> MembrainStats | None:
+        if self._role != KVConnectorRole.WORKER:
+            return None
+        return self._stats.take()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> MembrainStats:
+        return MembrainStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: Any, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> Any:
+        from membrain.vllm.stats import MembrainPromMetrics
+
+        return MembrainPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         if self._remote is not None:
