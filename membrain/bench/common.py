@@ -133,7 +133,7 @@ def membrain_server_cmd(port: int, capacity: str = "1GiB") -> list[str] | None:
             return None
     except Exception:
         return None
-    return [sys.executable, "-m", "membrain.cli", "server", "--port", str(port), "--capacity", capacity]
+    return [sys.executable, "-m", "membrain", "server", "--port", str(port), "--capacity", capacity]
 
 
 def tmpdir(prefix: str = "membrain-") -> str:

@@ -4,7 +4,8 @@ Usage: python -m membrain.bench.driver SPEC.json OUT.json
 
 SPEC keys: model, prompts (list of token-id lists), max_tokens, kv_cache_memory_bytes,
 membrain ("off" | "env" | "explicit"), extra (kv_connector_extra_config for "explicit"),
-repeat (serve the prompts this many times in a row, default 1), block_size (optional).
+repeat (serve the prompts this many times in a row, default 1), block_size (optional),
+kill_pid_after_first_pass (SIGKILL this pid after the first pass: a server dying mid-run).
 Each prompt is one ``generate`` call, so its wall time is its latency (TTFT + max_tokens-1 steps).
 """
 from __future__ import annotations
@@ -33,6 +34,11 @@ def main(argv: list[str]) -> int:
     sp = SamplingParams(max_tokens=int(spec.get("max_tokens", 8)), temperature=0.0, detokenize=False)
     results = []
     for rep in range(int(spec.get("repeat", 1))):
+        if rep == 1 and spec.get("kill_pid_after_first_pass"):
+            import os
+            import signal
+
+            os.kill(int(spec["kill_pid_after_first_pass"]), signal.SIGKILL)
         for i, p in enumerate(spec["prompts"]):
             t0 = time.perf_counter()
             out = llm.generate([TokensPrompt(prompt_token_ids=p)], sp, use_tqdm=False)
