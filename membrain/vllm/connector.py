@@ -216,10 +216,19 @@ class MembrainConnector(KVConnectorBase_V1):
                     len(layers), tuple(t.shape), tuple(t.stride()), t.dtype, self._kv.packed_nbytes(1), self._identity)
 
     def _host(self, capacity: int) -> HostStore | None:
-        if self._store is None and self._kv is not None and capacity > 0:
-            self._store = HostStore(self._kv.packed_nbytes(1), capacity, HOST_HEADROOM_BLOCKS,
+        """The host tier's slots (``capacity`` blocks, from the scheduler) plus staging headroom
+        for remote transfers; created on first use, also with capacity 0 when remote is on."""
+        if self._store is None and self._kv is not None and (capacity > 0 or self._remote is not None):
+            headroom = HOST_HEADROOM_BLOCKS
+            if self._remote is not None:
+                headroom = max(headroom, min(self.settings.max_inflight, 4 * HOST_HEADROOM_BLOCKS))
+            self._store = HostStore(self._kv.packed_nbytes(1), capacity, headroom,
                                     pin=self._kv.device_type == "cuda")
         return self._store
+
+    def _sync(self) -> None:
+        if self._kv is not None and self._kv.device_type == "cuda":
+            torch.cuda.current_stream(self._kv.device_index).synchronize()
 
     def _key(self, h: bytes) -> bytes:
         return mkeys.block_key(self._identity, h)
@@ -243,20 +252,33 @@ class MembrainConnector(KVConnectorBase_V1):
                     if store is not None else [False] * len(host_idx)
                 failed += [plan.block_ids[i] for i, ok in zip(host_idx, oks) if not ok]
             if rem_idx:
+                # Fetch into pool slots (pinned on CUDA); pageable scratch only on CPU.
                 bufs: list[Any] = []
                 for i in rem_idx:
-                    slot = store.acquire() if (store is not None and plan.promote[i]) else None
-                    bufs.append(slot if slot is not None else bytearray(self._kv.packed_nbytes(1)))
-                oks = self._remote.get_into([keys[i] for i in rem_idx], bufs) if self._remote else [False] * len(rem_idx)
-                for i, buf, ok in zip(rem_idx, bufs, oks):
+                    slot = store.acquire() if store is not None else None
+                    if slot is None and self._kv.device_type == "cpu":
+                        slot = bytearray(bb)
+                    bufs.append(slot)
+                want = [j for j, b in enumerate(bufs) if b is not None]
+                got = self._remote.get_into([keys[rem_idx[j]] for j in want], [bufs[j] for j in want]) \
+                    if self._remote is not None else [False] * len(want)
+                oks = [False] * len(rem_idx)
+                for j, ok in zip(want, got):
+                    oks[j] = ok
+                keep: list[tuple[bytes, Any]] = []
+                for j, (i, buf, ok) in enumerate(zip(rem_idx, bufs, oks)):
                     if ok:
                         ops.scatter_blocks(buf, self._kv, [plan.block_ids[i]])
-                        if not isinstance(buf, bytearray):
-                            store.insert(keys[i], buf)
                     else:
                         failed.append(plan.block_ids[i])
-                        if not isinstance(buf, bytearray):
-                            buf.release()
+                    if buf is not None and not isinstance(buf, bytearray):
+                        keep.append((keys[i], buf) if ok and plan.promote[i] else (b"", buf))
+                self._sync()  # scatters done before any slot is reused or released
+                for k, buf in keep:
+                    if k:
+                        store.insert(k, buf)  # promotion into the host tier
+                    else:
+                        buf.release()
             n_host_ok = len(host_idx) - sum(1 for i in host_idx if plan.block_ids[i] in failed)
             n_rem_ok = len(rem_idx) - sum(1 for i in rem_idx if plan.block_ids[i] in failed)
             self._stats.add(load_tokens_host=n_host_ok * self.block_size, load_tokens_remote=n_rem_ok * self.block_size,
@@ -269,6 +291,7 @@ class MembrainConnector(KVConnectorBase_V1):
                                rid, len(failed), len(plan.block_ids))
             logger.debug("Membrain load req=%s %d blocks in %.1f ms", rid, len(plan.block_ids),
                          1e3 * (time.perf_counter() - t0))
+        self._sync()
         if store is not None and meta.evict:
             store.evict(self._key(h) for h in meta.evict)
 
@@ -298,7 +321,7 @@ class MembrainConnector(KVConnectorBase_V1):
                 for i, s in zip(hi, got):
                     host_slots[i] = s
             n_remote = 0
-            if self._remote is not None:
+            if self._remote is not None and self._remote.available:
                 rk, rv, handles = [], [], []
                 for i, f in enumerate(plan.to_remote):
                     if not f:
@@ -314,6 +337,7 @@ class MembrainConnector(KVConnectorBase_V1):
                     rk.append(keys[i])
                     rv.append(memoryview(h))
                     handles.append(h)
+                self._sync()  # gathers complete before the bytes are shipped (CUDA)
                 if rk:
                     stats = self._stats
                     bs = self.block_size
@@ -330,6 +354,7 @@ class MembrainConnector(KVConnectorBase_V1):
                         self._stats.add(store_dropped_blocks=len(rk))
                         for h in handles:
                             h.release()
+            self._sync()
             n_host = sum(1 for i in hi if host_slots[i] is not None)
             self._stats.add(store_tokens_host=n_host * self.block_size, store_bytes_host=n_host * bb,
                             store_seconds=time.perf_counter() - t0, stores=1)
