@@ -51,10 +51,11 @@ def main(argv: list[str] | None) -> int:
     if ra["rc"] or rb["rc"]:
         print(f"vLLM failed: see {ra['log_path']} and {rb['log_path']}", file=sys.stderr)
         return 1
-    hits = list(C.parse_hits(rb["log"]).values())
+    # vLLM numbers requests 0, 1, ... in the order the driver submits them (one per prompt).
+    hits = {rid.split("-")[0]: h for rid, h in C.parse_hits(rb["log"]).items()}
     print(f"\n{'prompt':>6} {'tokens':>7} {'host':>6} {'remote':>7} {'TTFT cold':>10} {'TTFT warm':>10} {'speedup':>8}")
     for i, (x, y) in enumerate(zip(ra["results"], rb["results"])):
-        h = hits[i] if i < len(hits) else {"host": 0, "remote": 0}
+        h = hits.get(str(i), {"host": 0, "remote": 0})
         print(f"{i:>6} {x['prompt_tokens']:>7} {h['host']:>6} {h['remote']:>7} {x['seconds']:>9.2f}s "
               f"{y['seconds']:>9.2f}s {x['seconds'] / y['seconds']:>7.1f}x"
               + ("" if x["tokens"] == y["tokens"] else "  (tokens differ!)"))

@@ -108,7 +108,8 @@ def server(workdir):
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
         try:
-            if c.ping() is not False:
+            res = c.ping()  # {endpoint: seconds or None}
+            if res and all(v is not None for v in (res.values() if isinstance(res, dict) else [res])):
                 break
         except Exception:
             pass
