@@ -142,6 +142,13 @@ class RemoteTier:
         fut.add_done_callback(finish)
         return True
 
+    def drain(self, timeout_s: float) -> bool:
+        """Waits (up to ``timeout_s``) for in-flight puts; True when none is left."""
+        deadline = time.monotonic() + timeout_s
+        while self._inflight > 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self._inflight == 0
+
     def close(self) -> None:
         try:
             self.client.close()

@@ -388,4 +388,8 @@ class MembrainConnector(KVConnectorBase_V1):
 
     def shutdown(self) -> None:
         if self._remote is not None:
+            # Let stores already shipped finish (bounded), so an instance that exits right after
+            # its last request still leaves its blocks for the next one.
+            if not self._remote.drain(2 * self.settings.timeout_ms / 1000.0):
+                logger.warning("Membrain: %d blocks still in flight at shutdown; dropped", self._remote.inflight)
             self._remote.close()
