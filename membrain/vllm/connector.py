@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("vllm.membrain")
 
 HOST_HEADROOM_BLOCKS = 64
+MATCH_TTL_S = 1.0
 
 
 @dataclass
@@ -60,6 +61,7 @@ class _ReqState:
     stored_upto: int = -1  # block index up to which prompt blocks are stored or skipped
     match: Any = None
     match_key: tuple[int, int] = (-1, -1)
+    match_time: float = 0.0
 
 
 def _block_bytes(kv_cache_config: Any) -> int:
@@ -127,10 +129,13 @@ class MembrainConnector(KVConnectorBase_V1):
         if st is None:
             st = self._reqs[request.request_id] = _ReqState(request)
         key = (local, max_blocks)
-        if st.match is None or st.match_key != key:
+        now = time.monotonic()
+        # vLLM may ask again every step while the request waits: reuse a fresh answer instead of
+        # a remote round trip per step.
+        if st.match is None or st.match_key != key or now - st.match_time > MATCH_TTL_S:
             hashes = self._hashes(request, max_blocks)
             st.match = self._tiers.match(hashes, local, len(hashes))
-            st.match_key = key
+            st.match_key, st.match_time = key, now
         ext = (st.match.remote_end - local) * bs
         return max(0, ext), False
 
