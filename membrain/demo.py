@@ -25,6 +25,7 @@ def main(argv: list[str] | None) -> int:
     p.add_argument("--workdir", default=None)
     a = p.parse_args(argv)
     wd = Path(a.workdir or C.tmpdir("membrain-demo-"))
+    wd.mkdir(parents=True, exist_ok=True)
     print(f"model: {a.model_dir} (random-weight Llama, built locally if absent)")
     model = C.ensure_model(a.model_dir)
     server = None

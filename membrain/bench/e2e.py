@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=None)
     a = p.parse_args(argv)
     wd = Path(a.workdir or C.tmpdir("membrain-bench-"))
+    wd.mkdir(parents=True, exist_ok=True)
     res = run([int(x) for x in a.lengths.split(",")], a.model_dir, wd, a.endpoint)
     Path(a.out + ".json").write_text(json.dumps(res, indent=2))
     plot(res, Path(a.out + ".png"))
