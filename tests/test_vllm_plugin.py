@@ -46,3 +46,11 @@ def test_enabled_sets_kv_transfer_config_and_bad_values_fail(fresh_plugin, monke
     monkeypatch.setenv("VLLM_MEMBRAIN_CPU_CACHE_SIZE", "plenty")
     with pytest.raises(ConfigError, match="plenty"):
         EngineArgs(model="unused").create_engine_config()
+
+
+def test_env_names_known_to_vllm(fresh_plugin, monkeypatch):
+    from vllm import envs
+
+    monkeypatch.setenv("VLLM_MEMBRAIN_ENABLED", "1")
+    fresh_plugin.register()
+    assert "VLLM_MEMBRAIN_ENDPOINT" in envs.environment_variables

@@ -49,6 +49,22 @@ def keep_cpu_threads(tp: int, pp: int) -> None:
     os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(max(1, tp * pp))
 
 
+def _declare_env_vars() -> None:
+    """Makes vLLM's environment check know the ``VLLM_MEMBRAIN_*`` names (it warns about, or
+    with ``fail_on_environ_validation`` rejects, unknown ``VLLM_*`` variables)."""
+    import os
+
+    try:
+        from vllm import envs
+        from membrain.vllm.config import ENV_PREFIX, KNOWN_KEYS
+
+        for k in KNOWN_KEYS:
+            name = ENV_PREFIX + k.upper()
+            envs.environment_variables.setdefault(name, lambda name=name: os.getenv(name))
+    except Exception:  # pragma: no cover - a vLLM without this registry
+        pass
+
+
 def _is_membrain(kv: Any) -> bool:
     if isinstance(kv, dict):
         return kv.get("kv_connector") == CONNECTOR_NAME
@@ -64,6 +80,7 @@ def register() -> None:
     from vllm.config import KVTransferConfig
     from vllm.engine.arg_utils import EngineArgs
 
+    _declare_env_vars()
     original = EngineArgs.create_engine_config
 
     def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
