@@ -87,6 +87,22 @@ class MembrainConnector(KVConnectorBase_V1):
             client = make_client(self.settings.endpoints, self.settings.namespace, self.settings.timeout_ms)
             if client is not None:
                 self._remote = RemoteTier(client, self.settings.max_inflight, self.settings.timeout_ms)
+        self._hash_ratio = 1
+        if self.enabled and role == KVConnectorRole.SCHEDULER:
+            # request.block_hashes are per *hash* block; a KV block's key must be the chained hash
+            # that ends at that KV block's last token.
+            try:
+                from vllm.v1.core.kv_cache_utils import resolve_kv_cache_block_sizes
+
+                sched_bs, hash_bs = resolve_kv_cache_block_sizes(kv_cache_config, vllm_config)
+            except Exception:
+                sched_bs, hash_bs = self.block_size, self.block_size
+            if sched_bs != self.block_size or hash_bs <= 0 or self.block_size % hash_bs:
+                logger.warning("Membrain disabled: block size %s / hash block size %s unsupported",
+                               sched_bs, hash_bs)
+                self.enabled = False
+            else:
+                self._hash_ratio = self.block_size // hash_bs
         if role == KVConnectorRole.SCHEDULER:
             ident = mkeys.identity_digest(mkeys.identity_fields(vllm_config, kv_cache_config, 0, 0))
             self._identity = ident
@@ -113,10 +129,9 @@ class MembrainConnector(KVConnectorBase_V1):
 
     def _hashes(self, request: "Request", n_blocks: int) -> list[bytes]:
         hs = list(request.block_hashes)
-        n_tok_blocks = request.num_tokens // self.block_size
-        if n_tok_blocks and len(hs) > n_tok_blocks and len(hs) % n_tok_blocks == 0:
-            r = len(hs) // n_tok_blocks  # hash blocks smaller than KV blocks: take each last one
-            hs = hs[r - 1::r]
+        r = self._hash_ratio
+        if r > 1:
+            hs = hs[r - 1::r]  # the hash ending at each KV block's last token
         return [bytes(h) for h in hs[:n_blocks]]
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
