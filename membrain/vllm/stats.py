@@ -1,0 +1,104 @@
+"""Connector stats through vLLM's stats path (worker -> scheduler -> logger / Prometheus).
+
+The payload is a flat ``dict[str, int | float]`` of counters (msgpack-serialisable); aggregation
+across workers and intervals is a key-wise sum.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
+
+TIERS = ("host", "remote")
+COUNTERS = (
+    "load_tokens_host", "load_tokens_remote", "load_bytes_host", "load_bytes_remote",
+    "load_failed_blocks", "load_seconds", "loads",
+    "store_tokens_host", "store_tokens_remote", "store_bytes_host", "store_bytes_remote",
+    "store_dropped_blocks", "store_seconds", "stores",
+)
+
+
+class MembrainStats(KVConnectorStats):
+    def reset(self) -> None:
+        self.data = {}
+
+    def add(self, key: str, value: float) -> None:
+        self.data[key] = self.data.get(key, 0) + value
+
+    def aggregate(self, other: KVConnectorStats) -> "MembrainStats":
+        for k, v in (other.data or {}).items():
+            if isinstance(v, (int, float)):
+                self.data[k] = self.data.get(k, 0) + v
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        d = dict(self.data)
+        if d.get("loads"):
+            d["avg_load_ms"] = round(1e3 * d.get("load_seconds", 0) / d["loads"], 3)
+        if d.get("stores"):
+            d["avg_store_ms"] = round(1e3 * d.get("store_seconds", 0) / d["stores"], 3)
+        return d
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+class StatsRecorder:
+    """Thread-safe accumulator on the worker (remote put completions arrive on other threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stats = MembrainStats()
+
+    def add(self, **kv: float) -> None:
+        with self._lock:
+            for k, v in kv.items():
+                self._stats.add(k, v)
+
+    def take(self) -> MembrainStats | None:
+        with self._lock:
+            if self._stats.is_empty():
+                return None
+            s, self._stats = self._stats, MembrainStats()
+            return s
+
+
+class MembrainPromMetrics(KVConnectorPromMetrics):
+    """``vllm:membrain_*`` counters on vLLM's Prometheus endpoint."""
+
+    def __init__(self, vllm_config: Any, metric_types: dict, labelnames: list[str],
+                 per_engine_labelvalues: dict[int, list[object]]) -> None:
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._tokens = self._counter_cls(name="vllm:membrain_hit_tokens", labelnames=labelnames + ["tier"],
+                                         documentation="Prompt tokens loaded by Membrain, by tier")
+        self._stored = self._counter_cls(name="vllm:membrain_stored_tokens", labelnames=labelnames + ["tier"],
+                                         documentation="Prompt tokens stored by Membrain, by tier")
+        self._bytes = self._counter_cls(name="vllm:membrain_bytes", labelnames=labelnames + ["direction", "tier"],
+                                        documentation="KV bytes moved by Membrain")
+        self._failed = self._counter_cls(name="vllm:membrain_load_failed_blocks", labelnames=labelnames,
+                                         documentation="Blocks whose load failed (recomputed)")
+        self._seconds = self._counter_cls(name="vllm:membrain_seconds", labelnames=labelnames + ["op"],
+                                          documentation="Seconds spent in Membrain loads / stores (worker)")
+        self._ops = self._counter_cls(name="vllm:membrain_ops", labelnames=labelnames + ["op"],
+                                      documentation="Membrain load / store operations")
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        lv = [str(v) for v in self.per_engine_labelvalues.get(engine_idx, [])]
+        d = transfer_stats_data or {}
+        for t in TIERS:
+            if d.get(f"load_tokens_{t}"):
+                self._tokens.labels(*lv, t).inc(d[f"load_tokens_{t}"])
+            if d.get(f"store_tokens_{t}"):
+                self._stored.labels(*lv, t).inc(d[f"store_tokens_{t}"])
+            if d.get(f"load_bytes_{t}"):
+                self._bytes.labels(*lv, "load", t).inc(d[f"load_bytes_{t}"])
+            if d.get(f"store_bytes_{t}"):
+                self._bytes.labels(*lv, "store", t).inc(d[f"store_bytes_{t}"])
+        if d.get("load_failed_blocks"):
+            self._failed.labels(*lv).inc(d["load_failed_blocks"])
+        for op in ("load", "store"):
+            if d.get(f"{op}_seconds"):
+                self._seconds.labels(*lv, op).inc(d[f"{op}_seconds"])
+            if d.get(f"{op}s"):
+                self._ops.labels(*lv, op).inc(d[f"{op}s"])

@@ -1,0 +1,165 @@
+"""MembrainConnector's scheduler and worker halves driven by hand with real KV tensors (no vLLM
+engine): stores, host-tier loads, remote loads with promotion, and load-failure reporting.
+The remote is the dict-backed fake client of test_tiers (unit tests only)."""
+from __future__ import annotations
+
+from types import SimpleNamespace as NS
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from test_tiers import FakeClient  # noqa: E402
+
+BS, LAYERS, BLOCKS = 4, 2, 32
+
+
+def _cfg(cpu_cache: int):
+    vllm_config = NS(
+        kv_transfer_config=NS(kv_connector_extra_config={"cpu_cache_size": cpu_cache, "remote": 0},
+                              is_kv_producer=True),
+        cache_config=NS(block_size=BS, cache_dtype="auto", prefix_caching_hash_algo="sha256"),
+        model_config=NS(model="m", revision=None, dtype="bfloat16",
+                        hf_config=NS(to_json_string=lambda use_diff=False: "{}")),
+        parallel_config=NS(tensor_parallel_size=1, pipeline_parallel_size=1), attention_config=None)
+    page = 2 * BS * 8 * 2  # [heads=2, block=BS, 2*head=8] bf16
+    spec = NS(page_size_bytes=page, block_size=BS, num_kv_heads=2, head_size=4, dtype=torch.bfloat16)
+    kvc = NS(kv_cache_groups=[NS(kv_cache_spec=spec, layer_names=[f"l{i}" for i in range(LAYERS)])])
+    return vllm_config, kvc
+
+
+@pytest.fixture()
+def pair(monkeypatch):
+    import vllm.distributed.parallel_state as ps
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from membrain.tiers.remote import RemoteTier
+    from membrain.vllm.connector import MembrainConnector
+
+    monkeypatch.setattr(ps, "get_tp_group", lambda: NS(rank_in_group=0))
+    monkeypatch.setattr(ps, "get_pp_group", lambda: NS(rank_in_group=0))
+
+    def make(cpu_cache: int = 1 << 20, remote: FakeClient | None = None):
+        vc, kvc = _cfg(cpu_cache)
+        s = MembrainConnector(vc, KVConnectorRole.SCHEDULER, kvc)
+        w = MembrainConnector(vc, KVConnectorRole.WORKER, kvc)
+        if remote is not None:
+            for c in (s, w):
+                c._remote = RemoteTier(remote)
+            s._tiers.remote = s._remote
+        kv = {f"l{i}": torch.randn(BLOCKS, 2, BS, 8).to(torch.bfloat16) for i in range(LAYERS)}
+        w.register_kv_caches(kv)
+        return s, w, kv
+    return make
+
+
+def _req(rid: str, n_tokens: int, tag: bytes = b"p"):
+    return NS(request_id=rid, num_tokens=n_tokens, num_prompt_tokens=n_tokens,
+              block_hashes=[tag + bytes([i]) * 31 for i in range(n_tokens // BS)])
+
+
+def _step(s, w, req, block_ids: list[int], ncomp: int):
+    s._kv_cache_manager = NS(get_block_ids=lambda rid: (block_ids,))
+    so = NS(scheduled_new_reqs=[NS(req_id=req.request_id, num_computed_tokens=ncomp)],
+            scheduled_cached_reqs=NS(req_ids=[], num_computed_tokens=[], resumed_req_ids=set()),
+            num_scheduled_tokens={req.request_id: req.num_tokens - ncomp})
+    meta = s.build_connector_meta(so)
+    w.bind_connector_metadata(meta)
+    w.start_load_kv(None)
+    errors = w.get_block_ids_with_load_errors()
+    w.wait_for_save()
+    w.clear_connector_metadata()
+    return meta, errors
+
+
+def _admit(s, req, block_ids):
+    n, is_async = s.get_num_new_matched_tokens(req, 0)
+    assert is_async is False
+    s.update_state_after_alloc(req, NS(get_block_ids=lambda: (block_ids,)), n)
+    return n
+
+
+def _same(kv, a: list[int], b: list[int]) -> bool:
+    return all(torch.equal(t[a], t[b]) for t in kv.values())
+
+
+def test_store_then_host_hit_roundtrip(pair):
+    s, w, kv = pair()
+    r1 = _req("r1", 18)  # 4 full blocks + 2 tokens
+    ids1 = [0, 1, 2, 3, 4]
+    assert _admit(s, r1, ids1) == 0
+    meta, errs = _step(s, w, r1, ids1, 0)
+    assert list(meta.stores) == ["r1"] and len(meta.stores["r1"].block_ids) == 4 and not errs
+    s.request_finished(r1, ids1)
+    r2 = _req("r2", 18)
+    ids2 = [10, 11, 12, 13, 14]
+    for t in kv.values():
+        t[10:15].zero_()
+    assert _admit(s, r2, ids2) == 16  # all 4 full blocks; the last tokens are left to compute
+    meta, errs = _step(s, w, r2, ids2, 16)
+    assert not errs and meta.loads["r2"].from_remote == [False] * 4
+    assert _same(kv, [0, 1, 2, 3], [10, 11, 12, 13])
+    assert not meta.stores  # nothing new to store
+
+
+def test_leaves_last_token_when_prompt_is_block_aligned(pair):
+    s, w, kv = pair()
+    r1 = _req("r1", 16)
+    _admit(s, r1, [0, 1, 2, 3])
+    _step(s, w, r1, [0, 1, 2, 3], 0)
+    assert _admit(s, _req("r2", 16), [5, 6, 7, 8]) == 12
+
+
+def test_load_failure_reported_and_no_store_on_top(pair):
+    s, w, kv = pair()
+    r1 = _req("r1", 26)
+    ids1 = list(range(7))
+    _admit(s, r1, ids1)
+    _step(s, w, r1, ids1, 0)
+    # The worker lost a block the scheduler still believes is held (e.g. a slot shortage).
+    w._store.evict([w._key(r1.block_hashes[2])])
+    r2 = _req("r2", 26)
+    ids2 = list(range(10, 17))
+    n = _admit(s, r2, ids2)
+    assert n == 24
+    meta, errs = _step(s, w, r2, ids2, 0)  # scheduled from 0 to also plan stores after the load
+    assert errs == {12}
+
+
+def test_remote_hit_promotes_into_host(pair):
+    fc = FakeClient()
+    s_a, w_a, kv_a = pair(remote=fc)
+    r = _req("r1", 18)
+    _admit(s_a, r, [0, 1, 2, 3, 4])
+    _step(s_a, w_a, r, [0, 1, 2, 3, 4], 0)
+    assert w_a._remote.drain(5) and len(fc.data) == 4
+    # A fresh instance (empty host tier) with the same identity.
+    s_b, w_b, kv_b = pair(remote=fc)
+    for name in kv_b:
+        kv_b[name][0:5] = kv_a[name][0:5]  # only to compare bytes below
+        kv_b[name][20:25].zero_()
+    r2 = _req("r2", 18)
+    assert _admit(s_b, r2, [20, 21, 22, 23, 24]) == 16
+    meta, errs = _step(s_b, w_b, r2, [20, 21, 22, 23, 24], 16)
+    assert not errs and meta.loads["r2"].from_remote == [True] * 4
+    assert _same(kv_b, [0, 1, 2, 3], [20, 21, 22, 23])
+    assert len(w_b._store) == 4  # promoted
+    # The next identical prompt comes from the host tier, no remote read.
+    fc.data.clear()
+    r3 = _req("r3", 18)
+    assert _admit(s_b, r3, [25, 26, 27, 28, 29]) == 16
+    meta, errs = _step(s_b, w_b, r3, [25, 26, 27, 28, 29], 16)
+    assert not errs and meta.loads["r3"].from_remote == [False] * 4
+
+
+def test_remote_miss_after_lookup_is_a_load_error(pair):
+    fc = FakeClient()
+    s, w, kv = pair(cpu_cache=0, remote=fc)
+    r = _req("r1", 18)
+    for h in r.block_hashes:
+        fc.data[w._key(h)] = b"\0" * 10  # present at lookup ...
+    assert _admit(s, r, [0, 1, 2, 3, 4]) == 16
+    fc.data.clear()  # ... evicted before the load (eviction race)
+    meta, errs = _step(s, w, r, [0, 1, 2, 3, 4], 16)
+    assert errs == {0, 1, 2, 3}

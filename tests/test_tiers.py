@@ -1,0 +1,182 @@
+"""Tier policy and settings, with an in-process fake client (unit tests only)."""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+
+import numpy as np
+import pytest
+import torch
+
+from membrain.tiers.host import HostIndex, HostStore
+from membrain.tiers.manager import Match, TierManager
+from membrain.tiers.remote import RemoteTier
+from membrain.vllm import config as mcfg
+from membrain.vllm import keys as mkeys
+from membrain import ops
+
+
+class FakeClient:
+    """Dict-backed stand-in for membrain.Client (unit tests of the tier policy only)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.data: dict[bytes, bytes] = {}
+        self.fail = fail
+        self.lookups = 0
+
+    def lookup_prefix(self, keys):
+        self.lookups += 1
+        if self.fail:
+            raise ConnectionError("down")
+        n = 0
+        for k in keys:
+            if k not in self.data:
+                break
+            n += 1
+        return n
+
+    def get_into(self, keys, bufs):
+        if self.fail:
+            raise TimeoutError("down")
+        out = []
+        for k, b in zip(keys, bufs):
+            v = self.data.get(k)
+            if v is None:
+                out.append(False)
+                continue
+            memoryview(b).cast("B")[: len(v)] = v
+            out.append(True)
+        return out
+
+    def put_async(self, keys, values):
+        f: Future = Future()
+
+        def run():
+            if self.fail:
+                f.set_exception(ConnectionError("down"))
+                return
+            for k, v in zip(keys, values):
+                self.data[k] = bytes(memoryview(v).cast("B"))
+            f.set_result([True] * len(keys))
+
+        threading.Thread(target=run).start()
+        return f
+
+    def close(self):
+        pass
+
+
+def hs(n, tag=b"a"):
+    return [tag + bytes([i]) * 31 for i in range(n)]
+
+
+def test_host_index_lru_and_protect():
+    idx = HostIndex(3)
+    a, e = idx.admit(hs(3))
+    assert len(a) == 3 and e == []
+    idx.touch([hs(3)[0]])
+    a, e = idx.admit(hs(1, b"b"))
+    assert e == [hs(3)[1]]
+    assert idx.prefix_hits(hs(3)) == 1
+    a, e = idx.admit(hs(2, b"c"), protect=set(idx._lru))
+    assert a == [] and e == []
+
+
+def test_manager_host_then_remote_and_promotion():
+    fc = FakeClient()
+    tm = TierManager(8, RemoteTier(fc), lambda h: b"k" + h)
+    h = hs(6)
+    tm.plan_store(h[:2], [10, 11])
+    for x in h:
+        fc.data[b"k" + x] = b"v"
+    m = tm.match(h, 0, 6)
+    assert m == Match(0, 2, 6) and m.host_blocks == 2 and m.remote_blocks == 4
+    plan = tm.plan_load(m, h, list(range(100, 106)))
+    assert plan.from_remote == [False, False, True, True, True, True]
+    assert all(plan.promote[2:])
+    assert tm.host.prefix_hits(h) == 6  # promoted
+    # vLLM's own hit covers more than any tier: nothing to do, no round trip.
+    n = fc.lookups
+    assert tm.match(h, 6, 6) == Match(6, 6, 6) and fc.lookups == n
+
+
+def test_manager_remote_down_is_a_miss():
+    tm = TierManager(4, RemoteTier(FakeClient(fail=True)), lambda h: h)
+    assert tm.match(hs(4), 0, 4) == Match(0, 0, 0)
+
+
+def test_evictions_reported_once_and_readmission_cancels():
+    tm = TierManager(2, None, lambda h: h)
+    tm.plan_store(hs(2), [1, 2])
+    tm.plan_store(hs(1, b"z"), [3])
+    ev = tm.take_evictions()
+    assert ev == [hs(2)[0]] and tm.take_evictions() == []
+    tm.plan_store([hs(2)[0]], [4])  # evicts hs(2)[1], re-admits hs(2)[0]
+    assert tm.take_evictions() == [hs(2)[1]]
+
+
+def test_host_store_roundtrip_and_remote_put_get():
+    kv = [torch.randn(8, 2, 16, 8) for _ in range(3)]
+    pk = ops.describe_kv_caches(kv)
+    st = HostStore(pk.packed_nbytes(1), 4, 2, pin=False)
+    slots = st.store(pk, [1, 5], [b"x", b"y"])
+    assert all(s is not None for s in slots)
+    fc = FakeClient()
+    rt = RemoteTier(fc)
+    done = threading.Event()
+    assert rt.put_async([b"x"], [memoryview(slots[0])], lambda r: done.set())
+    assert done.wait(5) and rt.inflight == 0
+    ref = [t[1].clone() for t in kv]
+    for t in kv:
+        t[2].zero_()
+        t[3].zero_()
+    assert st.load(pk, [2], [b"x"]) == [True]
+    assert all(torch.equal(t[2], r) for t, r in zip(kv, ref))
+    buf = bytearray(pk.packed_nbytes(1))
+    assert rt.get_into([b"x", b"nope"], [buf, bytearray(len(buf))]) == [True, False]
+    ops.scatter_blocks(buf, pk, [3])
+    assert all(torch.equal(t[3], r) for t, r in zip(kv, ref))
+    assert st.load(pk, [2], [b"missing"]) == [False]
+    st.evict([b"x"])
+    assert b"x" not in st
+
+
+def test_remote_put_backpressure_drops_instead_of_waiting():
+    class Slow(FakeClient):
+        def put_async(self, keys, values):
+            return Future()  # never completes
+    rt = RemoteTier(Slow(), max_inflight=2)
+    assert rt.put_async([b"a", b"b"], [b"1", b"2"])
+    assert not rt.put_async([b"c"], [b"3"])
+
+
+def test_settings_parse_and_errors():
+    s = mcfg.resolve({}, env={"VLLM_MEMBRAIN_ENDPOINT": "tcp://a:1,http://b:2", "VLLM_MEMBRAIN_CPU_CACHE_SIZE": "2GiB"})
+    assert s.endpoints == ["tcp://a:1", "http://b:2"] and s.cpu_cache_bytes == 2 << 30
+    assert mcfg.parse_size("512MB") == 512_000_000 and mcfg.parse_size("1.5g") == 1_500_000_000
+    assert 0 < mcfg.resolve({}, env={}).cpu_cache_bytes <= 4 << 30
+    for bad in ({"endpoint": "redis://x:1"}, {"endpoint": "tcp://x"}, {"endpoint": "tcp://x:notaport"},
+                {"cpu_cache_size": "lots"}, {"remote": "maybe"}, {"timeout_ms": 0}, {"namespace": "a/b"}):
+        with pytest.raises(mcfg.ConfigError):
+            mcfg.resolve(bad, env={})
+    with pytest.raises(mcfg.ConfigError):
+        mcfg.resolve({}, env={"VLLM_MEMBRAIN_TYPO": "1"})
+    # extra_config wins over env
+    assert mcfg.resolve({"namespace": "x"}, env={"VLLM_MEMBRAIN_NAMESPACE": "y"}).namespace == "x"
+
+
+def test_keys_short_and_identity_sensitive():
+    k = mkeys.block_key("0" * 32, b"\xff" * 32)
+    assert len(k) <= 128
+    assert len(mkeys.block_key("0" * 32, b"\x01" * 200)) <= 128
+    f = {"model": "m", "tp": [0, 1]}
+    assert mkeys.identity_digest(f) != mkeys.identity_digest({**f, "tp": [1, 2]})
+
+
+def test_circuit_breaker_skips_dead_remote():
+    fc = FakeClient(fail=True)
+    rt = RemoteTier(fc, backoff_s=60)
+    assert rt.lookup_prefix([b"a"]) == 0 and fc.lookups == 1
+    assert rt.lookup_prefix([b"a"]) == 0 and fc.lookups == 1  # skipped while backing off
+    assert not rt.available
+    assert rt.get_into([b"a"], [bytearray(4)]) == [False]
