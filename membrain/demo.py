@@ -34,7 +34,7 @@ def main(argv: list[str] | None) -> int:
         port = C.free_port()
         server = start_server(port, "2GiB", wd / "server.log")
         if server is None:
-            print("error: this build has no Membrain server (`membrain server`); pass --endpoint", file=sys.stderr)
+            print(f"error: the local Membrain server did not start; see {wd / 'server.log'}", file=sys.stderr)
             return 2
         endpoint = f"tcp://127.0.0.1:{port}"
     print(f"Membrain server: {endpoint}; logs in {wd}")

@@ -24,8 +24,6 @@ DEFAULT_LENGTHS = (1024, 2048, 4096, 8192)
 
 def start_server(port: int, capacity: str, log_path: Path) -> subprocess.Popen | None:
     cmd = C.membrain_server_cmd(port, capacity)
-    if cmd is None:
-        return None
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=C.base_env())
     time.sleep(1.0)
