@@ -5,34 +5,13 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include "bindings/layout_args.h"
 #include "bindings/registry.h"
 #include "cuda/cuda_api.h"
 
 namespace py = pybind11;
 
 namespace membrain::bindings {
-namespace {
-
-using IdArray = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
-
-PagedLayout make_layout(const std::vector<uintptr_t>& layer_ptrs, int64_t num_blocks, int64_t page_bytes,
-                        int64_t block_stride) {
-  PagedLayout layout;
-  layout.layer_base = layer_ptrs;
-  layout.num_blocks = num_blocks;
-  layout.page_bytes = page_bytes;
-  layout.block_stride = block_stride;
-  return layout;
-}
-
-const int64_t* id_data(const IdArray& ids) {
-  if (ids.ndim() != 1)
-    throw std::invalid_argument("block ids must be one-dimensional, got ndim=" + std::to_string(ids.ndim()));
-  return ids.data();
-}
-
-}  // namespace
-
 void register_cuda_ops(py::module_& m) {
   m.attr("cuda_default_host_mode") = cuda::compiled() ? cuda::host_mode_name(cuda::default_host_mode()) : "none";
   if (!cuda::compiled()) return;
