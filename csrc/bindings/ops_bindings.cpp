@@ -39,11 +39,11 @@ void register_ops(py::module_& m) {
       py::arg("block_stride"), py::arg("block_ids"));
   m.def(
       "memcpy_cpu",
-      [](uintptr_t dst, uintptr_t src, std::size_t bytes) {
+      [](uintptr_t dst, uintptr_t src, std::size_t bytes, bool streaming) {
         py::gil_scoped_release release;
-        cpu::parallel_memcpy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), bytes);
+        cpu::parallel_memcpy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), bytes, streaming);
       },
-      py::arg("dst_ptr"), py::arg("src_ptr"), py::arg("nbytes"),
+      py::arg("dst_ptr"), py::arg("src_ptr"), py::arg("nbytes"), py::arg("streaming") = false,
       "Contiguous copy on the gather thread pool (the benchmark's limit).");
   m.def(
       "set_num_threads",

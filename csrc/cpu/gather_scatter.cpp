@@ -109,7 +109,7 @@ void scatter(const void* src, std::size_t src_bytes, const PagedLayout& layout, 
 }  // namespace membrain::cpu
 
 namespace membrain::cpu {
-void parallel_memcpy(void* dst, const void* src, std::size_t bytes) {
+void parallel_memcpy(void* dst, const void* src, std::size_t bytes, bool streaming) {
   if (bytes == 0) return;
   if (dst == nullptr || src == nullptr) throw std::invalid_argument("parallel_memcpy: null pointer");
   auto pool = copy_pool();
@@ -117,7 +117,14 @@ void parallel_memcpy(void* dst, const void* src, std::size_t bytes) {
   pool->parallel_for(parts, [&](std::size_t part) {
     const std::size_t begin = bytes * part / parts;
     const std::size_t end = bytes * (part + 1) / parts;
-    std::memcpy(static_cast<uint8_t*>(dst) + begin, static_cast<const uint8_t*>(src) + begin, end - begin);
+    auto* to = static_cast<uint8_t*>(dst) + begin;
+    const auto* from = static_cast<const uint8_t*>(src) + begin;
+    if (streaming) {
+      stream_copy(to, from, end - begin);
+      stream_fence();
+    } else {
+      std::memcpy(to, from, end - begin);
+    }
   });
 }
 }  // namespace membrain::cpu

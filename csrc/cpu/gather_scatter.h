@@ -18,6 +18,7 @@ void scatter(const void* src, std::size_t src_bytes, const PagedLayout& layout, 
 
 namespace membrain::cpu {
 // One contiguous copy split over the same thread pool: the physical limit the gather is
-// measured against in benchmarks.
-void parallel_memcpy(void* dst, const void* src, std::size_t bytes);
+// measured against in benchmarks. `streaming` uses the same non-temporal stores as large
+// gathers instead of glibc's memcpy, so the limit is the better of the two.
+void parallel_memcpy(void* dst, const void* src, std::size_t bytes, bool streaming = false);
 }  // namespace membrain::cpu
