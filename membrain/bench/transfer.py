@@ -424,6 +424,7 @@ def bench_ucx_vs_tcp(args: argparse.Namespace) -> int:
         return 2
     handle = spawn_server(capacity=int(args.capacity_gib * GiB), host="127.0.0.1", port=0,
                           extra_args=["--threads", str(args.server_threads), "--ucx-port", "0"])
+    _wait_prefaulted(handle.port)
     run_id = f"u{os.getpid()}-{int(time.time())}"
     rows: list[dict[str, Any]] = []
     try:

@@ -319,7 +319,10 @@ class Impl final : public UcxServer {
     p.err_handler.arg = this;
     ucp_ep_h ep = nullptr;
     if (ucp_ep_create(worker_->get(), &p, &ep) != UCS_OK) {
-      ucp_listener_reject(listener_->get(), req);
+      // UCX has already released the connection request when ucp_ep_create fails with it
+      // (e.g. the client gave up mid-wireup); rejecting it again was a use-after-free that
+      // crashed the server inside uct_listener_reject.
+      Counters::inc(ctx_.counters.connections_rejected);
       return;
     }
     auto c = std::make_unique<Conn>();
