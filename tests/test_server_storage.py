@@ -52,6 +52,32 @@ def test_mixed_sizes_move_memory_between_classes(make_server):
         assert s.stats()["used_bytes"] <= 4 << 20
 
 
+def test_full_cache_gives_slabs_to_a_new_size_class(make_server):
+    # Slab calcification: a cache full of old 1 MiB values must hand slabs to a new 16 KiB
+    # working set that is more recent, instead of letting the small class evict its own newest.
+    s = make_server(capacity="64MiB")
+    cap = s.stats()["capacity_bytes"]
+    big = os.urandom(1 << 20)
+    small = os.urandom(16 << 10)
+    sets = [[b"set%d-%d" % (j, i) for i in range(64)] for j in range(8)]
+    with WireClient(s.port) as c:
+        for i in range(100):
+            assert c.put([(b"big%d" % i, big)]) == [OK]
+            assert s.stats()["used_bytes"] <= cap
+        for _ in range(3):
+            for keys in sets:
+                assert c.put([(k, small) for k in keys]) == [OK] * len(keys)
+                st = s.stats()
+                assert st["used_bytes"] <= cap and st["allocated_bytes"] <= cap
+        for keys in sets:
+            got = c.get(keys)
+            assert sum(v is None for v in got) == 0
+            assert all(v == small for v in got)
+        st = s.stats()
+        assert st["slab_reassignments"] >= 8
+        assert st["used_bytes"] <= cap and st["allocated_bytes"] <= cap
+
+
 def test_ttl_expiry_lazy_and_swept(make_server):
     s = make_server(ttl=0.5)
     with WireClient(s.port) as c:

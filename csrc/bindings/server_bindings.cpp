@@ -26,6 +26,7 @@ py::dict stats_dict(const StatsSnapshot& s) {
   d["hits"] = s.storage.hits;
   d["misses"] = s.storage.misses;
   d["evictions"] = s.storage.evictions;
+  d["slab_reassignments"] = s.storage.slab_reassignments;
   d["expired"] = s.storage.expired;
   d["puts"] = s.storage.puts;
   d["deletes"] = s.storage.deletes;

@@ -44,6 +44,10 @@ struct Object {
   EvictionHook hook;          // guarded by the storage lock
   Object* exp_prev = nullptr;  // expiry FIFO, guarded by the storage lock
   Object* exp_next = nullptr;
+  // Visible objects of the same slab (first slab for runs), guarded by the storage lock, so
+  // Storage can evict a whole slab when it gives the slab to another size class.
+  Object* slab_prev = nullptr;
+  Object* slab_next = nullptr;
 };
 
 using ObjectRef = std::shared_ptr<Object>;

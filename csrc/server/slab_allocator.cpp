@@ -187,6 +187,11 @@ void SlabAllocator::free(const Chunk& c) {
   partial_[c.klass].insert(c.slab);
 }
 
+uint32_t SlabAllocator::chunks_used(uint32_t slab) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return slab < slabs_.size() ? slabs_[slab].used : 0;
+}
+
 uint64_t SlabAllocator::slab_bytes_in_use() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return slabs_in_use_ * slab_bytes_;

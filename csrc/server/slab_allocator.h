@@ -8,7 +8,9 @@
 // most ~20% of a chunk is wasted and exact powers of two - typical KV block sizes - waste
 // nothing). A value larger than a slab takes a run of contiguous slabs. A slab whose last chunk
 // is freed goes back to the free pool (its pages stay mapped for the next value), so memory
-// flows between classes as the workload changes.
+// flows between classes as the workload changes. The allocator never evicts: when a class has
+// no free chunk and no slab is free, Storage decides whether to empty another class's slab
+// (see Storage::reclaim_slab_locked) so the slab comes back here and the class can take it.
 //
 // Thread-safe; the mutex is a leaf lock (nothing else is locked while it is held), so objects
 // may free their chunk from any thread, including while the storage lock is held.
@@ -53,6 +55,12 @@ class SlabAllocator {
   uint32_t class_of(uint64_t bytes) const;
   uint32_t num_classes() const { return static_cast<uint32_t>(class_sizes_.size()) + 1; }
   uint32_t large_class() const { return static_cast<uint32_t>(class_sizes_.size()); }
+
+  // Chunks handed out from slab `slab` (1 for the first slab of a run, 0 for a free slab). The
+  // storage compares it with the objects it can see in that slab to know whether evicting them
+  // all would really empty the slab (pending PUTs and pinned, evicted values hold chunks too).
+  uint32_t chunks_used(uint32_t slab) const;
+  uint64_t num_slabs() const { return num_slabs_; }
 
   uint64_t capacity() const { return num_slabs_ * slab_bytes_; }
   uint64_t slab_bytes() const { return slab_bytes_; }

@@ -13,7 +13,8 @@ thread_local std::string t_key;
 Storage::Storage(const Options& o)
     : alloc_(o.capacity_bytes, o.slab_bytes ? o.slab_bytes : SlabAllocator::auto_slab_bytes(o.capacity_bytes)),
       policy_(make_eviction_policy(o.policy, alloc_.num_classes())),
-      ttl_ns_(static_cast<int64_t>(o.ttl_s * 1e9)) {}
+      ttl_ns_(static_cast<int64_t>(o.ttl_s * 1e9)),
+      slab_heads_(alloc_.num_slabs(), nullptr) {}
 
 Storage::~Storage() {
   // Objects still pinned elsewhere would outlive the allocator; the server joins every worker
@@ -54,10 +55,27 @@ void Storage::exp_unlink_locked(Object* o) {
   o->exp_prev = o->exp_next = nullptr;
 }
 
+void Storage::slab_link_locked(Object* o) {
+  if (!o->data()) return;  // empty values own no chunk
+  Object*& head = slab_heads_[o->chunk.slab];
+  o->slab_prev = nullptr;
+  o->slab_next = head;
+  if (head) head->slab_prev = o;
+  head = o;
+}
+
+void Storage::slab_unlink_locked(Object* o) {
+  if (!o->data()) return;
+  if (o->slab_prev) o->slab_prev->slab_next = o->slab_next; else slab_heads_[o->chunk.slab] = o->slab_next;
+  if (o->slab_next) o->slab_next->slab_prev = o->slab_prev;
+  o->slab_prev = o->slab_next = nullptr;
+}
+
 void Storage::remove_locked(Index::iterator it) {
   Object* o = it->second.get();
   policy_->on_remove(o);
   exp_unlink_locked(o);
+  slab_unlink_locked(o);
   o->indexed = false;
   stored_bytes_ -= o->value_len;
   index_.erase(it);  // may run ~Object (frees the chunk; the allocator lock is a leaf lock)
@@ -93,11 +111,27 @@ ObjectRef Storage::reserve(std::string_view ns, std::string_view key, uint64_t l
   if (!chunk) {
     const uint32_t klass = alloc_.class_of(len);
     std::lock_guard<std::mutex> lock(mu_);
-    // Evict until the allocator can serve us. Prefer the same class (one eviction frees a chunk
-    // of the right size); otherwise the globally least recent, until whole slabs come free.
+    // Evict until the allocator can serve us. Evicting within the same class frees a chunk of
+    // the right size with one eviction, but if that were the only rule a class would stay at
+    // the slabs it got first: a cache full of old 1 MiB values would make a new 16 KiB working
+    // set evict its own newest objects forever (slab calcification). So age decides: when the
+    // policy's global victim belongs to another class (it is less recent than this class's own
+    // victim), we empty the slab that victim lives in and take that slab instead. If the slab
+    // cannot be emptied (pinned or pending chunks in it), fall back to evicting within the
+    // class. Values needing slab runs keep evicting the global victim until a run comes free.
+    const bool small = klass != alloc_.large_class();
     while (!(chunk = alloc_.allocate(len))) {
-      Object* v = klass != alloc_.large_class() ? policy_->victim_in_class(klass) : nullptr;
-      if (!v) v = policy_->victim_any();
+      Object* own = small ? policy_->victim_in_class(klass) : nullptr;
+      Object* any = policy_->victim_any();
+      Object* v = own ? own : any;
+      if (small && any && any->size_class() != klass) {
+        if (!any->data()) {
+          v = any;  // an empty value holds no chunk, but it is older: evict it and look again
+        } else if (reclaim_slab_locked(any->chunk.slab)) {
+          ++slab_reassignments_;
+          continue;  // the slab is back in the free pool (unless another thread raced us to it)
+        }
+      }
       if (!v) break;  // nothing left to evict: the rest is pending or pinned
       auto it = index_.find(v->index_key);
       remove_locked(it);
@@ -121,6 +155,7 @@ void Storage::publish(const ObjectRef& obj) {
     Object* prev = it->second.get();
     policy_->on_remove(prev);
     exp_unlink_locked(prev);
+    slab_unlink_locked(prev);
     prev->indexed = false;
     stored_bytes_ -= prev->value_len;
     old = std::move(it->second);
@@ -130,6 +165,7 @@ void Storage::publish(const ObjectRef& obj) {
   stored_bytes_ += obj->value_len;
   policy_->on_insert(obj.get());
   exp_link_locked(obj.get());
+  slab_link_locked(obj.get());
   ++puts_;
 }
 
@@ -201,6 +237,25 @@ std::size_t Storage::sweep_expired(std::size_t max_items) {
   return n;
 }
 
+bool Storage::reclaim_slab_locked(uint32_t slab) {
+  // Check first, evict second: evicting part of a slab that then stays allocated would throw
+  // away objects for nothing. An object is pinned when anything beyond the index holds a
+  // reference; pins are only taken under this lock, so a count of 1 cannot grow under us.
+  std::vector<Index::iterator> victims;
+  for (Object* o = slab_heads_[slab]; o; o = o->slab_next) {
+    auto it = index_.find(o->index_key);
+    if (it == index_.end() || it->second.use_count() != 1) return false;
+    victims.push_back(it);
+  }
+  // Chunks the index cannot see (pending PUTs, evicted values still pinned) keep the slab busy.
+  if (victims.empty() || alloc_.chunks_used(slab) != victims.size()) return false;
+  for (auto it : victims) {  // erasing one unordered_map node leaves the other iterators valid
+    remove_locked(it);
+    ++evictions_;
+  }
+  return true;
+}
+
 StorageStats Storage::stats() const {
   StorageStats s;
   {
@@ -213,6 +268,7 @@ StorageStats Storage::stats() const {
     s.expired = expired_;
     s.puts = puts_;
     s.deletes = deletes_;
+    s.slab_reassignments = slab_reassignments_;
   }
   s.capacity_bytes = alloc_.capacity();
   s.allocated_bytes = alloc_.slab_bytes_in_use();

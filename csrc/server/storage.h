@@ -32,6 +32,7 @@ struct StorageStats {
   uint64_t chunk_bytes = 0;      // chunks handed out
   uint64_t items = 0;
   uint64_t hits = 0, misses = 0, evictions = 0, expired = 0, puts = 0, deletes = 0;
+  uint64_t slab_reassignments = 0;  // slabs emptied by eviction and handed to another class
   double fragmentation = 0.0;    // (allocated - stored) / allocated
 };
 
@@ -81,6 +82,12 @@ class Storage {
   Object* find_live_locked(std::string_view ns, std::string_view key, int64_t now, Index::iterator* where);
   void exp_link_locked(Object* o);
   void exp_unlink_locked(Object* o);
+  void slab_link_locked(Object* o);
+  void slab_unlink_locked(Object* o);
+  // Evicts every visible object in slab `slab` so the slab goes back to the free pool. Refuses
+  // (evicting nothing) when that would not empty it: an object is pinned by a reader, or the
+  // slab holds chunks the index cannot see (pending PUTs, evicted values still pinned).
+  bool reclaim_slab_locked(uint32_t slab);
 
   SlabAllocator alloc_;
   std::unique_ptr<EvictionPolicy> policy_;
@@ -90,8 +97,10 @@ class Storage {
   Index index_;
   Object* exp_head_ = nullptr;  // oldest write first: with one global TTL this is expiry order
   Object* exp_tail_ = nullptr;
+  std::vector<Object*> slab_heads_;  // per slab: its visible objects (Object::slab_next)
   uint64_t stored_bytes_ = 0;
   uint64_t hits_ = 0, misses_ = 0, evictions_ = 0, expired_ = 0, puts_ = 0, deletes_ = 0;
+  uint64_t slab_reassignments_ = 0;
 };
 
 }  // namespace membrain::server

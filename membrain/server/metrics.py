@@ -19,6 +19,7 @@ _COUNTERS = [
     ("hits", "membrain_hits", "GET keys found"),
     ("misses", "membrain_misses", "GET keys not found (or expired)"),
     ("evictions", "membrain_evictions", "objects evicted to make room"),
+    ("slab_reassignments", "membrain_slab_reassignments", "slabs emptied by eviction and given to another size class"),
     ("expired", "membrain_expired", "objects dropped because their TTL passed"),
     ("puts", "membrain_puts", "values stored (published after checksum verification)"),
     ("deletes", "membrain_deletes", "objects removed by DELETE"),
