@@ -195,6 +195,18 @@ void TcpConnection::wait_fd(short events, const Deadline& dl) {
   }
 }
 
+// Consumes `n` transferred bytes from iov[*i..]: skips whole entries, trims a partial one.
+static void advance_iov(iovec* iov, std::size_t iovcnt, std::size_t* i, std::size_t n) {
+  while (*i < iovcnt && n >= iov[*i].iov_len) {
+    n -= iov[*i].iov_len;
+    ++*i;
+  }
+  if (n > 0) {
+    iov[*i].iov_base = static_cast<uint8_t*>(iov[*i].iov_base) + n;
+    iov[*i].iov_len -= n;
+  }
+}
+
 void TcpConnection::send_all(iovec* iov, std::size_t iovcnt, const Deadline& dl) {
   std::size_t i = 0;
   while (i < iovcnt) {
@@ -211,15 +223,7 @@ void TcpConnection::send_all(iovec* iov, std::size_t iovcnt, const Deadline& dl)
       }
       fail("send: " + errno_text(errno));
     }
-    std::size_t left = static_cast<std::size_t>(n);
-    while (i < iovcnt && left >= iov[i].iov_len) {
-      left -= iov[i].iov_len;
-      ++i;
-    }
-    if (left > 0) {
-      iov[i].iov_base = static_cast<uint8_t*>(iov[i].iov_base) + left;
-      iov[i].iov_len -= left;
-    }
+    advance_iov(iov, iovcnt, &i, static_cast<std::size_t>(n));
   }
 }
 
@@ -240,15 +244,7 @@ void TcpConnection::recv_vec(iovec* iov, std::size_t iovcnt, const Deadline& dl)
       }
       fail("recv: " + errno_text(errno));
     }
-    std::size_t left = static_cast<std::size_t>(n);
-    while (i < iovcnt && left >= iov[i].iov_len) {
-      left -= iov[i].iov_len;
-      ++i;
-    }
-    if (left > 0) {
-      iov[i].iov_base = static_cast<uint8_t*>(iov[i].iov_base) + left;
-      iov[i].iov_len -= left;
-    }
+    advance_iov(iov, iovcnt, &i, static_cast<std::size_t>(n));
   }
 }
 
