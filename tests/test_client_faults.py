@@ -190,6 +190,26 @@ def test_checksum_mismatch_is_a_miss() -> None:
         good.close()
 
 
+def test_checksum_mismatch_in_every_verify_group_is_a_miss() -> None:
+    # The client verifies GET values group by group as they land (about 256 KiB per group);
+    # corruption in any group, first or last, must be reported and the stream stay in sync.
+    from fake_server import FakeServer
+
+    bad = FakeServer(corrupt_gets=True)
+    try:
+        conn = _native.Connection("127.0.0.1", bad.port)
+        sizes = [200 << 10] * 5 + [7, 300 << 10]
+        keys = [f"g{i}".encode() for i in range(len(sizes))]
+        assert conn.put(keys, [os.urandom(n) for n in sizes]) == [0] * len(keys)
+        bufs = [bytearray(n) for n in sizes]
+        assert conn.get_into(keys, bufs) == [_native.STATUS_CHECKSUM_MISMATCH] * len(keys)
+        assert conn.get(keys) == [None] * len(keys)
+        assert not conn.broken
+        assert conn.exists(keys[:2]) == [0, 0]
+    finally:
+        bad.close()
+
+
 def test_batch_split_by_server_max_batch() -> None:
     from fake_server import FakeServer
 

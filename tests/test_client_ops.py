@@ -130,6 +130,43 @@ def test_large_batches_are_split(server) -> None:
         assert c.delete(keys) == n
 
 
+def test_put_is_pipelined_in_frames_of_about_a_mebibyte() -> None:
+    from fake_server import FakeServer
+
+    ops: list[int] = []
+    srv = FakeServer(on_request=ops.append)
+    try:
+        conn = _native.Connection("127.0.0.1", srv.port)
+        kib = 1024
+        sizes = [256 * kib] * 8 + [3 * 1024 * kib] + [10] * 100
+        keys = [f"f{i}".encode() for i in range(len(sizes))]
+        vals = [_val(i, n) for i, n in enumerate(sizes)]
+        ops.clear()
+        assert conn.put(keys, vals) == [0] * len(keys)
+        # Frames close once they carry 1 MiB of values: 4 + 4 quarter-MiB values, then the
+        # 3 MiB one on its own, then the small tail together.
+        assert ops.count(2) == 4
+        assert conn.get(keys) == vals
+    finally:
+        srv.close()
+
+
+def test_many_pipelined_put_frames_land_byte_exact(server) -> None:
+    # More 1 MiB frames than the client keeps in flight, so replies are collected mid-batch.
+    conn = _native.Connection("127.0.0.1", server.port, timeout_ms=20000)
+    n = 40
+    data = np.random.default_rng(7).integers(0, 256, n << 20, dtype=np.uint8)
+    vals = [memoryview(data)[i << 20:(i + 1) << 20] for i in range(n)]
+    keys = [f"pipe{i}".encode() for i in range(n)]
+    oversized = b"x" * (conn.limits["max_value_bytes"] + 1)
+    statuses = conn.put(keys[:20] + [b"too-big"] + keys[20:], vals[:20] + [oversized] + vals[20:])
+    assert statuses == [0] * 20 + [_native.STATUS_TOO_LARGE] + [0] * 20
+    out = np.zeros_like(data)
+    bufs = [memoryview(out)[i << 20:(i + 1) << 20] for i in range(n)]
+    assert conn.get_into(keys, bufs) == [0] * n
+    assert np.array_equal(out, data)
+
+
 def test_many_threads_mixed_ops(server) -> None:
     errors: list[str] = []
     with membrain.Client(server.endpoint, timeout_ms=5000) as c:

@@ -14,6 +14,7 @@
 #include <chrono>
 #include <climits>
 #include <cstring>
+#include <deque>
 #include <fstream>
 
 #include "common/checksum.h"
@@ -32,6 +33,15 @@ constexpr std::size_t kDrainBytes = 256 << 10;
 // corrupted or hostile stream and we refuse to allocate for it.
 constexpr uint64_t kMaxSmallReply = 64ull << 20;
 constexpr int kWantSocketBuffer = 4 << 20;
+// PUT frames are cut once they carry this many value bytes (see put()); small enough that
+// hashing one frame hides behind the transfer of the previous one, large enough that the
+// per-frame header, reply and server bookkeeping stay negligible.
+constexpr uint64_t kPutFrameBytes = 1 << 20;
+// Replies of pipelined PUT frames are collected once this many are outstanding, so the
+// server's reply backlog (and our receive buffer) stays small however large the batch.
+constexpr std::size_t kMaxPutFramesInFlight = 32;
+// GET values are received and verified in groups of about this many bytes (see get_with()).
+constexpr uint64_t kVerifyGroupBytes = 256 << 10;
 
 // Loopback and LAN transfers of MiB-sized values stall on the default 128-212 KiB socket
 // buffers. Setting SO_SNDBUF/SO_RCVBUF turns off the kernel's autotuning, so only do it when
@@ -292,19 +302,24 @@ std::vector<uint8_t> TcpConnection::simple_call(Op op, uint32_t count, const std
 
 std::vector<std::pair<std::size_t, std::size_t>> TcpConnection::chunks(const std::vector<std::string_view>& keys,
                                                                        const std::vector<std::size_t>* value_sizes,
-                                                                       std::size_t per_item_overhead) const {
+                                                                       std::size_t per_item_overhead,
+                                                                       uint64_t target_value_bytes) const {
   std::vector<std::pair<std::size_t, std::size_t>> out;
   std::size_t begin = 0;
-  uint64_t bytes = 0;
+  uint64_t bytes = 0, values = 0;
   for (std::size_t i = 0; i < keys.size(); ++i) {
-    const uint64_t item = per_item_overhead + keys[i].size() + (value_sizes ? (*value_sizes)[i] : 0);
-    const bool full = (i - begin) >= limits_.max_batch || (i > begin && bytes + item > limits_.max_payload_bytes);
+    const uint64_t value = value_sizes ? (*value_sizes)[i] : 0;
+    const uint64_t item = per_item_overhead + keys[i].size() + value;
+    const bool full = (i - begin) >= limits_.max_batch || (i > begin && bytes + item > limits_.max_payload_bytes) ||
+                      (i > begin && values >= target_value_bytes);
     if (full) {
       out.emplace_back(begin, i);
       begin = i;
       bytes = 0;
+      values = 0;
     }
     bytes += item;
+    values += value;
   }
   if (begin < keys.size()) out.emplace_back(begin, keys.size());
   return out;
@@ -330,10 +345,32 @@ std::vector<uint8_t> TcpConnection::put(const std::vector<std::string_view>& key
     send_keys.push_back(keys[i]);
     send_sizes.push_back(values[i].size);
   }
+  // One frame per ~kPutFrameBytes of values, pipelined: while the kernel's socket buffers and
+  // the server drain frame k, this thread hashes frame k+1's values (which also pulls them into
+  // cache for the send). One big frame would make the server wait for the whole batch's
+  // checksums before the first value byte could leave.
+  struct InFlight {
+    uint64_t request_id;
+    std::size_t begin, end;
+  };
+  std::deque<InFlight> inflight;
+  auto collect_one = [&] {
+    const InFlight f = inflight.front();
+    inflight.pop_front();
+    auto t = Clock::now();
+    const Header r = recv_reply(static_cast<uint8_t>(Op::kPut), f.request_id, dl);
+    const std::size_t n = f.end - f.begin;
+    if (r.payload_len != n) fail("PUT reply carries " + std::to_string(r.payload_len) + " statuses for " + std::to_string(n) + " items");
+    std::vector<uint8_t> st(n);
+    recv_exact(st.data(), n, dl);
+    for (std::size_t j = f.begin; j < f.end; ++j) status[send_idx[j]] = st[j - f.begin];
+    timings_.wait += since(t);
+  };
   std::vector<uint8_t> meta;
   std::vector<iovec> iov;
-  for (const auto& [b, e] : chunks(send_keys, &send_sizes, proto::kPutItemBytes)) {
+  for (const auto& [b, e] : chunks(send_keys, &send_sizes, proto::kPutItemBytes, kPutFrameBytes)) {
     check_usable();
+    if (inflight.size() >= kMaxPutFramesInFlight) collect_one();
     const uint32_t n = static_cast<uint32_t>(e - b);
     std::size_t key_bytes = 0;
     uint64_t value_bytes = 0;
@@ -368,14 +405,10 @@ std::vector<uint8_t> TcpConnection::put(const std::vector<std::string_view>& key
     timings_.checksum += since(t);
     send_all(iov.data(), iov.size(), dl);
     timings_.send += since(t);
-    const Header r = recv_reply(h.opcode, h.request_id, dl);
-    timings_.wait += since(t);
     ++timings_.frames;
-    if (r.payload_len != n) fail("PUT reply carries " + std::to_string(r.payload_len) + " statuses for " + std::to_string(n) + " items");
-    std::vector<uint8_t> st(n);
-    recv_exact(st.data(), n, dl);
-    for (std::size_t j = b; j < e; ++j) status[send_idx[j]] = st[j - b];
+    inflight.push_back({h.request_id, b, e});
   }
+  while (!inflight.empty()) collect_one();
   return status;
 }
 
@@ -430,23 +463,11 @@ std::vector<uint8_t> TcpConnection::get_with(const std::vector<std::string_view>
 
     std::vector<uint8_t*> dest(n, nullptr);
     placer(b, st, len, &dest);
-    iov.clear();
-    for (uint32_t j = 0; j < n; ++j) {
-      if (len[j] == 0) continue;
-      if (dest[j]) {
-        iov.push_back({dest[j], len[j]});
-        continue;
-      }
-      if (scratch.empty()) scratch.resize(kDrainBytes);
-      for (uint64_t left = len[j]; left > 0;) {
-        const std::size_t take = static_cast<std::size_t>(std::min<uint64_t>(left, scratch.size()));
-        iov.push_back({scratch.data(), take});
-        left -= take;
-      }
-    }
-    if (!iov.empty()) recv_vec(iov.data(), iov.size(), dl);
-    timings_.recv += since(t);
-    for (uint32_t j = 0; j < n; ++j) {
+    timings_.recv += since(t);  // the item table
+    // Values are received a group at a time and each group is verified as soon as it has
+    // landed, while its bytes are still in cache and while the kernel keeps receiving the
+    // next group; verifying after the whole batch would add a second pass over cold memory.
+    auto settle = [&](uint32_t j) {
       uint8_t s = st[j];
       if (s == static_cast<uint8_t>(Status::kOk) && len[j] > 0 && !dest[j]) {
         s = static_cast<uint8_t>(Status::kTooLarge);
@@ -456,8 +477,37 @@ std::vector<uint8_t> TcpConnection::get_with(const std::vector<std::string_view>
       }
       status[b + j] = s;
       if (lengths) (*lengths)[b + j] = len[j];
+    };
+    uint32_t settled = 0;  // items [0, settled) are verified
+    uint64_t group_bytes = 0;
+    iov.clear();
+    auto land_group = [&](uint32_t upto) {
+      if (!iov.empty()) {
+        auto tr = Clock::now();
+        recv_vec(iov.data(), iov.size(), dl);
+        timings_.recv += since(tr);
+      }
+      auto tv = Clock::now();
+      for (; settled < upto; ++settled) settle(settled);
+      timings_.verify += since(tv);
+      iov.clear();
+      group_bytes = 0;
+    };
+    for (uint32_t j = 0; j < n; ++j) {
+      if (len[j] > 0 && dest[j]) {
+        iov.push_back({dest[j], len[j]});
+      } else if (len[j] > 0) {
+        if (scratch.empty()) scratch.resize(kDrainBytes);
+        for (uint64_t left = len[j]; left > 0;) {
+          const std::size_t take = static_cast<std::size_t>(std::min<uint64_t>(left, scratch.size()));
+          iov.push_back({scratch.data(), take});
+          left -= take;
+        }
+      }
+      group_bytes += len[j];
+      if (group_bytes >= kVerifyGroupBytes) land_group(j + 1);
     }
-    timings_.verify += since(t);
+    land_group(n);
   }
   return status;
 }

@@ -146,10 +146,11 @@ class TcpConnection {
                                      std::size_t end, const Deadline& dl);
   void check_usable();
   // [begin, end) chunks of a batch honouring max_batch and, when sizes are given, the
-  // per-frame payload limit.
+  // per-frame payload limit; a chunk also ends once its values reach target_value_bytes.
   std::vector<std::pair<std::size_t, std::size_t>> chunks(const std::vector<std::string_view>& keys,
                                                           const std::vector<std::size_t>* value_sizes,
-                                                          std::size_t per_item_overhead) const;
+                                                          std::size_t per_item_overhead,
+                                                          uint64_t target_value_bytes = UINT64_MAX) const;
 
   Options opts_;
   Timings timings_;
