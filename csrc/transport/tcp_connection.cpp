@@ -17,13 +17,11 @@
 #include <deque>
 #include <fstream>
 
-#include "common/checksum.h"
 
 namespace membrain {
 
 using proto::Header;
 using proto::Op;
-using proto::Status;
 
 namespace {
 
@@ -79,13 +77,6 @@ double since(Clock::time_point& t) {
 void UniqueFd::reset(int fd) {
   if (fd_ >= 0) ::close(fd_);
   fd_ = fd;
-}
-
-void validate_key(std::string_view key, std::size_t index, uint32_t max_key_len) {
-  if (key.empty() || key.size() > max_key_len) {
-    throw std::invalid_argument("key " + std::to_string(index) + " is " + std::to_string(key.size()) +
-                                " bytes; keys must be 1.." + std::to_string(max_key_len) + " bytes");
-  }
 }
 
 struct TcpConnection::Deadline {
@@ -178,20 +169,9 @@ void TcpConnection::connect_socket() {
 
 void TcpConnection::hello() {
   Deadline dl(opts_.connect_timeout_ms);
-  const std::string token = opts_.auth_token.value_or("");
-  std::vector<uint8_t> payload(4 + opts_.ns.size() + token.size());
-  proto::put_u16(payload.data(), static_cast<uint16_t>(opts_.ns.size()));
-  proto::put_u16(payload.data() + 2, static_cast<uint16_t>(token.size()));
-  std::memcpy(payload.data() + 4, opts_.ns.data(), opts_.ns.size());
-  if (!token.empty()) std::memcpy(payload.data() + 4 + opts_.ns.size(), token.data(), token.size());
+  const auto payload = hello_payload(opts_.ns, opts_.auth_token.value_or(""));
   const auto reply = simple_call(Op::kHello, 0, payload, dl);
-  if (reply.size() < 32) fail("HELLO reply too short (" + std::to_string(reply.size()) + " bytes)");
-  const uint32_t version = proto::get_u32(reply.data());
-  if (version != proto::kVersion) fail("server speaks protocol version " + std::to_string(version));
-  limits_.max_batch = std::max<uint32_t>(1, proto::get_u32(reply.data() + 4));
-  limits_.max_key_len = proto::get_u32(reply.data() + 8);
-  limits_.max_value_bytes = proto::get_u64(reply.data() + 16);
-  limits_.max_payload_bytes = proto::get_u64(reply.data() + 24);
+  if (auto why = parse_hello_reply(reply, &limits_); !why.empty()) fail(why);
 }
 
 void TcpConnection::wait_fd(short events, const Deadline& dl) {
@@ -267,32 +247,24 @@ Header TcpConnection::recv_reply(uint8_t op, uint64_t request_id, const Deadline
   uint8_t raw[proto::kHeaderBytes];
   recv_exact(raw, sizeof(raw), dl);
   Header h;
-  const auto err = proto::decode_header(raw, &h);
-  if (err != proto::HeaderError::kNone) fail(std::string("bad reply header: ") + proto::header_error_name(err));
-  if (h.opcode != (op | proto::kReplyBit)) {
-    fail(std::string("reply opcode ") + proto::op_name(h.opcode) + " does not answer " + proto::op_name(op));
-  }
-  if (h.request_id != request_id) fail("reply for request " + std::to_string(h.request_id) + ", expected " + std::to_string(request_id));
-  if (h.status != static_cast<uint32_t>(Status::kOk)) {
-    // Frame-level failures (auth, malformed, limits) end the session on the server side.
-    fail(std::string(proto::op_name(op)) + " refused by server: " + proto::status_name(static_cast<uint8_t>(h.status)));
-  }
+  if (auto why = check_reply_header(raw, op, request_id, &h); !why.empty()) fail(why);
   return h;
 }
 
-std::vector<uint8_t> TcpConnection::simple_call(Op op, uint32_t count, const std::vector<uint8_t>& payload,
-                                                const Deadline& dl, Header* reply_header) {
+uint64_t TcpConnection::send_request(Op op, uint32_t count, const std::vector<uint8_t>& payload, const Deadline& dl) {
   check_usable();
-  Header h;
-  h.opcode = static_cast<uint8_t>(op);
-  h.request_id = next_id_++;
-  h.count = count;
-  h.payload_len = payload.size();
+  const Header h = request_header(op, next_id_++, count, payload.size());
   uint8_t raw[proto::kHeaderBytes];
   proto::encode_header(h, raw);
   iovec iov[2] = {{raw, sizeof(raw)}, {const_cast<uint8_t*>(payload.data()), payload.size()}};
   send_all(iov, payload.empty() ? 1 : 2, dl);
-  const Header r = recv_reply(h.opcode, h.request_id, dl);
+  return h.request_id;
+}
+
+std::vector<uint8_t> TcpConnection::simple_call(Op op, uint32_t count, const std::vector<uint8_t>& payload,
+                                                const Deadline& dl, Header* reply_header) {
+  const uint64_t request_id = send_request(op, count, payload, dl);
+  const Header r = recv_reply(static_cast<uint8_t>(op), request_id, dl);
   if (r.payload_len > kMaxSmallReply) fail("reply payload of " + std::to_string(r.payload_len) + " bytes is implausible");
   std::vector<uint8_t> out(r.payload_len);
   if (!out.empty()) recv_exact(out.data(), out.size(), dl);
@@ -327,24 +299,10 @@ std::vector<std::pair<std::size_t, std::size_t>> TcpConnection::chunks(const std
 
 std::vector<uint8_t> TcpConnection::put(const std::vector<std::string_view>& keys,
                                         const std::vector<ConstSpan>& values, int timeout_ms) {
-  if (keys.size() != values.size()) {
-    throw std::invalid_argument("put: " + std::to_string(keys.size()) + " keys but " + std::to_string(values.size()) + " values");
-  }
-  for (std::size_t i = 0; i < keys.size(); ++i) validate_key(keys[i], i, limits_.max_key_len);
+  const PutPlan plan = plan_put(keys, values, limits_);
   std::lock_guard<std::mutex> lock(mu_);
   Deadline dl(timeout_ms);
-  std::vector<uint8_t> status(keys.size(), static_cast<uint8_t>(Status::kTooLarge));
-  // Items over the server's limits are answered locally and never sent.
-  std::vector<std::size_t> send_idx;
-  std::vector<std::string_view> send_keys;
-  std::vector<std::size_t> send_sizes;
-  for (std::size_t i = 0; i < keys.size(); ++i) {
-    const uint64_t frame = proto::kPutItemBytes + keys[i].size() + values[i].size;
-    if (values[i].size > limits_.max_value_bytes || frame > limits_.max_payload_bytes) continue;
-    send_idx.push_back(i);
-    send_keys.push_back(keys[i]);
-    send_sizes.push_back(values[i].size);
-  }
+  std::vector<uint8_t> status = put_statuses(keys.size());
   // One frame per ~kPutFrameBytes of values, pipelined: while the kernel's socket buffers and
   // the server drain frame k, this thread hashes frame k+1's values (which also pulls them into
   // cache for the send). One big frame would make the server wait for the whole batch's
@@ -360,53 +318,33 @@ std::vector<uint8_t> TcpConnection::put(const std::vector<std::string_view>& key
     auto t = Clock::now();
     const Header r = recv_reply(static_cast<uint8_t>(Op::kPut), f.request_id, dl);
     const std::size_t n = f.end - f.begin;
-    if (r.payload_len != n) fail("PUT reply carries " + std::to_string(r.payload_len) + " statuses for " + std::to_string(n) + " items");
+    if (auto why = check_status_count(Op::kPut, r.payload_len, n); !why.empty()) fail(why);
     std::vector<uint8_t> st(n);
     recv_exact(st.data(), n, dl);
-    for (std::size_t j = f.begin; j < f.end; ++j) status[send_idx[j]] = st[j - f.begin];
+    for (std::size_t j = f.begin; j < f.end; ++j) status[plan.index[j]] = st[j - f.begin];
     timings_.wait += since(t);
   };
   std::vector<uint8_t> meta;
   std::vector<iovec> iov;
-  for (const auto& [b, e] : chunks(send_keys, &send_sizes, proto::kPutItemBytes, kPutFrameBytes)) {
+  for (const auto& [b, e] : chunks(plan.keys, &plan.sizes, proto::kPutItemBytes, kPutFrameBytes)) {
     check_usable();
     if (inflight.size() >= kMaxPutFramesInFlight) collect_one();
-    const uint32_t n = static_cast<uint32_t>(e - b);
-    std::size_t key_bytes = 0;
-    uint64_t value_bytes = 0;
-    for (std::size_t j = b; j < e; ++j) {
-      key_bytes += send_keys[j].size();
-      value_bytes += send_sizes[j];
-    }
+    auto t = Clock::now();
+    const uint64_t request_id = next_id_++;
+    encode_put_meta(plan, b, e, request_id, &meta);
+    timings_.checksum += since(t);
     // Header, item table and keys are small and contiguous: one iovec. Values follow, one
     // iovec each, pointing at the caller's memory.
-    meta.assign(proto::kHeaderBytes + proto::kPutItemBytes * n + key_bytes, 0);
-    Header h;
-    h.opcode = static_cast<uint8_t>(Op::kPut);
-    h.request_id = next_id_++;
-    h.count = n;
-    h.payload_len = proto::kPutItemBytes * n + key_bytes + value_bytes;
-    proto::encode_header(h, meta.data());
-    uint8_t* table = meta.data() + proto::kHeaderBytes;
-    uint8_t* kp = table + proto::kPutItemBytes * n;
     iov.clear();
     iov.push_back({meta.data(), meta.size()});
-    auto t = Clock::now();
     for (std::size_t j = b; j < e; ++j) {
-      const ConstSpan& v = values[send_idx[j]];
-      uint8_t* row = table + proto::kPutItemBytes * (j - b);
-      proto::put_u16(row, static_cast<uint16_t>(send_keys[j].size()));
-      proto::put_u64(row + 8, v.size);
-      proto::put_u64(row + 16, checksum64(v.data, v.size));
-      std::memcpy(kp, send_keys[j].data(), send_keys[j].size());
-      kp += send_keys[j].size();
+      const ConstSpan& v = plan.values[j];
       if (v.size) iov.push_back({const_cast<uint8_t*>(v.data), v.size});
     }
-    timings_.checksum += since(t);
     send_all(iov.data(), iov.size(), dl);
     timings_.send += since(t);
     ++timings_.frames;
-    inflight.push_back({h.request_id, b, e});
+    inflight.push_back({request_id, b, e});
   }
   while (!inflight.empty()) collect_one();
   return status;
@@ -414,70 +352,32 @@ std::vector<uint8_t> TcpConnection::put(const std::vector<std::string_view>& key
 
 std::vector<uint8_t> TcpConnection::get_with(const std::vector<std::string_view>& keys, const Placer& placer,
                                              int timeout_ms, std::vector<uint64_t>* lengths) {
-  for (std::size_t i = 0; i < keys.size(); ++i) validate_key(keys[i], i, limits_.max_key_len);
+  validate_keys(keys, limits_.max_key_len);
   std::lock_guard<std::mutex> lock(mu_);
   Deadline dl(timeout_ms);
-  std::vector<uint8_t> status(keys.size(), static_cast<uint8_t>(Status::kNotFound));
-  if (lengths) lengths->assign(keys.size(), 0);
-  std::vector<uint8_t> req;
+  std::vector<uint8_t> status = get_statuses(keys.size(), lengths);
   std::vector<uint8_t> table;
   std::vector<uint8_t> scratch;  // sink for values we must drain to keep the stream in sync
   std::vector<iovec> iov;
+  GetFrame f;
   for (const auto& [b, e] : chunks(keys, nullptr, 2)) {
-    check_usable();
     const uint32_t n = static_cast<uint32_t>(e - b);
-    req.assign(proto::kHeaderBytes, 0);
-    std::vector<std::string_view> part(keys.begin() + b, keys.begin() + e);
-    proto::append_key_list(part, &req);
-    Header h;
-    h.opcode = static_cast<uint8_t>(Op::kGet);
-    h.request_id = next_id_++;
-    h.count = n;
-    h.payload_len = req.size() - proto::kHeaderBytes;
-    proto::encode_header(h, req.data());
-    iovec riov{req.data(), req.size()};
     auto t = Clock::now();
-    send_all(&riov, 1, dl);
+    const uint64_t request_id = send_request(Op::kGet, n, key_list_payload(keys, b, e), dl);
     timings_.send += since(t);
 
-    const Header r = recv_reply(h.opcode, h.request_id, dl);
+    const Header r = recv_reply(static_cast<uint8_t>(Op::kGet), request_id, dl);
     timings_.wait += since(t);
     ++timings_.frames;
-    const uint64_t table_bytes = uint64_t(proto::kGetItemBytes) * n;
-    if (r.count != n || r.payload_len < table_bytes) fail("GET reply does not carry an item table for " + std::to_string(n) + " keys");
-    table.resize(table_bytes);
+    if (auto why = check_get_reply(r, n); !why.empty()) fail(why);
+    table.resize(uint64_t(proto::kGetItemBytes) * n);
     recv_exact(table.data(), table.size(), dl);
-    std::vector<uint8_t> st(n);
-    std::vector<uint64_t> len(n);
-    std::vector<uint64_t> sum(n);
-    uint64_t value_bytes = 0;
-    for (uint32_t j = 0; j < n; ++j) {
-      const uint8_t* row = table.data() + proto::kGetItemBytes * j;
-      st[j] = row[0];
-      len[j] = proto::get_u64(row + 8);
-      sum[j] = proto::get_u64(row + 16);
-      if (st[j] != static_cast<uint8_t>(Status::kOk)) len[j] = 0;  // only hits carry bytes
-      value_bytes += len[j];
-    }
-    if (r.payload_len != table_bytes + value_bytes) fail("GET reply length does not match its item table");
-
-    std::vector<uint8_t*> dest(n, nullptr);
-    placer(b, st, len, &dest);
+    if (auto why = parse_get_table(r, table.data(), n, b, &f); !why.empty()) fail(why);
+    place_values(placer, &f);
     timings_.recv += since(t);  // the item table
     // Values are received a group at a time and each group is verified as soon as it has
     // landed, while its bytes are still in cache and while the kernel keeps receiving the
     // next group; verifying after the whole batch would add a second pass over cold memory.
-    auto settle = [&](uint32_t j) {
-      uint8_t s = st[j];
-      if (s == static_cast<uint8_t>(Status::kOk) && len[j] > 0 && !dest[j]) {
-        s = static_cast<uint8_t>(Status::kTooLarge);
-      } else if (s == static_cast<uint8_t>(Status::kOk) && checksum64(dest[j], len[j]) != sum[j]) {
-        // The bytes are in the caller's buffer but must never be reported as a hit.
-        s = static_cast<uint8_t>(Status::kChecksumMismatch);
-      }
-      status[b + j] = s;
-      if (lengths) (*lengths)[b + j] = len[j];
-    };
     uint32_t settled = 0;  // items [0, settled) are verified
     uint64_t group_bytes = 0;
     iov.clear();
@@ -488,23 +388,24 @@ std::vector<uint8_t> TcpConnection::get_with(const std::vector<std::string_view>
         timings_.recv += since(tr);
       }
       auto tv = Clock::now();
-      for (; settled < upto; ++settled) settle(settled);
+      settle_values(f, settled, upto, &status, lengths);
+      settled = upto;
       timings_.verify += since(tv);
       iov.clear();
       group_bytes = 0;
     };
     for (uint32_t j = 0; j < n; ++j) {
-      if (len[j] > 0 && dest[j]) {
-        iov.push_back({dest[j], len[j]});
-      } else if (len[j] > 0) {
+      if (f.length[j] > 0 && f.dest[j]) {
+        iov.push_back({f.dest[j], f.length[j]});
+      } else if (f.length[j] > 0) {
         if (scratch.empty()) scratch.resize(kDrainBytes);
-        for (uint64_t left = len[j]; left > 0;) {
+        for (uint64_t left = f.length[j]; left > 0;) {
           const std::size_t take = static_cast<std::size_t>(std::min<uint64_t>(left, scratch.size()));
           iov.push_back({scratch.data(), take});
           left -= take;
         }
       }
-      group_bytes += len[j];
+      group_bytes += f.length[j];
       if (group_bytes >= kVerifyGroupBytes) land_group(j + 1);
     }
     land_group(n);
@@ -515,54 +416,37 @@ std::vector<uint8_t> TcpConnection::get_with(const std::vector<std::string_view>
 std::vector<uint8_t> TcpConnection::get_into(const std::vector<std::string_view>& keys,
                                              const std::vector<MutSpan>& buffers, int timeout_ms,
                                              std::vector<uint64_t>* lengths) {
-  if (keys.size() != buffers.size()) {
-    throw std::invalid_argument("get_into: " + std::to_string(keys.size()) + " keys but " + std::to_string(buffers.size()) + " buffers");
-  }
-  // Zero-length hits need a non-null destination so they are not mistaken for "drain"; any
-  // valid pointer will do since nothing is written.
-  static uint8_t empty_sink;
-  auto placer = [&](std::size_t first, const std::vector<uint8_t>&, const std::vector<uint64_t>& len,
-                    std::vector<uint8_t*>* dest) {
-    for (std::size_t j = 0; j < len.size(); ++j) {
-      const MutSpan& buf = buffers[first + j];
-      if (len[j] <= buf.size) (*dest)[j] = buf.data ? buf.data : &empty_sink;
-    }
-  };
-  return get_with(keys, placer, timeout_ms, lengths);
+  return get_with(keys, buffer_placer(keys, buffers), timeout_ms, lengths);
 }
 
 std::vector<uint8_t> TcpConnection::key_list_call(Op op, const std::vector<std::string_view>& keys, std::size_t begin,
                                                   std::size_t end, const Deadline& dl) {
-  std::vector<uint8_t> payload;
-  std::vector<std::string_view> part(keys.begin() + begin, keys.begin() + end);
-  proto::append_key_list(part, &payload);
-  return simple_call(op, static_cast<uint32_t>(end - begin), payload, dl);
+  return simple_call(op, static_cast<uint32_t>(end - begin), key_list_payload(keys, begin, end), dl);
 }
 
 std::vector<uint8_t> TcpConnection::exists(const std::vector<std::string_view>& keys, int timeout_ms) {
-  for (std::size_t i = 0; i < keys.size(); ++i) validate_key(keys[i], i, limits_.max_key_len);
+  validate_keys(keys, limits_.max_key_len);
   std::lock_guard<std::mutex> lock(mu_);
   Deadline dl(timeout_ms);
   std::vector<uint8_t> out;
   out.reserve(keys.size());
   for (const auto& [b, e] : chunks(keys, nullptr, 2)) {
     const auto st = key_list_call(Op::kExists, keys, b, e, dl);
-    if (st.size() != e - b) fail("EXISTS reply carries " + std::to_string(st.size()) + " statuses for " + std::to_string(e - b) + " keys");
+    if (auto why = check_status_count(Op::kExists, st.size(), e - b); !why.empty()) fail(why);
     out.insert(out.end(), st.begin(), st.end());
   }
   return out;
 }
 
 uint32_t TcpConnection::lookup_prefix(const std::vector<std::string_view>& keys, int timeout_ms) {
-  for (std::size_t i = 0; i < keys.size(); ++i) validate_key(keys[i], i, limits_.max_key_len);
+  validate_keys(keys, limits_.max_key_len);
   std::lock_guard<std::mutex> lock(mu_);
   Deadline dl(timeout_ms);
   uint32_t total = 0;
   for (const auto& [b, e] : chunks(keys, nullptr, 2)) {
+    uint32_t n = 0;
     const auto r = key_list_call(Op::kLookupPrefix, keys, b, e, dl);
-    if (r.size() != 4) fail("LOOKUP_PREFIX reply is " + std::to_string(r.size()) + " bytes, expected 4");
-    const uint32_t n = proto::get_u32(r.data());
-    if (n > e - b) fail("LOOKUP_PREFIX reply counts more keys than were asked");
+    if (auto why = parse_lookup_prefix_reply(r, e - b, &n); !why.empty()) fail(why);
     total += n;
     if (n < e - b) break;
   }
@@ -570,14 +454,15 @@ uint32_t TcpConnection::lookup_prefix(const std::vector<std::string_view>& keys,
 }
 
 uint32_t TcpConnection::del(const std::vector<std::string_view>& keys, int timeout_ms) {
-  for (std::size_t i = 0; i < keys.size(); ++i) validate_key(keys[i], i, limits_.max_key_len);
+  validate_keys(keys, limits_.max_key_len);
   std::lock_guard<std::mutex> lock(mu_);
   Deadline dl(timeout_ms);
   uint32_t total = 0;
   for (const auto& [b, e] : chunks(keys, nullptr, 2)) {
+    uint32_t n = 0;
     const auto r = key_list_call(Op::kDelete, keys, b, e, dl);
-    if (r.size() != 4) fail("DELETE reply is " + std::to_string(r.size()) + " bytes, expected 4");
-    total += proto::get_u32(r.data());
+    if (auto why = parse_delete_reply(r, &n); !why.empty()) fail(why);
+    total += n;
   }
   return total;
 }

@@ -25,6 +25,7 @@
 #include <sys/uio.h>
 
 #include "transport/protocol.h"
+#include "transport/request_codec.h"  // ConstSpan, MutSpan, ValuePlacer, validate_key
 
 namespace membrain {
 
@@ -61,15 +62,6 @@ class UniqueFd {
   int fd_ = -1;
 };
 
-struct ConstSpan {
-  const uint8_t* data;
-  std::size_t size;
-};
-struct MutSpan {
-  uint8_t* data;
-  std::size_t size;
-};
-
 class TcpConnection {
  public:
   struct Options {
@@ -90,11 +82,8 @@ class TcpConnection {
   std::vector<uint8_t> put(const std::vector<std::string_view>& keys, const std::vector<ConstSpan>& values,
                            int timeout_ms);
 
-  // Called once per GET frame, after the item table arrives: given the value lengths of the
-  // hits (0 for misses), returns where each value should land; a null pointer means "drain".
-  // Used by get() to allocate Python bytes of the exact size under the GIL.
-  using Placer = std::function<void(std::size_t first, const std::vector<uint8_t>& statuses,
-                                    const std::vector<uint64_t>& lengths, std::vector<uint8_t*>* dest)>;
+  // See ValuePlacer. Used by get() to allocate Python bytes of the exact size under the GIL.
+  using Placer = ValuePlacer;
 
   // Statuses: OK (value landed and its checksum matched), NOT_FOUND, TOO_LARGE (value longer
   // than its buffer: drained, buffer untouched), CHECKSUM_MISMATCH (bytes landed but are bad),
@@ -139,6 +128,8 @@ class TcpConnection {
   void recv_vec(::iovec* iov, std::size_t iovcnt, const Deadline& dl);
   void wait_fd(short events, const Deadline& dl);
   proto::Header recv_reply(uint8_t op, uint64_t request_id, const Deadline& dl);
+  // Sends a request whose payload is one contiguous buffer; returns its request id.
+  uint64_t send_request(proto::Op op, uint32_t count, const std::vector<uint8_t>& payload, const Deadline& dl);
   // Sends a request whose payload is one contiguous buffer and reads the reply payload.
   std::vector<uint8_t> simple_call(proto::Op op, uint32_t count, const std::vector<uint8_t>& payload,
                                    const Deadline& dl, proto::Header* reply_header = nullptr);
@@ -160,7 +151,5 @@ class TcpConnection {
   std::atomic<bool> broken_{false};
   std::mutex mu_;  // one call at a time; the stream is strictly request/reply ordered
 };
-
-void validate_key(std::string_view key, std::size_t index, uint32_t max_key_len);
 
 }  // namespace membrain

@@ -8,13 +8,10 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "common/checksum.h"
-
 namespace membrain::ucx {
 
 using proto::Header;
 using proto::Op;
-using proto::Status;
 
 namespace {
 constexpr uint64_t kMaxSmallReply = 64ull << 20;  // STATS JSON and the like
@@ -413,17 +410,7 @@ Header UcxConnection::check_reply(uint8_t op, uint64_t request_id, std::size_t e
   const Incoming& in = *in_;
   if (in.header.size() < proto::kHeaderBytes) fail("reply AM header too short");
   Header h;
-  const auto err = proto::decode_header(in.header.data(), &h);
-  if (err != proto::HeaderError::kNone) fail(std::string("bad reply header: ") + proto::header_error_name(err));
-  if (h.opcode != (op | proto::kReplyBit)) {
-    fail(std::string("reply opcode ") + proto::op_name(h.opcode) + " does not answer " + proto::op_name(op));
-  }
-  if (h.request_id != request_id) {
-    fail("reply for request " + std::to_string(h.request_id) + ", expected " + std::to_string(request_id));
-  }
-  if (h.status != static_cast<uint32_t>(Status::kOk)) {
-    fail(std::string(proto::op_name(op)) + " refused by server: " + proto::status_name(static_cast<uint8_t>(h.status)));
-  }
+  if (auto why = check_reply_header(in.header.data(), op, request_id, &h); !why.empty()) fail(why);
   if (in.header.size() != proto::kHeaderBytes + ext_len) fail("reply AM header has an unexpected length");
   const bool split_get = op == static_cast<uint8_t>(Op::kGet) && in.len == 0;  // values follow as value AMs
   if (!split_get && h.payload_len != ext_len + in.len) fail("reply payload_len does not match the bytes carried");
@@ -438,37 +425,28 @@ std::vector<uint8_t> UcxConnection::reply_body(Clock::time_point dl) {
   return out;
 }
 
-std::vector<uint8_t> UcxConnection::simple_call(Op op, uint32_t count, const std::vector<uint8_t>& payload,
-                                                Clock::time_point dl) {
-  Header h;
-  h.opcode = static_cast<uint8_t>(op);
-  h.request_id = next_id_++;
-  h.count = count;
-  h.payload_len = payload.size();
+uint64_t UcxConnection::send_request(Op op, uint32_t count, const std::vector<uint8_t>& payload,
+                                     Clock::time_point dl) {
+  const Header h = request_header(op, next_id_++, count, payload.size());
   std::vector<uint8_t> hdr(proto::kHeaderBytes);
   proto::encode_header(h, hdr.data());
   expect_id_ = h.request_id;
   send_and_wait(hdr, {{payload.data(), payload.size()}}, dl);
-  check_reply(h.opcode, h.request_id, 0);
+  return h.request_id;
+}
+
+std::vector<uint8_t> UcxConnection::simple_call(Op op, uint32_t count, const std::vector<uint8_t>& payload,
+                                                Clock::time_point dl) {
+  const uint64_t request_id = send_request(op, count, payload, dl);
+  check_reply(static_cast<uint8_t>(op), request_id, 0);
   return reply_body(dl);
 }
 
 void UcxConnection::hello(Clock::time_point dl) {
-  const std::string token = opts_.auth_token.value_or("");
-  std::vector<uint8_t> payload(4 + opts_.ns.size() + token.size());
-  proto::put_u16(payload.data(), static_cast<uint16_t>(opts_.ns.size()));
-  proto::put_u16(payload.data() + 2, static_cast<uint16_t>(token.size()));
-  std::memcpy(payload.data() + 4, opts_.ns.data(), opts_.ns.size());
-  if (!token.empty()) std::memcpy(payload.data() + 4 + opts_.ns.size(), token.data(), token.size());
+  const auto payload = hello_payload(opts_.ns, opts_.auth_token.value_or(""));
   std::lock_guard<std::mutex> lock(mu_);
   const auto reply = simple_call(Op::kHello, 0, payload, dl);
-  if (reply.size() < 32) fail("HELLO reply too short (" + std::to_string(reply.size()) + " bytes)");
-  const uint32_t version = proto::get_u32(reply.data());
-  if (version != proto::kVersion) fail("server speaks protocol version " + std::to_string(version));
-  limits_.max_batch = std::max<uint32_t>(1, proto::get_u32(reply.data() + 4));
-  limits_.max_key_len = proto::get_u32(reply.data() + 8);
-  limits_.max_value_bytes = proto::get_u64(reply.data() + 16);
-  limits_.max_payload_bytes = proto::get_u64(reply.data() + 24);
+  if (auto why = parse_hello_reply(reply, &limits_); !why.empty()) fail(why);
 }
 
 std::vector<std::pair<std::size_t, std::size_t>> UcxConnection::chunks(const std::vector<std::string_view>& keys,
@@ -501,143 +479,76 @@ std::vector<std::pair<std::size_t, std::size_t>> UcxConnection::chunks(const std
 
 std::vector<uint8_t> UcxConnection::put(const std::vector<std::string_view>& keys,
                                         const std::vector<ConstSpan>& values, int timeout_ms) {
-  if (keys.size() != values.size()) {
-    throw std::invalid_argument("put: " + std::to_string(keys.size()) + " keys but " +
-                                std::to_string(values.size()) + " values");
-  }
-  for (std::size_t i = 0; i < keys.size(); ++i) validate_key(keys[i], i, limits_.max_key_len);
+  const PutPlan plan = plan_put(keys, values, limits_);
   std::lock_guard<std::mutex> lock(mu_);
   const auto dl = Clock::now() + std::chrono::milliseconds(timeout_ms);
-  std::vector<uint8_t> status(keys.size(), static_cast<uint8_t>(Status::kTooLarge));
-  std::vector<std::size_t> send_idx;
-  std::vector<std::string_view> send_keys;
-  std::vector<std::size_t> send_sizes;
-  for (std::size_t i = 0; i < keys.size(); ++i) {
-    const uint64_t frame = proto::kPutItemBytes + keys[i].size() + values[i].size;
-    if (values[i].size > limits_.max_value_bytes || frame > limits_.max_payload_bytes) continue;
-    send_idx.push_back(i);
-    send_keys.push_back(keys[i]);
-    send_sizes.push_back(values[i].size);
-  }
+  std::vector<uint8_t> status = put_statuses(keys.size());
   std::vector<uint8_t> meta;
   std::vector<ConstSpan> data;
-  for (const auto& [b, e] : chunks(send_keys, &send_sizes, proto::kPutItemBytes, proto::kPutItemBytes)) {
-    const uint32_t n = static_cast<uint32_t>(e - b);
-    std::size_t key_bytes = 0;
-    uint64_t value_bytes = 0;
-    for (std::size_t j = b; j < e; ++j) {
-      key_bytes += send_keys[j].size();
-      value_bytes += send_sizes[j];
-    }
-    // AM header: frame header, item table, keys. AM data: the values, from the caller's memory.
-    meta.assign(proto::kHeaderBytes + proto::kPutItemBytes * n + key_bytes, 0);
-    Header h;
-    h.opcode = static_cast<uint8_t>(Op::kPut);
-    h.request_id = next_id_++;
-    h.count = n;
-    h.payload_len = proto::kPutItemBytes * n + key_bytes + value_bytes;
-    proto::encode_header(h, meta.data());
-    uint8_t* table = meta.data() + proto::kHeaderBytes;
-    uint8_t* kp = table + proto::kPutItemBytes * n;
+  for (const auto& [b, e] : chunks(plan.keys, &plan.sizes, proto::kPutItemBytes, proto::kPutItemBytes)) {
+    const uint64_t request_id = next_id_++;
+    // AM header: frame header, item table, keys. AM data: the values, from the caller's memory;
+    // past kInlineValueBytes they travel as one value AM each instead.
+    const bool split = encode_put_meta(plan, b, e, request_id, &meta) > kInlineValueBytes;
     data.clear();
-    const bool split = value_bytes > kInlineValueBytes;
     std::vector<std::pair<uint32_t, ConstSpan>> split_values;
     for (std::size_t j = b; j < e; ++j) {
-      const ConstSpan& v = values[send_idx[j]];
-      uint8_t* row = table + proto::kPutItemBytes * (j - b);
-      proto::put_u16(row, static_cast<uint16_t>(send_keys[j].size()));
-      proto::put_u64(row + 8, v.size);
-      proto::put_u64(row + 16, checksum64(v.data, v.size));
-      std::memcpy(kp, send_keys[j].data(), send_keys[j].size());
-      kp += send_keys[j].size();
+      const ConstSpan& v = plan.values[j];
       if (!split) {
         data.push_back(v);
       } else if (v.size) {
         split_values.emplace_back(static_cast<uint32_t>(j - b), v);
       }
     }
-    expect_id_ = h.request_id;
-    send_and_wait(meta, data, dl, split ? &split_values : nullptr, h.request_id);
-    check_reply(h.opcode, h.request_id, 0);
+    expect_id_ = request_id;
+    send_and_wait(meta, data, dl, split ? &split_values : nullptr, request_id);
+    check_reply(static_cast<uint8_t>(Op::kPut), request_id, 0);
     const auto st = reply_body(dl);
-    if (st.size() != n) fail("PUT reply carries " + std::to_string(st.size()) + " statuses for " + std::to_string(n) + " items");
-    for (std::size_t j = b; j < e; ++j) status[send_idx[j]] = st[j - b];
+    if (auto why = check_status_count(Op::kPut, st.size(), e - b); !why.empty()) fail(why);
+    for (std::size_t j = b; j < e; ++j) status[plan.index[j]] = st[j - b];
   }
   return status;
 }
 
 std::vector<uint8_t> UcxConnection::get_with(const std::vector<std::string_view>& keys, const Placer& placer,
                                              int timeout_ms, std::vector<uint64_t>* lengths) {
-  for (std::size_t i = 0; i < keys.size(); ++i) validate_key(keys[i], i, limits_.max_key_len);
+  validate_keys(keys, limits_.max_key_len);
   std::lock_guard<std::mutex> lock(mu_);
   const auto dl = Clock::now() + std::chrono::milliseconds(timeout_ms);
-  std::vector<uint8_t> status(keys.size(), static_cast<uint8_t>(Status::kNotFound));
-  if (lengths) lengths->assign(keys.size(), 0);
-  std::vector<uint8_t> req, scratch;
+  std::vector<uint8_t> status = get_statuses(keys.size(), lengths);
+  std::vector<uint8_t> scratch;
+  GetFrame f;
   for (const auto& [b, e] : chunks(keys, nullptr, 2, proto::kGetItemBytes)) {
     const uint32_t n = static_cast<uint32_t>(e - b);
-    req.clear();
-    std::vector<std::string_view> part(keys.begin() + b, keys.begin() + e);
-    proto::append_key_list(part, &req);
-    Header h;
-    h.opcode = static_cast<uint8_t>(Op::kGet);
-    h.request_id = next_id_++;
-    h.count = n;
-    h.payload_len = req.size();
-    std::vector<uint8_t> hdr(proto::kHeaderBytes);
-    proto::encode_header(h, hdr.data());
-    expect_id_ = h.request_id;
-    send_and_wait(hdr, {{req.data(), req.size()}}, dl);
+    const uint64_t request_id = send_request(Op::kGet, n, key_list_payload(keys, b, e), dl);
     // Reply: AM header = frame header + item table; AM data = the hits' values.
-    const uint64_t table_bytes = uint64_t(proto::kGetItemBytes) * n;
-    const Header r = check_reply(h.opcode, h.request_id, table_bytes);
-    if (r.count != n) fail("GET reply does not carry an item table for " + std::to_string(n) + " keys");
+    const Header r = check_reply(static_cast<uint8_t>(Op::kGet), request_id, uint64_t(proto::kGetItemBytes) * n);
+    if (auto why = check_get_reply(r, n); !why.empty()) fail(why);
     const uint8_t* table = in_->header.data() + proto::kHeaderBytes;
-    std::vector<uint8_t> st(n);
-    std::vector<uint64_t> len(n), sum(n);
-    uint64_t value_bytes = 0;
-    for (uint32_t j = 0; j < n; ++j) {
-      const uint8_t* row = table + proto::kGetItemBytes * j;
-      st[j] = row[0];
-      len[j] = proto::get_u64(row + 8);
-      sum[j] = proto::get_u64(row + 16);
-      if (st[j] != static_cast<uint8_t>(Status::kOk)) len[j] = 0;
-      value_bytes += len[j];
-    }
-    const bool split = in_->len == 0 && value_bytes > 0;  // values follow as value AMs
-    if ((!split && value_bytes != in_->len) || r.payload_len != table_bytes + value_bytes) {
-      fail("GET reply length does not match its item table");
-    }
-    std::vector<uint8_t*> dest(n, nullptr);
-    placer(b, st, len, &dest);
+    // With the values inline, check_reply has matched payload_len to the bytes carried, so
+    // this also proves they are exactly the hits' values.
+    if (auto why = parse_get_table(r, table, n, b, &f); !why.empty()) fail(why);
+    const bool split = in_->len == 0 && f.value_bytes > 0;  // values follow as value AMs
+    place_values(placer, &f);
     std::vector<ConstSpan> spans;
     uint64_t drain = 0;
     for (uint32_t j = 0; j < n; ++j) {
-      if (len[j] && !dest[j]) drain = std::max(drain, len[j]);
+      if (f.length[j] && !f.dest[j]) drain = std::max(drain, f.length[j]);
     }
     if (drain > scratch.size()) scratch.resize(drain);  // values we must consume but not keep
     std::vector<std::pair<uint32_t, ConstSpan>> split_dests;
     for (uint32_t j = 0; j < n; ++j) {
-      if (len[j] == 0) continue;
-      spans.push_back({dest[j] ? dest[j] : scratch.data(), len[j]});
+      if (f.length[j] == 0) continue;
+      spans.push_back({f.dest[j] ? f.dest[j] : scratch.data(), f.length[j]});
       split_dests.emplace_back(j, spans.back());
     }
     if (split) {
-      recv_split(h.request_id, split_dests, dl);
+      recv_split(request_id, split_dests, dl);
     } else if (!spans.empty()) {
       recv_data(std::move(spans), dl);
     }
     release_incoming();
-    for (uint32_t j = 0; j < n; ++j) {
-      uint8_t s = st[j];
-      if (s == static_cast<uint8_t>(Status::kOk) && len[j] > 0 && !dest[j]) {
-        s = static_cast<uint8_t>(Status::kTooLarge);
-      } else if (s == static_cast<uint8_t>(Status::kOk) && checksum64(dest[j], len[j]) != sum[j]) {
-        s = static_cast<uint8_t>(Status::kChecksumMismatch);
-      }
-      status[b + j] = s;
-      if (lengths) (*lengths)[b + j] = len[j];
-    }
+    settle_values(f, 0, n, &status, lengths);
   }
   return status;
 }
@@ -645,53 +556,31 @@ std::vector<uint8_t> UcxConnection::get_with(const std::vector<std::string_view>
 std::vector<uint8_t> UcxConnection::get_into(const std::vector<std::string_view>& keys,
                                              const std::vector<MutSpan>& buffers, int timeout_ms,
                                              std::vector<uint64_t>* lengths) {
-  if (keys.size() != buffers.size()) {
-    throw std::invalid_argument("get_into: " + std::to_string(keys.size()) + " keys but " +
-                                std::to_string(buffers.size()) + " buffers");
-  }
-  static uint8_t empty_sink;
-  auto placer = [&](std::size_t first, const std::vector<uint8_t>&, const std::vector<uint64_t>& len,
-                    std::vector<uint8_t*>* dest) {
-    for (std::size_t j = 0; j < len.size(); ++j) {
-      const MutSpan& buf = buffers[first + j];
-      if (len[j] <= buf.size) (*dest)[j] = buf.data ? buf.data : &empty_sink;
-    }
-  };
-  return get_with(keys, placer, timeout_ms, lengths);
+  return get_with(keys, buffer_placer(keys, buffers), timeout_ms, lengths);
 }
-
-namespace {
-std::vector<uint8_t> key_payload(const std::vector<std::string_view>& keys, std::size_t b, std::size_t e) {
-  std::vector<uint8_t> out;
-  std::vector<std::string_view> part(keys.begin() + b, keys.begin() + e);
-  proto::append_key_list(part, &out);
-  return out;
-}
-}  // namespace
 
 std::vector<uint8_t> UcxConnection::exists(const std::vector<std::string_view>& keys, int timeout_ms) {
-  for (std::size_t i = 0; i < keys.size(); ++i) validate_key(keys[i], i, limits_.max_key_len);
+  validate_keys(keys, limits_.max_key_len);
   std::lock_guard<std::mutex> lock(mu_);
   const auto dl = Clock::now() + std::chrono::milliseconds(timeout_ms);
   std::vector<uint8_t> out;
   for (const auto& [b, e] : chunks(keys, nullptr, 2, 0)) {
-    const auto st = simple_call(Op::kExists, static_cast<uint32_t>(e - b), key_payload(keys, b, e), dl);
-    if (st.size() != e - b) fail("EXISTS reply carries " + std::to_string(st.size()) + " statuses");
+    const auto st = simple_call(Op::kExists, static_cast<uint32_t>(e - b), key_list_payload(keys, b, e), dl);
+    if (auto why = check_status_count(Op::kExists, st.size(), e - b); !why.empty()) fail(why);
     out.insert(out.end(), st.begin(), st.end());
   }
   return out;
 }
 
 uint32_t UcxConnection::lookup_prefix(const std::vector<std::string_view>& keys, int timeout_ms) {
-  for (std::size_t i = 0; i < keys.size(); ++i) validate_key(keys[i], i, limits_.max_key_len);
+  validate_keys(keys, limits_.max_key_len);
   std::lock_guard<std::mutex> lock(mu_);
   const auto dl = Clock::now() + std::chrono::milliseconds(timeout_ms);
   uint32_t total = 0;
   for (const auto& [b, e] : chunks(keys, nullptr, 2, 0)) {
-    const auto r = simple_call(Op::kLookupPrefix, static_cast<uint32_t>(e - b), key_payload(keys, b, e), dl);
-    if (r.size() != 4) fail("LOOKUP_PREFIX reply is " + std::to_string(r.size()) + " bytes, expected 4");
-    const uint32_t n = proto::get_u32(r.data());
-    if (n > e - b) fail("LOOKUP_PREFIX reply counts more keys than were asked");
+    uint32_t n = 0;
+    const auto r = simple_call(Op::kLookupPrefix, static_cast<uint32_t>(e - b), key_list_payload(keys, b, e), dl);
+    if (auto why = parse_lookup_prefix_reply(r, e - b, &n); !why.empty()) fail(why);
     total += n;
     if (n < e - b) break;
   }
@@ -699,14 +588,15 @@ uint32_t UcxConnection::lookup_prefix(const std::vector<std::string_view>& keys,
 }
 
 uint32_t UcxConnection::del(const std::vector<std::string_view>& keys, int timeout_ms) {
-  for (std::size_t i = 0; i < keys.size(); ++i) validate_key(keys[i], i, limits_.max_key_len);
+  validate_keys(keys, limits_.max_key_len);
   std::lock_guard<std::mutex> lock(mu_);
   const auto dl = Clock::now() + std::chrono::milliseconds(timeout_ms);
   uint32_t total = 0;
   for (const auto& [b, e] : chunks(keys, nullptr, 2, 0)) {
-    const auto r = simple_call(Op::kDelete, static_cast<uint32_t>(e - b), key_payload(keys, b, e), dl);
-    if (r.size() != 4) fail("DELETE reply is " + std::to_string(r.size()) + " bytes, expected 4");
-    total += proto::get_u32(r.data());
+    uint32_t n = 0;
+    const auto r = simple_call(Op::kDelete, static_cast<uint32_t>(e - b), key_list_payload(keys, b, e), dl);
+    if (auto why = parse_delete_reply(r, &n); !why.empty()) fail(why);
+    total += n;
   }
   return total;
 }

@@ -21,7 +21,8 @@
 #include <vector>
 
 #include "transport/protocol.h"
-#include "transport/tcp_connection.h"  // TransportError, ConstSpan, MutSpan, Options/Placer shapes
+#include "transport/request_codec.h"  // ConstSpan, MutSpan, ValuePlacer
+#include "transport/tcp_connection.h"  // TransportError, Options
 #include "transport/ucx/ucx_core.h"
 
 namespace membrain::ucx {
@@ -94,6 +95,9 @@ class UcxConnection {
   std::vector<uint8_t> reply_body(Clock::time_point dl);
   void release_incoming();
   proto::Header check_reply(uint8_t op, uint64_t request_id, std::size_t ext_len);
+  // Sends a request whose payload is one contiguous buffer and waits for its reply AM;
+  // returns its request id.
+  uint64_t send_request(proto::Op op, uint32_t count, const std::vector<uint8_t>& payload, Clock::time_point dl);
   std::vector<uint8_t> simple_call(proto::Op op, uint32_t count, const std::vector<uint8_t>& payload,
                                    Clock::time_point dl);
   std::vector<std::pair<std::size_t, std::size_t>> chunks(const std::vector<std::string_view>& keys,
