@@ -174,6 +174,23 @@ def _hdr(op: int, rid: int, count: int, plen: int, magic: int = 0x4E52424D, vers
     return h + struct.pack("<I", _native.checksum64(h) & 0xFFFFFFFF)
 
 
+def test_peer_failure_handling_still_gets_shared_memory_lanes(srv, tls, monkeypatch):
+    # The default endpoint mode handles peer failure (a dead server is an error, never an
+    # abort). UCX only allows shared memory and CMA under that mode when the membrain context
+    # enables their failure support; without it one host talks over TCP loopback.
+    monkeypatch.delenv("MEMBRAIN_UCX_ERR_MODE", raising=False)
+    c = _ucx(srv)
+    info = c.transport_info
+    assert "lane[" in info, info
+    if tls == "tcp":
+        assert "tcp" in info and "sysv" not in info and "cma" not in info, info
+    else:
+        assert ("sysv" in info or "posix" in info) and "cma" in info, info
+    value = os.urandom(4 * MiB)  # moves by rendezvous over those lanes
+    assert c.put([b"lanes"], [value]) == [0]
+    assert c.get([b"lanes"]) == [value]
+
+
 def _status(reply: bytes) -> int:
     return struct.unpack_from("<I", reply, 20)[0]
 

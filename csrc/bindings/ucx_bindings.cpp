@@ -43,7 +43,11 @@ void register_ucx(py::module_& m) {
           },
           py::arg("am_header"), py::arg("data"), py::arg("timeout_ms") = py::none(),
           "Test hook: send one request AM verbatim; returns the raw reply (header, extension, data).")
-      .def_property_readonly("am_header_cap", [](Py& c) { return c.conn().am_header_cap(); });
+      .def_property_readonly("am_header_cap", [](Py& c) { return c.conn().am_header_cap(); })
+      .def_property_readonly(
+          "transport_info", [](Py& c) { return c.conn().transport_info(); },
+          "UCX's description of this connection's lanes (ucp_ep_print_info): which transports "
+          "(tcp, sysv/posix shared memory, cma, rc/ud verbs ...) carry messages and rendezvous.");
 }
 
 }  // namespace membrain::bindings

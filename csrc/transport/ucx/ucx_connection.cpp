@@ -72,6 +72,27 @@ UcxConnection::UcxConnection(Options options) : opts_(std::move(options)), in_(s
     throw TransportError(where + ": " + e.what());
   }
   hello(dl);
+  // No value may travel by rendezvous before wireup has settled (see Endpoint::flush).
+  std::lock_guard<std::mutex> lock(mu_);
+  const ucs_status_t st = ep_.flush(dl);
+  if (st != UCS_OK) {
+    broken_ = true;
+    throw TransportError(where + ": endpoint did not settle after HELLO: " + ucs_status_string(st));
+  }
+}
+
+std::string UcxConnection::transport_info() {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_usable();
+  char* text = nullptr;
+  std::size_t len = 0;
+  FILE* f = ::open_memstream(&text, &len);
+  if (!f) return {};
+  ucp_ep_print_info(ep_.get(), f);
+  std::fclose(f);
+  std::string out(text ? text : "", len);
+  std::free(text);
+  return out;
 }
 
 UcxConnection::~UcxConnection() {

@@ -62,6 +62,9 @@ class UcxConnection {
   uint16_t port() const { return opts_.port; }
   // Largest frame meta (header + table + keys) sent in one AM header.
   std::size_t am_header_cap() const { return am_cap_; }
+  // UCX's description of this endpoint's lanes (which transport carries what), as printed by
+  // ucp_ep_print_info; for operators and tests checking that shared memory or RDMA is in use.
+  std::string transport_info();
 
  private:
   using Req = Completion;

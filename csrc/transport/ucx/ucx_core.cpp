@@ -32,6 +32,23 @@ struct ConfigGuard {
     if (cfg) ucp_config_release(cfg);
   }
 };
+
+// Sets an environment variable the user has not set, for one scope.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (!std::getenv(name)) set_ = ::setenv(name, value, 0) == 0;
+  }
+  ~ScopedEnv() {
+    if (set_) ::unsetenv(name_);
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
+  bool set_ = false;
+};
 }  // namespace
 
 std::shared_ptr<Context> Context::create(const char* name, bool server) {
@@ -41,6 +58,18 @@ std::shared_ptr<Context> Context::create(const char* name, bool server) {
     // TIME_WAIT. Not every UCX accepts transport options here: then the default stays.
     (void)ucp_config_modify(cfg.cfg, "CM_REUSEADDR", "y");
   }
+  // Endpoints use peer-failure handling (err_mode_from_env), and UCX only picks transports
+  // that claim to support it. Shared memory (sysv/posix) claims it only with MM_ERROR_HANDLING
+  // (peer death is then found by the connection manager's socket and by keepalive), and CMA
+  // is allowed for rendezvous only with CMA_MEMORY_INVALIDATE. Without both, two processes on
+  // one host talk over TCP loopback; with them, large values move by one process_vm_readv.
+  // UCX's own CI runs its error-handling tests this way. The user's environment wins.
+  if (!std::getenv("UCX_MM_ERROR_HANDLING")) (void)ucp_config_modify(cfg.cfg, "MM_ERROR_HANDLING", "y");
+  // CMA's option belongs to its memory domain, which ucp_config_modify cannot reach (UCX warns
+  // "invalid configuration" and ignores it); memory domains read the environment during
+  // ucp_init, so it is set there for that call only and other UCX users in the process
+  // (e.g. another KV connector) keep their own configuration.
+  ScopedEnv cma("UCX_CMA_MEMORY_INVALIDATE", "y");
   ucp_params_t p{};
   p.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED | UCP_PARAM_FIELD_NAME;
   p.features = UCP_FEATURE_AM | UCP_FEATURE_WAKEUP | UCP_FEATURE_RMA;
@@ -127,6 +156,13 @@ void Endpoint::close(bool force, int timeout_ms) {
   p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
   p.flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
   ucs_status_ptr_t req = ucp_ep_close_nbx(h_, &p);
+  if (force && UCS_PTR_IS_ERR(req)) {
+    // UCX refuses a forced close unless the endpoint has peer-failure handling
+    // (MEMBRAIN_UCX_ERR_MODE=none); forgetting the handle then would leave the endpoint open
+    // with its error callback still pointing at our owner. Close it by flushing instead.
+    p.flags = 0;
+    req = ucp_ep_close_nbx(h_, &p);
+  }
   h_ = nullptr;
   if (req == nullptr || UCS_PTR_IS_ERR(req)) return;
   const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
@@ -141,6 +177,23 @@ void Endpoint::close(bool force, int timeout_ms) {
     ucp_request_cancel(worker_->get(), req);
   }
   ucp_request_free(req);
+}
+
+ucs_status_t Endpoint::flush(Clock::time_point deadline) {
+  if (!h_) return UCS_ERR_NOT_CONNECTED;
+  ucp_request_param_t p{};
+  ucs_status_ptr_t req = ucp_ep_flush_nbx(h_, &p);
+  if (req == nullptr) return UCS_OK;
+  if (UCS_PTR_IS_ERR(req)) return UCS_PTR_STATUS(req);
+  while (ucp_request_check_status(req) == UCS_INPROGRESS) {
+    if (!worker_->progress_all()) {
+      if (Clock::now() >= deadline) break;
+      worker_->wait_event(std::max(1, ms_until(deadline, 10)));
+    }
+  }
+  const ucs_status_t st = ucp_request_check_status(req);
+  ucp_request_free(req);  // still in flight on timeout: UCX releases it when it completes
+  return st == UCS_INPROGRESS ? UCS_ERR_TIMED_OUT : st;
 }
 
 void Completion::on_send(void*, ucs_status_t st, void* user) {

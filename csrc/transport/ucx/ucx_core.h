@@ -102,6 +102,16 @@ class Endpoint {
   ucp_ep_h get() const { return h_; }
   explicit operator bool() const { return h_ != nullptr; }
   void close(bool force, int timeout_ms);
+  // Waits (progressing the worker) until everything sent so far has completed - which also
+  // means the endpoint's wireup has finished. Returns the status, UCS_ERR_TIMED_OUT past
+  // `deadline`.
+  //
+  // Why it matters: an endpoint made from a sockaddr starts on TCP lanes and switches to
+  // shared-memory lanes during wireup. A rendezvous send posted before the switch is packed
+  // for the old configuration and trips an assertion inside UCX 1.13 (rndv.c:168, assertions
+  // are compiled into Debian's build), aborting the process. So no large send goes out on an
+  // endpoint before one flush of it has completed.
+  ucs_status_t flush(Clock::time_point deadline);
   // Hands the handle over without closing it (the caller closes it asynchronously).
   ucp_ep_h release() {
     ucp_ep_h e = h_;
@@ -162,10 +172,11 @@ struct Completion {
 };
 
 // Endpoint error-handling mode from MEMBRAIN_UCX_ERR_MODE: "peer" (default) or "none".
-// "peer" adds UCX's own failure detection (keepalive, reset notification) and restricts
-// transports to those that support it; UCX 1.13 then uses no shared-memory lanes on one host.
-// "none" lets same-host traffic use shm/CMA, but UCX may abort the process on a transport
-// error (seen: a client aborted when its server was killed and restarted), so it is opt-in.
+// "peer" adds UCX's own failure detection (keepalive, reset notification): a dead peer is an
+// error callback, never an abort, and forced closes are allowed. It restricts transports to
+// those that support it; Context::create enables that support for shared memory and CMA, so
+// one host still gets shm lanes. "none" has no failure detection (a rendezvous send to a dead
+// peer never completes, forced close is refused), so it is only an explicit opt-in.
 ucp_err_handling_mode_t err_mode_from_env();
 
 // Fills a sockaddr_storage for host:port (numeric or resolvable IPv4/IPv6); throws UcxError.

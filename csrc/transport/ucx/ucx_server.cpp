@@ -109,6 +109,10 @@ struct Conn {
   int sends = 0;         // replies not yet completed
   bool closing = false;  // an error reply is queued: close once it is sent
   bool dead = false;     // the peer is gone: force-close
+  // Wireup: until the flush posted at accept has completed, replies go eagerly (no
+  // rendezvous), see Endpoint::flush for the UCX assertion this avoids.
+  void* flush_req = nullptr;
+  bool settled = false;
   Clock::time_point closing_since{};
   Clock::time_point last_activity = Clock::now();
 };
@@ -328,6 +332,11 @@ class Impl final : public UcxServer {
     auto c = std::make_unique<Conn>();
     c->ep = ep;
     c->authed = ctx_.config.auth_token.empty();
+    ucp_request_param_t fp{};
+    ucs_status_ptr_t fr = ucp_ep_flush_nbx(ep, &fp);
+    if (fr == nullptr) c->settled = true;
+    else if (UCS_PTR_IS_ERR(fr)) c->dead = true;
+    else c->flush_req = fr;
     conns_.emplace(ep, std::move(c));
     ctx_.counters.connections_current.fetch_add(1, std::memory_order_relaxed);
     Counters::inc(ctx_.counters.connections_total);
@@ -341,6 +350,7 @@ class Impl final : public UcxServer {
     if (it == conns_.end()) return;
     std::unique_ptr<Conn> c = std::move(it->second);
     conns_.erase(it);
+    forget_flush(*c);
     for (auto& in : c->inbox) release(in);
     c->inbox.clear();
     ctx_.counters.connections_current.fetch_sub(1, std::memory_order_relaxed);
@@ -720,10 +730,30 @@ class Impl final : public UcxServer {
     }
   }
 
+  // Whether the accept-time flush has completed (then rendezvous sends are safe).
+  static bool settle(Conn& c) {
+    if (!c.settled && c.flush_req && ucp_request_check_status(c.flush_req) != UCS_INPROGRESS) {
+      ucp_request_free(c.flush_req);
+      c.flush_req = nullptr;
+      c.settled = true;  // on error the endpoint is failing anyway; its sends will say so
+    }
+    return c.settled;
+  }
+
+  static void forget_flush(Conn& c) {
+    if (c.flush_req) ucp_request_free(c.flush_req);  // UCX releases it when it completes
+    c.flush_req = nullptr;
+  }
+
   void post(Conn& c, std::unique_ptr<SendOp> s, uint16_t am_id) {
     if (c.dead) return;
     ucp_request_param_t p{};
     p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_DATATYPE;
+    if (!settle(c)) {
+      // A client may send GET the moment it is connected, before wireup has finished.
+      p.op_attr_mask |= UCP_OP_ATTR_FIELD_FLAGS;
+      p.flags = UCP_AM_SEND_FLAG_EAGER;
+    }
     p.cb.send = &Completion::on_send;
     p.user_data = &s->done;
     const void* buf = nullptr;
@@ -767,6 +797,7 @@ class Impl final : public UcxServer {
     // Outstanding receives and sends complete (with errors) once their endpoints are closed.
     for (ucp_ep_h ep : eps) {
       auto it = conns_.find(ep);
+      forget_flush(*it->second);
       for (auto& in : it->second->inbox) release(in);
       it->second->inbox.clear();
       ucp_request_param_t p{};
