@@ -1,6 +1,7 @@
 """native_info() facts and XXH3-64 checksums."""
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -33,6 +34,23 @@ def test_checksum_known_vector_and_sensitivity():
     data[31337] ^= 1
     assert membrain.checksum64(data) != h
     assert membrain.checksum64(b"abc", seed=1) != membrain.checksum64(b"abc")
+
+
+@pytest.mark.parametrize("size", [0, 17, 240, 241, 1024, 1025, 65536 + 7, (1 << 20) + 3])
+def test_every_checksum_implementation_agrees(size):
+    # The baseline and the AVX2 copy (where the CPU has it) must give the same XXH3, on the
+    # short-input paths and on the vectorised long-input path (> 240 bytes), with and without
+    # a seed; checksum64 uses one of them, picked at run time.
+    from membrain import _native
+
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    for seed in (0, 0x9E3779B97F4A7C15):
+        paths = _native._checksum64_all_paths(data, seed)
+        assert "base" in paths
+        if "avx2" in (open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""):
+            assert "avx2" in paths, paths
+        assert len(set(paths.values())) == 1, paths
+        assert membrain.checksum64(data, seed=seed) == paths["base"]
 
 
 def test_checksum_of_slot_and_pointer_agree():

@@ -1,4 +1,5 @@
 #include <stdexcept>
+#include <string_view>
 #include "bindings/registry.h"
 #include "common/checksum.h"
 
@@ -35,5 +36,15 @@ void register_checksum(py::module_& m) {
       },
       py::arg("ptr"), py::arg("nbytes"), py::arg("seed") = 0,
       "XXH3-64 of host memory at a raw address (for torch tensors via data_ptr()).");
+  m.def(
+      "_checksum64_all_paths",
+      [](const py::bytes& data, uint64_t seed) {
+        const std::string_view v = data;
+        py::dict out;
+        for (const auto& [name, h] : checksum64_all_paths(v.data(), v.size(), seed)) out[py::str(name)] = h;
+        return out;
+      },
+      py::arg("data"), py::arg("seed") = 0,
+      "Test hook: the XXH3-64 of `data` from each implementation usable on this CPU, by name.");
 }
 }  // namespace membrain::bindings
