@@ -430,6 +430,8 @@ def bench_ucx_vs_tcp(args: argparse.Namespace) -> int:
     try:
         eps = {"tcp": handle.endpoint, "ucx": handle.ucx_endpoint}
         print(f"server {eps['tcp']} + {eps['ucx']}  UCX_TLS={os.environ.get('UCX_TLS', '(default)')}", flush=True)
+        lanes = _ucx_lanes(handle.ucx_port)
+        print(lanes, flush=True)
         for rnd in range(max(1, args.accept_rounds)):
             for c in (1, 4):
                 res: dict[str, dict[str, float]] = {"tcp": {}, "ucx": {}}
@@ -448,8 +450,21 @@ def bench_ucx_vs_tcp(args: argparse.Namespace) -> int:
         _stop_server(handle)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine_info(), "ucx_vs_tcp": rows,
-                                               "ucx_tls": os.environ.get("UCX_TLS")}, indent=2))
+                                               "ucx_tls": os.environ.get("UCX_TLS"),
+                                               "ucx_err_mode": os.environ.get("MEMBRAIN_UCX_ERR_MODE", "peer"),
+                                               "ucx_lanes": lanes}, indent=2))
     return 0
+
+
+def _ucx_lanes(port: int) -> str:
+    """The lanes UCX picked for a client endpoint to this server (which transports are measured)."""
+    from membrain import _native
+
+    conn = _native.UcxConnection("127.0.0.1", port)
+    try:
+        return "\n".join(line for line in conn.transport_info.splitlines() if "lane[" in line)
+    finally:
+        conn.close()
 
 
 def _spawn_server(capacity: int, threads: int) -> tuple[str, Any]:
