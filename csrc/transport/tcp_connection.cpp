@@ -267,9 +267,9 @@ void TcpConnection::recv_exact(uint8_t* dst, std::size_t n, const Deadline& dl, 
   recv_vec(&iov, 1, dl, spin);
 }
 
-Header TcpConnection::recv_reply(uint8_t op, uint64_t request_id, const Deadline& dl) {
+Header TcpConnection::recv_reply(uint8_t op, uint64_t request_id, const Deadline& dl, bool spin) {
   uint8_t raw[proto::kHeaderBytes];
-  recv_exact(raw, sizeof(raw), dl, /*spin=*/true);
+  recv_exact(raw, sizeof(raw), dl, spin);
   Header h;
   if (auto why = check_reply_header(raw, op, request_id, &h); !why.empty()) fail(why);
   return h;
@@ -340,7 +340,9 @@ std::vector<uint8_t> TcpConnection::put(const std::vector<std::string_view>& key
     const InFlight f = inflight.front();
     inflight.pop_front();
     auto t = Clock::now();
-    const Header r = recv_reply(static_cast<uint8_t>(Op::kPut), f.request_id, dl);
+    // No spin: a PUT reply comes only after the server has taken in the frame's values, and a
+    // spinning client would take CPU from it when several connections share few cores.
+    const Header r = recv_reply(static_cast<uint8_t>(Op::kPut), f.request_id, dl, /*spin=*/false);
     const std::size_t n = f.end - f.begin;
     if (auto why = check_status_count(Op::kPut, r.payload_len, n); !why.empty()) fail(why);
     std::vector<uint8_t> st(n);

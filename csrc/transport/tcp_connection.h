@@ -128,7 +128,8 @@ class TcpConnection {
   void recv_exact(uint8_t* dst, std::size_t n, const Deadline& dl, bool spin = false);
   void recv_vec(::iovec* iov, std::size_t iovcnt, const Deadline& dl, bool spin = false);
   void wait_fd(short events, const Deadline& dl, bool spin = false);
-  proto::Header recv_reply(uint8_t op, uint64_t request_id, const Deadline& dl);
+  // `spin`: see reply_spin_us() in the .cpp; off for replies that wait on bulk transfers.
+  proto::Header recv_reply(uint8_t op, uint64_t request_id, const Deadline& dl, bool spin = true);
   // Sends a request whose payload is one contiguous buffer; returns its request id.
   uint64_t send_request(proto::Op op, uint32_t count, const std::vector<uint8_t>& payload, const Deadline& dl);
   // Sends a request whose payload is one contiguous buffer and reads the reply payload.

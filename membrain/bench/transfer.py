@@ -370,23 +370,21 @@ class Redis:
         raise RuntimeError("redis-server did not start")
 
     def bench(self, size: int, conns: int, seconds: float) -> dict[str, float]:
-        """SET on fresh random keys (-r) and GET of a present key, `size`-byte values, `conns`
-        clients, no pipelining. Returns GB/s per test."""
+        """SET on fresh random keys (-r) and GET spread over the working set Membrain's GET reads
+        (16 distinct values per connection, loaded first), `size`-byte values, `conns` clients,
+        no pipelining. Returns GB/s per test."""
         out: dict[str, float] = {}
         # Size n so each test lasts roughly `seconds` at ~2 GB/s, within sane bounds.
         n = int(min(200000, max(200, seconds * 2e9 / size)))
-        # GET without -r reads the literal key "key:__rand_int__": create it first (unmeasured),
-        # otherwise every GET is a tiny nil reply and the figure is meaningless.
-        # Created after the SET run (and a flush), so LRU eviction during SET cannot remove it.
-        for test, extra in (("set", ["-r", "100000"]), ("get", [])):
+        # GET without -r would read the one literal key "key:__rand_int__" again and again: a
+        # value that stays in cache, unlike the 16 x conns distinct values Membrain's GET reads.
+        # So the same number of distinct values is loaded (after the SET run and a flush, so
+        # LRU eviction cannot remove them) and GET picks among them with -r.
+        keyspace = 16 * conns
+        for test, extra in (("set", ["-r", "100000"]), ("get", ["-r", str(keyspace)])):
             if test == "get":
                 subprocess.run(["redis-cli", "-p", str(self.port), "flushall"], capture_output=True)
-                subprocess.run(["redis-benchmark", "-p", str(self.port), "-t", "set", "-d", str(size), "-n", "1",
-                                "-c", "1"], capture_output=True, timeout=60)
-                got = subprocess.run(["redis-cli", "-p", str(self.port), "strlen", "key:__rand_int__"],
-                                     capture_output=True, text=True).stdout.strip()
-                if got != str(size):
-                    raise RuntimeError(f"redis GET benchmark key missing or wrong size ({got!r})")
+                self._load(keyspace, size)
             cmd = ["redis-benchmark", "-p", str(self.port), "-t", test, "-d", str(size), "-c", str(conns), "-n", str(n),
                    "-P", "1", "--csv", *extra]
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(60, seconds * 20))
@@ -396,6 +394,26 @@ class Redis:
                     out[test.upper()] = float(cells[1]) * size / 1e9
         subprocess.run(["redis-cli", "-p", str(self.port), "flushall"], capture_output=True)
         return out
+
+    def _load(self, count: int, size: int) -> None:
+        """SETs key:000000000000 .. key:{count-1} (redis-benchmark's -r key format) to distinct
+        random `size`-byte values and checks they are all there."""
+        with socket.create_connection(("127.0.0.1", self.port), 10) as s:
+            for i in range(count):
+                key = f"key:{i:012d}".encode()
+                s.sendall(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (len(key), key, size)
+                          + os.urandom(size) + b"\r\n")
+            want, got = b"+OK\r\n" * count, b""
+            while len(got) < len(want):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+        if got != want:
+            raise RuntimeError(f"loading the Redis GET working set failed: {got[:80]!r}")
+        dbsize = subprocess.run(["redis-cli", "-p", str(self.port), "dbsize"], capture_output=True, text=True).stdout
+        if dbsize.strip() != str(count):
+            raise RuntimeError(f"Redis holds {dbsize.strip()!r} keys after loading {count}")
 
     def close(self) -> None:
         self.proc.kill()
