@@ -43,11 +43,23 @@ def _keys(payload: bytes, count: int) -> list[bytes]:
 
 class FakeServer:
     """Serves protocol v1 on 127.0.0.1 from a dict. ``corrupt_gets`` flips a byte of every
-    value sent in GET replies (the checksum stays that of the stored value)."""
+    value sent in GET replies (the checksum stays that of the stored value); ``corrupt_keys``
+    does so for those keys only. ``put_status(key)``, when given, chooses each PUT item's
+    status (non-zero: not stored). ``hold_first_put_reply`` answers the first PUT frame of a
+    connection only after the next request has arrived, so a client that waits for each PUT
+    reply before sending its next frame stalls (proving the frames are pipelined).
+    ``wrapping_get_lengths`` answers every GET with two hits whose lengths (2**64 - 16 and 32)
+    wrap around to a payload_len that matches the 16 bytes sent, as a hostile server might."""
 
-    def __init__(self, corrupt_gets: bool = False, max_batch: int = 1024, on_request: Callable[[int], None] | None = None):
+    def __init__(self, corrupt_gets: bool = False, max_batch: int = 1024, on_request: Callable[[int], None] | None = None,
+                 corrupt_keys: set[bytes] | None = None, put_status: Callable[[bytes], int] | None = None,
+                 hold_first_put_reply: bool = False, wrapping_get_lengths: bool = False):
         self.store: dict[bytes, tuple[bytes, int]] = {}
         self.corrupt_gets = corrupt_gets
+        self.corrupt_keys = corrupt_keys or set()
+        self.put_status = put_status
+        self.hold_first_put_reply = hold_first_put_reply
+        self.wrapping_get_lengths = wrapping_get_lengths
         self.max_batch = max_batch
         self.on_request = on_request
         self._lsock = socket.socket()
@@ -88,6 +100,8 @@ class FakeServer:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, sock: socket.socket) -> None:
+        held: bytes | None = None
+        hold = self.hold_first_put_reply
         try:
             while True:
                 raw = _recv_exact(sock, 40)
@@ -96,7 +110,13 @@ class FakeServer:
                 payload = _recv_exact(sock, plen) if plen else b""
                 if self.on_request:
                     self.on_request(op)
-                sock.sendall(self._handle(op, rid, count, payload))
+                reply = self._handle(op, rid, count, payload)
+                if hold and op == 2:
+                    held, hold = reply, False
+                    continue
+                if held is not None:
+                    reply, held = held + reply, None
+                sock.sendall(reply)
         except (ConnectionError, OSError, AssertionError):
             sock.close()
 
@@ -117,10 +137,16 @@ class FakeServer:
                 pos += vlen
                 if _native.checksum64(val) != cks:
                     st.append(6)
+                elif self.put_status and self.put_status(key):
+                    st.append(self.put_status(key))
                 else:
                     self.store[key] = (val, cks)
                     st.append(0)
             body = bytes(st)
+        elif op == 3 and self.wrapping_get_lengths:
+            rows = struct.pack("<B7xQQ", 0, (1 << 64) - 16, 0) + struct.pack("<B7xQQ", 0, 32, 0)
+            rows += bytes(24 * (count - 2)) if count > 2 else b""
+            body = rows + bytes(16)
         elif op == 3:  # GET
             rows, vals = bytearray(), bytearray()
             for key in _keys(payload, count):
@@ -129,7 +155,7 @@ class FakeServer:
                     rows += struct.pack("<B7xQQ", 1, 0, 0)
                 else:
                     val, cks = hit
-                    if self.corrupt_gets and val:
+                    if (self.corrupt_gets or key in self.corrupt_keys) and val:
                         val = bytes([val[0] ^ 0xFF]) + val[1:]
                     rows += struct.pack("<B7xQQ", 0, len(val), cks)
                     vals += val

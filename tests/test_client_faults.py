@@ -190,24 +190,50 @@ def test_checksum_mismatch_is_a_miss() -> None:
         good.close()
 
 
-def test_checksum_mismatch_in_every_verify_group_is_a_miss() -> None:
-    # The client verifies GET values group by group as they land (about 256 KiB per group);
-    # corruption in any group, first or last, must be reported and the stream stay in sync.
+def test_checksum_mismatch_in_first_and_last_verify_group_only() -> None:
+    # The client verifies GET values group by group as they land (about 256 KiB per group).
+    # Corrupting one value in the first group and one in the last must flag exactly those two:
+    # verifying a group before its bytes have landed would flag the others too, and skipping a
+    # group would miss one.
     from fake_server import FakeServer
 
-    bad = FakeServer(corrupt_gets=True)
+    sizes = [200 << 10] * 5 + [7, 300 << 10]
+    keys = [f"g{i}".encode() for i in range(len(sizes))]
+    bad = FakeServer(corrupt_keys={keys[0], keys[-1]})
     try:
         conn = _native.Connection("127.0.0.1", bad.port)
-        sizes = [200 << 10] * 5 + [7, 300 << 10]
-        keys = [f"g{i}".encode() for i in range(len(sizes))]
-        assert conn.put(keys, [os.urandom(n) for n in sizes]) == [0] * len(keys)
+        vals = [os.urandom(n) for n in sizes]
+        assert conn.put(keys, vals) == [0] * len(keys)
         bufs = [bytearray(n) for n in sizes]
-        assert conn.get_into(keys, bufs) == [_native.STATUS_CHECKSUM_MISMATCH] * len(keys)
-        assert conn.get(keys) == [None] * len(keys)
+        mismatch = _native.STATUS_CHECKSUM_MISMATCH
+        assert conn.get_into(keys, bufs) == [mismatch] + [0] * (len(keys) - 2) + [mismatch]
+        assert [bytes(b) for b in bufs[1:-1]] == vals[1:-1]
+        assert conn.get(keys) == [None] + vals[1:-1] + [None]
         assert not conn.broken
         assert conn.exists(keys[:2]) == [0, 0]
     finally:
         bad.close()
+
+
+def test_get_lengths_that_wrap_around_break_the_connection() -> None:
+    # A hostile or corrupt server claims lengths whose sum wraps around to the bytes it sent:
+    # the client must refuse the reply (never allocate or place for it) and drop the stream.
+    from fake_server import FakeServer
+
+    liar = FakeServer(wrapping_get_lengths=True)
+    try:
+        for call in ("get", "get_into"):
+            conn = _native.Connection("127.0.0.1", liar.port, timeout_ms=2000)
+            with pytest.raises(ConnectionError, match="max_value_bytes"):
+                if call == "get":
+                    conn.get([b"a", b"b"])
+                else:
+                    conn.get_into([b"a", b"b"], [bytearray(64), bytearray(64)])
+            assert conn.broken
+        with membrain.Client(liar.endpoint, timeout_ms=2000) as c:
+            assert c.get(["a", "b"]) == [None, None]
+    finally:
+        liar.close()
 
 
 def test_batch_split_by_server_max_batch() -> None:

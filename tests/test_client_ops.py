@@ -134,9 +134,11 @@ def test_put_is_pipelined_in_frames_of_about_a_mebibyte() -> None:
     from fake_server import FakeServer
 
     ops: list[int] = []
-    srv = FakeServer(on_request=ops.append)
+    # The server answers the first PUT frame only once the next request is in: a client that
+    # waited for each reply before sending the next frame would time out here.
+    srv = FakeServer(on_request=ops.append, hold_first_put_reply=True)
     try:
-        conn = _native.Connection("127.0.0.1", srv.port)
+        conn = _native.Connection("127.0.0.1", srv.port, timeout_ms=5000)
         kib = 1024
         sizes = [256 * kib] * 8 + [3 * 1024 * kib] + [10] * 100
         keys = [f"f{i}".encode() for i in range(len(sizes))]
@@ -147,6 +149,24 @@ def test_put_is_pipelined_in_frames_of_about_a_mebibyte() -> None:
         # 3 MiB one on its own, then the small tail together.
         assert ops.count(2) == 4
         assert conn.get(keys) == vals
+    finally:
+        srv.close()
+
+
+def test_item_statuses_map_to_their_keys_across_many_frames() -> None:
+    # 40 frames of one 1 MiB value each (more than the 32 the client keeps in flight), with the
+    # server refusing every third key: each status must land on its own key.
+    from fake_server import FakeServer
+
+    refused = _native.STATUS_NO_SPACE
+    srv = FakeServer(put_status=lambda k: refused if int(k[1:]) % 3 == 0 else 0)
+    try:
+        conn = _native.Connection("127.0.0.1", srv.port, timeout_ms=20000)
+        keys = [f"s{i}".encode() for i in range(40)]
+        vals = [_val(i, 1 << 20) for i in range(40)]
+        expected = [refused if i % 3 == 0 else 0 for i in range(40)]
+        assert conn.put(keys, vals) == expected
+        assert conn.exists(keys) == [_native.STATUS_NOT_FOUND if i % 3 == 0 else 0 for i in range(40)]
     finally:
         srv.close()
 

@@ -191,6 +191,34 @@ def test_peer_failure_handling_still_gets_shared_memory_lanes(srv, tls, monkeypa
     assert c.get([b"lanes"]) == [value]
 
 
+def test_transport_info_while_another_thread_gets(srv):
+    # transport_info waits for the connection's lock; a GET holding that lock needs the GIL to
+    # allocate its values. Reading it with the GIL held deadlocked the whole process, so the
+    # check runs in a child that is killed if it hangs.
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import threading
+        from membrain import _native
+        c = _native.UcxConnection("127.0.0.1", {srv.ucx_port}, timeout_ms=10000)
+        keys = [b"ti%d" % i for i in range(16)]
+        assert c.put(keys, [b"v" * 100000] * 16) == [0] * 16
+        def loop():
+            for _ in range(30):
+                assert c.get(keys) == [b"v" * 100000] * 16
+        t = threading.Thread(target=loop)
+        t.start()
+        for _ in range(200):
+            assert "lane[" in c.transport_info
+        t.join()
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
 def _status(reply: bytes) -> int:
     return struct.unpack_from("<I", reply, 20)[0]
 

@@ -45,7 +45,17 @@ void register_ucx(py::module_& m) {
           "Test hook: send one request AM verbatim; returns the raw reply (header, extension, data).")
       .def_property_readonly("am_header_cap", [](Py& c) { return c.conn().am_header_cap(); })
       .def_property_readonly(
-          "transport_info", [](Py& c) { return c.conn().transport_info(); },
+          "transport_info",
+          [](Py& c) {
+            // Without the GIL: the connection's lock may be held by a call that needs the GIL
+            // to place values (a GET allocating bytes), which would deadlock.
+            std::string info;
+            {
+              py::gil_scoped_release nogil;
+              info = c.conn().transport_info();
+            }
+            return info;
+          },
           "UCX's description of this connection's lanes (ucp_ep_print_info): which transports "
           "(tcp, sysv/posix shared memory, cma, rc/ud verbs ...) carry messages and rendezvous.");
 }

@@ -6,7 +6,7 @@
 namespace membrain {
 namespace detail {
 #if defined(MEMBRAIN_XXH3_AVX2)
-unsigned long long checksum64_avx2(const void* data, unsigned long bytes, unsigned long long seed);
+uint64_t checksum64_avx2(const void* data, std::size_t bytes, uint64_t seed);
 #endif
 }  // namespace detail
 

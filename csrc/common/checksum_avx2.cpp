@@ -3,12 +3,15 @@
 // XXH_INLINE_ALL every xxhash function is static, so no AVX2 instruction can end up in an
 // inline function the linker shares with code that runs on other CPUs.
 #if defined(MEMBRAIN_XXH3_AVX2)
+#include <cstddef>
+#include <cstdint>
+
 #define XXH_INLINE_ALL
 #define XXH_VECTOR XXH_AVX2
 #include "xxhash/xxhash.h"
 
 namespace membrain::detail {
-unsigned long long checksum64_avx2(const void* data, unsigned long bytes, unsigned long long seed) {
+uint64_t checksum64_avx2(const void* data, std::size_t bytes, uint64_t seed) {
   return XXH3_64bits_withSeed(data, bytes, seed);
 }
 }  // namespace membrain::detail

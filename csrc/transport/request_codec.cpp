@@ -172,7 +172,7 @@ std::string check_get_reply(const Header& reply, uint32_t n) {
 }
 
 std::string parse_get_table(const Header& reply, const uint8_t* table, uint32_t n, std::size_t first,
-                            GetFrame* frame) {
+                            uint64_t max_value_bytes, GetFrame* frame) {
   GetFrame& f = *frame;
   f.first = first;
   f.status.resize(n);
@@ -185,6 +185,13 @@ std::string parse_get_table(const Header& reply, const uint8_t* table, uint32_t 
     f.status[j] = row[0];
     f.length[j] = f.status[j] == kOk ? proto::get_u64(row + 8) : 0;
     f.checksum[j] = proto::get_u64(row + 16);
+    // A length the server could never have stored is a corrupt or hostile reply; checking it
+    // also keeps the sum below from wrapping around to a plausible payload_len.
+    if (f.length[j] > max_value_bytes) {
+      return "GET reply item " + std::to_string(j) + " claims " + std::to_string(f.length[j]) +
+             " bytes, over the server's max_value_bytes of " + std::to_string(max_value_bytes);
+    }
+    if (f.value_bytes > UINT64_MAX - f.length[j]) return "GET reply value lengths overflow";
     f.value_bytes += f.length[j];
   }
   if (reply.payload_len != uint64_t(proto::kGetItemBytes) * n + f.value_bytes) {

@@ -85,10 +85,10 @@ struct GetFrame {
 std::vector<uint8_t> get_statuses(std::size_t batch, std::vector<uint64_t>* lengths);
 // Checked before the table is read: the reply must echo the count and have room for a table.
 std::string check_get_reply(const proto::Header& reply, uint32_t n);
-// Parses the item table of a GET reply to keys [first, first + n) and checks that the reply's
-// length is the table plus the hits' values.
+// Parses the item table of a GET reply to keys [first, first + n) and checks that no value is
+// longer than max_value_bytes and that the reply's length is the table plus the hits' values.
 std::string parse_get_table(const proto::Header& reply, const uint8_t* table, uint32_t n, std::size_t first,
-                            GetFrame* frame);
+                            uint64_t max_value_bytes, GetFrame* frame);
 // Asks the placer where values go; dest stays null for those to drain.
 void place_values(const ValuePlacer& placer, GetFrame* frame);
 // Once values [from, to) of the frame have landed: verifies them and records their statuses

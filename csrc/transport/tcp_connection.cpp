@@ -19,6 +19,7 @@
 #include <deque>
 #include <fstream>
 
+#include "common/unwind_guard.h"
 
 namespace membrain {
 
@@ -109,6 +110,11 @@ void TcpConnection::fail(const std::string& what) {
   throw TransportError(opts_.host + ":" + std::to_string(opts_.port) + ": " + what);
 }
 
+void TcpConnection::break_stream() {
+  broken_ = true;
+  fd_.reset();
+}
+
 void TcpConnection::close() {
   std::lock_guard<std::mutex> lock(mu_);
   broken_ = true;
@@ -184,7 +190,7 @@ void TcpConnection::hello() {
 static long reply_spin_us() {
   static const long us = [] {
     const char* v = std::getenv("MEMBRAIN_TCP_SPIN_US");
-    return v && *v ? std::max(0L, std::atol(v)) : 300L;
+    return v && *v ? std::clamp(std::atol(v), 0L, 100'000L) : 300L;  // at most 0.1 s
   }();
   return us;
 }
@@ -325,6 +331,7 @@ std::vector<uint8_t> TcpConnection::put(const std::vector<std::string_view>& key
                                         const std::vector<ConstSpan>& values, int timeout_ms) {
   const PutPlan plan = plan_put(keys, values, limits_);
   std::lock_guard<std::mutex> lock(mu_);
+  UnwindGuard guard([this] { break_stream(); });
   Deadline dl(timeout_ms);
   std::vector<uint8_t> status = put_statuses(keys.size());
   // One frame per ~kPutFrameBytes of values, pipelined: while the kernel's socket buffers and
@@ -380,6 +387,7 @@ std::vector<uint8_t> TcpConnection::get_with(const std::vector<std::string_view>
                                              int timeout_ms, std::vector<uint64_t>* lengths) {
   validate_keys(keys, limits_.max_key_len);
   std::lock_guard<std::mutex> lock(mu_);
+  UnwindGuard guard([this] { break_stream(); });
   Deadline dl(timeout_ms);
   std::vector<uint8_t> status = get_statuses(keys.size(), lengths);
   std::vector<uint8_t> table;
@@ -398,7 +406,7 @@ std::vector<uint8_t> TcpConnection::get_with(const std::vector<std::string_view>
     if (auto why = check_get_reply(r, n); !why.empty()) fail(why);
     table.resize(uint64_t(proto::kGetItemBytes) * n);
     recv_exact(table.data(), table.size(), dl);
-    if (auto why = parse_get_table(r, table.data(), n, b, &f); !why.empty()) fail(why);
+    if (auto why = parse_get_table(r, table.data(), n, b, limits_.max_value_bytes, &f); !why.empty()) fail(why);
     place_values(placer, &f);
     timings_.recv += since(t);  // the item table
     // Values are received a group at a time and each group is verified as soon as it has

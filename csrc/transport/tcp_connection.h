@@ -123,6 +123,7 @@ class TcpConnection {
   void connect_socket();
   void hello();
   void fail(const std::string& what);  // marks broken, throws TransportError
+  void break_stream();                 // marks broken and closes, without throwing
   void send_all(::iovec* iov, std::size_t iovcnt, const Deadline& dl);
   // `spin`: the wait is for a reply header; poll briefly before sleeping (reply_spin_us()).
   void recv_exact(uint8_t* dst, std::size_t n, const Deadline& dl, bool spin = false);

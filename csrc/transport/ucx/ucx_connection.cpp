@@ -1,5 +1,7 @@
 #include "transport/ucx/ucx_connection.h"
 
+#include "common/unwind_guard.h"
+
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -117,6 +119,11 @@ void UcxConnection::fail(const std::string& what) {
   broken_ = true;
   abort_inflight();
   throw TransportError("ucx://" + opts_.host + ":" + std::to_string(opts_.port) + ": " + what);
+}
+
+void UcxConnection::break_stream() {
+  if (broken_.exchange(true)) return;  // fail() got here first and already aborted
+  abort_inflight();
 }
 
 void UcxConnection::abort_inflight() {
@@ -502,6 +509,7 @@ std::vector<uint8_t> UcxConnection::put(const std::vector<std::string_view>& key
                                         const std::vector<ConstSpan>& values, int timeout_ms) {
   const PutPlan plan = plan_put(keys, values, limits_);
   std::lock_guard<std::mutex> lock(mu_);
+  UnwindGuard guard([this] { break_stream(); });
   const auto dl = Clock::now() + std::chrono::milliseconds(timeout_ms);
   std::vector<uint8_t> status = put_statuses(keys.size());
   std::vector<uint8_t> meta;
@@ -535,6 +543,7 @@ std::vector<uint8_t> UcxConnection::get_with(const std::vector<std::string_view>
                                              int timeout_ms, std::vector<uint64_t>* lengths) {
   validate_keys(keys, limits_.max_key_len);
   std::lock_guard<std::mutex> lock(mu_);
+  UnwindGuard guard([this] { break_stream(); });
   const auto dl = Clock::now() + std::chrono::milliseconds(timeout_ms);
   std::vector<uint8_t> status = get_statuses(keys.size(), lengths);
   std::vector<uint8_t> scratch;
@@ -548,7 +557,7 @@ std::vector<uint8_t> UcxConnection::get_with(const std::vector<std::string_view>
     const uint8_t* table = in_->header.data() + proto::kHeaderBytes;
     // With the values inline, check_reply has matched payload_len to the bytes carried, so
     // this also proves they are exactly the hits' values.
-    if (auto why = parse_get_table(r, table, n, b, &f); !why.empty()) fail(why);
+    if (auto why = parse_get_table(r, table, n, b, limits_.max_value_bytes, &f); !why.empty()) fail(why);
     const bool split = in_->len == 0 && f.value_bytes > 0;  // values follow as value AMs
     place_values(placer, &f);
     std::vector<ConstSpan> spans;

@@ -85,6 +85,8 @@ class UcxConnection {
   [[noreturn]] void fail(const std::string& what);
   void check_usable();
   void abort_inflight();
+  // Marks broken and aborts in-flight operations, without throwing (see UnwindGuard).
+  void break_stream();
   Req* track(ucs_status_ptr_t req, const char* what);
   void wait_op(Req* op, Clock::time_point dl);
   void finish_op(Req*);

@@ -33,22 +33,21 @@ struct ConfigGuard {
   }
 };
 
-// Sets an environment variable the user has not set, for one scope.
-class ScopedEnv {
- public:
-  ScopedEnv(const char* name, const char* value) : name_(name) {
-    if (!std::getenv(name)) set_ = ::setenv(name, value, 0) == 0;
-  }
-  ~ScopedEnv() {
-    if (set_) ::unsetenv(name_);
-  }
-  ScopedEnv(const ScopedEnv&) = delete;
-  ScopedEnv& operator=(const ScopedEnv&) = delete;
 
- private:
-  const char* name_;
-  bool set_ = false;
-};
+// Whether UCX_TLS lets UCX load its shared-memory transports. Setting a shared-memory option
+// when none is loaded makes UCX warn "invalid configuration" on every worker.
+bool tls_may_use_shared_memory() {
+  const char* tls = std::getenv("UCX_TLS");
+  if (!tls || !*tls || tls[0] == '^') return true;  // default, or an exclusion list
+  std::string list(tls);
+  for (std::size_t pos = 0; pos <= list.size();) {
+    const std::size_t end = std::min(list.find(',', pos), list.size());
+    const std::string tl = list.substr(pos, end - pos);
+    if (tl == "all" || tl == "sm" || tl == "shm" || tl == "mm" || tl == "sysv" || tl == "posix") return true;
+    pos = end + 1;
+  }
+  return false;
+}
 }  // namespace
 
 std::shared_ptr<Context> Context::create(const char* name, bool server) {
@@ -64,12 +63,16 @@ std::shared_ptr<Context> Context::create(const char* name, bool server) {
   // is allowed for rendezvous only with CMA_MEMORY_INVALIDATE. Without both, two processes on
   // one host talk over TCP loopback; with them, large values move by one process_vm_readv.
   // UCX's own CI runs its error-handling tests this way. The user's environment wins.
-  if (!std::getenv("UCX_MM_ERROR_HANDLING")) (void)ucp_config_modify(cfg.cfg, "MM_ERROR_HANDLING", "y");
+  if (!std::getenv("UCX_MM_ERROR_HANDLING") && tls_may_use_shared_memory()) {
+    (void)ucp_config_modify(cfg.cfg, "MM_ERROR_HANDLING", "y");
+  }
   // CMA's option belongs to its memory domain, which ucp_config_modify cannot reach (UCX warns
-  // "invalid configuration" and ignores it); memory domains read the environment during
-  // ucp_init, so it is set there for that call only and other UCX users in the process
-  // (e.g. another KV connector) keep their own configuration.
-  ScopedEnv cma("UCX_CMA_MEMORY_INVALIDATE", "y");
+  // "invalid configuration" and ignores it): memory domains read only the environment, during
+  // ucp_init. So it is put there, once per process and never removed - setenv is not safe
+  // while other threads read the environment, and doing it once keeps that window to the first
+  // context. Other UCX users in the process see it too (docs/rdma.md).
+  static std::once_flag cma_env;
+  std::call_once(cma_env, [] { ::setenv("UCX_CMA_MEMORY_INVALIDATE", "y", /*overwrite=*/0); });
   ucp_params_t p{};
   p.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED | UCP_PARAM_FIELD_NAME;
   p.features = UCP_FEATURE_AM | UCP_FEATURE_WAKEUP | UCP_FEATURE_RMA;
@@ -159,9 +162,12 @@ void Endpoint::close(bool force, int timeout_ms) {
   if (force && UCS_PTR_IS_ERR(req)) {
     // UCX refuses a forced close unless the endpoint has peer-failure handling
     // (MEMBRAIN_UCX_ERR_MODE=none); forgetting the handle then would leave the endpoint open
-    // with its error callback still pointing at our owner. Close it by flushing instead.
+    // with its error callback still pointing at our owner. Close it by flushing instead, but
+    // without waiting long: a forced close is asked for when the peer is gone or stuck, and
+    // then the flush never completes (UCX releases the request if it ever does).
     p.flags = 0;
     req = ucp_ep_close_nbx(h_, &p);
+    timeout_ms = std::min(timeout_ms, 10);
   }
   h_ = nullptr;
   if (req == nullptr || UCS_PTR_IS_ERR(req)) return;
