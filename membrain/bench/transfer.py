@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -24,6 +23,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from membrain.bench.machine import machine_info, machine_tag
+
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 
@@ -31,19 +32,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def machine_info() -> dict[str, Any]:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"hostname": socket.gethostname(), "cpu_model": model or platform.processor(), "cores": os.cpu_count(),
-            "kernel": platform.release(), "python": platform.python_version()}
 
 
 def _pct(xs: list[float], p: float) -> float:
@@ -484,12 +472,23 @@ def bench_ucx_vs_tcp(args: argparse.Namespace) -> int:
                     for op in res["tcp"]), flush=True)
     finally:
         _stop_server(handle)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine_info(), "ucx_vs_tcp": rows,
-                                               "ucx_tls": os.environ.get("UCX_TLS"),
-                                               "ucx_err_mode": os.environ.get("MEMBRAIN_UCX_ERR_MODE", "peer"),
-                                               "ucx_lanes": lanes}, indent=2))
+    info = machine_info()
+    _write_results(args, info, {"machine": info, "ucx_vs_tcp": rows, "ucx_tls": os.environ.get("UCX_TLS"),
+                                "ucx_err_mode": os.environ.get("MEMBRAIN_UCX_ERR_MODE", "peer"),
+                                "ucx_lanes": lanes})
     return 0
+
+
+def _write_results(args: argparse.Namespace, info: dict[str, Any], result: dict[str, Any]) -> None:
+    """To benchmarks/results/transfer_<transport>_<machine>.json, and to --json when given."""
+    out_dir = Path(args.results_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    default_path = out_dir / f"transfer_{args.transport}_{machine_tag(info)}.json"
+    text = json.dumps(result, indent=2)
+    default_path.write_text(text)
+    print(f"results: {default_path}")
+    if args.json:
+        Path(args.json).write_text(text)
 
 
 def _ucx_lanes(port: int) -> str:
@@ -707,13 +706,7 @@ def main(argv: list[str] | None = None) -> int:
               "loopback": {str(k): v for k, v in loop.items()}, "redis": redis, "acceptance": verdict,
               "acceptance_paired": accept_rows,
               "argv": list(argv or [])}
-    out_dir = Path(args.results_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    default_path = out_dir / f"transfer_{info['hostname']}.json"
-    default_path.write_text(json.dumps(result, indent=2))
-    print(f"results: {default_path}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    _write_results(args, info, result)
     return 0
 
 
