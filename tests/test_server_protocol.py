@@ -111,6 +111,24 @@ def test_large_batch_of_1mib_values(server):
         assert c.get([k for k, _ in vals]) == [v for _, v in vals]
 
 
+def test_large_values_are_received_in_place(server):
+    """Bytes of large PUT values go straight into their storage slot: only the read-ahead after a
+    frame header (4 KiB at most) passes through the input buffer and costs a second copy. Small
+    values do go through the buffer, several per read, to save system calls."""
+    big = [(b"inplace%d" % i, os.urandom(1 << 20)) for i in range(16)]
+    small = [(b"small%d" % i, os.urandom(1024)) for i in range(64)]
+    with WireClient(server.port) as c:
+        before = server.stats()["put_bytes_buffered"]
+        assert c.put(big) == [OK] * 16
+        after_big = server.stats()["put_bytes_buffered"]
+        assert c.put(small) == [OK] * 64
+        after_small = server.stats()["put_bytes_buffered"]
+        assert c.get([k for k, _ in big]) == [v for _, v in big]
+        assert c.get([k for k, _ in small]) == [v for _, v in small]
+    assert after_big - before <= 4096, after_big - before
+    assert after_small - after_big >= 32 * 1024, after_small - after_big
+
+
 def _expect_error(port, data, status):
     with WireClient(port) as c:
         c.send(data)

@@ -45,6 +45,7 @@ py::dict stats_dict(const StatsSnapshot& s) {
   d["auth_failures"] = s.auth_failures;
   d["timeouts"] = s.timeouts;
   d["checksum_failures"] = s.checksum_failures;
+  d["put_bytes_buffered"] = s.put_bytes_buffered;
   d["no_space"] = s.no_space;
   d["slab_bytes"] = s.slab_bytes;
   d["per_object_overhead_bytes"] = s.per_object_overhead_bytes;

@@ -97,6 +97,9 @@ class Connection {
   void close_now() { done_ = true; }
 
   std::size_t buffered() const { return in_w_ - in_r_; }
+  std::size_t buffered_read_limit() const;
+  bool next_value_small() const;
+  bool receive_in_place() const;
   void compact();
 
   UniqueFd fd_;

@@ -148,6 +148,7 @@ StatsSnapshot Server::stats() const {
   s.timeouts = Counters::get(counters_.timeouts);
   s.checksum_failures = Counters::get(counters_.checksum_failures);
   s.no_space = Counters::get(counters_.no_space);
+  s.put_bytes_buffered = Counters::get(counters_.put_bytes_buffered);
   s.slab_bytes = storage_.slab_bytes();
   s.per_object_overhead_bytes = Storage::per_object_overhead_bytes();
   s.per_connection_bytes = sizeof(Connection) + Connection::kInputBufferBytes;
@@ -168,7 +169,7 @@ std::string Server::stats_json() const {
                 "\"misses\":%llu,\"evictions\":%llu,\"expired\":%llu,\"puts\":%llu,\"gets\":%llu,\"deletes\":%llu,"
                 "\"connections\":%llu,\"connections_total\":%llu,\"connections_rejected\":%llu,\"fragmentation\":%.6f,"
                 "\"bytes_in\":%llu,\"bytes_out\":%llu,\"protocol_errors\":%llu,\"auth_failures\":%llu,\"timeouts\":%llu,"
-                "\"checksum_failures\":%llu,\"no_space\":%llu,\"slab_reassignments\":%llu,\"slab_bytes\":%llu,\"prefaulted_bytes\":%llu,\"uptime_s\":%.3f,\"requests\":",
+                "\"checksum_failures\":%llu,\"no_space\":%llu,\"put_bytes_buffered\":%llu,\"slab_reassignments\":%llu,\"slab_bytes\":%llu,\"prefaulted_bytes\":%llu,\"uptime_s\":%.3f,\"requests\":",
                 (unsigned long long)s.storage.stored_bytes, (unsigned long long)s.storage.capacity_bytes,
                 (unsigned long long)s.storage.allocated_bytes, (unsigned long long)s.storage.items,
                 (unsigned long long)s.storage.hits, (unsigned long long)s.storage.misses,
@@ -178,7 +179,8 @@ std::string Server::stats_json() const {
                 (unsigned long long)s.connections_total, (unsigned long long)s.connections_rejected, s.storage.fragmentation,
                 (unsigned long long)s.bytes_in, (unsigned long long)s.bytes_out, (unsigned long long)s.protocol_errors,
                 (unsigned long long)s.auth_failures, (unsigned long long)s.timeouts, (unsigned long long)s.checksum_failures,
-                (unsigned long long)s.no_space, (unsigned long long)s.storage.slab_reassignments,
+                (unsigned long long)s.no_space, (unsigned long long)s.put_bytes_buffered,
+                (unsigned long long)s.storage.slab_reassignments,
                 (unsigned long long)s.slab_bytes,
                 (unsigned long long)s.prefaulted_bytes, s.uptime_s);
   return std::string(buf) + req + "}";

@@ -21,6 +21,9 @@ struct Counters {
   std::atomic<uint64_t> timeouts{0};              // idle, slow frame or slow reader
   std::atomic<uint64_t> checksum_failures{0};     // PUT values whose bytes did not match
   std::atomic<uint64_t> no_space{0};              // PUT values refused for capacity
+  // PUT value bytes copied out of the input buffer rather than received straight into their
+  // slot: each such byte costs a second copy, so a large-value stream should keep this small.
+  std::atomic<uint64_t> put_bytes_buffered{0};
 
   static void inc(std::atomic<uint64_t>& c, uint64_t n = 1) { c.fetch_add(n, std::memory_order_relaxed); }
   static uint64_t get(const std::atomic<uint64_t>& c) { return c.load(std::memory_order_relaxed); }

@@ -32,6 +32,8 @@ _COUNTERS = [
     ("timeouts", "membrain_timeouts", "connections closed for idleness, a slow frame or a slow reader"),
     ("checksum_failures", "membrain_checksum_failures", "PUT values dropped because the checksum did not match"),
     ("no_space", "membrain_no_space", "PUT values refused because they could not fit"),
+    ("put_bytes_buffered", "membrain_put_buffered_bytes",
+     "PUT value bytes copied from the input buffer instead of received straight into storage"),
 ]
 # gauges
 _GAUGES = [
