@@ -10,6 +10,7 @@ import pytest
 
 import membrain
 from membrain import _native
+from server_fixtures import make_server  # noqa: F401 - pytest fixture
 
 SLACK_S = 0.5  # scheduling slack on a loaded 2-core machine
 
@@ -234,6 +235,42 @@ def test_get_lengths_that_wrap_around_break_the_connection() -> None:
             assert c.get(["a", "b"]) == [None, None]
     finally:
         liar.close()
+
+
+_ALLOC_FAILS_CHILD = r"""
+import resource, sys
+from membrain import _native
+port = int(sys.argv[1])
+conn = _native.Connection("127.0.0.1", port, timeout_ms=5000)
+with open("/proc/self/status") as f:
+    vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+# Room for small objects, none for the 48 MiB bytes object get() must allocate for the value.
+resource.setrlimit(resource.RLIMIT_AS, (vm + (16 << 20), hard))
+try:
+    conn.get([b"huge"])
+    print("no MemoryError")
+except MemoryError:
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    print("broken" if conn.broken else "usable")
+"""
+
+
+def test_get_that_cannot_allocate_its_value_breaks_the_connection(make_server) -> None:
+    # The 48 MiB value is still in the stream when allocating its bytes object fails: a
+    # connection left usable would read it as the next reply. It must be marked broken.
+    import subprocess
+    import sys
+
+    s = make_server(capacity="128MiB", slab_bytes=64 << 20)
+    huge = os.urandom(48 << 20)
+    with membrain.Client(f"tcp://127.0.0.1:{s.port}", timeout_ms=5000) as c:
+        assert c.put(["huge"], [huge]) == [True]
+    r = subprocess.run([sys.executable, "-c", _ALLOC_FAILS_CHILD, str(s.port)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.stdout.strip() == "broken", (r.stdout, r.stderr[-2000:])
+    with membrain.Client(f"tcp://127.0.0.1:{s.port}", timeout_ms=5000) as c:
+        assert c.get(["huge"]) == [huge]
 
 
 def test_batch_split_by_server_max_batch() -> None:
