@@ -161,6 +161,50 @@ std::string parse_delete_reply(const std::vector<uint8_t>& reply, uint32_t* dele
   return parse_u32_reply("DELETE", reply, deleted);
 }
 
+namespace {
+
+std::vector<uint8_t> ask_chunk(const KeyListCall& call, Op op, std::size_t b, std::size_t e) {
+  return call.round_trip(op, static_cast<uint32_t>(e - b), key_list_payload(call.keys, b, e));
+}
+
+void check(const KeyListCall& call, const std::string& why) {
+  if (!why.empty()) call.fail(why);
+}
+
+}  // namespace
+
+std::vector<uint8_t> exists_in_chunks(const KeyListCall& call) {
+  std::vector<uint8_t> out;
+  out.reserve(call.keys.size());
+  for (const auto& [b, e] : call.chunks) {
+    const auto st = ask_chunk(call, Op::kExists, b, e);
+    check(call, check_status_count(Op::kExists, st.size(), e - b));
+    out.insert(out.end(), st.begin(), st.end());
+  }
+  return out;
+}
+
+uint32_t lookup_prefix_in_chunks(const KeyListCall& call) {
+  uint32_t total = 0;
+  for (const auto& [b, e] : call.chunks) {
+    uint32_t n = 0;
+    check(call, parse_lookup_prefix_reply(ask_chunk(call, Op::kLookupPrefix, b, e), e - b, &n));
+    total += n;
+    if (n < e - b) break;
+  }
+  return total;
+}
+
+uint32_t delete_in_chunks(const KeyListCall& call) {
+  uint32_t total = 0;
+  for (const auto& [b, e] : call.chunks) {
+    uint32_t n = 0;
+    check(call, parse_delete_reply(ask_chunk(call, Op::kDelete, b, e), &n));
+    total += n;
+  }
+  return total;
+}
+
 std::vector<uint8_t> get_statuses(std::size_t batch, std::vector<uint64_t>* lengths) {
   if (lengths) lengths->assign(batch, 0);
   return std::vector<uint8_t>(batch, static_cast<uint8_t>(Status::kNotFound));

@@ -13,6 +13,7 @@
 #include <functional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "transport/protocol.h"
@@ -72,6 +73,23 @@ std::string check_status_count(proto::Op op, uint64_t got, std::size_t expected)
 // LOOKUP_PREFIX: the leading keys of the `asked` that are present. DELETE: keys deleted.
 std::string parse_lookup_prefix_reply(const std::vector<uint8_t>& reply, std::size_t asked, uint32_t* present);
 std::string parse_delete_reply(const std::vector<uint8_t>& reply, uint32_t* deleted);
+
+// EXISTS, LOOKUP_PREFIX and DELETE ask about a batch chunk by chunk, one round trip per chunk,
+// and of that only the chunking and the round trip depend on the transport. A connection
+// describes the call with its chunks of the batch, a blocking round trip that returns the
+// reply payload (under its lock and the call's deadline) and its fail(), which must throw:
+// after a bad reply the connection is unusable and no later chunk may be asked.
+struct KeyListCall {
+  const std::vector<std::string_view>& keys;
+  std::vector<std::pair<std::size_t, std::size_t>> chunks;
+  std::function<std::vector<uint8_t>(proto::Op op, uint32_t count, const std::vector<uint8_t>& payload)> round_trip;
+  std::function<void(const std::string& why)> fail;
+};
+std::vector<uint8_t> exists_in_chunks(const KeyListCall& call);
+// Keys past the first chunk that is not fully present cannot be part of the prefix, so they
+// are not asked about.
+uint32_t lookup_prefix_in_chunks(const KeyListCall& call);
+uint32_t delete_in_chunks(const KeyListCall& call);
 
 // One GET frame's item table, the destinations the placer chose, and the values' fate.
 struct GetFrame {

@@ -453,52 +453,29 @@ std::vector<uint8_t> TcpConnection::get_into(const std::vector<std::string_view>
   return get_with(keys, buffer_placer(keys, buffers), timeout_ms, lengths);
 }
 
-std::vector<uint8_t> TcpConnection::key_list_call(Op op, const std::vector<std::string_view>& keys, std::size_t begin,
-                                                  std::size_t end, const Deadline& dl) {
-  return simple_call(op, static_cast<uint32_t>(end - begin), key_list_payload(keys, begin, end), dl);
+template <class Result>
+Result TcpConnection::run_key_list(Result (*op)(const KeyListCall&), const std::vector<std::string_view>& keys,
+                                   int timeout_ms) {
+  validate_keys(keys, limits_.max_key_len);
+  std::lock_guard<std::mutex> lock(mu_);
+  Deadline dl(timeout_ms);
+  return op({keys, chunks(keys, nullptr, 2),
+             [this, &dl](Op o, uint32_t n, const std::vector<uint8_t>& payload) {
+               return simple_call(o, n, payload, dl);
+             },
+             [this](const std::string& why) { fail(why); }});
 }
 
 std::vector<uint8_t> TcpConnection::exists(const std::vector<std::string_view>& keys, int timeout_ms) {
-  validate_keys(keys, limits_.max_key_len);
-  std::lock_guard<std::mutex> lock(mu_);
-  Deadline dl(timeout_ms);
-  std::vector<uint8_t> out;
-  out.reserve(keys.size());
-  for (const auto& [b, e] : chunks(keys, nullptr, 2)) {
-    const auto st = key_list_call(Op::kExists, keys, b, e, dl);
-    if (auto why = check_status_count(Op::kExists, st.size(), e - b); !why.empty()) fail(why);
-    out.insert(out.end(), st.begin(), st.end());
-  }
-  return out;
+  return run_key_list(exists_in_chunks, keys, timeout_ms);
 }
 
 uint32_t TcpConnection::lookup_prefix(const std::vector<std::string_view>& keys, int timeout_ms) {
-  validate_keys(keys, limits_.max_key_len);
-  std::lock_guard<std::mutex> lock(mu_);
-  Deadline dl(timeout_ms);
-  uint32_t total = 0;
-  for (const auto& [b, e] : chunks(keys, nullptr, 2)) {
-    uint32_t n = 0;
-    const auto r = key_list_call(Op::kLookupPrefix, keys, b, e, dl);
-    if (auto why = parse_lookup_prefix_reply(r, e - b, &n); !why.empty()) fail(why);
-    total += n;
-    if (n < e - b) break;
-  }
-  return total;
+  return run_key_list(lookup_prefix_in_chunks, keys, timeout_ms);
 }
 
 uint32_t TcpConnection::del(const std::vector<std::string_view>& keys, int timeout_ms) {
-  validate_keys(keys, limits_.max_key_len);
-  std::lock_guard<std::mutex> lock(mu_);
-  Deadline dl(timeout_ms);
-  uint32_t total = 0;
-  for (const auto& [b, e] : chunks(keys, nullptr, 2)) {
-    uint32_t n = 0;
-    const auto r = key_list_call(Op::kDelete, keys, b, e, dl);
-    if (auto why = parse_delete_reply(r, &n); !why.empty()) fail(why);
-    total += n;
-  }
-  return total;
+  return run_key_list(delete_in_chunks, keys, timeout_ms);
 }
 
 std::string TcpConnection::stats(int timeout_ms) {

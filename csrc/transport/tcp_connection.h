@@ -25,7 +25,7 @@
 #include <sys/uio.h>
 
 #include "transport/protocol.h"
-#include "transport/request_codec.h"  // ConstSpan, MutSpan, ValuePlacer, validate_key
+#include "transport/request_codec.h"  // ConstSpan, MutSpan, ValuePlacer, validate_key, KeyListCall
 
 namespace membrain {
 
@@ -136,8 +136,10 @@ class TcpConnection {
   // Sends a request whose payload is one contiguous buffer and reads the reply payload.
   std::vector<uint8_t> simple_call(proto::Op op, uint32_t count, const std::vector<uint8_t>& payload,
                                    const Deadline& dl, proto::Header* reply_header = nullptr);
-  std::vector<uint8_t> key_list_call(proto::Op op, const std::vector<std::string_view>& keys, std::size_t begin,
-                                     std::size_t end, const Deadline& dl);
+  // This transport's part of EXISTS, LOOKUP_PREFIX and DELETE (see KeyListCall): the lock, one
+  // deadline for all the chunks, and its round trip.
+  template <class Result>
+  Result run_key_list(Result (*op)(const KeyListCall&), const std::vector<std::string_view>& keys, int timeout_ms);
   void check_usable();
   // [begin, end) chunks of a batch honouring max_batch and, when sizes are given, the
   // per-frame payload limit; a chunk also ends once its values reach target_value_bytes.

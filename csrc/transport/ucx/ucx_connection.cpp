@@ -589,46 +589,29 @@ std::vector<uint8_t> UcxConnection::get_into(const std::vector<std::string_view>
   return get_with(keys, buffer_placer(keys, buffers), timeout_ms, lengths);
 }
 
-std::vector<uint8_t> UcxConnection::exists(const std::vector<std::string_view>& keys, int timeout_ms) {
+template <class Result>
+Result UcxConnection::run_key_list(Result (*op)(const KeyListCall&), const std::vector<std::string_view>& keys,
+                                   int timeout_ms) {
   validate_keys(keys, limits_.max_key_len);
   std::lock_guard<std::mutex> lock(mu_);
   const auto dl = Clock::now() + std::chrono::milliseconds(timeout_ms);
-  std::vector<uint8_t> out;
-  for (const auto& [b, e] : chunks(keys, nullptr, 2, 0)) {
-    const auto st = simple_call(Op::kExists, static_cast<uint32_t>(e - b), key_list_payload(keys, b, e), dl);
-    if (auto why = check_status_count(Op::kExists, st.size(), e - b); !why.empty()) fail(why);
-    out.insert(out.end(), st.begin(), st.end());
-  }
-  return out;
+  return op({keys, chunks(keys, nullptr, 2, 0),
+             [this, dl](Op o, uint32_t n, const std::vector<uint8_t>& payload) {
+               return simple_call(o, n, payload, dl);
+             },
+             [this](const std::string& why) { fail(why); }});
+}
+
+std::vector<uint8_t> UcxConnection::exists(const std::vector<std::string_view>& keys, int timeout_ms) {
+  return run_key_list(exists_in_chunks, keys, timeout_ms);
 }
 
 uint32_t UcxConnection::lookup_prefix(const std::vector<std::string_view>& keys, int timeout_ms) {
-  validate_keys(keys, limits_.max_key_len);
-  std::lock_guard<std::mutex> lock(mu_);
-  const auto dl = Clock::now() + std::chrono::milliseconds(timeout_ms);
-  uint32_t total = 0;
-  for (const auto& [b, e] : chunks(keys, nullptr, 2, 0)) {
-    uint32_t n = 0;
-    const auto r = simple_call(Op::kLookupPrefix, static_cast<uint32_t>(e - b), key_list_payload(keys, b, e), dl);
-    if (auto why = parse_lookup_prefix_reply(r, e - b, &n); !why.empty()) fail(why);
-    total += n;
-    if (n < e - b) break;
-  }
-  return total;
+  return run_key_list(lookup_prefix_in_chunks, keys, timeout_ms);
 }
 
 uint32_t UcxConnection::del(const std::vector<std::string_view>& keys, int timeout_ms) {
-  validate_keys(keys, limits_.max_key_len);
-  std::lock_guard<std::mutex> lock(mu_);
-  const auto dl = Clock::now() + std::chrono::milliseconds(timeout_ms);
-  uint32_t total = 0;
-  for (const auto& [b, e] : chunks(keys, nullptr, 2, 0)) {
-    uint32_t n = 0;
-    const auto r = simple_call(Op::kDelete, static_cast<uint32_t>(e - b), key_list_payload(keys, b, e), dl);
-    if (auto why = parse_delete_reply(r, &n); !why.empty()) fail(why);
-    total += n;
-  }
-  return total;
+  return run_key_list(delete_in_chunks, keys, timeout_ms);
 }
 
 std::string UcxConnection::stats(int timeout_ms) {

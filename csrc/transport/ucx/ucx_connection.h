@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "transport/protocol.h"
-#include "transport/request_codec.h"  // ConstSpan, MutSpan, ValuePlacer
+#include "transport/request_codec.h"  // ConstSpan, MutSpan, ValuePlacer, KeyListCall
 #include "transport/tcp_connection.h"  // TransportError, Options
 #include "transport/ucx/ucx_core.h"
 
@@ -105,6 +105,10 @@ class UcxConnection {
   uint64_t send_request(proto::Op op, uint32_t count, const std::vector<uint8_t>& payload, Clock::time_point dl);
   std::vector<uint8_t> simple_call(proto::Op op, uint32_t count, const std::vector<uint8_t>& payload,
                                    Clock::time_point dl);
+  // This transport's part of EXISTS, LOOKUP_PREFIX and DELETE (see KeyListCall): the lock, one
+  // deadline for all the chunks, and its round trip.
+  template <class Result>
+  Result run_key_list(Result (*op)(const KeyListCall&), const std::vector<std::string_view>& keys, int timeout_ms);
   std::vector<std::pair<std::size_t, std::size_t>> chunks(const std::vector<std::string_view>& keys,
                                                           const std::vector<std::size_t>* value_sizes,
                                                           std::size_t per_item, std::size_t per_item_header) const;
