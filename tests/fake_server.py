@@ -49,17 +49,21 @@ class FakeServer:
     connection only after the next request has arrived, so a client that waits for each PUT
     reply before sending its next frame stalls (proving the frames are pipelined).
     ``wrapping_get_lengths`` answers every GET with two hits whose lengths (2**64 - 16 and 32)
-    wrap around to a payload_len that matches the 16 bytes sent, as a hostile server might."""
+    wrap around to a payload_len that matches the 16 bytes sent, as a hostile server might.
+    ``short_key_list_replies`` drops the last byte of every EXISTS, LOOKUP_PREFIX and DELETE
+    reply body (the header's payload_len still matches what is sent)."""
 
     def __init__(self, corrupt_gets: bool = False, max_batch: int = 1024, on_request: Callable[[int], None] | None = None,
                  corrupt_keys: set[bytes] | None = None, put_status: Callable[[bytes], int] | None = None,
-                 hold_first_put_reply: bool = False, wrapping_get_lengths: bool = False):
+                 hold_first_put_reply: bool = False, wrapping_get_lengths: bool = False,
+                 short_key_list_replies: bool = False):
         self.store: dict[bytes, tuple[bytes, int]] = {}
         self.corrupt_gets = corrupt_gets
         self.corrupt_keys = corrupt_keys or set()
         self.put_status = put_status
         self.hold_first_put_reply = hold_first_put_reply
         self.wrapping_get_lengths = wrapping_get_lengths
+        self.short_key_list_replies = short_key_list_replies
         self.max_batch = max_batch
         self.on_request = on_request
         self._lsock = socket.socket()
@@ -182,4 +186,6 @@ class FakeServer:
             body = payload
         else:
             return _header(rop, rid, 0, 2, 0)
+        if self.short_key_list_replies and op in (4, 5, 6):
+            body = body[:-1]
         return _header(rop, rid, count, 0, len(body)) + body

@@ -273,6 +273,41 @@ def test_get_that_cannot_allocate_its_value_breaks_the_connection(make_server) -
         assert c.get(["huge"]) == [huge]
 
 
+def test_key_list_ops_walk_chunks_and_refuse_short_replies() -> None:
+    # EXISTS, LOOKUP_PREFIX and DELETE share one chunk walk (request_codec): statuses in order
+    # across chunks, the prefix walk stopping at the first chunk that is not fully present, and
+    # a reply that does not match its question breaking the connection with a message.
+    from fake_server import FakeServer
+
+    frames: list[int] = []
+    srv = FakeServer(max_batch=4, on_request=frames.append)
+    try:
+        conn = _native.Connection("127.0.0.1", srv.port)
+        keys = [f"c{i}".encode() for i in range(10)]
+        assert conn.put(keys[:5], [b"v"] * 5) == [0] * 5
+        frames.clear()
+        assert conn.exists(keys) == [0] * 5 + [1] * 5
+        assert frames == [4, 4, 4]
+        frames.clear()
+        assert conn.lookup_prefix(keys) == 5
+        assert frames == [5, 5]  # keys 0-3 all present, 4-7 not: 8-9 are never asked
+        assert conn.delete(keys) == 5
+    finally:
+        srv.close()
+
+    liar = FakeServer(short_key_list_replies=True)
+    try:
+        for call, why in ((lambda c: c.exists([b"a", b"b"]), "EXISTS reply carries 1 statuses for 2 keys"),
+                          (lambda c: c.lookup_prefix([b"a"]), "LOOKUP_PREFIX reply is 3 bytes, expected 4"),
+                          (lambda c: c.delete([b"a"]), "DELETE reply is 3 bytes, expected 4")):
+            conn = _native.Connection("127.0.0.1", liar.port, timeout_ms=2000)
+            with pytest.raises(ConnectionError, match=f"127.0.0.1:{liar.port}: {why}"):
+                call(conn)
+            assert conn.broken
+    finally:
+        liar.close()
+
+
 def test_batch_split_by_server_max_batch() -> None:
     from fake_server import FakeServer
 
