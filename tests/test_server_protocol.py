@@ -114,7 +114,8 @@ def test_large_batch_of_1mib_values(server):
 def test_large_values_are_received_in_place(server):
     """Bytes of large PUT values go straight into their storage slot: only the read-ahead after a
     frame header (4 KiB at most) passes through the input buffer and costs a second copy. Small
-    values do go through the buffer, several per read, to save system calls."""
+    values do go through the buffer, several per read, to save system calls, but reads of them
+    stop where a large value begins."""
     big = [(b"inplace%d" % i, os.urandom(1 << 20)) for i in range(16)]
     small = [(b"small%d" % i, os.urandom(1024)) for i in range(64)]
     with WireClient(server.port) as c:
@@ -127,6 +128,24 @@ def test_large_values_are_received_in_place(server):
         assert c.get([k for k, _ in small]) == [v for _, v in small]
     assert after_big - before <= 4096, after_big - before
     assert after_small - after_big >= 32 * 1024, after_small - after_big
+
+    # Small values before, between and after large ones, in one frame and in pipelined frames.
+    mixed = [(b"m0", os.urandom(3000)), (b"m1", os.urandom(3000)), (b"m2", os.urandom(3000)),
+             (b"m3", os.urandom(4 << 20)), (b"m4", os.urandom(5000)), (b"m5", os.urandom(1 << 20))]
+    small_bytes = sum(len(v) for _, v in mixed if len(v) < 16384)
+    with WireClient(server.port) as c:
+        before = server.stats()["put_bytes_buffered"]
+        assert c.put(mixed) == [OK] * 6
+        one_frame = server.stats()["put_bytes_buffered"] - before
+        c.send(put_frame(mixed[:3], rid=900) + put_frame(mixed[3:], rid=901))
+        assert [c.recv_frame().request_id for _ in range(2)] == [900, 901]
+        two_frames = server.stats()["put_bytes_buffered"] - before - one_frame
+        assert c.get([k for k, _ in mixed]) == [v for _, v in mixed]
+    assert one_frame <= small_bytes + 4096, one_frame
+    # After a frame that ends in small values the server reads a full buffer ahead (that is what
+    # keeps pipelined small PUTs at one recv per 64 KiB), so up to 64 KiB of the next frame's
+    # first value can pass through the buffer once.
+    assert two_frames <= small_bytes + 4096 + 65536, two_frames
 
 
 def _expect_error(port, data, status):

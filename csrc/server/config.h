@@ -20,7 +20,7 @@ struct ServerConfig {
   double ttl_s = 0.0;                   // 0 = objects never expire
   std::string auth_token;               // empty = no authentication
   bool prefault = true;                 // back the storage region with memory in the background at start
-  int socket_buffer_bytes = 4 << 20;    // SO_SNDBUF of accepted sockets; 0 = kernel autotuning
+  int socket_buffer_bytes = 4 << 20;    // SO_RCVBUF (listener, inherited) and SO_SNDBUF; 0 = autotuning
   uint64_t output_backlog_bytes = 8ull << 20;  // stop reading a connection while this much reply is queued
   proto::Limits limits;
 };

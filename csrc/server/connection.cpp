@@ -18,8 +18,8 @@ namespace {
 constexpr int kMaxIov = 256;
 constexpr std::size_t kReadBudget = 32 << 20;      // per readiness event, for fairness between connections
 constexpr std::size_t kDirectRecvMin = 16 << 10;   // smaller remainders go through the buffer (fewer syscalls)
-// Read-ahead past a frame header or a request payload: room for a few pipelined small requests
-// in one recv, while a PUT frame's first value loses at most this much to the buffer.
+// Read-ahead past a frame header, before its table says where large values begin: room for a
+// few pipelined small requests in one recv, while a PUT frame's first value loses at most this.
 constexpr std::size_t kHeaderReadAhead = 4 << 10;
 constexpr uint32_t kMaxTokenBytes = 4096;
 
@@ -125,39 +125,49 @@ void Connection::pump(int64_t now) {
   if (draining_ && phase_ == Phase::kHeader && out_.empty()) close_now();
 }
 
-bool Connection::next_value_small() const {
-  return item_ + 1 < items_.size() && items_[item_ + 1].value_len < kDirectRecvMin;
+// Bytes of a large PUT value that land in the input buffer are copied a second time, into
+// their slot: reading the whole 64 KiB buffer after each frame header sent 1 in 16 bytes of a
+// 1 MiB-value PUT stream through memcpy. Reads into the buffer therefore never cross into a
+// value of kDirectRecvMin or more whose place in the stream is known (the frame's table has
+// been read), and read only kHeaderReadAhead past a frame header, where nothing is known yet.
+// Elsewhere - inside request payloads, and after a frame that ends in small values - they read
+// as far as the buffer allows, so pipelined small requests still come many per recv().
+
+uint64_t Connection::small_values_ahead() const {
+  return small_run_bytes_[item_ + 1];
+}
+
+bool Connection::frame_ends_in_small_values() const {
+  // ...and no large value lies between the current one and the end of the frame.
+  return small_tail_begin_ < items_.size() && item_ + 1 >= small_tail_begin_;
+}
+
+std::size_t Connection::value_read_limit() const {
+  const uint64_t rest = items_[item_].value_len - value_have_ + small_values_ahead();
+  const uint64_t ahead = frame_ends_in_small_values() ? kInputBufferBytes : 0;
+  return static_cast<std::size_t>(std::min<uint64_t>(rest + ahead, kInputBufferBytes));
 }
 
 bool Connection::receive_in_place() const {
-  // A small rest of a value goes through the buffer only when small values follow it, so that
-  // one read takes several of them; otherwise the read would stop at the value's end anyway.
-  return items_[item_].value_len - value_have_ >= kDirectRecvMin || !next_value_small();
+  // A large value always (even its last few bytes: one recv either way, no copy); a small one
+  // when a buffered read would stop at its end anyway.
+  return items_[item_].value_len >= kDirectRecvMin || value_read_limit() <= items_[item_].value_len - value_have_;
 }
 
 std::size_t Connection::buffered_read_limit() const {
-  // Bytes of a large PUT value that land in the input buffer are copied a second time, into
-  // their slot: reading the whole buffer after each frame header sent 1 in 16 bytes of a
-  // 1 MiB-value PUT stream through memcpy. So reads stop where a value that can be received
-  // in place begins. Called only when the current step needs more bytes than are buffered.
   std::size_t limit = kInputBufferBytes;
   switch (phase_) {
     case Phase::kHeader:
       limit = kHeaderReadAhead;
       break;
-    case Phase::kPayload:  // the rest of a request payload and the next header or two
-      limit = payload_need_ - payload_have_ + kHeaderReadAhead;
-      break;
     case Phase::kPutTable:
     case Phase::kPutKeys:  // exactly the table, then exactly the keys: values follow them
       limit = payload_need_ - payload_have_;
       break;
-    case Phase::kPutValue:  // the rest of this value, and the small values after it in the same read
-      if (!next_value_small()) {
-        limit = static_cast<std::size_t>(std::min<uint64_t>(items_[item_].value_len - value_have_, limit));
-      }
+    case Phase::kPutValue:
+      limit = value_read_limit();
       break;
-    default:
+    default:  // the rest of a request payload (no values in it) and what follows
       break;
   }
   return std::max<std::size_t>(limit, 1);
@@ -290,6 +300,13 @@ void Connection::finish_put_table() {
     items_.push_back(it);
   }
   if (left != 0) return protocol_error(Status::kBadRequest, "PUT payload_len does not match its table");
+  small_run_bytes_.assign(items_.size() + 1, 0);
+  small_tail_begin_ = items_.size();
+  for (std::size_t i = items_.size(); i-- > 0;) {
+    const bool small = items_[i].value_len < kDirectRecvMin;
+    small_run_bytes_[i] = small ? items_[i].value_len + small_run_bytes_[i + 1] : 0;
+    if (small && small_tail_begin_ == i + 1) small_tail_begin_ = i;
+  }
   payload_.resize(payload_.size() + keys_total);
   payload_need_ = payload_.size();
   phase_ = Phase::kPutKeys;

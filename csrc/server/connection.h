@@ -98,7 +98,9 @@ class Connection {
 
   std::size_t buffered() const { return in_w_ - in_r_; }
   std::size_t buffered_read_limit() const;
-  bool next_value_small() const;
+  std::size_t value_read_limit() const;
+  uint64_t small_values_ahead() const;
+  bool frame_ends_in_small_values() const;
   bool receive_in_place() const;
   void compact();
 
@@ -122,6 +124,11 @@ class Connection {
   std::size_t payload_have_ = 0, payload_need_ = 0;
 
   std::vector<PutItem> items_;
+  // Per PUT frame, for reads that stop where a large value begins: small_run_bytes_[i] is the
+  // size of the run of values under kDirectRecvMin starting at item i (0 at a large one, and at
+  // the end), small_tail_begin_ the first item of the frame's trailing run of small values.
+  std::vector<uint64_t> small_run_bytes_;
+  std::size_t small_tail_begin_ = 0;
   std::size_t item_ = 0;
   bool value_started_ = false;
   uint64_t value_have_ = 0;
