@@ -16,6 +16,9 @@ from membrain.bench.machine import machine_info, machine_tag
 
 
 def _bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    # A small server on purpose: 8 read-back batches of 16 x 1 MiB per connection would not fit
+    # in 256 MiB with 4 connections, so this also checks that the benchmark sizes its GET working
+    # set to the server (misses would show as failures below).
     cmd = [sys.executable, "-m", "membrain", "bench", "transfer", "--capacity-gib", "0.25",
            "--results-dir", str(tmp_path), *args]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

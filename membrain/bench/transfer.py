@@ -122,6 +122,12 @@ def bench_membrain(endpoint: str, size: int, batch: int, conns: int, seconds: fl
     views = [[memoryview(s)[i * size:(i + 1) * size] for i in range(batch)] for s in src]
     dviews = [[memoryview(d)[i * size:(i + 1) * size] for i in range(batch)] for d in dst]
     written: list[list[list[str]]] = [[] for _ in range(conns)]
+    # GET reads back up to 8 of the batches PUT wrote (PUT* rewrites them just before), so the
+    # working set is conns x sets x batch x size; keep it within half the server's capacity or
+    # eviction turns the GET into misses (4 MiB x 64 x 8 connections is 2 GiB per set).
+    with membrain.Client(endpoint, timeout_ms=timeout_ms, namespace="bench") as c:
+        capacity = int(c.stats().get("capacity_bytes", 0))
+    max_sets = max(1, min(8, capacity // 2 // (conns * batch * size))) if capacity else 8
 
     def put_body(w: int, client: Any) -> Callable[[], tuple[int, bool]]:
         it = [0]
@@ -130,7 +136,7 @@ def bench_membrain(endpoint: str, size: int, batch: int, conns: int, seconds: fl
             keys = [f"{run_id}-{size}-{batch}-{conns}-{w}-{it[0]}-{j}" for j in range(batch)]
             it[0] += 1
             ok = client.put(keys, views[w])
-            if len(written[w]) < 8:
+            if len(written[w]) < max_sets:
                 written[w].append(keys)
             return size * sum(ok), all(ok)
 
