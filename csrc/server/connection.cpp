@@ -17,7 +17,7 @@ using proto::Status;
 namespace {
 constexpr int kMaxIov = 256;
 constexpr std::size_t kReadBudget = 32 << 20;      // per readiness event, for fairness between connections
-constexpr std::size_t kDirectRecvMin = 16 << 10;   // smaller remainders go through the buffer (fewer syscalls)
+constexpr std::size_t kDirectRecvMin = 16 << 10;   // smaller values go through the buffer, several per recv
 // Read-ahead past a frame header, before its table says where large values begin: room for a
 // few pipelined small requests in one recv, while a PUT frame's first value loses at most this.
 constexpr std::size_t kHeaderReadAhead = 4 << 10;
@@ -90,7 +90,7 @@ void Connection::pump(int64_t now) {
     if (s == Step::kProgress) continue;
     if (s == Step::kStop) break;
     if (budget == 0) break;
-    // Need bytes from the socket. A value with a large remainder is received in place.
+    // Need bytes from the socket. Large PUT values are received in place (receive_in_place()).
     ssize_t n;
     const bool direct = phase_ == Phase::kPutValue && pending_ && buffered() == 0 && receive_in_place();
     if (direct) {
