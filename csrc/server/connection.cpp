@@ -133,17 +133,13 @@ void Connection::pump(int64_t now) {
 // Elsewhere - inside request payloads, and after a frame that ends in small values - they read
 // as far as the buffer allows, so pipelined small requests still come many per recv().
 
-uint64_t Connection::small_values_ahead() const {
-  return small_run_bytes_[item_ + 1];
-}
-
 bool Connection::frame_ends_in_small_values() const {
   // ...and no large value lies between the current one and the end of the frame.
   return small_tail_begin_ < items_.size() && item_ + 1 >= small_tail_begin_;
 }
 
 std::size_t Connection::value_read_limit() const {
-  const uint64_t rest = items_[item_].value_len - value_have_ + small_values_ahead();
+  const uint64_t rest = items_[item_].value_len - value_have_ + small_run_bytes_[item_ + 1];
   const uint64_t ahead = frame_ends_in_small_values() ? kInputBufferBytes : 0;
   return static_cast<std::size_t>(std::min<uint64_t>(rest + ahead, kInputBufferBytes));
 }

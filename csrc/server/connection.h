@@ -99,7 +99,6 @@ class Connection {
   std::size_t buffered() const { return in_w_ - in_r_; }
   std::size_t buffered_read_limit() const;
   std::size_t value_read_limit() const;
-  uint64_t small_values_ahead() const;
   bool frame_ends_in_small_values() const;
   bool receive_in_place() const;
   void compact();

@@ -125,11 +125,11 @@ class TcpConnection {
   void fail(const std::string& what);  // marks broken, throws TransportError
   void break_stream();                 // marks broken and closes, without throwing
   void send_all(::iovec* iov, std::size_t iovcnt, const Deadline& dl);
-  // `spin`: the wait is for a reply header; poll briefly before sleeping (reply_spin_us()).
+  // `spin`: the wait is for a reply header, so poll briefly before sleeping (reply_spin_us() in
+  // the .cpp); recv_reply() spins unless told not to, for replies that wait on bulk transfers.
   void recv_exact(uint8_t* dst, std::size_t n, const Deadline& dl, bool spin = false);
   void recv_vec(::iovec* iov, std::size_t iovcnt, const Deadline& dl, bool spin = false);
   void wait_fd(short events, const Deadline& dl, bool spin = false);
-  // `spin`: see reply_spin_us() in the .cpp; off for replies that wait on bulk transfers.
   proto::Header recv_reply(uint8_t op, uint64_t request_id, const Deadline& dl, bool spin = true);
   // Sends a request whose payload is one contiguous buffer; returns its request id.
   uint64_t send_request(proto::Op op, uint32_t count, const std::vector<uint8_t>& payload, const Deadline& dl);

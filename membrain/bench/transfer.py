@@ -7,6 +7,7 @@ Only ratios measured in one run mean anything on a shared machine; absolute figu
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -125,8 +126,7 @@ def bench_membrain(endpoint: str, size: int, batch: int, conns: int, seconds: fl
     # GET reads back up to 8 of the batches PUT wrote (PUT* rewrites them just before), so the
     # working set is conns x sets x batch x size; keep it within half the server's capacity or
     # eviction turns the GET into misses (4 MiB x 64 x 8 connections is 2 GiB per set).
-    with membrain.Client(endpoint, timeout_ms=timeout_ms, namespace="bench") as c:
-        capacity = int(c.stats().get("capacity_bytes", 0))
+    capacity = _server_capacity(endpoint, timeout_ms)
     max_sets = max(1, min(8, capacity // 2 // (conns * batch * size))) if capacity else 8
 
     def put_body(w: int, client: Any) -> Callable[[], tuple[int, bool]]:
@@ -189,6 +189,15 @@ def bench_membrain(endpoint: str, size: int, batch: int, conns: int, seconds: fl
             if all(c.get_into(written[0][0], cv)) and not np.array_equal(check, src[0]):
                 raise AssertionError("GET returned different bytes than were PUT")
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _server_capacity(endpoint: str, timeout_ms: int) -> int:
+    """The server's capacity in bytes (asked once per endpoint; 0 if it does not say)."""
+    import membrain
+
+    with membrain.Client(endpoint, timeout_ms=timeout_ms, namespace="bench") as c:
+        return int(c.stats().get("capacity_bytes", 0))
 
 
 def paired_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

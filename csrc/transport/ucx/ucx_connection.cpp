@@ -1,7 +1,5 @@
 #include "transport/ucx/ucx_connection.h"
 
-#include "common/unwind_guard.h"
-
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -9,6 +7,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+
+#include "common/unwind_guard.h"
 
 namespace membrain::ucx {
 
