@@ -1,4 +1,5 @@
 """TTFT cold / fresh-instance-warm / local-warm on real vLLM. See membrain/bench/e2e.py."""
+
 import sys
 
 from membrain.bench.e2e import main

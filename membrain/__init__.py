@@ -3,6 +3,7 @@
 Python owns policy (what to store, look up, evict, and where); the native extension
 ``membrain._native`` owns every byte that moves.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -38,4 +39,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'membrain' has no attribute {name!r}")
 
 
-__all__ = ["HostPool", "Slot", "native_info", "checksum64", "Client", "__version__"]
+__all__ = ["Client", "HostPool", "Slot", "__version__", "checksum64", "native_info"]

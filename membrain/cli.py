@@ -3,6 +3,7 @@
 Each subcommand lives in its own module and is imported only when used, so `membrain server`
 never pays for importing torch or vLLM.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -5,6 +5,7 @@ Starts a local Membrain server, builds a small random Llama under ``~/.cache/mem
 instance B (served from Membrain), and prints per prompt: prompt tokens, tokens from each tier,
 TTFT cold vs warm and the speedup.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,9 +40,15 @@ def main(argv: list[str] | None) -> int:
         endpoint = f"tcp://127.0.0.1:{port}"
     print(f"Membrain server: {endpoint}; logs in {wd}")
     prompts = C.make_prompts(a.prompts, a.prompt_tokens, seed=7)
-    spec = {"model": model, "prompts": prompts, "max_tokens": 1, "membrain": "explicit",
-            "extra": {"endpoint": endpoint, "namespace": "demo", "cpu_cache_size": "1GiB"},
-            "kv_cache_memory_bytes": 512 << 20, "max_model_len": a.prompt_tokens + 64}
+    spec = {
+        "model": model,
+        "prompts": prompts,
+        "max_tokens": 1,
+        "membrain": "explicit",
+        "extra": {"endpoint": endpoint, "namespace": "demo", "cpu_cache_size": "1GiB"},
+        "kv_cache_memory_bytes": 512 << 20,
+        "max_model_len": a.prompt_tokens + 64,
+    }
     try:
         print("instance A (cold) ...", flush=True)
         ra = C.run_instance(spec, C.base_env(), wd, "demo_A")
@@ -54,12 +61,16 @@ def main(argv: list[str] | None) -> int:
         return 1
     # vLLM numbers requests 0, 1, ... in the order the driver submits them (one per prompt).
     hits = {rid.split("-")[0]: h for rid, h in C.parse_hits(rb["log"]).items()}
-    print(f"\n{'prompt':>6} {'tokens':>7} {'host':>6} {'remote':>7} {'TTFT cold':>10} {'TTFT warm':>10} {'speedup':>8}")
+    print(
+        f"\n{'prompt':>6} {'tokens':>7} {'host':>6} {'remote':>7} {'TTFT cold':>10} {'TTFT warm':>10} {'speedup':>8}"
+    )
     for i, (x, y) in enumerate(zip(ra["results"], rb["results"])):
         h = hits.get(str(i), {"host": 0, "remote": 0})
-        print(f"{i:>6} {x['prompt_tokens']:>7} {h['host']:>6} {h['remote']:>7} {x['seconds']:>9.2f}s "
-              f"{y['seconds']:>9.2f}s {x['seconds'] / y['seconds']:>7.1f}x"
-              + ("" if x["tokens"] == y["tokens"] else "  (tokens differ!)"))
+        print(
+            f"{i:>6} {x['prompt_tokens']:>7} {h['host']:>6} {h['remote']:>7} {x['seconds']:>9.2f}s "
+            f"{y['seconds']:>9.2f}s {x['seconds'] / y['seconds']:>7.1f}x"
+            + ("" if x["tokens"] == y["tokens"] else "  (tokens differ!)")
+        )
     return 0
 
 

@@ -12,10 +12,12 @@ The packed form is block-major: block ``i`` of ``block_ids``, layer ``l`` lives 
 CPU tensors go through a multi-threaded C++ copy (GIL released); CUDA tensors through one kernel
 launch for all (block, layer) pages on the caller's stream.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -77,7 +79,9 @@ def describe_kv_caches(kv_caches: Sequence[Any]) -> PagedKV:
         if layer.dtype != dtype:
             raise ValueError(f"kv_caches[{i}] has dtype {layer.dtype}, kv_caches[0] has {dtype}")
         if tuple(layer.stride()) != strides:
-            raise ValueError(f"kv_caches[{i}] has strides {tuple(layer.stride())}, kv_caches[0] has {strides}")
+            raise ValueError(
+                f"kv_caches[{i}] has strides {tuple(layer.stride())}, kv_caches[0] has {strides}"
+            )
         if layer.device != device:
             raise ValueError(f"kv_caches[{i}] is on {layer.device}, kv_caches[0] is on {device}")
     if device.type not in ("cpu", "cuda"):
@@ -138,13 +142,23 @@ def gather_blocks(
     _check_packed_size(kv, ids, buf, "out")
     if kv.device_type == "cpu":
         _require_host(buf, "out")
-        _native.gather_cpu(kv.layer_ptrs, kv.num_blocks, kv.page_bytes, kv.block_stride, ids, buf.ptr, buf.nbytes)
+        _native.gather_cpu(
+            kv.layer_ptrs, kv.num_blocks, kv.page_bytes, kv.block_stride, ids, buf.ptr, buf.nbytes
+        )
         return
     _check_mode(mode)
     _check_cuda_buffer(kv, buf, "out")
     _native.gather_cuda(
-        kv.layer_ptrs, kv.num_blocks, kv.page_bytes, kv.block_stride, ids, buf.ptr, buf.nbytes,
-        kv.device_index, _stream_handle(stream, kv.device_index), mode,
+        kv.layer_ptrs,
+        kv.num_blocks,
+        kv.page_bytes,
+        kv.block_stride,
+        ids,
+        buf.ptr,
+        buf.nbytes,
+        kv.device_index,
+        _stream_handle(stream, kv.device_index),
+        mode,
     )
 
 
@@ -164,13 +178,23 @@ def scatter_blocks(
     _check_packed_size(kv, ids, buf, "src")
     if kv.device_type == "cpu":
         _require_host(buf, "src")
-        _native.scatter_cpu(buf.ptr, buf.nbytes, kv.layer_ptrs, kv.num_blocks, kv.page_bytes, kv.block_stride, ids)
+        _native.scatter_cpu(
+            buf.ptr, buf.nbytes, kv.layer_ptrs, kv.num_blocks, kv.page_bytes, kv.block_stride, ids
+        )
         return
     _check_mode(mode)
     _check_cuda_buffer(kv, buf, "src")
     _native.scatter_cuda(
-        buf.ptr, buf.nbytes, kv.layer_ptrs, kv.num_blocks, kv.page_bytes, kv.block_stride, ids,
-        kv.device_index, _stream_handle(stream, kv.device_index), mode,
+        buf.ptr,
+        buf.nbytes,
+        kv.layer_ptrs,
+        kv.num_blocks,
+        kv.page_bytes,
+        kv.block_stride,
+        ids,
+        kv.device_index,
+        _stream_handle(stream, kv.device_index),
+        mode,
     )
 
 
@@ -195,7 +219,11 @@ def _require_tensor(t: Any, name: str) -> None:
 
 def _block_ids(block_ids: Any) -> np.ndarray:
     if hasattr(block_ids, "detach") and hasattr(block_ids, "cpu"):  # torch tensor, maybe on GPU
-        if block_ids.dtype.is_floating_point or block_ids.dtype.is_complex or str(block_ids.dtype) == "torch.bool":
+        if (
+            block_ids.dtype.is_floating_point
+            or block_ids.dtype.is_complex
+            or str(block_ids.dtype) == "torch.bool"
+        ):
             raise ValueError(f"block ids must be integers, got dtype {block_ids.dtype}")
         arr = block_ids.detach().cpu().numpy()
     else:
@@ -216,8 +244,12 @@ def _buffer(obj: Any, name: str, *, writable: bool) -> _Buffer:
         if not obj.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
         dev = obj.device
-        return _Buffer(int(obj.data_ptr()), obj.numel() * obj.element_size(), dev.type,
-                       dev.index if dev.index is not None else (0 if dev.type == "cuda" else -1))
+        return _Buffer(
+            int(obj.data_ptr()),
+            obj.numel() * obj.element_size(),
+            dev.type,
+            dev.index if dev.index is not None else (0 if dev.type == "cuda" else -1),
+        )
     if isinstance(obj, np.ndarray):
         if not obj.flags["C_CONTIGUOUS"]:
             raise ValueError(f"{name} must be C-contiguous")
@@ -227,7 +259,9 @@ def _buffer(obj: Any, name: str, *, writable: bool) -> _Buffer:
     try:
         view = memoryview(obj)
     except TypeError:
-        raise ValueError(f"{name} must be a tensor, numpy array or buffer, got {type(obj).__name__}") from None
+        raise ValueError(
+            f"{name} must be a tensor, numpy array or buffer, got {type(obj).__name__}"
+        ) from None
     if not view.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous")
     if writable and view.readonly:

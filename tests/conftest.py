@@ -4,14 +4,16 @@
 ``endpoint``, ``port``, ``kill()``, ``restart()`` (same port), ``pause()``/``resume()``
 (SIGSTOP/SIGCONT, a hung server). Tests import the installed ``membrain`` (make test installs it).
 """
+
 from __future__ import annotations
 
 import os
 import signal
 import socket
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 from hypothesis import settings

@@ -4,12 +4,13 @@ It exists only to exercise client paths a correct server never takes: a GET repl
 bytes do not match their checksum, and a server that announces a tiny max_batch. Every other
 client test runs against the real `membrain server`. Single-namespace, unbounded and slow.
 """
+
 from __future__ import annotations
 
 import socket
 import struct
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from membrain import _native
 
@@ -53,10 +54,17 @@ class FakeServer:
     ``short_key_list_replies`` drops the last byte of every EXISTS, LOOKUP_PREFIX and DELETE
     reply body (the header's payload_len still matches what is sent)."""
 
-    def __init__(self, corrupt_gets: bool = False, max_batch: int = 1024, on_request: Callable[[int], None] | None = None,
-                 corrupt_keys: set[bytes] | None = None, put_status: Callable[[bytes], int] | None = None,
-                 hold_first_put_reply: bool = False, wrapping_get_lengths: bool = False,
-                 short_key_list_replies: bool = False):
+    def __init__(
+        self,
+        corrupt_gets: bool = False,
+        max_batch: int = 1024,
+        on_request: Callable[[int], None] | None = None,
+        corrupt_keys: set[bytes] | None = None,
+        put_status: Callable[[bytes], int] | None = None,
+        hold_first_put_reply: bool = False,
+        wrapping_get_lengths: bool = False,
+        short_key_list_replies: bool = False,
+    ):
         self.store: dict[bytes, tuple[bytes, int]] = {}
         self.corrupt_gets = corrupt_gets
         self.corrupt_keys = corrupt_keys or set()
@@ -180,8 +188,16 @@ class FakeServer:
             import json
 
             used = sum(len(v) for v, _ in self.store.values())
-            body = json.dumps({"used_bytes": used, "capacity_bytes": 1 << 30, "items": len(self.store), "hits": 0,
-                               "misses": 0, "evictions": 0}).encode()
+            body = json.dumps(
+                {
+                    "used_bytes": used,
+                    "capacity_bytes": 1 << 30,
+                    "items": len(self.store),
+                    "hits": 0,
+                    "misses": 0,
+                    "evictions": 0,
+                }
+            ).encode()
         elif op == 8:
             body = payload
         else:

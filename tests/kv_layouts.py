@@ -6,6 +6,7 @@ Both layouts the connector meets: the CPU attention backend's
 per layer group, like vLLM's, so block strides are real strides rather than an accident of
 allocation.
 """
+
 from __future__ import annotations
 
 import torch
@@ -57,4 +58,6 @@ def reference_gather(kv_caches: list[torch.Tensor], block_ids: list[int]) -> tor
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equality (random bytes include NaN patterns, which torch.equal calls unequal)."""
-    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8).cpu(), b.contiguous().reshape(-1).view(torch.uint8).cpu())
+    return torch.equal(
+        a.contiguous().reshape(-1).view(torch.uint8).cpu(), b.contiguous().reshape(-1).view(torch.uint8).cpu()
+    )

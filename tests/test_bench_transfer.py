@@ -2,6 +2,7 @@
 (its GET step compares them with what was PUT) and writes the result files the README quotes.
 Figures are not judged here (benchmarks, not timed tests); the shape and sanity of what is
 written are."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,18 @@ def _bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     # A small server on purpose: 8 read-back batches of 16 x 1 MiB per connection would not fit
     # in 256 MiB with 4 connections, so this also checks that the benchmark sizes its GET working
     # set to the server (misses would show as failures below).
-    cmd = [sys.executable, "-m", "membrain", "bench", "transfer", "--capacity-gib", "0.25",
-           "--results-dir", str(tmp_path), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "membrain",
+        "bench",
+        "transfer",
+        "--capacity-gib",
+        "0.25",
+        "--results-dir",
+        str(tmp_path),
+        *args,
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
@@ -28,8 +39,18 @@ def _bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 def test_tcp_smoke_writes_named_results(tmp_path: Path) -> None:
     extra = tmp_path / "copy.json"
-    r = _bench(tmp_path, "--quick", "--seconds", "0.2", "--no-redis", "--no-loopback", "--accept-rounds", "1",
-               "--json", str(extra))
+    r = _bench(
+        tmp_path,
+        "--quick",
+        "--seconds",
+        "0.2",
+        "--no-redis",
+        "--no-loopback",
+        "--accept-rounds",
+        "1",
+        "--json",
+        str(extra),
+    )
     path = tmp_path / f"transfer_tcp_{machine_tag(machine_info())}.json"
     assert f"results: {path}" in r.stdout
     d = json.loads(path.read_text())
@@ -48,7 +69,9 @@ def test_tcp_smoke_writes_named_results(tmp_path: Path) -> None:
     assert [row["conns"] for row in d["acceptance_paired"]] == [1, 4]
 
 
-@pytest.mark.skipif(not _native.native_info().get("ucx"), reason="UCX transport not built in this installation")
+@pytest.mark.skipif(
+    not _native.native_info().get("ucx"), reason="UCX transport not built in this installation"
+)
 def test_ucx_smoke_compares_with_tcp(tmp_path: Path) -> None:
     _bench(tmp_path, "--transport", "ucx", "--seconds", "0.4", "--accept-rounds", "1")
     d = json.loads((tmp_path / f"transfer_ucx_{machine_tag(machine_info())}.json").read_text())

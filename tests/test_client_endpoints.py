@@ -1,4 +1,5 @@
 """Endpoint parsing and rendezvous placement (no server needed)."""
+
 from __future__ import annotations
 
 import collections
@@ -19,8 +20,22 @@ def test_parse_valid() -> None:
     assert parse_endpoints("tcp://a:1, tcp://b:2") == [Endpoint("a", 1), Endpoint("b", 2)]
 
 
-@pytest.mark.parametrize("bad", ["", "localhost:7400", "tcp://host", "tcp://:7400", "udp://h:1", "tcp://h:0",
-                                 "tcp://h:70000", "tcp://h:12ab", "tcp://h:1/path", "tcp://a b:1", "tcp//h:1"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "localhost:7400",
+        "tcp://host",
+        "tcp://:7400",
+        "udp://h:1",
+        "tcp://h:0",
+        "tcp://h:70000",
+        "tcp://h:12ab",
+        "tcp://h:1/path",
+        "tcp://a b:1",
+        "tcp//h:1",
+    ],
+)
 def test_parse_invalid(bad: str) -> None:
     with pytest.raises(ValueError, match="endpoint"):
         parse_endpoint(bad)

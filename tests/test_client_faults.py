@@ -1,5 +1,6 @@
 """Failure handling against real server subprocesses: kills, hangs, restarts, several servers,
 replicas, circuit breaking, and corrupt replies."""
+
 from __future__ import annotations
 
 import os
@@ -7,10 +8,10 @@ import threading
 import time
 
 import pytest
+from server_fixtures import make_server  # noqa: F401 - pytest fixture
 
 import membrain
 from membrain import _native
-from server_fixtures import make_server  # noqa: F401 - pytest fixture
 
 SLACK_S = 0.5  # scheduling slack on a loaded 2-core machine
 
@@ -43,7 +44,7 @@ def test_server_killed_mid_stream_then_restarted(server) -> None:
                 results.append(all(got))
                 for g, b, v in zip(got, bufs, vals):
                     assert not g or bytes(b) == v
-            except BaseException as e:  # noqa: BLE001 - the test asserts there are none
+            except BaseException as e:
                 errors.append(e)
                 return
 
@@ -122,7 +123,7 @@ def test_multi_server_placement(server_factory) -> None:
         missing_at = 321
         assert c.delete([keys[missing_at]]) == 1
         assert c.lookup_prefix(keys) == missing_at
-        assert c.lookup_prefix(keys[missing_at + 1:]) == 600 - missing_at - 1
+        assert c.lookup_prefix(keys[missing_at + 1 :]) == 600 - missing_at - 1
         # Each key sits on exactly its rendezvous owner.
         for k in keys[:30]:
             owner = c.owners(k)[0]
@@ -266,8 +267,9 @@ def test_get_that_cannot_allocate_its_value_breaks_the_connection(make_server) -
     huge = os.urandom(48 << 20)
     with membrain.Client(f"tcp://127.0.0.1:{s.port}", timeout_ms=5000) as c:
         assert c.put(["huge"], [huge]) == [True]
-    r = subprocess.run([sys.executable, "-c", _ALLOC_FAILS_CHILD, str(s.port)], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", _ALLOC_FAILS_CHILD, str(s.port)], capture_output=True, text=True, timeout=60
+    )
     assert r.stdout.strip() == "broken", (r.stdout, r.stderr[-2000:])
     with membrain.Client(f"tcp://127.0.0.1:{s.port}", timeout_ms=5000) as c:
         assert c.get(["huge"]) == [huge]
@@ -297,9 +299,11 @@ def test_key_list_ops_walk_chunks_and_refuse_short_replies() -> None:
 
     liar = FakeServer(short_key_list_replies=True)
     try:
-        for call, why in ((lambda c: c.exists([b"a", b"b"]), "EXISTS reply carries 1 statuses for 2 keys"),
-                          (lambda c: c.lookup_prefix([b"a"]), "LOOKUP_PREFIX reply is 3 bytes, expected 4"),
-                          (lambda c: c.delete([b"a"]), "DELETE reply is 3 bytes, expected 4")):
+        for call, why in (
+            (lambda c: c.exists([b"a", b"b"]), "EXISTS reply carries 1 statuses for 2 keys"),
+            (lambda c: c.lookup_prefix([b"a"]), "LOOKUP_PREFIX reply is 3 bytes, expected 4"),
+            (lambda c: c.delete([b"a"]), "DELETE reply is 3 bytes, expected 4"),
+        ):
             conn = _native.Connection("127.0.0.1", liar.port, timeout_ms=2000)
             with pytest.raises(ConnectionError, match=f"127.0.0.1:{liar.port}: {why}"):
                 call(conn)

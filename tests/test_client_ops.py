@@ -1,4 +1,5 @@
 """Round trips of every operation against a real server subprocess."""
+
 from __future__ import annotations
 
 import os
@@ -176,13 +177,13 @@ def test_many_pipelined_put_frames_land_byte_exact(server) -> None:
     conn = _native.Connection("127.0.0.1", server.port, timeout_ms=20000)
     n = 40
     data = np.random.default_rng(7).integers(0, 256, n << 20, dtype=np.uint8)
-    vals = [memoryview(data)[i << 20:(i + 1) << 20] for i in range(n)]
+    vals = [memoryview(data)[i << 20 : (i + 1) << 20] for i in range(n)]
     keys = [f"pipe{i}".encode() for i in range(n)]
     oversized = b"x" * (conn.limits["max_value_bytes"] + 1)
     statuses = conn.put(keys[:20] + [b"too-big"] + keys[20:], vals[:20] + [oversized] + vals[20:])
     assert statuses == [0] * 20 + [_native.STATUS_TOO_LARGE] + [0] * 20
     out = np.zeros_like(data)
-    bufs = [memoryview(out)[i << 20:(i + 1) << 20] for i in range(n)]
+    bufs = [memoryview(out)[i << 20 : (i + 1) << 20] for i in range(n)]
     assert conn.get_into(keys, bufs) == [0] * n
     assert np.array_equal(out, data)
 
@@ -190,6 +191,7 @@ def test_many_pipelined_put_frames_land_byte_exact(server) -> None:
 def test_many_threads_mixed_ops(server) -> None:
     errors: list[str] = []
     with membrain.Client(server.endpoint, timeout_ms=5000) as c:
+
         def worker(t: int) -> None:
             rng = random.Random(t)
             for it in range(60):
@@ -222,8 +224,10 @@ def test_namespaces_and_auth(server_factory, tmp_path) -> None:
     token = tmp_path / "token"
     token.write_text("s3cret")
     srv = server_factory(extra_args=["--auth-token-file", str(token)])
-    with membrain.Client(srv.endpoint, auth_token="s3cret", namespace="a") as a, \
-            membrain.Client(srv.endpoint, auth_token="s3cret", namespace="b") as b:
+    with (
+        membrain.Client(srv.endpoint, auth_token="s3cret", namespace="a") as a,
+        membrain.Client(srv.endpoint, auth_token="s3cret", namespace="b") as b,
+    ):
         assert a.put(["k"], [b"from-a"]) == [True]
         assert b.get(["k"]) == [None]  # namespaces never collide
         assert a.get(["k"]) == [b"from-a"]

@@ -1,6 +1,7 @@
 """MembrainConnector's scheduler and worker halves driven by hand with real KV tensors (no vLLM
 engine): stores, host-tier loads, remote loads with promotion, and load-failure reporting.
 The remote is the dict-backed fake client of test_tiers (unit tests only)."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace as NS
@@ -10,19 +11,26 @@ import torch
 
 pytest.importorskip("vllm")
 
-from test_tiers import FakeClient  # noqa: E402
+from test_tiers import FakeClient
 
 BS, LAYERS, BLOCKS = 4, 2, 32
 
 
 def _cfg(cpu_cache: int):
     vllm_config = NS(
-        kv_transfer_config=NS(kv_connector_extra_config={"cpu_cache_size": cpu_cache, "remote": 0},
-                              is_kv_producer=True),
+        kv_transfer_config=NS(
+            kv_connector_extra_config={"cpu_cache_size": cpu_cache, "remote": 0}, is_kv_producer=True
+        ),
         cache_config=NS(block_size=BS, cache_dtype="auto", prefix_caching_hash_algo="sha256"),
-        model_config=NS(model="m", revision=None, dtype="bfloat16",
-                        hf_config=NS(to_json_string=lambda use_diff=False: "{}")),
-        parallel_config=NS(tensor_parallel_size=1, pipeline_parallel_size=1), attention_config=None)
+        model_config=NS(
+            model="m",
+            revision=None,
+            dtype="bfloat16",
+            hf_config=NS(to_json_string=lambda use_diff=False: "{}"),
+        ),
+        parallel_config=NS(tensor_parallel_size=1, pipeline_parallel_size=1),
+        attention_config=None,
+    )
     page = 2 * BS * 8 * 2  # [heads=2, block=BS, 2*head=8] bf16
     spec = NS(page_size_bytes=page, block_size=BS, num_kv_heads=2, head_size=4, dtype=torch.bfloat16)
     kvc = NS(kv_cache_groups=[NS(kv_cache_spec=spec, layer_names=[f"l{i}" for i in range(LAYERS)])])
@@ -51,19 +59,26 @@ def pair(monkeypatch):
         kv = {f"l{i}": torch.randn(BLOCKS, 2, BS, 8).to(torch.bfloat16) for i in range(LAYERS)}
         w.register_kv_caches(kv)
         return s, w, kv
+
     return make
 
 
 def _req(rid: str, n_tokens: int, tag: bytes = b"p"):
-    return NS(request_id=rid, num_tokens=n_tokens, num_prompt_tokens=n_tokens,
-              block_hashes=[tag + bytes([i]) * 31 for i in range(n_tokens // BS)])
+    return NS(
+        request_id=rid,
+        num_tokens=n_tokens,
+        num_prompt_tokens=n_tokens,
+        block_hashes=[tag + bytes([i]) * 31 for i in range(n_tokens // BS)],
+    )
 
 
 def _step(s, w, req, block_ids: list[int], ncomp: int):
     s._kv_cache_manager = NS(get_block_ids=lambda rid: (block_ids,))
-    so = NS(scheduled_new_reqs=[NS(req_id=req.request_id, num_computed_tokens=ncomp)],
-            scheduled_cached_reqs=NS(req_ids=[], num_computed_tokens=[], resumed_req_ids=set()),
-            num_scheduled_tokens={req.request_id: req.num_tokens - ncomp})
+    so = NS(
+        scheduled_new_reqs=[NS(req_id=req.request_id, num_computed_tokens=ncomp)],
+        scheduled_cached_reqs=NS(req_ids=[], num_computed_tokens=[], resumed_req_ids=set()),
+        num_scheduled_tokens={req.request_id: req.num_tokens - ncomp},
+    )
     meta = s.build_connector_meta(so)
     w.bind_connector_metadata(meta)
     w.start_load_kv(None)

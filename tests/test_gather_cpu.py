@@ -1,4 +1,5 @@
 """CPU gather/scatter: round trips over vLLM's layouts and dtypes, and every bad input."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,10 +7,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from kv_layouts import DTYPES, LAYOUTS, make_kv_caches, reference_gather, same_bytes
 
 import membrain
 from membrain import ops
-from kv_layouts import DTYPES, LAYOUTS, make_kv_caches, reference_gather, same_bytes
 
 POISON = 0xA5
 
@@ -21,7 +22,9 @@ def _poisoned(nbytes: int) -> torch.Tensor:
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 def test_round_trip_layouts_and_dtypes(layout, dtype, rng):
-    kv = make_kv_caches(layout, num_layers=3, num_blocks=40, block_size=16, num_kv_heads=2, head_size=32, dtype=dtype)
+    kv = make_kv_caches(
+        layout, num_layers=3, num_blocks=40, block_size=16, num_kv_heads=2, head_size=32, dtype=dtype
+    )
     ids = rng.integers(0, 40, size=25).tolist() + [0, 39, 7, 7]  # duplicates and both ends
     out = _poisoned(ops.packed_nbytes(kv, len(ids)))
     ops.gather_blocks(kv, ids, out)
@@ -38,8 +41,16 @@ def test_round_trip_layouts_and_dtypes(layout, dtype, rng):
 
 @pytest.mark.parametrize("num_ids", [1, 2, 17, 1000, 4096])
 def test_block_counts_from_one_to_thousands(num_ids, rng):
-    kv = make_kv_caches("cpu_attn", num_layers=2, num_blocks=512, block_size=16, num_kv_heads=1, head_size=16,
-                        dtype=torch.float16, seed=num_ids)
+    kv = make_kv_caches(
+        "cpu_attn",
+        num_layers=2,
+        num_blocks=512,
+        block_size=16,
+        num_kv_heads=1,
+        head_size=16,
+        dtype=torch.float16,
+        seed=num_ids,
+    )
     ids = rng.integers(0, 512, size=num_ids)
     out = _poisoned(ops.packed_nbytes(kv, num_ids))
     ops.gather_blocks(kv, torch.as_tensor(ids), out)  # int tensor ids
@@ -100,7 +111,10 @@ def test_empty_id_list_is_a_no_op():
 def test_property_gather_matches_reference(num_blocks, num_layers, page_elems, ids, threads):
     ids = [i % num_blocks for i in ids]
     gen = torch.Generator().manual_seed(num_blocks * 1000 + page_elems)
-    kv = [torch.randint(0, 256, (num_blocks, page_elems), dtype=torch.uint8, generator=gen) for _ in range(num_layers)]
+    kv = [
+        torch.randint(0, 256, (num_blocks, page_elems), dtype=torch.uint8, generator=gen)
+        for _ in range(num_layers)
+    ]
     ops.set_num_threads(threads)
     try:
         out = _poisoned(ops.packed_nbytes(kv, len(ids)))

@@ -5,6 +5,7 @@ slot; plus every bad input and concurrent streams.
 Skipped (with the reason printed by ``-ra``) where torch sees no CUDA device; runs unchanged on a
 GPU machine. Self-contained on purpose (no shared helpers) so it can travel between branches.
 """
+
 from __future__ import annotations
 
 import threading
@@ -32,7 +33,9 @@ TARGETS = ("device", "pinned-mapped", "pinned-staged", "pinned-auto", "pool-mapp
 # --- helpers ------------------------------------------------------------------------------
 
 
-def make_kv(layout, num_layers, num_blocks, block_size, num_kv_heads, head_size, dtype, seed=0, device="cuda"):
+def make_kv(
+    layout, num_layers, num_blocks, block_size, num_kv_heads, head_size, dtype, seed=0, device="cuda"
+):
     """Per-layer dtype views of one uint8 backing buffer, shaped like vLLM 0.32's layers."""
     if layout == "cpu_attn":
         shape = (num_blocks, num_kv_heads, block_size, 2 * head_size)
@@ -47,8 +50,10 @@ def make_kv(layout, num_layers, num_blocks, block_size, num_kv_heads, head_size,
 
 def random_pages(num_layers, num_blocks, page_bytes, seed=0, device="cuda"):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (num_blocks, page_bytes), dtype=torch.uint8, generator=gen).to(device)
-            for _ in range(num_layers)]
+    return [
+        torch.randint(0, 256, (num_blocks, page_bytes), dtype=torch.uint8, generator=gen).to(device)
+        for _ in range(num_layers)
+    ]
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -167,7 +172,9 @@ def test_raw_entry_points_validate_before_touching_the_device():
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 def test_round_trip_layouts_dtypes_and_targets(layout, dtype, target):
     rng = np.random.default_rng(1234)
-    kv = make_kv(layout, num_layers=3, num_blocks=40, block_size=16, num_kv_heads=2, head_size=32, dtype=dtype)
+    kv = make_kv(
+        layout, num_layers=3, num_blocks=40, block_size=16, num_kv_heads=2, head_size=32, dtype=dtype
+    )
     ids = rng.integers(0, 40, size=25).tolist() + [0, 39, 7, 7]  # duplicates and both ends
     packed = gather_and_check(kv, ids, target)
     try:
@@ -181,8 +188,16 @@ def test_round_trip_layouts_dtypes_and_targets(layout, dtype, target):
 @pytest.mark.parametrize("target", ["device", "pinned-mapped", "pinned-staged"])
 def test_block_counts_from_one_to_thousands(num_ids, target):
     rng = np.random.default_rng(num_ids)
-    kv = make_kv("flash_attn", num_layers=2, num_blocks=512, block_size=16, num_kv_heads=1, head_size=16,
-                 dtype=torch.float16, seed=num_ids)
+    kv = make_kv(
+        "flash_attn",
+        num_layers=2,
+        num_blocks=512,
+        block_size=16,
+        num_kv_heads=1,
+        head_size=16,
+        dtype=torch.float16,
+        seed=num_ids,
+    )
     ids = rng.integers(0, 512, size=num_ids)
     packed = gather_and_check(kv, torch.as_tensor(ids), target)  # int tensor ids
     scatter_and_check(packed, kv, ids)
@@ -210,12 +225,14 @@ def test_misaligned_packed_pointer(offset, where):
     backing = torch.full((need + 16,), POISON, dtype=torch.uint8)
     backing = backing.cuda() if where == "device" else backing.pin_memory()
     out = backing[offset : offset + need]  # contiguous but only `offset`-aligned
-    for mode in (("auto",) if where == "device" else ("mapped", "staged")):
+    for mode in ("auto",) if where == "device" else ("mapped", "staged"):
         backing.fill_(POISON)
         ops.gather_blocks(kv, ids, out, mode=mode)
         torch.cuda.synchronize()
         assert torch.equal(out.cpu(), reference_gather(kv, ids))
-        assert bool((backing[:offset].cpu() == POISON).all()) and bool((backing[offset + need :].cpu() == POISON).all())
+        assert bool((backing[:offset].cpu() == POISON).all()) and bool(
+            (backing[offset + need :].cpu() == POISON).all()
+        )
         fresh = poisoned_like(kv)
         ops.scatter_blocks(out, fresh, ids, mode=mode)
         torch.cuda.synchronize()
@@ -305,7 +322,10 @@ def test_back_to_back_calls_without_sync_keep_their_own_metadata():
     kv = make_kv("flash_attn", 2, 256, 16, 2, 64, torch.bfloat16, seed=11)
     rng = np.random.default_rng(11)
     id_lists = [rng.integers(0, 256, size=int(rng.integers(1, 200))).tolist() for _ in range(40)]
-    outs = [torch.full((ops.packed_nbytes(kv, len(ids)),), POISON, dtype=torch.uint8).pin_memory() for ids in id_lists]
+    outs = [
+        torch.full((ops.packed_nbytes(kv, len(ids)),), POISON, dtype=torch.uint8).pin_memory()
+        for ids in id_lists
+    ]
     torch.cuda._sleep(50_000_000)  # keep the stream busy while the host races ahead
     for i, (ids, out) in enumerate(zip(id_lists, outs)):
         ops.gather_blocks(kv, ids, out, mode=("mapped", "staged")[i % 2])
@@ -326,7 +346,9 @@ def test_two_streams_two_threads_concurrently():
             with torch.cuda.stream(stream):
                 for _ in range(20):
                     ids = rng.integers(0, 128, size=int(rng.integers(1, 64))).tolist()
-                    out = torch.full((ops.packed_nbytes(kv, len(ids)),), POISON, dtype=torch.uint8).pin_memory()
+                    out = torch.full(
+                        (ops.packed_nbytes(kv, len(ids)),), POISON, dtype=torch.uint8
+                    ).pin_memory()
                     ops.gather_blocks(kv, ids, out, mode=mode)
                     back = poisoned_like(kv)
                     ops.scatter_blocks(out, back, ids, mode=mode)
@@ -337,7 +359,9 @@ def test_two_streams_two_threads_concurrently():
         except Exception as exc:  # surfaced in the main thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(s, m)) for s, m in ((1, "staged"), (2, "mapped"), (3, "auto"))]
+    threads = [
+        threading.Thread(target=worker, args=(s, m)) for s, m in ((1, "staged"), (2, "mapped"), (3, "auto"))
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -350,7 +374,9 @@ def test_cuda_memcpy_binding():
     src = torch.randint(0, 256, (1 << 20,), dtype=torch.uint8, device="cuda")
     dst = torch.full((1 << 20,), POISON, dtype=torch.uint8).pin_memory()
     stream = torch.cuda.current_stream()
-    _native.cuda_memcpy(dst.data_ptr(), src.data_ptr(), src.numel(), src.device.index or 0, int(stream.cuda_stream))
+    _native.cuda_memcpy(
+        dst.data_ptr(), src.data_ptr(), src.numel(), src.device.index or 0, int(stream.cuda_stream)
+    )
     stream.synchronize()
     assert torch.equal(dst, src.cpu())
 
@@ -391,8 +417,18 @@ def test_output_too_small_raises(small_kv):
     kv = ops.describe_kv_caches(small_kv)
     out = torch.full((kv.page_bytes,), POISON, dtype=torch.uint8, device="cuda")
     with pytest.raises(ValueError, match="needed"):
-        _native.gather_cuda(kv.layer_ptrs, kv.num_blocks, kv.page_bytes, kv.block_stride, np.array([0]),
-                            out.data_ptr(), out.numel(), 0, 0, "auto")
+        _native.gather_cuda(
+            kv.layer_ptrs,
+            kv.num_blocks,
+            kv.page_bytes,
+            kv.block_stride,
+            np.array([0]),
+            out.data_ptr(),
+            out.numel(),
+            0,
+            0,
+            "auto",
+        )
 
 
 @needs_cuda
@@ -410,9 +446,8 @@ def test_pageable_host_memory_raises_value_error(small_kv):
     with pytest.raises(ValueError, match="pageable host memory"):
         ops.gather_blocks(small_kv, [0, 1], arr)
     unpinned_pool = membrain.HostPool(slot_bytes=need, num_slots=1, pin=False)
-    with unpinned_pool.acquire() as slot:
-        with pytest.raises(ValueError, match="pageable host memory"):
-            ops.gather_blocks(small_kv, [0, 1], slot)
+    with unpinned_pool.acquire() as slot, pytest.raises(ValueError, match="pageable host memory"):
+        ops.gather_blocks(small_kv, [0, 1], slot)
 
 
 @needs_cuda
@@ -428,13 +463,33 @@ def test_device_mismatch_raises(small_kv):
     out = torch.full((ops.packed_nbytes(small_kv, 1),), POISON, dtype=torch.uint8, device="cuda")
     # Raw entry point told the caches are on a device that does not exist.
     with pytest.raises(ValueError, match="does not exist"):
-        _native.gather_cuda(kv.layer_ptrs, kv.num_blocks, kv.page_bytes, kv.block_stride, np.array([0]),
-                            out.data_ptr(), out.numel(), torch.cuda.device_count(), 0, "auto")
+        _native.gather_cuda(
+            kv.layer_ptrs,
+            kv.num_blocks,
+            kv.page_bytes,
+            kv.block_stride,
+            np.array([0]),
+            out.data_ptr(),
+            out.numel(),
+            torch.cuda.device_count(),
+            0,
+            "auto",
+        )
     # Layer pointers that are host memory, not device memory.
     host = torch.zeros(8, 1, 16, 32, dtype=torch.float16).pin_memory()
     with pytest.raises(ValueError, match="not device memory"):
-        _native.gather_cuda([host.data_ptr()], kv.num_blocks, kv.page_bytes, kv.block_stride, np.array([0]),
-                            out.data_ptr(), out.numel(), 0, 0, "auto")
+        _native.gather_cuda(
+            [host.data_ptr()],
+            kv.num_blocks,
+            kv.page_bytes,
+            kv.block_stride,
+            np.array([0]),
+            out.data_ptr(),
+            out.numel(),
+            0,
+            0,
+            "auto",
+        )
     if torch.cuda.device_count() < 2:
         pytest.skip("cross-device checks need two CUDA devices")
     other = torch.empty_like(out, device="cuda:1")
@@ -442,8 +497,18 @@ def test_device_mismatch_raises(small_kv):
         ops.gather_blocks(small_kv, [0], other)
     other_kv = [t.to("cuda:1") for t in small_kv]
     with pytest.raises(ValueError, match="cuda"):
-        _native.gather_cuda([t.data_ptr() for t in other_kv], kv.num_blocks, kv.page_bytes, kv.block_stride,
-                            np.array([0]), out.data_ptr(), out.numel(), 0, 0, "auto")
+        _native.gather_cuda(
+            [t.data_ptr() for t in other_kv],
+            kv.num_blocks,
+            kv.page_bytes,
+            kv.block_stride,
+            np.array([0]),
+            out.data_ptr(),
+            out.numel(),
+            0,
+            0,
+            "auto",
+        )
     with torch.cuda.device(1):
         s1 = torch.cuda.Stream()
     with pytest.raises(ValueError, match="stream"):
@@ -454,7 +519,9 @@ def test_device_mismatch_raises(small_kv):
 def test_non_contiguous_pages_and_output_raise():
     base = torch.zeros(8, 16, 64, dtype=torch.float16, device="cuda")
     with pytest.raises(ValueError, match="not contiguous"):
-        ops.gather_blocks([base.transpose(1, 2)], [0], torch.empty(16 * 64 * 2, dtype=torch.uint8, device="cuda"))
+        ops.gather_blocks(
+            [base.transpose(1, 2)], [0], torch.empty(16 * 64 * 2, dtype=torch.uint8, device="cuda")
+        )
     kv = make_kv("cpu_attn", 2, 8, 16, 1, 16, torch.float16)
     out = torch.empty(4 * ops.packed_nbytes(kv, 1), dtype=torch.uint8, device="cuda")[::2]
     with pytest.raises(ValueError, match="contiguous"):
@@ -466,4 +533,6 @@ def test_cuda_cache_with_mixed_layers_raises():
     kv = make_kv("cpu_attn", 2, 8, 16, 1, 16, torch.float16)
     mixed = kv + [torch.zeros_like(kv[0], device="cpu")]
     with pytest.raises(ValueError, match="cpu"):
-        ops.gather_blocks(mixed, [0], torch.empty(3 * ops.packed_nbytes(kv, 1), dtype=torch.uint8, device="cuda"))
+        ops.gather_blocks(
+            mixed, [0], torch.empty(3 * ops.packed_nbytes(kv, 1), dtype=torch.uint8, device="cuda")
+        )

@@ -1,4 +1,5 @@
 """Host block pool: zero-copy slots, refcounts, exhaustion as a value, reuse."""
+
 from __future__ import annotations
 
 import gc

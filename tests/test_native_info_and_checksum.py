@@ -1,4 +1,5 @@
 """native_info() facts and XXH3-64 checksums."""
+
 from __future__ import annotations
 
 import os
@@ -19,7 +20,9 @@ def test_native_info_fields():
     assert len(info["cuda_device_names"]) == info["cuda_devices"]
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine: CUDA kernels are not expected")
+@pytest.mark.skipif(
+    shutil.which("nvcc") is None, reason="no nvcc on this machine: CUDA kernels are not expected"
+)
 def test_cuda_kernels_are_compiled_where_nvcc_exists():
     assert membrain.native_info()["cuda_compiled"] is True
 

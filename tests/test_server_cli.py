@@ -1,4 +1,5 @@
 """`membrain server` as a subprocess: READY line, HTTP metrics, SIGTERM drain, option errors."""
+
 from __future__ import annotations
 
 import json
@@ -6,17 +7,15 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
 import pytest
-
-from membrain.server import spawn_server
-from membrain.utils.sizes import format_size, parse_size
 from wire import OK, WireClient
 
 import membrain
+from membrain.server import spawn_server
+from membrain.utils.sizes import format_size, parse_size
 
 # The directory holding the membrain package under test (installed or built in place).
 PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(membrain.__file__)))
@@ -24,8 +23,13 @@ PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(membrain.__file__))
 
 def _run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=PKG_PARENT)
-    return subprocess.run([sys.executable, "-m", "membrain", "server", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "membrain", "server", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def test_parse_and_format_size():
@@ -47,18 +51,31 @@ def test_parse_and_format_size():
 def test_help_documents_every_option():
     r = _run_cli("--help")
     assert r.returncode == 0
-    for opt in ("--host", "--port", "--capacity", "--metrics-port", "--threads", "--max-connections",
-                "--idle-timeout", "--ttl", "--auth-token-file", "--log-level"):
+    for opt in (
+        "--host",
+        "--port",
+        "--capacity",
+        "--metrics-port",
+        "--threads",
+        "--max-connections",
+        "--idle-timeout",
+        "--ttl",
+        "--auth-token-file",
+        "--log-level",
+    ):
         assert opt in r.stdout, opt
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--capacity", "lots"], "invalid size"),
-    (["--port", "70000"], "out of range"),
-    (["--threads", "0"], "must be >= 1"),
-    (["--capacity", "1KiB", "--port", "0", "--metrics-port", "-1"], "64 KiB minimum"),
-    (["--auth-token-file", "/nonexistent/token", "--port", "0"], "cannot read --auth-token-file"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--capacity", "lots"], "invalid size"),
+        (["--port", "70000"], "out of range"),
+        (["--threads", "0"], "must be >= 1"),
+        (["--capacity", "1KiB", "--port", "0", "--metrics-port", "-1"], "64 KiB minimum"),
+        (["--auth-token-file", "/nonexistent/token", "--port", "0"], "cannot read --auth-token-file"),
+    ],
+)
 def test_bad_options_fail_clearly(args, needle):
     r = _run_cli(*args)
     assert r.returncode != 0
@@ -74,9 +91,15 @@ def test_spawn_metrics_and_sigterm(tmp_path):
             assert c.get([b"k", b"miss"]) == [b"v" * 1000, None]
         assert urllib.request.urlopen(srv.metrics_url + "/healthz", timeout=5).read() == b"ok\n"
         text = urllib.request.urlopen(srv.metrics_url + "/metrics", timeout=5).read().decode()
-        for name in ("membrain_stored_bytes 1000.0", 'membrain_requests_total{op="PUT"} 1.0',
-                     "membrain_hits_total 1.0", "membrain_misses_total 1.0", "membrain_evictions_total 0.0",
-                     "membrain_capacity_bytes", "membrain_fragmentation_ratio"):
+        for name in (
+            "membrain_stored_bytes 1000.0",
+            'membrain_requests_total{op="PUT"} 1.0',
+            "membrain_hits_total 1.0",
+            "membrain_misses_total 1.0",
+            "membrain_evictions_total 0.0",
+            "membrain_capacity_bytes",
+            "membrain_fragmentation_ratio",
+        ):
             assert name in text, name
         stats = json.loads(urllib.request.urlopen(srv.metrics_url + "/stats", timeout=5).read())
         assert stats["items"] == 1 and stats["used_bytes"] == 1000
@@ -91,6 +114,7 @@ def test_sigterm_drains_in_flight_reply():
         c.put([(b"big", big)])
         c.sock.setsockopt(__import__("socket").SOL_SOCKET, __import__("socket").SO_RCVBUF, 65536)
         from wire import GET, keys_frame, parse_get
+
         c.send(keys_frame(GET, [b"big"], rid=9))
         time.sleep(0.2)
         srv.process.send_signal(signal.SIGTERM)

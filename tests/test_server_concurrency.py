@@ -1,4 +1,5 @@
 """Many client threads doing mixed operations; every GET is compared byte for byte."""
+
 from __future__ import annotations
 
 import hashlib
@@ -39,7 +40,9 @@ def test_many_threads_mixed_ops(make_server):
                         got = c.get(keys)
                         for k, v in zip(keys, got):
                             if v != mine.get(k):
-                                errors.append(f"thread {tid} key {k!r}: got {None if v is None else len(v)} bytes")
+                                errors.append(
+                                    f"thread {tid} key {k!r}: got {None if v is None else len(v)} bytes"
+                                )
                     elif op < 0.9:
                         n = c.delete(keys)
                         if n != sum(k in mine for k in keys):
@@ -50,7 +53,7 @@ def test_many_threads_mixed_ops(make_server):
                         ex = c.exists(keys)
                         if ex != [OK if k in mine else 1 for k in keys]:
                             errors.append("exists")
-        except Exception as e:  # noqa: BLE001 - reported below
+        except Exception as e:
             errors.append(f"thread {tid}: {e!r}")
 
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(16)]

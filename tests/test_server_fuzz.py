@@ -1,6 +1,7 @@
 """Hostile bytes against a real `membrain server` subprocess: random garbage, mutated valid
 frames (flipped header bits, lying lengths, huge counts, truncation). Afterwards a well-behaved
 client must still be served and the process RSS must stay within capacity + documented overhead."""
+
 from __future__ import annotations
 
 import os
@@ -11,10 +12,10 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from wire import GET, OK, PING, PUT, WireClient, header, keys_frame, put_frame
 
 from membrain import checksum64
 from membrain.server import spawn_server
-from wire import GET, PING, PUT, OK, WireClient, header, keys_frame, put_frame
 
 CAPACITY = 32 << 20
 # docs/server.md: interpreter + extension baseline, plus per-connection buffers; generous on
@@ -24,7 +25,9 @@ OVERHEAD = 160 << 20
 
 @pytest.fixture(scope="module")
 def srv():
-    s = spawn_server(capacity=CAPACITY, extra_args=["--idle-timeout", "2", "--threads", "2", "--log-level", "WARNING"])
+    s = spawn_server(
+        capacity=CAPACITY, extra_args=["--idle-timeout", "2", "--threads", "2", "--log-level", "WARNING"]
+    )
     yield s
     assert s.stop() == 0
 
@@ -50,7 +53,7 @@ def blast(port: int, data: bytes) -> None:
         try:
             while s.recv(65536):
                 pass
-        except (socket.timeout, ConnectionResetError):
+        except (TimeoutError, ConnectionResetError):
             pass
     finally:
         s.close()
@@ -69,7 +72,7 @@ def valid_frames(rng: random.Random) -> list[bytes]:
 def mutate(frame: bytes, rng: random.Random) -> bytes:
     b = bytearray(frame)
     choice = rng.randrange(6)
-    if choice == 0:    # flip bits anywhere
+    if choice == 0:  # flip bits anywhere
         for _ in range(rng.randrange(1, 4)):
             i = rng.randrange(len(b))
             b[i] ^= 1 << rng.randrange(8)
@@ -81,11 +84,11 @@ def mutate(frame: bytes, rng: random.Random) -> bytes:
         struct.pack_into("<I", b, 16, rng.choice([0, 1, 1025, 0xFFFFFFFF, rng.randrange(1 << 32)]))
         struct.pack_into("<I", b, 36, checksum64(bytes(b[:36])) & 0xFFFFFFFF)
     elif choice == 3:  # truncate
-        del b[rng.randrange(len(b)):]
+        del b[rng.randrange(len(b)) :]
     elif choice == 4 and len(b) > 64:  # lying lengths inside the payload (key_len / value_len)
         i = rng.randrange(40, len(b) - 8)
         struct.pack_into("<Q" if rng.random() < 0.5 else "<H", b, i, rng.randrange(1 << 16))
-    else:              # random opcode
+    else:  # random opcode
         b[5] = rng.randrange(256)
         struct.pack_into("<I", b, 36, checksum64(bytes(b[:36])) & 0xFFFFFFFF)
     return bytes(b)
@@ -101,7 +104,7 @@ def test_random_bytes(srv, data):
 @given(st.randoms(use_true_random=False), st.integers(0, 3))
 def test_mutated_frames(srv, rng, which):
     frames = valid_frames(rng)
-    data = b"".join(frames[:which]) + mutate(frames[which], rng) + b"".join(frames[which + 1:])
+    data = b"".join(frames[:which]) + mutate(frames[which], rng) + b"".join(frames[which + 1 :])
     blast(srv.port, data)
 
 

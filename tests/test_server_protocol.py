@@ -1,13 +1,34 @@
 """Every opcode against an in-process server, framed by tests/wire.py from docs/protocol.md."""
+
 from __future__ import annotations
 
 import os
 import struct
 
 from server_fixtures import make_server, server  # noqa: F401 - pytest fixtures
-from wire import (BAD_REQUEST, CHECKSUM_MISMATCH, DELETE, EXISTS, GET, HEADER_BYTES, HELLO, LOOKUP_PREFIX,
-                  NOT_FOUND, OK, PING, PUT, REPLY, STATS, TOO_LARGE, UNSUPPORTED_VERSION, WireClient, header,
-                  keys_frame, parse_get, put_frame)
+from wire import (
+    BAD_REQUEST,
+    CHECKSUM_MISMATCH,
+    DELETE,
+    EXISTS,
+    GET,
+    HEADER_BYTES,
+    HELLO,
+    LOOKUP_PREFIX,
+    NOT_FOUND,
+    OK,
+    PING,
+    PUT,
+    REPLY,
+    STATS,
+    TOO_LARGE,
+    UNSUPPORTED_VERSION,
+    WireClient,
+    header,
+    keys_frame,
+    parse_get,
+    put_frame,
+)
 
 
 def test_hello_reports_limits(server):
@@ -37,7 +58,9 @@ def test_reply_count_and_ids(server):
     with WireClient(server.port) as c:
         for op in (EXISTS, LOOKUP_PREFIX, DELETE, GET):
             f = c.call(keys_frame(op, [b"a", b"b"], rid=0xDEADBEEF12345678))
-            assert f.op == op | REPLY and f.request_id == 0xDEADBEEF12345678 and f.count == 2 and f.status == OK
+            assert (
+                f.op == op | REPLY and f.request_id == 0xDEADBEEF12345678 and f.count == 2 and f.status == OK
+            )
 
 
 def test_overwrite_publishes_new_value(server):
@@ -62,8 +85,19 @@ def test_stats_and_ping(server):
         c.put([(b"a", b"1" * 100)])
         c.get([b"a", b"b"])
         s = c.stats()
-        for field in ("used_bytes", "capacity_bytes", "items", "hits", "misses", "evictions", "expired", "puts",
-                      "gets", "connections", "fragmentation"):
+        for field in (
+            "used_bytes",
+            "capacity_bytes",
+            "items",
+            "hits",
+            "misses",
+            "evictions",
+            "expired",
+            "puts",
+            "gets",
+            "connections",
+            "fragmentation",
+        ):
             assert field in s, field
         assert s["used_bytes"] == 100 and s["items"] == 1 and s["hits"] == 1 and s["misses"] == 1
         assert s["capacity_bytes"] <= 64 << 20 and s["connections"] >= 1
@@ -71,8 +105,13 @@ def test_stats_and_ping(server):
 
 def test_checksum_mismatch_is_dropped(server):
     with WireClient(server.port) as c:
-        f = c.call(put_frame([(b"good", b"a" * 5000), (b"bad", b"b" * 5000)], rid=7, checksums=[
-            __import__("membrain").checksum64(b"a" * 5000), 12345]))
+        f = c.call(
+            put_frame(
+                [(b"good", b"a" * 5000), (b"bad", b"b" * 5000)],
+                rid=7,
+                checksums=[__import__("membrain").checksum64(b"a" * 5000), 12345],
+            )
+        )
         assert list(f.payload) == [OK, CHECKSUM_MISMATCH]
         assert c.get([b"good", b"bad"]) == [b"a" * 5000, None]
         assert c.ping(b"still in sync") == b"still in sync"
@@ -130,8 +169,14 @@ def test_large_values_are_received_in_place(server):
     assert after_small - after_big >= 32 * 1024, after_small - after_big
 
     # Small values before, between and after large ones, in one frame and in pipelined frames.
-    mixed = [(b"m0", os.urandom(3000)), (b"m1", os.urandom(3000)), (b"m2", os.urandom(3000)),
-             (b"m3", os.urandom(4 << 20)), (b"m4", os.urandom(5000)), (b"m5", os.urandom(1 << 20))]
+    mixed = [
+        (b"m0", os.urandom(3000)),
+        (b"m1", os.urandom(3000)),
+        (b"m2", os.urandom(3000)),
+        (b"m3", os.urandom(4 << 20)),
+        (b"m4", os.urandom(5000)),
+        (b"m5", os.urandom(1 << 20)),
+    ]
     small_bytes = sum(len(v) for _, v in mixed if len(v) < 16384)
     with WireClient(server.port) as c:
         before = server.stats()["put_bytes_buffered"]
@@ -159,19 +204,19 @@ def _expect_error(port, data, status):
 def test_frame_errors_reply_then_close(server):
     p = server.port
     good = header(PING, 5, 0, 0)
-    _expect_error(p, b"XXXX" + good[4:], BAD_REQUEST)                                   # magic
-    _expect_error(p, good[:36] + bytes([good[36] ^ 1]) + good[37:], BAD_REQUEST)        # checksum
+    _expect_error(p, b"XXXX" + good[4:], BAD_REQUEST)  # magic
+    _expect_error(p, good[:36] + bytes([good[36] ^ 1]) + good[37:], BAD_REQUEST)  # checksum
     _expect_error(p, header(PING, 5, version=2), UNSUPPORTED_VERSION)
     _expect_error(p, header(PING, 5, reserved=1), BAD_REQUEST)
     _expect_error(p, header(PING, 5, flags=1), BAD_REQUEST)
-    _expect_error(p, header(0x42, 5), BAD_REQUEST)                                      # unknown op
-    _expect_error(p, header(PUT | REPLY, 5), BAD_REQUEST)                               # reply opcode
-    _expect_error(p, header(GET, 5, count=5000, payload_len=5000 * 3), TOO_LARGE)      # count
-    _expect_error(p, header(PUT, 5, count=1, payload_len=1 << 40), TOO_LARGE)          # payload
+    _expect_error(p, header(0x42, 5), BAD_REQUEST)  # unknown op
+    _expect_error(p, header(PUT | REPLY, 5), BAD_REQUEST)  # reply opcode
+    _expect_error(p, header(GET, 5, count=5000, payload_len=5000 * 3), TOO_LARGE)  # count
+    _expect_error(p, header(PUT, 5, count=1, payload_len=1 << 40), TOO_LARGE)  # payload
     _expect_error(p, header(PING, 5, payload_len=1 << 20), TOO_LARGE)
     _expect_error(p, header(STATS, 5, payload_len=1) + b"x", BAD_REQUEST)
-    _expect_error(p, header(GET, 5, 2, 5) + b"\x01\x00a\x00\x00", BAD_REQUEST)          # empty key
-    _expect_error(p, header(GET, 5, 1, 300) + b"\x2c\x01" + b"k" * 298, TOO_LARGE)      # over key limit
+    _expect_error(p, header(GET, 5, 2, 5) + b"\x01\x00a\x00\x00", BAD_REQUEST)  # empty key
+    _expect_error(p, header(GET, 5, 1, 300) + b"\x2c\x01" + b"k" * 298, TOO_LARGE)  # over key limit
     # PUT whose table lies about the payload length
     table = struct.pack("<HHIQQ", 1, 0, 0, 10, 0)
     _expect_error(p, header(PUT, 5, 1, 24 + 1 + 5) + table + b"k" + b"12345", BAD_REQUEST)
@@ -192,4 +237,4 @@ def test_truncated_frame_then_close(server):
 
 
 def test_header_bytes_constant():
-    assert HEADER_BYTES == len(header(PING))
+    assert len(header(PING)) == HEADER_BYTES

@@ -1,4 +1,5 @@
 """Capacity, LRU eviction, TTL and pinning, seen through the protocol."""
+
 from __future__ import annotations
 
 import os
@@ -46,7 +47,7 @@ def test_mixed_sizes_move_memory_between_classes(make_server):
     with WireClient(s.port) as c:
         for i in range(200):  # fill with small values
             c.put([(b"s%d" % i, os.urandom(20000))])
-        for i in range(8):    # then big ones: slabs must come back from the small class
+        for i in range(8):  # then big ones: slabs must come back from the small class
             assert c.put([(b"b%d" % i, os.urandom(400000))]) == [OK]
         assert c.get([b"b7"])[0] is not None
         assert s.stats()["used_bytes"] <= 4 << 20
@@ -84,7 +85,7 @@ def test_ttl_expiry_lazy_and_swept(make_server):
         c.put([(b"a", b"1" * 1000), (b"b", b"2" * 1000)])
         assert c.get([b"a"]) == [b"1" * 1000]
         time.sleep(0.8)
-        assert c.get([b"a"]) == [None]          # lazy, on access
+        assert c.get([b"a"]) == [None]  # lazy, on access
         deadline = time.time() + 3
         while s.stats()["items"] and time.time() < deadline:  # b: the periodic sweep
             time.sleep(0.1)

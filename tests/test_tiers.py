@@ -1,19 +1,19 @@
 """Tier policy and settings, with an in-process fake client (unit tests only)."""
+
 from __future__ import annotations
 
 import threading
 from concurrent.futures import Future
 
-import numpy as np
 import pytest
 import torch
 
+from membrain import ops
 from membrain.tiers.host import HostIndex, HostStore
 from membrain.tiers.manager import Match, TierManager
 from membrain.tiers.remote import RemoteTier
 from membrain.vllm import config as mcfg
 from membrain.vllm import keys as mkeys
-from membrain import ops
 
 
 class FakeClient:
@@ -145,18 +145,28 @@ def test_remote_put_backpressure_drops_instead_of_waiting():
     class Slow(FakeClient):
         def put_async(self, keys, values):
             return Future()  # never completes
+
     rt = RemoteTier(Slow(), max_inflight=2)
     assert rt.put_async([b"a", b"b"], [b"1", b"2"])
     assert not rt.put_async([b"c"], [b"3"])
 
 
 def test_settings_parse_and_errors():
-    s = mcfg.resolve({}, env={"VLLM_MEMBRAIN_ENDPOINT": "tcp://a:1,http://b:2", "VLLM_MEMBRAIN_CPU_CACHE_SIZE": "2GiB"})
+    s = mcfg.resolve(
+        {}, env={"VLLM_MEMBRAIN_ENDPOINT": "tcp://a:1,http://b:2", "VLLM_MEMBRAIN_CPU_CACHE_SIZE": "2GiB"}
+    )
     assert s.endpoints == ["tcp://a:1", "http://b:2"] and s.cpu_cache_bytes == 2 << 30
     assert mcfg.parse_size("512MB") == 512_000_000 and mcfg.parse_size("1.5g") == 1_500_000_000
     assert 0 < mcfg.resolve({}, env={}).cpu_cache_bytes <= 4 << 30
-    for bad in ({"endpoint": "redis://x:1"}, {"endpoint": "tcp://x"}, {"endpoint": "tcp://x:notaport"},
-                {"cpu_cache_size": "lots"}, {"remote": "maybe"}, {"timeout_ms": 0}, {"namespace": "a/b"}):
+    for bad in (
+        {"endpoint": "redis://x:1"},
+        {"endpoint": "tcp://x"},
+        {"endpoint": "tcp://x:notaport"},
+        {"cpu_cache_size": "lots"},
+        {"remote": "maybe"},
+        {"timeout_ms": 0},
+        {"namespace": "a/b"},
+    ):
         with pytest.raises(mcfg.ConfigError):
             mcfg.resolve(bad, env={})
     with pytest.raises(mcfg.ConfigError):

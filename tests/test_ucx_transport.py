@@ -1,6 +1,7 @@
 """UCX transport: every op over `ucx://`, TCP/UCX interoperability on the same data, restart
 behaviour and hostile input on the UCX listener. Loopback, with UCX over TCP and over shared
 memory (UCX_TLS, set for both the server subprocess and this process's client context)."""
+
 from __future__ import annotations
 
 import gc
@@ -14,8 +15,9 @@ import pytest
 import membrain
 from membrain import _native
 
-pytestmark = pytest.mark.skipif(not _native.native_info()["ucx"],
-                                reason="membrain built without UCX (native_info()['ucx'] is False)")
+pytestmark = pytest.mark.skipif(
+    not _native.native_info()["ucx"], reason="membrain built without UCX (native_info()['ucx'] is False)"
+)
 
 # UCX 1.13 accepts transport names and aliases: "tcp", "sm"/"shm" (posix/sysv/cma), "self".
 TLS = ["tcp", "sm,self,tcp"]
@@ -34,9 +36,13 @@ def _spawn(tls: str, port: int = 0, ucx_port: int = 0, extra: tuple[str, ...] = 
     deadline = time.monotonic() + 15
     while True:
         try:
-            return spawn_server(capacity="256MiB", port=port,
-                                extra_args=["--ucx-port", str(ucx_port), "--threads", "1", *extra],
-                                env={**os.environ, "UCX_TLS": tls}, timeout=20)
+            return spawn_server(
+                capacity="256MiB",
+                port=port,
+                extra_args=["--ucx-port", str(ucx_port), "--threads", "1", *extra],
+                env={**os.environ, "UCX_TLS": tls},
+                timeout=20,
+            )
         except RuntimeError:
             if time.monotonic() > deadline:  # a just-freed port can linger briefly
                 raise

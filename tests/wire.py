@@ -1,6 +1,7 @@
 """Pure-Python framing for the Membrain protocol, written from docs/protocol.md (not from the
 C++ codec), so the server tests check the server against the spec. Checksums use
 membrain.checksum64 (XXH3-64, seed 0)."""
+
 from __future__ import annotations
 
 import socket
@@ -16,11 +17,30 @@ HEADER_BYTES = 40
 REPLY = 0x80
 
 HELLO, PUT, GET, EXISTS, LOOKUP_PREFIX, DELETE, STATS, PING = range(1, 9)
-OK, NOT_FOUND, BAD_REQUEST, UNAUTHORIZED, TOO_LARGE, NO_SPACE, CHECKSUM_MISMATCH, INTERNAL, UNSUPPORTED_VERSION = range(9)
+(
+    OK,
+    NOT_FOUND,
+    BAD_REQUEST,
+    UNAUTHORIZED,
+    TOO_LARGE,
+    NO_SPACE,
+    CHECKSUM_MISMATCH,
+    INTERNAL,
+    UNSUPPORTED_VERSION,
+) = range(9)
 
 
-def header(op: int, request_id: int = 0, count: int = 0, payload_len: int = 0, status: int = 0,
-           version: int = VERSION, flags: int = 0, reserved: int = 0, magic: int = MAGIC) -> bytes:
+def header(
+    op: int,
+    request_id: int = 0,
+    count: int = 0,
+    payload_len: int = 0,
+    status: int = 0,
+    version: int = VERSION,
+    flags: int = 0,
+    reserved: int = 0,
+    magic: int = MAGIC,
+) -> bytes:
     body = HEADER.pack(magic, version, op, flags, request_id, count, status, payload_len, reserved)
     return body + struct.pack("<I", checksum64(body) & 0xFFFFFFFF)
 
@@ -54,7 +74,8 @@ def hello_frame(ns: bytes = b"default", token: bytes = b"", rid: int = 0) -> byt
 def put_frame(items: list[tuple[bytes, bytes]], rid: int = 0, checksums: list[int] | None = None) -> bytes:
     table = b"".join(
         struct.pack("<HHIQQ", len(k), 0, 0, len(v), checksums[i] if checksums else checksum64(v))
-        for i, (k, v) in enumerate(items))
+        for i, (k, v) in enumerate(items)
+    )
     p = table + b"".join(k for k, _ in items) + b"".join(v for _, v in items)
     return header(PUT, rid, len(items), len(p)) + p
 
@@ -73,7 +94,7 @@ def parse_get(payload: bytes, count: int) -> list[bytes | None]:
             assert st == NOT_FOUND and vlen == 0 and ck == 0
             out.append(None)
             continue
-        v = payload[pos:pos + vlen]
+        v = payload[pos : pos + vlen]
         pos += vlen
         assert checksum64(v) == ck, "GET value does not match its checksum"
         out.append(v)
@@ -92,7 +113,7 @@ class WireClient:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> "WireClient":
+    def __enter__(self) -> WireClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,5 +1,6 @@
 #include <stdexcept>
 #include <string_view>
+
 #include "bindings/registry.h"
 #include "common/checksum.h"
 
@@ -25,12 +26,12 @@ void register_checksum(py::module_& m) {
         py::gil_scoped_release release;
         return checksum64(info.ptr, bytes, seed);
       },
-      py::arg("data"), py::arg("seed") = 0,
-      "XXH3-64 of a contiguous buffer (GIL released while hashing).");
+      py::arg("data"), py::arg("seed") = 0, "XXH3-64 of a contiguous buffer (GIL released while hashing).");
   m.def(
       "checksum64_ptr",
       [](uintptr_t ptr, std::size_t bytes, uint64_t seed) {
-        if (ptr == 0 && bytes != 0) throw std::invalid_argument("checksum64_ptr: null pointer with non-zero length");
+        if (ptr == 0 && bytes != 0)
+          throw std::invalid_argument("checksum64_ptr: null pointer with non-zero length");
         py::gil_scoped_release release;
         return checksum64(reinterpret_cast<const void*>(ptr), bytes, seed);
       },

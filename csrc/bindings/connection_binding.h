@@ -13,9 +13,6 @@
 // Only transport/tcp_connection.h is needed here (spans, Options, validate_key); the UCX class
 // is a template argument, so this header compiles in builds without UCX too.
 #pragma once
-#include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
-
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -24,6 +21,9 @@
 #include <string_view>
 #include <utility>
 #include <vector>
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "transport/protocol.h"
 #include "transport/tcp_connection.h"
@@ -117,11 +117,12 @@ class PyConnection {
   using PinnedBuffer = connection_detail::PinnedBuffer;
 
  public:
-  PyConnection(std::string host, int port, std::string ns, std::optional<std::string> token, int connect_timeout_ms,
-               int timeout_ms)
+  PyConnection(std::string host, int port, std::string ns, std::optional<std::string> token,
+               int connect_timeout_ms, int timeout_ms)
       : timeout_ms_(timeout_ms) {
     namespace py = pybind11;
-    if (port <= 0 || port > 65535) throw py::value_error("port must be 1..65535, got " + std::to_string(port));
+    if (port <= 0 || port > 65535)
+      throw py::value_error("port must be 1..65535, got " + std::to_string(port));
     if (timeout_ms <= 0) throw py::value_error("timeout_ms must be positive");
     typename Conn::Options o{std::move(host), static_cast<uint16_t>(port), std::move(ns), std::move(token),
                              connect_timeout_ms};
@@ -139,11 +140,13 @@ class PyConnection {
     return ms;
   }
 
-  std::vector<uint8_t> put(const pybind11::sequence& keys, const pybind11::sequence& values, std::optional<int> t) {
+  std::vector<uint8_t> put(const pybind11::sequence& keys, const pybind11::sequence& values,
+                           std::optional<int> t) {
     namespace py = pybind11;
     const std::size_t n = py::len(keys);
     if (py::len(values) != n) {
-      throw py::value_error("put: " + std::to_string(n) + " keys but " + std::to_string(py::len(values)) + " values");
+      throw py::value_error("put: " + std::to_string(n) + " keys but " + std::to_string(py::len(values)) +
+                            " values");
     }
     Keys k = connection_detail::take_keys(keys);
     std::vector<std::unique_ptr<PinnedBuffer>> pins;
@@ -158,8 +161,8 @@ class PyConnection {
     namespace py = pybind11;
     const std::size_t n = py::len(keys);
     if (py::len(buffers) != n) {
-      throw py::value_error("get_into: " + std::to_string(n) + " keys but " + std::to_string(py::len(buffers)) +
-                            " buffers");
+      throw py::value_error("get_into: " + std::to_string(n) + " keys but " +
+                            std::to_string(py::len(buffers)) + " buffers");
     }
     Keys k = connection_detail::take_keys(keys);
     std::vector<std::unique_ptr<PinnedBuffer>> pins;
@@ -287,8 +290,10 @@ pybind11::class_<PyConnection<Conn>> bind_connection(pybind11::module_& m, const
       .def("stats_json", &Py::stats_json, t, docs.stats_json)
       .def(
           "stats",
-          [](Py& c, std::optional<int> ms) { return py::module_::import("json").attr("loads")(c.stats_json(ms)); }, t,
-          docs.stats)
+          [](Py& c, std::optional<int> ms) {
+            return py::module_::import("json").attr("loads")(c.stats_json(ms));
+          },
+          t, docs.stats)
       .def("ping", &Py::ping, t, docs.ping)
       .def("close", &Py::close)
       .def_property_readonly("broken", [](Py& c) { return c.conn().broken(); })

@@ -16,8 +16,8 @@ namespace membrain::bindings {
 // Block ids as a C-contiguous int64 array; forcecast converts other integer arrays/lists once.
 using IdArray = pybind11::array_t<int64_t, pybind11::array::c_style | pybind11::array::forcecast>;
 
-inline PagedLayout make_layout(const std::vector<uintptr_t>& layer_ptrs, int64_t num_blocks, int64_t page_bytes,
-                               int64_t block_stride) {
+inline PagedLayout make_layout(const std::vector<uintptr_t>& layer_ptrs, int64_t num_blocks,
+                               int64_t page_bytes, int64_t block_stride) {
   PagedLayout layout;
   layout.layer_base = layer_ptrs;
   layout.num_blocks = num_blocks;

@@ -1,6 +1,7 @@
 // Raw-pointer entry points for the CPU gather/scatter. membrain/ops.py turns tensors into
 // these arguments; this layer re-validates everything because it is callable directly.
 #include <stdexcept>
+
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
@@ -15,33 +16,34 @@ namespace membrain::bindings {
 void register_ops(py::module_& m) {
   m.def(
       "gather_cpu",
-      [](const std::vector<uintptr_t>& layer_ptrs, int64_t num_blocks, int64_t page_bytes, int64_t block_stride,
-         const IdArray& ids, uintptr_t out_ptr, std::size_t out_bytes) {
+      [](const std::vector<uintptr_t>& layer_ptrs, int64_t num_blocks, int64_t page_bytes,
+         int64_t block_stride, const IdArray& ids, uintptr_t out_ptr, std::size_t out_bytes) {
         const PagedLayout layout = make_layout(layer_ptrs, num_blocks, page_bytes, block_stride);
         const int64_t* id_ptr = id_data(ids);
         const std::size_t n = static_cast<std::size_t>(ids.shape(0));
         py::gil_scoped_release release;
         cpu::gather(layout, id_ptr, n, reinterpret_cast<void*>(out_ptr), out_bytes);
       },
-      py::arg("layer_ptrs"), py::arg("num_blocks"), py::arg("page_bytes"), py::arg("block_stride"), py::arg("block_ids"),
-      py::arg("out_ptr"), py::arg("out_bytes"));
+      py::arg("layer_ptrs"), py::arg("num_blocks"), py::arg("page_bytes"), py::arg("block_stride"),
+      py::arg("block_ids"), py::arg("out_ptr"), py::arg("out_bytes"));
   m.def(
       "scatter_cpu",
-      [](uintptr_t src_ptr, std::size_t src_bytes, const std::vector<uintptr_t>& layer_ptrs, int64_t num_blocks,
-         int64_t page_bytes, int64_t block_stride, const IdArray& ids) {
+      [](uintptr_t src_ptr, std::size_t src_bytes, const std::vector<uintptr_t>& layer_ptrs,
+         int64_t num_blocks, int64_t page_bytes, int64_t block_stride, const IdArray& ids) {
         const PagedLayout layout = make_layout(layer_ptrs, num_blocks, page_bytes, block_stride);
         const int64_t* id_ptr = id_data(ids);
         const std::size_t n = static_cast<std::size_t>(ids.shape(0));
         py::gil_scoped_release release;
         cpu::scatter(reinterpret_cast<const void*>(src_ptr), src_bytes, layout, id_ptr, n);
       },
-      py::arg("src_ptr"), py::arg("src_bytes"), py::arg("layer_ptrs"), py::arg("num_blocks"), py::arg("page_bytes"),
-      py::arg("block_stride"), py::arg("block_ids"));
+      py::arg("src_ptr"), py::arg("src_bytes"), py::arg("layer_ptrs"), py::arg("num_blocks"),
+      py::arg("page_bytes"), py::arg("block_stride"), py::arg("block_ids"));
   m.def(
       "memcpy_cpu",
       [](uintptr_t dst, uintptr_t src, std::size_t bytes, bool streaming) {
         py::gil_scoped_release release;
-        cpu::parallel_memcpy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), bytes, streaming);
+        cpu::parallel_memcpy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), bytes,
+                             streaming);
       },
       py::arg("dst_ptr"), py::arg("src_ptr"), py::arg("nbytes"), py::arg("streaming") = false,
       "Contiguous copy on the gather thread pool (the benchmark's limit).");

@@ -2,6 +2,7 @@
 // bytes through the buffer protocol (zero copy) and gives its reference back when released
 // or garbage-collected.
 #include <stdexcept>
+
 #include <pybind11/stl.h>
 
 #include "bindings/registry.h"
@@ -34,7 +35,8 @@ class Slot {
     return std::make_unique<Slot>(pool_, index_);
   }
   const HostPool& live() const {
-    if (!pool_) throw std::runtime_error("host pool slot " + std::to_string(index_) + " was already released");
+    if (!pool_)
+      throw std::runtime_error("host pool slot " + std::to_string(index_) + " was already released");
     return *pool_;
   }
   uintptr_t ptr() const { return reinterpret_cast<uintptr_t>(live().slot_data(index_)); }
@@ -55,8 +57,8 @@ void register_pool(py::module_& m) {
                    "One slot of a HostPool. Supports the buffer protocol (memoryview, numpy.frombuffer, "
                    "torch.frombuffer) without copying; release() or garbage collection frees it.")
       .def_buffer([](Slot& s) {
-        return py::buffer_info(reinterpret_cast<void*>(s.ptr()), 1, py::format_descriptor<uint8_t>::format(), 1,
-                               {static_cast<py::ssize_t>(s.nbytes())}, {1}, false);
+        return py::buffer_info(reinterpret_cast<void*>(s.ptr()), 1, py::format_descriptor<uint8_t>::format(),
+                               1, {static_cast<py::ssize_t>(s.nbytes())}, {1}, false);
       })
       .def_property_readonly("ptr", &Slot::ptr)
       .def_property_readonly("nbytes", &Slot::nbytes)
@@ -65,7 +67,8 @@ void register_pool(py::module_& m) {
       .def_property_readonly("refcount", &Slot::refcount)
       .def("share", &Slot::share)
       .def("release", &Slot::release)
-      .def("__enter__", [](Slot& s) -> Slot& { return s; }, py::return_value_policy::reference)
+      .def(
+          "__enter__", [](Slot& s) -> Slot& { return s; }, py::return_value_policy::reference)
       .def("__exit__", [](Slot& s, py::args) { s.release(); })
       .def("__repr__", [](const Slot& s) {
         return "<membrain.Slot index=" + std::to_string(s.index()) + (s.released() ? " released>" : ">");

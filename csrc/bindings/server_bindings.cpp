@@ -1,6 +1,7 @@
 // membrain._native.Server: the C++ data plane, driven from Python only to start, stop and
 // read statistics. start()/stop() release the GIL; the workers never take it.
 #include <stdexcept>
+
 #include <pybind11/stl.h>
 
 #include "bindings/registry.h"
@@ -32,7 +33,8 @@ py::dict stats_dict(const StatsSnapshot& s) {
   d["deletes"] = s.storage.deletes;
   d["fragmentation"] = s.storage.fragmentation;
   py::dict req;
-  for (int i = 1; i < membrain::server::kNumOps; ++i) req[proto::op_name(static_cast<uint8_t>(i))] = s.requests[i];
+  for (int i = 1; i < membrain::server::kNumOps; ++i)
+    req[proto::op_name(static_cast<uint8_t>(i))] = s.requests[i];
   req["UNKNOWN"] = s.requests[0];
   d["requests"] = req;
   d["gets"] = s.requests[static_cast<int>(proto::Op::kGet)];
@@ -59,9 +61,10 @@ void register_server(py::module_& m) {
   py::class_<Server>(m, "Server", "Membrain data-plane server (epoll workers in C++ threads).")
       .def(py::init([](std::string host, int port, uint64_t capacity, int threads, int max_connections,
                        double idle_timeout, double ttl, std::string auth_token, uint64_t slab_bytes,
-                       int socket_buffer_bytes, uint32_t max_batch, uint32_t max_key_len, uint64_t max_value_bytes,
-                       uint64_t max_payload_bytes, bool prefault, int ucx_port) {
-             if (port < 0 || port > 65535) throw std::invalid_argument("port " + std::to_string(port) + " must be in 0..65535");
+                       int socket_buffer_bytes, uint32_t max_batch, uint32_t max_key_len,
+                       uint64_t max_value_bytes, uint64_t max_payload_bytes, bool prefault, int ucx_port) {
+             if (port < 0 || port > 65535)
+               throw std::invalid_argument("port " + std::to_string(port) + " must be in 0..65535");
              ServerConfig c;
              c.host = std::move(host);
              c.port = static_cast<uint16_t>(port);
@@ -78,26 +81,41 @@ void register_server(py::module_& m) {
              c.limits.max_value_bytes = max_value_bytes;
              c.limits.max_payload_bytes = max_payload_bytes;
              c.prefault = prefault;
-             if (ucx_port < -1 || ucx_port > 65535) throw std::invalid_argument("ucx_port " + std::to_string(ucx_port) + " must be -1 (off) or 0..65535");
+             if (ucx_port < -1 || ucx_port > 65535)
+               throw std::invalid_argument("ucx_port " + std::to_string(ucx_port) +
+                                           " must be -1 (off) or 0..65535");
              c.ucx_port = ucx_port;
              return std::make_unique<Server>(std::move(c));
            }),
            py::arg("host") = "127.0.0.1", py::arg("port") = 9201, py::arg("capacity") = 256ull << 20,
            py::arg("threads") = 2, py::arg("max_connections") = 1024, py::arg("idle_timeout") = 60.0,
            py::arg("ttl") = 0.0, py::arg("auth_token") = "", py::arg("slab_bytes") = 0,
-           py::arg("socket_buffer_bytes") = 4 << 20, py::arg("max_batch") = 1024, py::arg("max_key_len") = 128,
-           py::arg("max_value_bytes") = 256ull << 20, py::arg("max_payload_bytes") = 1ull << 30,
-           py::arg("prefault") = true, py::arg("ucx_port") = -1)
-      .def("start", [](Server& s) { py::gil_scoped_release r; return s.start(); },
-           "Bind, listen and start the workers; returns the bound port.")
-      .def("stop", [](Server& s, double drain_timeout) { py::gil_scoped_release r; s.stop(drain_timeout); },
-           py::arg("drain_timeout") = 5.0,
-           "Stop accepting, finish in-flight frames and replies (at most drain_timeout s), join the workers.")
+           py::arg("socket_buffer_bytes") = 4 << 20, py::arg("max_batch") = 1024,
+           py::arg("max_key_len") = 128, py::arg("max_value_bytes") = 256ull << 20,
+           py::arg("max_payload_bytes") = 1ull << 30, py::arg("prefault") = true, py::arg("ucx_port") = -1)
+      .def(
+          "start",
+          [](Server& s) {
+            py::gil_scoped_release r;
+            return s.start();
+          },
+          "Bind, listen and start the workers; returns the bound port.")
+      .def(
+          "stop",
+          [](Server& s, double drain_timeout) {
+            py::gil_scoped_release r;
+            s.stop(drain_timeout);
+          },
+          py::arg("drain_timeout") = 5.0,
+          "Stop accepting, finish in-flight frames and replies (at most drain_timeout s), join the workers.")
       .def_property_readonly("port", &Server::port)
       .def_property_readonly("ucx_port", &Server::ucx_port, "UCX listener port (0 when UCX is off).")
       .def_property_readonly("running", &Server::running)
-      .def_property_readonly("max_value_bytes", [](const Server& s) { return s.config().limits.max_value_bytes; })
-      .def("stats", [](const Server& s) { return stats_dict(s.stats()); }, "Counters and storage figures as a dict.")
+      .def_property_readonly("max_value_bytes",
+                             [](const Server& s) { return s.config().limits.max_value_bytes; })
+      .def(
+          "stats", [](const Server& s) { return stats_dict(s.stats()); },
+          "Counters and storage figures as a dict.")
       .def("stats_json", &Server::stats_json);
 }
 

@@ -25,7 +25,8 @@ void register_transport(py::module_& m) {
       {"INTERNAL", proto::Status::kInternal},
       {"UNSUPPORTED_VERSION", proto::Status::kUnsupportedVersion},
   };
-  for (const auto& [name, code] : statuses) m.attr((std::string("STATUS_") + name).c_str()) = static_cast<int>(code);
+  for (const auto& [name, code] : statuses)
+    m.attr((std::string("STATUS_") + name).c_str()) = static_cast<int>(code);
   m.def("status_name", [](int s) { return std::string(proto::status_name(static_cast<uint8_t>(s))); });
 
   ConnectionDocs docs;
@@ -48,20 +49,21 @@ void register_transport(py::module_& m) {
 
   using Py = PyConnection<TcpConnection>;
   bind_connection<TcpConnection>(m, "Connection", docs)
-      .def("timings",
-           [](Py& c) {
-             const auto t = c.conn().timings();
-             py::dict d;
-             d["checksum"] = t.checksum;
-             d["send"] = t.send;
-             d["wait"] = t.wait;
-             d["recv"] = t.recv;
-             d["verify"] = t.verify;
-             d["frames"] = t.frames;
-             return d;
-           },
-           "Cumulative seconds per phase of PUT/GET frames: checksum, send, wait (for the reply "
-           "header: server work + network), recv (reply payload), verify (GET checksums).")
+      .def(
+          "timings",
+          [](Py& c) {
+            const auto t = c.conn().timings();
+            py::dict d;
+            d["checksum"] = t.checksum;
+            d["send"] = t.send;
+            d["wait"] = t.wait;
+            d["recv"] = t.recv;
+            d["verify"] = t.verify;
+            d["frames"] = t.frames;
+            return d;
+          },
+          "Cumulative seconds per phase of PUT/GET frames: checksum, send, wait (for the reply "
+          "header: server work + network), recv (reply payload), verify (GET checksums).")
       .def("reset_timings", [](Py& c) { c.conn().reset_timings(); });
 }
 

@@ -41,7 +41,8 @@ uint64_t checksum64(const void* data, std::size_t bytes, uint64_t seed) {
   return impl(data, bytes, seed);
 }
 
-std::vector<std::pair<std::string, uint64_t>> checksum64_all_paths(const void* data, std::size_t bytes, uint64_t seed) {
+std::vector<std::pair<std::string, uint64_t>> checksum64_all_paths(const void* data, std::size_t bytes,
+                                                                   uint64_t seed) {
   std::vector<std::pair<std::string, uint64_t>> out;
   out.emplace_back("base", checksum64_base(data, bytes, seed));
 #if defined(MEMBRAIN_XXH3_AVX2)

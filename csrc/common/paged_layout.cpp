@@ -8,9 +8,11 @@ namespace membrain {
 void validate_layout(const PagedLayout& layout) {
   if (layout.layer_base.empty()) throw std::invalid_argument("paged layout has no layers");
   if (layout.num_blocks <= 0)
-    throw std::invalid_argument("paged layout num_blocks must be positive, got " + std::to_string(layout.num_blocks));
+    throw std::invalid_argument("paged layout num_blocks must be positive, got " +
+                                std::to_string(layout.num_blocks));
   if (layout.page_bytes <= 0)
-    throw std::invalid_argument("paged layout page_bytes must be positive, got " + std::to_string(layout.page_bytes));
+    throw std::invalid_argument("paged layout page_bytes must be positive, got " +
+                                std::to_string(layout.page_bytes));
   if (layout.num_blocks > 1 && layout.block_stride < layout.page_bytes)
     throw std::invalid_argument("paged layout block_stride " + std::to_string(layout.block_stride) +
                                 " is smaller than page_bytes " + std::to_string(layout.page_bytes) +

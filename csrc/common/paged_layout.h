@@ -5,9 +5,9 @@
 // The packed ("gathered") form used by the host tier and the transport is block-major:
 // block i of the id list, layer l lives at byte (i * num_layers + l) * page_bytes.
 #pragma once
-#include <stdexcept>
 #include <cstddef>
 #include <cstdint>
+#include <stdexcept>
 #include <vector>
 
 namespace membrain {

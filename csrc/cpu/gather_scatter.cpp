@@ -1,8 +1,8 @@
-#include <stdexcept>
 #include "cpu/gather_scatter.h"
 
 #include <algorithm>
 #include <cstring>
+#include <stdexcept>
 #include <unordered_map>
 #include <vector>
 
@@ -51,21 +51,23 @@ inline uint8_t* page_addr(const PagedLayout& layout, std::size_t layer, int64_t 
 
 }  // namespace
 
-void gather(const PagedLayout& layout, const int64_t* ids, std::size_t n_ids, void* out, std::size_t out_bytes) {
+void gather(const PagedLayout& layout, const int64_t* ids, std::size_t n_ids, void* out,
+            std::size_t out_bytes) {
   validate_layout(layout);
   validate_block_ids(ids, n_ids, layout.num_blocks);
   validate_packed_size(out_bytes, layout.packed_bytes(n_ids), "gather output");
   if (n_ids > 0 && out == nullptr) throw std::invalid_argument("gather output pointer is null");
   auto* dst = static_cast<uint8_t*>(out);
-  for_each_packed_range(layout, n_ids, [&](std::size_t i, std::size_t l, std::size_t in_page, std::size_t pos,
-                                           std::size_t len, bool streaming) {
-    const uint8_t* from = page_addr(layout, l, ids[i]) + in_page;
-    if (streaming) {
-      stream_copy(dst + pos, from, len);
-    } else {
-      std::memcpy(dst + pos, from, len);
-    }
-  });
+  for_each_packed_range(layout, n_ids,
+                        [&](std::size_t i, std::size_t l, std::size_t in_page, std::size_t pos,
+                            std::size_t len, bool streaming) {
+                          const uint8_t* from = page_addr(layout, l, ids[i]) + in_page;
+                          if (streaming) {
+                            stream_copy(dst + pos, from, len);
+                          } else {
+                            std::memcpy(dst + pos, from, len);
+                          }
+                        });
 }
 
 void scatter(const void* src, std::size_t src_bytes, const PagedLayout& layout, const int64_t* ids,
@@ -94,16 +96,17 @@ void scatter(const void* src, std::size_t src_bytes, const PagedLayout& layout, 
     }
   }
   const auto* from = static_cast<const uint8_t*>(src);
-  for_each_packed_range(layout, n_ids, [&](std::size_t i, std::size_t l, std::size_t in_page, std::size_t pos,
-                                           std::size_t len, bool streaming) {
-    if (!skip.empty() && skip[i]) return;
-    uint8_t* to = page_addr(layout, l, ids[i]) + in_page;
-    if (streaming) {
-      stream_copy(to, from + pos, len);
-    } else {
-      std::memcpy(to, from + pos, len);
-    }
-  });
+  for_each_packed_range(layout, n_ids,
+                        [&](std::size_t i, std::size_t l, std::size_t in_page, std::size_t pos,
+                            std::size_t len, bool streaming) {
+                          if (!skip.empty() && skip[i]) return;
+                          uint8_t* to = page_addr(layout, l, ids[i]) + in_page;
+                          if (streaming) {
+                            stream_copy(to, from + pos, len);
+                          } else {
+                            std::memcpy(to, from + pos, len);
+                          }
+                        });
 }
 
 }  // namespace membrain::cpu

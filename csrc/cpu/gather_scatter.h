@@ -9,7 +9,8 @@
 namespace membrain::cpu {
 
 // Copies block ids[i], layer l into out + (i * L + l) * page_bytes for every i, l.
-void gather(const PagedLayout& layout, const int64_t* ids, std::size_t n_ids, void* out, std::size_t out_bytes);
+void gather(const PagedLayout& layout, const int64_t* ids, std::size_t n_ids, void* out,
+            std::size_t out_bytes);
 // The inverse. With duplicate ids the last occurrence wins, as a sequential loop would do.
 void scatter(const void* src, std::size_t src_bytes, const PagedLayout& layout, const int64_t* ids,
              std::size_t n_ids);

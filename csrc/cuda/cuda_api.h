@@ -1,9 +1,9 @@
 // The only doorway from host C++ to CUDA. Implemented by csrc/cuda/*.cu when the kernels are
 // compiled, and by csrc/cuda/stub/cuda_stub.cpp otherwise, so callers never need #ifdefs.
 #pragma once
-#include <stdexcept>
 #include <cstddef>
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 
 #include "common/paged_layout.h"
@@ -43,8 +43,8 @@ HostMode default_host_mode();
 // (pageable host memory -> std::invalid_argument). Everything is validated before anything is
 // enqueued: bad ids -> std::out_of_range, sizes/pointers/devices -> std::invalid_argument,
 // CUDA failures -> std::runtime_error naming the call.
-void gather(const PagedLayout& layout, const int64_t* ids, std::size_t n_ids, void* out, std::size_t out_bytes,
-            int device, std::uintptr_t stream, HostMode mode);
+void gather(const PagedLayout& layout, const int64_t* ids, std::size_t n_ids, void* out,
+            std::size_t out_bytes, int device, std::uintptr_t stream, HostMode mode);
 // The exact inverse; with duplicate ids the last occurrence wins (resolved on the host).
 void scatter(const void* src, std::size_t src_bytes, const PagedLayout& layout, const int64_t* ids,
              std::size_t n_ids, int device, std::uintptr_t stream, HostMode mode);

@@ -1,10 +1,10 @@
 // Error handling and small RAII owners for CUDA runtime objects (only included by .cu files).
 #pragma once
-#include <cuda_runtime.h>
-
 #include <memory>
 #include <stdexcept>
 #include <string>
+
+#include <cuda_runtime.h>
 
 namespace membrain::cuda {
 

@@ -1,14 +1,16 @@
 // Device discovery and host-memory pinning through the CUDA runtime.
-#include <cuda_runtime.h>
-
 #include <stdexcept>
 #include <string>
+
+#include <cuda_runtime.h>
 
 #include "cuda/cuda_api.h"
 
 namespace membrain::cuda {
 
-bool compiled() { return true; }
+bool compiled() {
+  return true;
+}
 
 int device_count() {
   int n = 0;

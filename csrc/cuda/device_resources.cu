@@ -1,9 +1,9 @@
-#include <stdexcept>
-#include "cuda/device_resources.h"
-
 #include <algorithm>
 #include <cstdint>
+#include <stdexcept>
 #include <string>
+
+#include "cuda/device_resources.h"
 
 namespace membrain::cuda {
 namespace {
@@ -72,7 +72,8 @@ int DeviceResources::ctas_per_sm(const void* kernel, int threads) {
   return ctas;
 }
 
-std::unique_ptr<DeviceResources::MetaLease> DeviceResources::lease_meta(std::size_t bytes, cudaStream_t stream) {
+std::unique_ptr<DeviceResources::MetaLease> DeviceResources::lease_meta(std::size_t bytes,
+                                                                        cudaStream_t stream) {
   std::lock_guard<std::mutex> lock(mutex_);
   for (std::size_t i = 0; i < meta_slots_.size(); ++i) {
     MetaSlot& s = *meta_slots_[i];
@@ -118,9 +119,12 @@ void DeviceResources::return_meta(std::size_t slot, cudaStream_t stream) {
   s.leased = false;
 }
 
-DeviceResources::MetaLease::~MetaLease() { owner_->return_meta(slot_, stream_); }
+DeviceResources::MetaLease::~MetaLease() {
+  owner_->return_meta(slot_, stream_);
+}
 
-std::unique_ptr<DeviceResources::Scratch> DeviceResources::try_alloc_scratch(std::size_t bytes, cudaStream_t stream) {
+std::unique_ptr<DeviceResources::Scratch> DeviceResources::try_alloc_scratch(std::size_t bytes,
+                                                                             cudaStream_t stream) {
   void* p = nullptr;
   const cudaError_t err =
       pool_ ? cudaMallocFromPoolAsync(&p, bytes, pool_.get(), stream) : cudaMallocAsync(&p, bytes, stream);

@@ -5,13 +5,13 @@
 // events (metadata) or by the stream-ordered allocator (scratch), so concurrent calls on
 // different streams never share a buffer that one of them may still read.
 #pragma once
-#include <cuda_runtime.h>
-
 #include <cstddef>
 #include <memory>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
+
+#include <cuda_runtime.h>
 
 #include "cuda/cuda_check.h"
 

@@ -10,8 +10,6 @@
 //
 // The layer base pointers and block ids reach the device through a pinned staging buffer and
 // one small H2D copy on the caller's stream (see DeviceResources::lease_meta).
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -20,6 +18,8 @@
 #include <string>
 #include <unordered_map>
 #include <vector>
+
+#include <cuda_runtime.h>
 
 #include "cuda/cuda_api.h"
 #include "cuda/cuda_check.h"
@@ -118,14 +118,18 @@ __global__ void __launch_bounds__(kThreads) page_copy_kernel(const PageCopyParam
   // Uniform across the grid: 32-bit index math whenever the unit count and a page's element
   // count (plus one stride of slack) fit, 64-bit otherwise.
   if (p.num_units + step <= 0xFFFFFFFFll && p.page_elems + int64_t{kGroup} * kUnroll <= 0xFFFFFFFFll) {
-    for (uint32_t u = static_cast<uint32_t>(start); u < static_cast<uint32_t>(p.num_units); u += static_cast<uint32_t>(step))
+    for (uint32_t u = static_cast<uint32_t>(start); u < static_cast<uint32_t>(p.num_units);
+         u += static_cast<uint32_t>(step))
       copy_unit<V, kToPacked, kGroupShift, uint32_t>(p, u, lane);
   } else {
-    for (int64_t u = start; u < p.num_units; u += step) copy_unit<V, kToPacked, kGroupShift, int64_t>(p, u, lane);
+    for (int64_t u = start; u < p.num_units; u += step)
+      copy_unit<V, kToPacked, kGroupShift, int64_t>(p, u, lane);
   }
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
 
 template <typename V, bool kToPacked, int kShift>
 void launch_shift(const PageCopyParams& p, DeviceResources& res, cudaStream_t stream) {
@@ -143,22 +147,28 @@ void launch_shift(const PageCopyParams& p, DeviceResources& res, cudaStream_t st
 template <typename V, bool kToPacked>
 void launch_vec(const PageCopyParams& p, int group_shift, DeviceResources& res, cudaStream_t stream) {
   switch (group_shift) {
-    case 5: return launch_shift<V, kToPacked, 5>(p, res, stream);
-    case 6: return launch_shift<V, kToPacked, 6>(p, res, stream);
-    case 7: return launch_shift<V, kToPacked, 7>(p, res, stream);
-    default: return launch_shift<V, kToPacked, 8>(p, res, stream);
+    case 5:
+      return launch_shift<V, kToPacked, 5>(p, res, stream);
+    case 6:
+      return launch_shift<V, kToPacked, 6>(p, res, stream);
+    case 7:
+      return launch_shift<V, kToPacked, 7>(p, res, stream);
+    default:
+      return launch_shift<V, kToPacked, 8>(p, res, stream);
   }
 }
 
 // A packed pointer as the kernel sees it.
 struct PackedTarget {
-  bool host = false;          // pinned host memory
-  void* device_ptr = nullptr;  // device memory, or the mapped device alias of pinned host memory (may be null)
+  bool host = false;  // pinned host memory
+  void* device_ptr =
+      nullptr;  // device memory, or the mapped device alias of pinned host memory (may be null)
 };
 
 std::string hex(const void* p) {
   char buf[32];
-  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(reinterpret_cast<std::uintptr_t>(p)));
+  std::snprintf(buf, sizeof buf, "0x%llx",
+                static_cast<unsigned long long>(reinterpret_cast<std::uintptr_t>(p)));
   return buf;
 }
 
@@ -187,13 +197,14 @@ PackedTarget classify_packed(const void* p, std::size_t bytes, int device, const
   PackedTarget t;
   switch (first.type) {
     case cudaMemoryTypeUnregistered:
-      throw std::invalid_argument(std::string(what) + " at " + hex(p) +
-                                  " is pageable host memory; CUDA gather/scatter needs device memory or pinned "
-                                  "host memory (torch pin_memory(), a membrain.HostPool slot, cudaHostRegister)");
+      throw std::invalid_argument(
+          std::string(what) + " at " + hex(p) +
+          " is pageable host memory; CUDA gather/scatter needs device memory or pinned "
+          "host memory (torch pin_memory(), a membrain.HostPool slot, cudaHostRegister)");
     case cudaMemoryTypeHost: {
       if (last.type != cudaMemoryTypeHost)
-        throw std::invalid_argument(std::string(what) + " at " + hex(p) + " is only partly pinned: its last byte is " +
-                                    "pageable host memory");
+        throw std::invalid_argument(std::string(what) + " at " + hex(p) +
+                                    " is only partly pinned: its last byte is " + "pageable host memory");
       t.host = true;
       // Some pinned allocations report no alias in their attributes (seen for torch
       // pin_memory() buffers made on a non-main thread); the runtime still maps them, and
@@ -202,8 +213,8 @@ PackedTarget classify_packed(const void* p, std::size_t bytes, int device, const
       void* last_alias = last.devicePointer ? last.devicePointer
                                             : mapped_alias(static_cast<const std::uint8_t*>(p) + bytes - 1);
       // The mapped alias must cover the whole range contiguously (one registration).
-      if (first_alias != nullptr &&
-          static_cast<const std::uint8_t*>(last_alias) == static_cast<const std::uint8_t*>(first_alias) + bytes - 1)
+      if (first_alias != nullptr && static_cast<const std::uint8_t*>(last_alias) ==
+                                        static_cast<const std::uint8_t*>(first_alias) + bytes - 1)
         t.device_ptr = first_alias;
       return t;
     }
@@ -213,7 +224,8 @@ PackedTarget classify_packed(const void* p, std::size_t bytes, int device, const
         throw std::invalid_argument(std::string(what) + " is on cuda:" + std::to_string(first.device) +
                                     " but kv_caches are on cuda:" + std::to_string(device));
       if (!device_accessible_on(last, device))
-        throw std::invalid_argument(std::string(what) + " at " + hex(p) + " extends past its device allocation");
+        throw std::invalid_argument(std::string(what) + " at " + hex(p) +
+                                    " extends past its device allocation");
       t.device_ptr = const_cast<void*>(p);
       return t;
   }
@@ -243,8 +255,8 @@ void check_device_and_stream(int device, std::uintptr_t stream) {
     n = 0;
   }
   if (device < 0 || device >= n)
-    throw std::invalid_argument("CUDA device " + std::to_string(device) + " does not exist (" + std::to_string(n) +
-                                " present)");
+    throw std::invalid_argument("CUDA device " + std::to_string(device) + " does not exist (" +
+                                std::to_string(n) + " present)");
   // 0, 1, 2 are the legacy / per-thread default stream handles, valid on every device.
   if (stream > 2) {
     int stream_device = -1;
@@ -257,7 +269,8 @@ void check_device_and_stream(int device, std::uintptr_t stream) {
 
 // The widest element (16, 8, 4, 2 or 1 bytes) that divides every address and size involved.
 int element_bytes(const PagedLayout& layout, const void* packed) {
-  std::uintptr_t bits = static_cast<std::uintptr_t>(layout.page_bytes) | reinterpret_cast<std::uintptr_t>(packed) | 16;
+  std::uintptr_t bits =
+      static_cast<std::uintptr_t>(layout.page_bytes) | reinterpret_cast<std::uintptr_t>(packed) | 16;
   if (layout.num_blocks > 1) bits |= static_cast<std::uintptr_t>(layout.block_stride);
   for (std::uintptr_t base : layout.layer_base) bits |= base;
   return static_cast<int>(bits & (~bits + 1));  // lowest set bit, at most 16
@@ -302,11 +315,21 @@ void launch(const PagedLayout& layout, const std::vector<int64_t>& ids, const st
   p.chunks_per_page = ceil_div(p.page_elems, (int64_t{1} << shift) * kUnroll);
   p.num_units = static_cast<int64_t>(n) * p.num_layers * p.chunks_per_page;
   switch (vec) {
-    case 16: launch_vec<uint4, kToPacked>(p, shift, res, stream); break;
-    case 8: launch_vec<uint2, kToPacked>(p, shift, res, stream); break;
-    case 4: launch_vec<unsigned int, kToPacked>(p, shift, res, stream); break;
-    case 2: launch_vec<unsigned short, kToPacked>(p, shift, res, stream); break;
-    default: launch_vec<unsigned char, kToPacked>(p, shift, res, stream); break;
+    case 16:
+      launch_vec<uint4, kToPacked>(p, shift, res, stream);
+      break;
+    case 8:
+      launch_vec<uint2, kToPacked>(p, shift, res, stream);
+      break;
+    case 4:
+      launch_vec<unsigned int, kToPacked>(p, shift, res, stream);
+      break;
+    case 2:
+      launch_vec<unsigned short, kToPacked>(p, shift, res, stream);
+      break;
+    default:
+      launch_vec<unsigned char, kToPacked>(p, shift, res, stream);
+      break;
   }
   // `meta` records its event here, after the kernel that reads it.
 }
@@ -335,13 +358,18 @@ HostMode parse_host_mode(const std::string& mode) {
 
 const char* host_mode_name(HostMode mode) {
   switch (mode) {
-    case HostMode::kMapped: return "mapped";
-    case HostMode::kStaged: return "staged";
-    default: return "auto";
+    case HostMode::kMapped:
+      return "mapped";
+    case HostMode::kStaged:
+      return "staged";
+    default:
+      return "auto";
   }
 }
 
-HostMode default_host_mode() { return kAutoHostMode; }
+HostMode default_host_mode() {
+  return kAutoHostMode;
+}
 
 namespace {
 
@@ -372,9 +400,10 @@ HostMode resolve_host_mode(HostMode requested, const PackedTarget& t, std::size_
 
 }  // namespace
 
-void gather(const PagedLayout& layout, const int64_t* ids, std::size_t n_ids, void* out, std::size_t out_bytes,
-            int device, std::uintptr_t stream_handle, HostMode mode) {
-  const std::size_t need = validate(layout, ids, n_ids, out, out_bytes, device, stream_handle, "gather output");
+void gather(const PagedLayout& layout, const int64_t* ids, std::size_t n_ids, void* out,
+            std::size_t out_bytes, int device, std::uintptr_t stream_handle, HostMode mode) {
+  const std::size_t need =
+      validate(layout, ids, n_ids, out, out_bytes, device, stream_handle, "gather output");
   if (n_ids == 0) return;
   DeviceGuard guard(device);
   check_layers(layout, device);
@@ -399,7 +428,8 @@ void gather(const PagedLayout& layout, const int64_t* ids, std::size_t n_ids, vo
 
 void scatter(const void* src, std::size_t src_bytes, const PagedLayout& layout, const int64_t* ids,
              std::size_t n_ids, int device, std::uintptr_t stream_handle, HostMode mode) {
-  const std::size_t need = validate(layout, ids, n_ids, src, src_bytes, device, stream_handle, "scatter source");
+  const std::size_t need =
+      validate(layout, ids, n_ids, src, src_bytes, device, stream_handle, "scatter source");
   if (n_ids == 0) return;
   DeviceGuard guard(device);
   check_layers(layout, device);

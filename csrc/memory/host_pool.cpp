@@ -1,6 +1,5 @@
 #include "memory/host_pool.h"
 
-#include <sys/mman.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -9,20 +8,25 @@
 #include <stdexcept>
 #include <string>
 
+#include <sys/mman.h>
+
 #include "cuda/cuda_api.h"
 
 namespace membrain {
 namespace {
 constexpr std::size_t kHugePage = 2u << 20;
 
-std::size_t round_up(std::size_t v, std::size_t to) { return (v + to - 1) / to * to; }
+std::size_t round_up(std::size_t v, std::size_t to) {
+  return (v + to - 1) / to * to;
+}
 }  // namespace
 
 std::shared_ptr<HostPool> HostPool::create(const Options& options) {
   if (options.slot_bytes == 0) throw std::invalid_argument("host pool slot_bytes must be positive");
   if (options.num_slots == 0) throw std::invalid_argument("host pool num_slots must be positive");
   if (options.num_slots > std::numeric_limits<uint32_t>::max())
-    throw std::invalid_argument("host pool num_slots " + std::to_string(options.num_slots) + " exceeds 2^32-1");
+    throw std::invalid_argument("host pool num_slots " + std::to_string(options.num_slots) +
+                                " exceeds 2^32-1");
   // Slots start on 4 KiB boundaries so DMA engines and O_DIRECT-style users get aligned buffers.
   const std::size_t page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
   const std::size_t slot_stride = round_up(options.slot_bytes, page);
@@ -35,8 +39,8 @@ std::shared_ptr<HostPool> HostPool::create(const Options& options) {
   pool->num_slots_ = options.num_slots;
   pool->region_bytes_ = round_up(slot_stride * options.num_slots, options.huge_pages ? kHugePage : page);
 
-  void* mem = mmap(nullptr, pool->region_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                   -1, 0);
+  void* mem = mmap(nullptr, pool->region_bytes_, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (mem == MAP_FAILED) {
     throw std::bad_alloc();
   }

@@ -10,17 +10,17 @@ namespace membrain::server {
 
 struct ServerConfig {
   std::string host = "127.0.0.1";
-  uint16_t port = 9201;                 // 0 = let the kernel pick
-  int ucx_port = -1;                    // UCX listener beside TCP: -1 = off, 0 = pick a free port
+  uint16_t port = 9201;                    // 0 = let the kernel pick
+  int ucx_port = -1;                       // UCX listener beside TCP: -1 = off, 0 = pick a free port
   uint64_t capacity_bytes = 256ull << 20;  // hard bound on value storage (one reserved region)
-  uint64_t slab_bytes = 0;              // 0 = derive from capacity (see SlabAllocator::auto_slab_bytes)
-  int threads = 2;                      // event-loop workers, each with its own epoll
-  int max_connections = 1024;           // excess connections are accepted and closed at once
-  double idle_timeout_s = 60.0;         // no traffic, or one frame taking longer, closes the connection
-  double ttl_s = 0.0;                   // 0 = objects never expire
-  std::string auth_token;               // empty = no authentication
-  bool prefault = true;                 // back the storage region with memory in the background at start
-  int socket_buffer_bytes = 4 << 20;    // SO_RCVBUF (listener, inherited) and SO_SNDBUF; 0 = autotuning
+  uint64_t slab_bytes = 0;                 // 0 = derive from capacity (see SlabAllocator::auto_slab_bytes)
+  int threads = 2;                         // event-loop workers, each with its own epoll
+  int max_connections = 1024;              // excess connections are accepted and closed at once
+  double idle_timeout_s = 60.0;            // no traffic, or one frame taking longer, closes the connection
+  double ttl_s = 0.0;                      // 0 = objects never expire
+  std::string auth_token;                  // empty = no authentication
+  bool prefault = true;                    // back the storage region with memory in the background at start
+  int socket_buffer_bytes = 4 << 20;       // SO_RCVBUF (listener, inherited) and SO_SNDBUF; 0 = autotuning
   uint64_t output_backlog_bytes = 8ull << 20;  // stop reading a connection while this much reply is queued
   proto::Limits limits;
 };

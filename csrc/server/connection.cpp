@@ -1,10 +1,10 @@
 #include "server/connection.h"
 
-#include <sys/socket.h>
-
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+
+#include <sys/socket.h>
 
 #include "common/checksum.h"
 #include "server/request.h"
@@ -16,8 +16,8 @@ using proto::Status;
 
 namespace {
 constexpr int kMaxIov = 256;
-constexpr std::size_t kReadBudget = 32 << 20;      // per readiness event, for fairness between connections
-constexpr std::size_t kDirectRecvMin = 16 << 10;   // smaller values go through the buffer, several per recv
+constexpr std::size_t kReadBudget = 32 << 20;     // per readiness event, for fairness between connections
+constexpr std::size_t kDirectRecvMin = 16 << 10;  // smaller values go through the buffer, several per recv
 // Read-ahead past a frame header, before its table says where large values begin: room for a
 // few pipelined small requests in one recv, while a PUT frame's first value loses at most this.
 constexpr std::size_t kHeaderReadAhead = 4 << 10;
@@ -26,11 +26,16 @@ constexpr uint32_t kMaxTokenBytes = 4096;
 }  // namespace
 
 Connection::Connection(UniqueFd fd, ServerContext& ctx, int64_t now_ns)
-    : fd_(std::move(fd)), ctx_(ctx), limits_(ctx.config.limits), authed_(ctx.config.auth_token.empty()),
+    : fd_(std::move(fd)),
+      ctx_(ctx),
+      limits_(ctx.config.limits),
+      authed_(ctx.config.auth_token.empty()),
       in_(new uint8_t[kInputBufferBytes]),  // not value-initialised: see kInputBufferBytes
       last_activity_ns_(now_ns) {}
 
-Connection::~Connection() { ctx_.counters.connections_current.fetch_sub(1, std::memory_order_relaxed); }
+Connection::~Connection() {
+  ctx_.counters.connections_current.fetch_sub(1, std::memory_order_relaxed);
+}
 
 bool Connection::can_consume() const {
   if (closing_ || peer_eof_ || done_ || phase_ == Phase::kLinger) return false;
@@ -120,8 +125,10 @@ void Connection::pump(int64_t now) {
     return;
   }
   // Slow-frame deadline: starts at the first byte of a frame, ends when it is processed.
-  if (phase_ == Phase::kHeader && buffered() == 0) frame_since_ns_ = 0;
-  else if (frame_since_ns_ == 0) frame_since_ns_ = now;
+  if (phase_ == Phase::kHeader && buffered() == 0)
+    frame_since_ns_ = 0;
+  else if (frame_since_ns_ == 0)
+    frame_since_ns_ = now;
   if (draining_ && phase_ == Phase::kHeader && out_.empty()) close_now();
 }
 
@@ -147,7 +154,8 @@ std::size_t Connection::value_read_limit() const {
 bool Connection::receive_in_place() const {
   // A large value always (even its last few bytes: one recv either way, no copy); a small one
   // when a buffered read would stop at its end anyway.
-  return items_[item_].value_len >= kDirectRecvMin || value_read_limit() <= items_[item_].value_len - value_have_;
+  return items_[item_].value_len >= kDirectRecvMin ||
+         value_read_limit() <= items_[item_].value_len - value_have_;
 }
 
 std::size_t Connection::buffered_read_limit() const {
@@ -171,19 +179,27 @@ std::size_t Connection::buffered_read_limit() const {
 
 Connection::Step Connection::step() {
   switch (phase_) {
-    case Phase::kHeader: return step_header();
+    case Phase::kHeader:
+      return step_header();
     case Phase::kPayload:
     case Phase::kPutTable:
     case Phase::kPutKeys: {
       const Step s = fill_payload();
       if (s != Step::kProgress) return s;
-      if (phase_ == Phase::kPutTable) finish_put_table();
-      else if (phase_ == Phase::kPutKeys) { item_ = 0; value_started_ = false; phase_ = Phase::kPutValue; }
-      else execute();
+      if (phase_ == Phase::kPutTable)
+        finish_put_table();
+      else if (phase_ == Phase::kPutKeys) {
+        item_ = 0;
+        value_started_ = false;
+        phase_ = Phase::kPutValue;
+      } else
+        execute();
       return Step::kProgress;
     }
-    case Phase::kPutValue: return step_put_value();
-    case Phase::kLinger: return Step::kStop;
+    case Phase::kPutValue:
+      return step_put_value();
+    case Phase::kLinger:
+      return Step::kStop;
   }
   return Step::kStop;
 }
@@ -227,10 +243,12 @@ void Connection::start_frame() {
   }
   const uint64_t len = hdr_.payload_len;
   const uint32_t count = hdr_.count;
-  if (len > limits_.max_payload_bytes) return protocol_error(Status::kTooLarge, "payload_len over max_payload_bytes");
+  if (len > limits_.max_payload_bytes)
+    return protocol_error(Status::kTooLarge, "payload_len over max_payload_bytes");
   switch (static_cast<Op>(op)) {
     case Op::kHello:
-      if (len > 4 + limits_.max_namespace_len + kMaxTokenBytes) return protocol_error(Status::kTooLarge, "HELLO too long");
+      if (len > 4 + limits_.max_namespace_len + kMaxTokenBytes)
+        return protocol_error(Status::kTooLarge, "HELLO too long");
       break;
     case Op::kPing:
       if (len > limits_.max_ping_bytes) return protocol_error(Status::kTooLarge, "PING payload over limit");
@@ -240,7 +258,8 @@ void Connection::start_frame() {
       break;
     case Op::kPut:
       if (count > limits_.max_batch) return protocol_error(Status::kTooLarge, "count over max_batch");
-      if (len < uint64_t{count} * proto::kPutItemBytes) return protocol_error(Status::kBadRequest, "PUT payload shorter than its table");
+      if (len < uint64_t{count} * proto::kPutItemBytes)
+        return protocol_error(Status::kBadRequest, "PUT payload shorter than its table");
       payload_.resize(std::size_t{count} * proto::kPutItemBytes);
       payload_have_ = 0;
       payload_need_ = payload_.size();
@@ -248,8 +267,10 @@ void Connection::start_frame() {
       return;
     default:  // key-list requests
       if (count > limits_.max_batch) return protocol_error(Status::kTooLarge, "count over max_batch");
-      if (len > uint64_t{count} * (2 + limits_.max_key_len)) return protocol_error(Status::kTooLarge, "key list longer than count keys can be");
-      if (len < uint64_t{count} * 3) return protocol_error(Status::kBadRequest, "key list shorter than count keys");
+      if (len > uint64_t{count} * (2 + limits_.max_key_len))
+        return protocol_error(Status::kTooLarge, "key list longer than count keys can be");
+      if (len < uint64_t{count} * 3)
+        return protocol_error(Status::kBadRequest, "key list shorter than count keys");
       break;
   }
   payload_.resize(len);  // bounded above: at most max_batch * 130 bytes or a few KiB
@@ -284,9 +305,12 @@ void Connection::finish_put_table() {
     it.value_len = proto::get_u64(e + 8);
     it.checksum = proto::get_u64(e + 16);
     it.status = static_cast<uint8_t>(Status::kOk);
-    if (it.key_len > limits_.max_key_len) return protocol_error(Status::kTooLarge, "PUT key over max_key_len");
-    if (it.key_len == 0 || proto::get_u16(e + 2) != 0 || proto::get_u32(e + 4) != 0) it.status = static_cast<uint8_t>(Status::kBadRequest);
-    else if (it.value_len > limits_.max_value_bytes) it.status = static_cast<uint8_t>(Status::kTooLarge);
+    if (it.key_len > limits_.max_key_len)
+      return protocol_error(Status::kTooLarge, "PUT key over max_key_len");
+    if (it.key_len == 0 || proto::get_u16(e + 2) != 0 || proto::get_u32(e + 4) != 0)
+      it.status = static_cast<uint8_t>(Status::kBadRequest);
+    else if (it.value_len > limits_.max_value_bytes)
+      it.status = static_cast<uint8_t>(Status::kTooLarge);
     if (it.key_len > left) return protocol_error(Status::kBadRequest, "PUT lengths exceed payload_len");
     left -= it.key_len;
     if (it.value_len > left) return protocol_error(Status::kBadRequest, "PUT lengths exceed payload_len");
@@ -375,7 +399,8 @@ void Connection::execute() {
   queue_reply(hdr_.opcode, r.count, r.status, std::move(r.body), std::move(r.pins));
 }
 
-void Connection::queue_reply(uint8_t op, uint32_t count, Status st, std::vector<uint8_t> body, std::vector<ObjectRef> pins) {
+void Connection::queue_reply(uint8_t op, uint32_t count, Status st, std::vector<uint8_t> body,
+                             std::vector<ObjectRef> pins) {
   uint64_t payload = body.size();
   for (const auto& o : pins) payload += o->value_len;
   proto::Header h;
@@ -454,8 +479,10 @@ void Connection::flush(int64_t now) {
       out_progress_ns_ = now;
     }
   }
-  if (closing_ || peer_eof_) enter_linger(now);
-  else if (draining_ && phase_ == Phase::kHeader) close_now();
+  if (closing_ || peer_eof_)
+    enter_linger(now);
+  else if (draining_ && phase_ == Phase::kHeader)
+    close_now();
 }
 
 void Connection::enter_linger(int64_t now) {

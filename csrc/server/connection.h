@@ -9,14 +9,14 @@
 // value. A connection with more than output_backlog_bytes queued stops reading until the peer
 // catches up, so a client that pipelines without reading cannot grow server memory.
 #pragma once
-#include <sys/uio.h>
-
 #include <cstdint>
 #include <deque>
 #include <functional>
 #include <memory>
 #include <string>
 #include <vector>
+
+#include <sys/uio.h>
 
 #include "server/config.h"
 #include "server/stats.h"
@@ -71,9 +71,9 @@ class Connection {
     std::size_t key_off;  // into payload_
   };
   struct OutMsg {
-    std::vector<uint8_t> head;  // header + reply table
+    std::vector<uint8_t> head;    // header + reply table
     std::vector<ObjectRef> pins;  // values sent after head, in order
-    std::size_t seg = 0;        // 0 = head, i >= 1 = pins[i - 1]
+    std::size_t seg = 0;          // 0 = head, i >= 1 = pins[i - 1]
     std::size_t seg_off = 0;
   };
 
@@ -109,7 +109,7 @@ class Connection {
 
   Phase phase_ = Phase::kHeader;
   bool authed_;
-  bool closing_ = false;   // an error reply is queued: stop reading, flush, linger, close
+  bool closing_ = false;  // an error reply is queued: stop reading, flush, linger, close
   bool draining_ = false;
   bool peer_eof_ = false;
   bool done_ = false;
@@ -137,8 +137,8 @@ class Connection {
   uint64_t out_bytes_ = 0;
 
   int64_t last_activity_ns_;
-  int64_t frame_since_ns_ = 0;    // first byte of the frame being received; 0 = between frames
-  int64_t out_progress_ns_ = 0;   // last time a queued reply finished (or the queue became non-empty)
+  int64_t frame_since_ns_ = 0;   // first byte of the frame being received; 0 = between frames
+  int64_t out_progress_ns_ = 0;  // last time a queued reply finished (or the queue became non-empty)
   int64_t linger_since_ns_ = 0;
 };
 

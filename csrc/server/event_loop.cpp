@@ -1,11 +1,5 @@
 #include "server/event_loop.h"
 
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <sys/epoll.h>
-#include <sys/eventfd.h>
-#include <sys/socket.h>
-
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -13,10 +7,18 @@
 #include <string>
 #include <vector>
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+
 namespace membrain::server {
 
 int64_t monotonic_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
 }
 
 namespace {
@@ -44,7 +46,9 @@ EventLoop::~EventLoop() {
   join();
 }
 
-void EventLoop::start() { thread_ = std::thread([this] { run(); }); }
+void EventLoop::start() {
+  thread_ = std::thread([this] { run(); });
+}
 
 void EventLoop::request_stop(double drain_timeout_s) {
   drain_deadline_ns_.store(monotonic_ns() + static_cast<int64_t>(drain_timeout_s * 1e9));
@@ -127,8 +131,10 @@ void EventLoop::run() {
       std::vector<int> dead;
       for (auto& [fd, e] : conns_) {
         e.conn->begin_drain();
-        if (e.conn->done()) dead.push_back(fd);
-        else update_interest(*e.conn);
+        if (e.conn->done())
+          dead.push_back(fd);
+        else
+          update_interest(*e.conn);
       }
       for (int fd : dead) close_connection(fd);
     }
@@ -151,8 +157,10 @@ void EventLoop::run() {
       if (!c.done() && (ev & EPOLLOUT)) c.on_writable(now);
       // A hung-up socket with nothing left to send has nothing left to do.
       if (!c.done() && (ev & (EPOLLERR | EPOLLHUP)) && !c.wants_write()) c.hang_up();
-      if (c.done()) close_connection(fd);
-      else update_interest(c);
+      if (c.done())
+        close_connection(fd);
+      else
+        update_interest(c);
     }
     if (now >= next_tick) {
       on_tick(now);

@@ -3,9 +3,9 @@
 // when the last pin drops). New policies implement this interface and register in
 // make_eviction_policy().
 #pragma once
-#include <stdexcept>
 #include <cstdint>
 #include <memory>
+#include <stdexcept>
 #include <string>
 
 #include "server/object.h"

@@ -18,22 +18,34 @@ void LruPolicy::link_front(Object* o) {
 void LruPolicy::unlink(Object* o) {
   if (!o->hook.linked) return;
   List& l = lists_.at(o->size_class());
-  if (o->hook.prev) o->hook.prev->hook.next = o->hook.next; else l.head = o->hook.next;
-  if (o->hook.next) o->hook.next->hook.prev = o->hook.prev; else l.tail = o->hook.prev;
+  if (o->hook.prev)
+    o->hook.prev->hook.next = o->hook.next;
+  else
+    l.head = o->hook.next;
+  if (o->hook.next)
+    o->hook.next->hook.prev = o->hook.prev;
+  else
+    l.tail = o->hook.prev;
   o->hook.prev = o->hook.next = nullptr;
   o->hook.linked = false;
 }
 
-void LruPolicy::on_insert(Object* o) { link_front(o); }
+void LruPolicy::on_insert(Object* o) {
+  link_front(o);
+}
 
 void LruPolicy::on_access(Object* o) {
   unlink(o);
   link_front(o);
 }
 
-void LruPolicy::on_remove(Object* o) { unlink(o); }
+void LruPolicy::on_remove(Object* o) {
+  unlink(o);
+}
 
-Object* LruPolicy::victim_in_class(uint32_t klass) { return klass < lists_.size() ? lists_[klass].tail : nullptr; }
+Object* LruPolicy::victim_in_class(uint32_t klass) {
+  return klass < lists_.size() ? lists_[klass].tail : nullptr;
+}
 
 Object* LruPolicy::victim_any() {
   Object* best = nullptr;

@@ -23,8 +23,13 @@ struct EvictionHook {
 };
 
 struct Object {
-  Object(SlabAllocator* alloc, SlabAllocator::Chunk chunk, std::string index_key, uint64_t value_len, uint64_t checksum)
-      : alloc(alloc), chunk(chunk), index_key(std::move(index_key)), value_len(value_len), checksum(checksum) {}
+  Object(SlabAllocator* alloc, SlabAllocator::Chunk chunk, std::string index_key, uint64_t value_len,
+         uint64_t checksum)
+      : alloc(alloc),
+        chunk(chunk),
+        index_key(std::move(index_key)),
+        value_len(value_len),
+        checksum(checksum) {}
   ~Object() {
     if (alloc) alloc->free(chunk);
   }
@@ -38,10 +43,10 @@ struct Object {
   SlabAllocator::Chunk chunk;
   std::string index_key;  // namespace + '\0' + key (namespaces never contain NUL)
   uint64_t value_len;
-  uint64_t checksum;      // XXH3-64 of the value, verified on receipt, returned on GET
-  int64_t expires_at_ns = 0;  // steady clock; 0 = never
-  bool indexed = false;       // visible in the index (guarded by the storage lock)
-  EvictionHook hook;          // guarded by the storage lock
+  uint64_t checksum;           // XXH3-64 of the value, verified on receipt, returned on GET
+  int64_t expires_at_ns = 0;   // steady clock; 0 = never
+  bool indexed = false;        // visible in the index (guarded by the storage lock)
+  EvictionHook hook;           // guarded by the storage lock
   Object* exp_prev = nullptr;  // expiry FIFO, guarded by the storage lock
   Object* exp_next = nullptr;
   // Visible objects of the same slab (first slab for runs), guarded by the storage lock, so

@@ -35,8 +35,8 @@ Reply reply(uint32_t count, Status st, std::vector<uint8_t> body, std::vector<Ob
 }
 }  // namespace
 
-Reply execute_request(ServerContext& ctx, const proto::Header& hdr, const uint8_t* p, std::size_t len, std::string* ns_,
-                      bool* authed_) {
+Reply execute_request(ServerContext& ctx, const proto::Header& hdr, const uint8_t* p, std::size_t len,
+                      std::string* ns_, bool* authed_) {
   const Op op = static_cast<Op>(hdr.opcode);
   const proto::Limits& limits_ = ctx.config.limits;
   switch (op) {
@@ -45,7 +45,8 @@ Reply execute_request(ServerContext& ctx, const proto::Header& hdr, const uint8_
       const uint16_t ns_len = proto::get_u16(p), tok_len = proto::get_u16(p + 2);
       if (std::size_t{4} + ns_len + tok_len != len) return refuse(Status::kBadRequest);
       const std::string_view ns(reinterpret_cast<const char*>(p + 4), ns_len);
-      if (!ctx.config.auth_token.empty() && !equal_constant_time(p + 4 + ns_len, tok_len, ctx.config.auth_token)) {
+      if (!ctx.config.auth_token.empty() &&
+          !equal_constant_time(p + 4 + ns_len, tok_len, ctx.config.auth_token)) {
         Counters::inc(ctx.counters.auth_failures);
         return refuse(Status::kUnauthorized);
       }
@@ -66,7 +67,8 @@ Reply execute_request(ServerContext& ctx, const proto::Header& hdr, const uint8_
       const std::string js = ctx.stats_json();
       return reply(0, Status::kOk, std::vector<uint8_t>(js.begin(), js.end()));
     }
-    default: break;
+    default:
+      break;
   }
   std::string why;
   auto keys = proto::parse_key_list(p, len, hdr.count, limits_, &why);
@@ -100,7 +102,8 @@ Reply execute_request(ServerContext& ctx, const proto::Header& hdr, const uint8_
     }
     case Op::kLookupPrefix:
     case Op::kDelete: {
-      const uint32_t n = op == Op::kLookupPrefix ? ctx.storage.lookup_prefix(*ns_, *keys) : ctx.storage.erase_many(*ns_, *keys);
+      const uint32_t n = op == Op::kLookupPrefix ? ctx.storage.lookup_prefix(*ns_, *keys)
+                                                 : ctx.storage.erase_many(*ns_, *keys);
       std::vector<uint8_t> body(4);
       proto::put_u32(body.data(), n);
       return reply(count, Status::kOk, std::move(body));

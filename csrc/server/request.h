@@ -16,9 +16,9 @@ namespace membrain::server {
 struct Reply {
   uint32_t count = 0;
   proto::Status status = proto::Status::kOk;
-  std::vector<uint8_t> body;     // reply payload before the values (GET: the item table)
-  std::vector<ObjectRef> pins;   // GET: the hits, whose bytes follow the body in order
-  bool close = false;            // frame-level refusal: send `status` with no body, then close
+  std::vector<uint8_t> body;    // reply payload before the values (GET: the item table)
+  std::vector<ObjectRef> pins;  // GET: the hits, whose bytes follow the body in order
+  bool close = false;           // frame-level refusal: send `status` with no body, then close
 };
 
 // Executes a request whose payload is complete. `ns` and `authed` are the session state HELLO

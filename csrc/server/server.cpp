@@ -1,21 +1,23 @@
 #include "server/server.h"
 
-#include <arpa/inet.h>
 #include <netdb.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
 
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <stdexcept>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
 namespace membrain::server {
 
 namespace {
 ServerConfig validated(ServerConfig c) {
   auto bad = [](const std::string& what) { throw std::invalid_argument(what); };
-  if (c.capacity_bytes < (64ull << 10)) bad("capacity " + std::to_string(c.capacity_bytes) + " bytes is below the 64 KiB minimum");
+  if (c.capacity_bytes < (64ull << 10))
+    bad("capacity " + std::to_string(c.capacity_bytes) + " bytes is below the 64 KiB minimum");
   if (c.threads < 1 || c.threads > 256) bad("threads " + std::to_string(c.threads) + " must be in 1..256");
   if (c.max_connections < 1) bad("max_connections " + std::to_string(c.max_connections) + " must be >= 1");
   if (c.idle_timeout_s < 0) bad("idle_timeout " + std::to_string(c.idle_timeout_s) + " must be >= 0");
@@ -23,9 +25,11 @@ ServerConfig validated(ServerConfig c) {
   if (c.slab_bytes && (c.slab_bytes < 4096 || (c.slab_bytes & (c.slab_bytes - 1))))
     bad("slab_bytes " + std::to_string(c.slab_bytes) + " must be a power of two >= 4096");
   if (c.socket_buffer_bytes < 0) bad("socket_buffer_bytes must be >= 0");
-  if (c.limits.max_key_len < 1 || c.limits.max_key_len > 65535) bad("max_key_len " + std::to_string(c.limits.max_key_len) + " must be in 1..65535");
+  if (c.limits.max_key_len < 1 || c.limits.max_key_len > 65535)
+    bad("max_key_len " + std::to_string(c.limits.max_key_len) + " must be in 1..65535");
   if (c.limits.max_batch < 1) bad("max_batch must be >= 1");
-  if (c.auth_token.size() > 4096) bad("auth token is " + std::to_string(c.auth_token.size()) + " bytes, max 4096");
+  if (c.auth_token.size() > 4096)
+    bad("auth token is " + std::to_string(c.auth_token.size()) + " bytes, max 4096");
   return c;
 }
 
@@ -47,7 +51,9 @@ Server::Server(ServerConfig config)
   ctx_.stats_json = [this] { return stats_json(); };
 }
 
-Server::~Server() { stop(0); }
+Server::~Server() {
+  stop(0);
+}
 
 uint16_t Server::start() {
   if (running_.load()) return port_;
@@ -57,13 +63,18 @@ uint16_t Server::start() {
   hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
   addrinfo* res = nullptr;
   const std::string port_s = std::to_string(config_.port);
-  const int gai = ::getaddrinfo(config_.host.empty() ? nullptr : config_.host.c_str(), port_s.c_str(), &hints, &res);
-  if (gai != 0) throw std::invalid_argument("cannot resolve host '" + config_.host + "': " + ::gai_strerror(gai));
+  const int gai =
+      ::getaddrinfo(config_.host.empty() ? nullptr : config_.host.c_str(), port_s.c_str(), &hints, &res);
+  if (gai != 0)
+    throw std::invalid_argument("cannot resolve host '" + config_.host + "': " + ::gai_strerror(gai));
   std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)> guard(res, ::freeaddrinfo);
   std::string last_err = "no address";
   for (addrinfo* ai = res; ai; ai = ai->ai_next) {
     UniqueFd fd(::socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol));
-    if (!fd) { last_err = std::strerror(errno); continue; }
+    if (!fd) {
+      last_err = std::strerror(errno);
+      continue;
+    }
     const int one = 1;
     ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     if (config_.socket_buffer_bytes > 0) {
@@ -89,7 +100,8 @@ uint16_t Server::start() {
     ucx_ = ucx::UcxServer::start(ctx_, config_.host, static_cast<uint16_t>(config_.ucx_port));
   }
   started_ns_ = monotonic_ns();
-  for (int i = 0; i < config_.threads; ++i) loops_.push_back(std::make_unique<EventLoop>(ctx_, listen_.get()));
+  for (int i = 0; i < config_.threads; ++i)
+    loops_.push_back(std::make_unique<EventLoop>(ctx_, listen_.get()));
   for (auto& l : loops_) l->start();
   hk_stop_ = false;
   housekeeper_ = std::thread([this] { housekeeping(); });
@@ -128,7 +140,8 @@ void Server::housekeeping() {
     hk_cv_.wait_for(lock, std::chrono::milliseconds(200));
     if (hk_stop_) break;
     lock.unlock();
-    while (storage_.sweep_expired(1024) == 1024) {}  // small batches keep the storage lock short
+    while (storage_.sweep_expired(1024) == 1024) {
+    }  // small batches keep the storage lock short
     lock.lock();
   }
 }
@@ -161,28 +174,31 @@ std::string Server::stats_json() const {
   char buf[2048];
   std::string req = "{";
   for (int i = 1; i < kNumOps; ++i) {
-    req += (i > 1 ? ",\"" : "\"") + std::string(proto::op_name(static_cast<uint8_t>(i))) + "\":" + std::to_string(s.requests[i]);
+    req += (i > 1 ? ",\"" : "\"") + std::string(proto::op_name(static_cast<uint8_t>(i))) +
+           "\":" + std::to_string(s.requests[i]);
   }
   req += ",\"UNKNOWN\":" + std::to_string(s.requests[0]) + "}";
-  std::snprintf(buf, sizeof buf,
-                "{\"used_bytes\":%llu,\"capacity_bytes\":%llu,\"allocated_bytes\":%llu,\"items\":%llu,\"hits\":%llu,"
-                "\"misses\":%llu,\"evictions\":%llu,\"expired\":%llu,\"puts\":%llu,\"gets\":%llu,\"deletes\":%llu,"
-                "\"connections\":%llu,\"connections_total\":%llu,\"connections_rejected\":%llu,\"fragmentation\":%.6f,"
-                "\"bytes_in\":%llu,\"bytes_out\":%llu,\"protocol_errors\":%llu,\"auth_failures\":%llu,\"timeouts\":%llu,"
-                "\"checksum_failures\":%llu,\"no_space\":%llu,\"put_bytes_buffered\":%llu,\"slab_reassignments\":%llu,\"slab_bytes\":%llu,\"prefaulted_bytes\":%llu,\"uptime_s\":%.3f,\"requests\":",
-                (unsigned long long)s.storage.stored_bytes, (unsigned long long)s.storage.capacity_bytes,
-                (unsigned long long)s.storage.allocated_bytes, (unsigned long long)s.storage.items,
-                (unsigned long long)s.storage.hits, (unsigned long long)s.storage.misses,
-                (unsigned long long)s.storage.evictions, (unsigned long long)s.storage.expired,
-                (unsigned long long)s.storage.puts, (unsigned long long)s.requests[static_cast<int>(proto::Op::kGet)],
-                (unsigned long long)s.storage.deletes, (unsigned long long)s.connections,
-                (unsigned long long)s.connections_total, (unsigned long long)s.connections_rejected, s.storage.fragmentation,
-                (unsigned long long)s.bytes_in, (unsigned long long)s.bytes_out, (unsigned long long)s.protocol_errors,
-                (unsigned long long)s.auth_failures, (unsigned long long)s.timeouts, (unsigned long long)s.checksum_failures,
-                (unsigned long long)s.no_space, (unsigned long long)s.put_bytes_buffered,
-                (unsigned long long)s.storage.slab_reassignments,
-                (unsigned long long)s.slab_bytes,
-                (unsigned long long)s.prefaulted_bytes, s.uptime_s);
+  std::snprintf(
+      buf, sizeof buf,
+      "{\"used_bytes\":%llu,\"capacity_bytes\":%llu,\"allocated_bytes\":%llu,\"items\":%llu,\"hits\":%llu,"
+      "\"misses\":%llu,\"evictions\":%llu,\"expired\":%llu,\"puts\":%llu,\"gets\":%llu,\"deletes\":%llu,"
+      "\"connections\":%llu,\"connections_total\":%llu,\"connections_rejected\":%llu,\"fragmentation\":%.6f,"
+      "\"bytes_in\":%llu,\"bytes_out\":%llu,\"protocol_errors\":%llu,\"auth_failures\":%llu,\"timeouts\":%"
+      "llu,"
+      "\"checksum_failures\":%llu,\"no_space\":%llu,\"put_bytes_buffered\":%llu,\"slab_reassignments\":%llu,"
+      "\"slab_bytes\":%llu,\"prefaulted_bytes\":%llu,\"uptime_s\":%.3f,\"requests\":",
+      (unsigned long long)s.storage.stored_bytes, (unsigned long long)s.storage.capacity_bytes,
+      (unsigned long long)s.storage.allocated_bytes, (unsigned long long)s.storage.items,
+      (unsigned long long)s.storage.hits, (unsigned long long)s.storage.misses,
+      (unsigned long long)s.storage.evictions, (unsigned long long)s.storage.expired,
+      (unsigned long long)s.storage.puts, (unsigned long long)s.requests[static_cast<int>(proto::Op::kGet)],
+      (unsigned long long)s.storage.deletes, (unsigned long long)s.connections,
+      (unsigned long long)s.connections_total, (unsigned long long)s.connections_rejected,
+      s.storage.fragmentation, (unsigned long long)s.bytes_in, (unsigned long long)s.bytes_out,
+      (unsigned long long)s.protocol_errors, (unsigned long long)s.auth_failures,
+      (unsigned long long)s.timeouts, (unsigned long long)s.checksum_failures, (unsigned long long)s.no_space,
+      (unsigned long long)s.put_bytes_buffered, (unsigned long long)s.storage.slab_reassignments,
+      (unsigned long long)s.slab_bytes, (unsigned long long)s.prefaulted_bytes, s.uptime_s);
   return std::string(buf) + req + "}";
 }
 

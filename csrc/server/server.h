@@ -2,12 +2,12 @@
 // housekeeping thread (TTL sweep). Started and stopped from Python (bindings/server_bindings.cpp)
 // but no Python runs on the data path: every request is parsed and answered in C++ threads.
 #pragma once
-#include <stdexcept>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>

@@ -1,12 +1,12 @@
 #include "server/slab_allocator.h"
 
-#include <sys/mman.h>
-
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+
+#include <sys/mman.h>
 
 namespace membrain::server {
 
@@ -19,18 +19,21 @@ uint64_t SlabAllocator::auto_slab_bytes(uint64_t capacity) {
 
 SlabAllocator::SlabAllocator(uint64_t capacity, uint64_t slab_bytes) : slab_bytes_(slab_bytes) {
   if (slab_bytes_ < 4096 || (slab_bytes_ & (slab_bytes_ - 1)) != 0)
-    throw std::invalid_argument("slab size " + std::to_string(slab_bytes) + " must be a power of two >= 4096");
+    throw std::invalid_argument("slab size " + std::to_string(slab_bytes) +
+                                " must be a power of two >= 4096");
   num_slabs_ = capacity / slab_bytes_;
   if (num_slabs_ == 0)
     throw std::invalid_argument("capacity " + std::to_string(capacity) + " is smaller than one slab (" +
                                 std::to_string(slab_bytes_) + " bytes)");
-  if (num_slabs_ > 0xFFFFFFF0ull) throw std::invalid_argument("capacity " + std::to_string(capacity) + " needs too many slabs");
+  if (num_slabs_ > 0xFFFFFFF0ull)
+    throw std::invalid_argument("capacity " + std::to_string(capacity) + " needs too many slabs");
   region_bytes_ = num_slabs_ * slab_bytes_;
   // MAP_NORESERVE: reserve address space only; pages are backed when a value is written.
-  void* p = ::mmap(nullptr, region_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  void* p = ::mmap(nullptr, region_bytes_, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (p == MAP_FAILED)
-    throw std::runtime_error("cannot reserve " + std::to_string(region_bytes_) + " bytes of address space for storage: " +
-                             std::strerror(errno));
+    throw std::runtime_error("cannot reserve " + std::to_string(region_bytes_) +
+                             " bytes of address space for storage: " + std::strerror(errno));
   region_ = static_cast<uint8_t*>(p);
 #ifdef MADV_HUGEPAGE
   // Fewer page faults and TLB misses when 1 MiB values stream in; harmless if THP is off.
@@ -100,7 +103,8 @@ std::optional<SlabAllocator::Chunk> SlabAllocator::allocate(uint64_t bytes) {
     s.klass = k;
     s.run = static_cast<uint32_t>(n64);
     s.used = 1;
-    Chunk c{region_ + static_cast<uint64_t>(*first) * slab_bytes_, n64 * slab_bytes_, k, *first, static_cast<uint32_t>(n64)};
+    Chunk c{region_ + static_cast<uint64_t>(*first) * slab_bytes_, n64 * slab_bytes_, k, *first,
+            static_cast<uint32_t>(n64)};
     chunk_bytes_in_use_ += c.bytes;
     return c;
   }
@@ -132,7 +136,8 @@ std::optional<SlabAllocator::Chunk> SlabAllocator::allocate(uint64_t bytes) {
   ++s.used;
   if (s.free_chunks.empty() && s.next_unused >= per_slab) partial_[k].erase(sid);
   chunk_bytes_in_use_ += csize;
-  return Chunk{region_ + static_cast<uint64_t>(sid) * slab_bytes_ + static_cast<uint64_t>(idx) * csize, csize, k, sid, 0};
+  return Chunk{region_ + static_cast<uint64_t>(sid) * slab_bytes_ + static_cast<uint64_t>(idx) * csize, csize,
+               k, sid, 0};
 }
 
 void SlabAllocator::release_slab_locked(uint32_t first, uint32_t n) {
@@ -176,7 +181,8 @@ void SlabAllocator::free(const Chunk& c) {
     return;
   }
   Slab& s = slabs_[c.slab];
-  const uint64_t offset = static_cast<uint64_t>(c.data - region_) - static_cast<uint64_t>(c.slab) * slab_bytes_;
+  const uint64_t offset =
+      static_cast<uint64_t>(c.data - region_) - static_cast<uint64_t>(c.slab) * slab_bytes_;
   --s.used;
   if (s.used == 0) {
     partial_[c.klass].erase(c.slab);

@@ -96,8 +96,8 @@ class SlabAllocator {
 
   mutable std::mutex mutex_;
   std::vector<Slab> slabs_;
-  std::set<uint32_t> free_slabs_;                 // ordered: runs are found by scanning for neighbours
-  std::vector<std::set<uint32_t>> partial_;       // per class: slabs with a free chunk
+  std::set<uint32_t> free_slabs_;            // ordered: runs are found by scanning for neighbours
+  std::vector<std::set<uint32_t>> partial_;  // per class: slabs with a free chunk
   uint64_t slabs_in_use_ = 0;
   uint64_t chunk_bytes_in_use_ = 0;
   std::atomic<uint64_t> prefaulted_bytes_{0};

@@ -18,9 +18,9 @@ struct Counters {
   std::atomic<uint64_t> connections_rejected{0};  // over --max-connections
   std::atomic<uint64_t> protocol_errors{0};       // frame-level BAD_REQUEST/TOO_LARGE/version
   std::atomic<uint64_t> auth_failures{0};
-  std::atomic<uint64_t> timeouts{0};              // idle, slow frame or slow reader
-  std::atomic<uint64_t> checksum_failures{0};     // PUT values whose bytes did not match
-  std::atomic<uint64_t> no_space{0};              // PUT values refused for capacity
+  std::atomic<uint64_t> timeouts{0};           // idle, slow frame or slow reader
+  std::atomic<uint64_t> checksum_failures{0};  // PUT values whose bytes did not match
+  std::atomic<uint64_t> no_space{0};           // PUT values refused for capacity
   // PUT value bytes copied out of the input buffer rather than received straight into their
   // slot: each such byte costs a second copy, so a large-value stream should keep this small.
   std::atomic<uint64_t> put_bytes_buffered{0};

@@ -1,6 +1,6 @@
-#include <algorithm>
 #include "server/storage.h"
 
+#include <algorithm>
 #include <chrono>
 
 namespace membrain::server {
@@ -11,7 +11,8 @@ thread_local std::string t_key;
 }  // namespace
 
 Storage::Storage(const Options& o)
-    : alloc_(o.capacity_bytes, o.slab_bytes ? o.slab_bytes : SlabAllocator::auto_slab_bytes(o.capacity_bytes)),
+    : alloc_(o.capacity_bytes,
+             o.slab_bytes ? o.slab_bytes : SlabAllocator::auto_slab_bytes(o.capacity_bytes)),
       policy_(make_eviction_policy(o.policy, alloc_.num_classes())),
       ttl_ns_(static_cast<int64_t>(o.ttl_s * 1e9)),
       slab_heads_(alloc_.num_slabs(), nullptr) {}
@@ -37,21 +38,34 @@ void Storage::make_index_key(std::string_view ns, std::string_view key, std::str
 }
 
 int64_t Storage::now_ns() const {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
 }
 
-bool Storage::expired_locked(const Object* o, int64_t now) const { return o->expires_at_ns != 0 && now >= o->expires_at_ns; }
+bool Storage::expired_locked(const Object* o, int64_t now) const {
+  return o->expires_at_ns != 0 && now >= o->expires_at_ns;
+}
 
 void Storage::exp_link_locked(Object* o) {
   o->exp_prev = exp_tail_;
   o->exp_next = nullptr;
-  if (exp_tail_) exp_tail_->exp_next = o; else exp_head_ = o;
+  if (exp_tail_)
+    exp_tail_->exp_next = o;
+  else
+    exp_head_ = o;
   exp_tail_ = o;
 }
 
 void Storage::exp_unlink_locked(Object* o) {
-  if (o->exp_prev) o->exp_prev->exp_next = o->exp_next; else if (exp_head_ == o) exp_head_ = o->exp_next;
-  if (o->exp_next) o->exp_next->exp_prev = o->exp_prev; else if (exp_tail_ == o) exp_tail_ = o->exp_prev;
+  if (o->exp_prev)
+    o->exp_prev->exp_next = o->exp_next;
+  else if (exp_head_ == o)
+    exp_head_ = o->exp_next;
+  if (o->exp_next)
+    o->exp_next->exp_prev = o->exp_prev;
+  else if (exp_tail_ == o)
+    exp_tail_ = o->exp_prev;
   o->exp_prev = o->exp_next = nullptr;
 }
 
@@ -66,7 +80,10 @@ void Storage::slab_link_locked(Object* o) {
 
 void Storage::slab_unlink_locked(Object* o) {
   if (!o->data()) return;
-  if (o->slab_prev) o->slab_prev->slab_next = o->slab_next; else slab_heads_[o->chunk.slab] = o->slab_next;
+  if (o->slab_prev)
+    o->slab_prev->slab_next = o->slab_next;
+  else
+    slab_heads_[o->chunk.slab] = o->slab_next;
   if (o->slab_next) o->slab_next->slab_prev = o->slab_prev;
   o->slab_prev = o->slab_next = nullptr;
 }
@@ -81,7 +98,8 @@ void Storage::remove_locked(Index::iterator it) {
   index_.erase(it);  // may run ~Object (frees the chunk; the allocator lock is a leaf lock)
 }
 
-Object* Storage::find_live_locked(std::string_view ns, std::string_view key, int64_t now, Index::iterator* where) {
+Object* Storage::find_live_locked(std::string_view ns, std::string_view key, int64_t now,
+                                  Index::iterator* where) {
   make_index_key(ns, key, &t_key);
   auto it = index_.find(t_key);
   if (it == index_.end()) return nullptr;
@@ -94,7 +112,8 @@ Object* Storage::find_live_locked(std::string_view ns, std::string_view key, int
   return it->second.get();
 }
 
-ObjectRef Storage::reserve(std::string_view ns, std::string_view key, uint64_t len, uint64_t checksum, proto::Status* why) {
+ObjectRef Storage::reserve(std::string_view ns, std::string_view key, uint64_t len, uint64_t checksum,
+                           proto::Status* why) {
   std::string ikey;
   make_index_key(ns, key, &ikey);
   if (len == 0) {
@@ -169,7 +188,8 @@ void Storage::publish(const ObjectRef& obj) {
   ++puts_;
 }
 
-void Storage::get_many(std::string_view ns, const std::vector<std::string_view>& keys, std::vector<ObjectRef>* out) {
+void Storage::get_many(std::string_view ns, const std::vector<std::string_view>& keys,
+                       std::vector<ObjectRef>* out) {
   out->clear();
   out->reserve(keys.size());
   std::lock_guard<std::mutex> lock(mu_);
@@ -188,11 +208,13 @@ void Storage::get_many(std::string_view ns, const std::vector<std::string_view>&
   }
 }
 
-void Storage::exists_many(std::string_view ns, const std::vector<std::string_view>& keys, std::vector<uint8_t>* present) {
+void Storage::exists_many(std::string_view ns, const std::vector<std::string_view>& keys,
+                          std::vector<uint8_t>* present) {
   present->assign(keys.size(), 0);
   std::lock_guard<std::mutex> lock(mu_);
   const int64_t now = now_ns();
-  for (std::size_t i = 0; i < keys.size(); ++i) (*present)[i] = find_live_locked(ns, keys[i], now, nullptr) != nullptr;
+  for (std::size_t i = 0; i < keys.size(); ++i)
+    (*present)[i] = find_live_locked(ns, keys[i], now, nullptr) != nullptr;
 }
 
 uint32_t Storage::lookup_prefix(std::string_view ns, const std::vector<std::string_view>& keys) {
@@ -273,7 +295,10 @@ StorageStats Storage::stats() const {
   s.capacity_bytes = alloc_.capacity();
   s.allocated_bytes = alloc_.slab_bytes_in_use();
   s.chunk_bytes = alloc_.chunk_bytes_in_use();
-  s.fragmentation = s.allocated_bytes ? double(s.allocated_bytes - std::min(s.allocated_bytes, s.stored_bytes)) / double(s.allocated_bytes) : 0.0;
+  s.fragmentation = s.allocated_bytes
+                        ? double(s.allocated_bytes - std::min(s.allocated_bytes, s.stored_bytes)) /
+                              double(s.allocated_bytes)
+                        : 0.0;
   return s;
 }
 

@@ -33,7 +33,7 @@ struct StorageStats {
   uint64_t items = 0;
   uint64_t hits = 0, misses = 0, evictions = 0, expired = 0, puts = 0, deletes = 0;
   uint64_t slab_reassignments = 0;  // slabs emptied by eviction and handed to another class
-  double fragmentation = 0.0;    // (allocated - stored) / allocated
+  double fragmentation = 0.0;       // (allocated - stored) / allocated
 };
 
 class Storage {
@@ -49,14 +49,16 @@ class Storage {
 
   // Room for a value of `len` bytes, not yet visible. nullptr with *why = NO_SPACE (nothing
   // more can be evicted, e.g. everything left is pinned) or TOO_LARGE (larger than capacity).
-  ObjectRef reserve(std::string_view ns, std::string_view key, uint64_t len, uint64_t checksum, proto::Status* why);
+  ObjectRef reserve(std::string_view ns, std::string_view key, uint64_t len, uint64_t checksum,
+                    proto::Status* why);
   // Makes a fully received and verified object visible, replacing any older version.
   void publish(const ObjectRef& obj);
 
   // Pinned references to the values of `keys` (nullptr for misses); counts hits/misses and
   // refreshes recency.
   void get_many(std::string_view ns, const std::vector<std::string_view>& keys, std::vector<ObjectRef>* out);
-  void exists_many(std::string_view ns, const std::vector<std::string_view>& keys, std::vector<uint8_t>* present);
+  void exists_many(std::string_view ns, const std::vector<std::string_view>& keys,
+                   std::vector<uint8_t>* present);
   uint32_t lookup_prefix(std::string_view ns, const std::vector<std::string_view>& keys);
   uint32_t erase_many(std::string_view ns, const std::vector<std::string_view>& keys);
 

@@ -6,34 +6,53 @@ namespace membrain::proto {
 
 const char* op_name(uint8_t op) {
   switch (static_cast<Op>(op & ~kReplyBit)) {
-    case Op::kHello: return "HELLO";
-    case Op::kPut: return "PUT";
-    case Op::kGet: return "GET";
-    case Op::kExists: return "EXISTS";
-    case Op::kLookupPrefix: return "LOOKUP_PREFIX";
-    case Op::kDelete: return "DELETE";
-    case Op::kStats: return "STATS";
-    case Op::kPing: return "PING";
+    case Op::kHello:
+      return "HELLO";
+    case Op::kPut:
+      return "PUT";
+    case Op::kGet:
+      return "GET";
+    case Op::kExists:
+      return "EXISTS";
+    case Op::kLookupPrefix:
+      return "LOOKUP_PREFIX";
+    case Op::kDelete:
+      return "DELETE";
+    case Op::kStats:
+      return "STATS";
+    case Op::kPing:
+      return "PING";
   }
   return "UNKNOWN";
 }
 
 const char* status_name(uint8_t status) {
   switch (static_cast<Status>(status)) {
-    case Status::kOk: return "OK";
-    case Status::kNotFound: return "NOT_FOUND";
-    case Status::kBadRequest: return "BAD_REQUEST";
-    case Status::kUnauthorized: return "UNAUTHORIZED";
-    case Status::kTooLarge: return "TOO_LARGE";
-    case Status::kNoSpace: return "NO_SPACE";
-    case Status::kChecksumMismatch: return "CHECKSUM_MISMATCH";
-    case Status::kInternal: return "INTERNAL";
-    case Status::kUnsupportedVersion: return "UNSUPPORTED_VERSION";
+    case Status::kOk:
+      return "OK";
+    case Status::kNotFound:
+      return "NOT_FOUND";
+    case Status::kBadRequest:
+      return "BAD_REQUEST";
+    case Status::kUnauthorized:
+      return "UNAUTHORIZED";
+    case Status::kTooLarge:
+      return "TOO_LARGE";
+    case Status::kNoSpace:
+      return "NO_SPACE";
+    case Status::kChecksumMismatch:
+      return "CHECKSUM_MISMATCH";
+    case Status::kInternal:
+      return "INTERNAL";
+    case Status::kUnsupportedVersion:
+      return "UNSUPPORTED_VERSION";
   }
   return "UNKNOWN";
 }
 
-bool is_request_op(uint8_t op) { return op >= static_cast<uint8_t>(Op::kHello) && op <= static_cast<uint8_t>(Op::kPing); }
+bool is_request_op(uint8_t op) {
+  return op >= static_cast<uint8_t>(Op::kHello) && op <= static_cast<uint8_t>(Op::kPing);
+}
 
 void encode_header(const Header& h, uint8_t out[kHeaderBytes]) {
   put_u32(out + 0, kMagic);
@@ -66,22 +85,29 @@ HeaderError decode_header(const uint8_t in[kHeaderBytes], Header* out) {
 
 const char* header_error_name(HeaderError e) {
   switch (e) {
-    case HeaderError::kNone: return "none";
-    case HeaderError::kBadMagic: return "bad magic";
-    case HeaderError::kBadChecksum: return "bad header checksum";
-    case HeaderError::kBadVersion: return "unsupported version";
-    case HeaderError::kBadReserved: return "non-zero reserved field";
+    case HeaderError::kNone:
+      return "none";
+    case HeaderError::kBadMagic:
+      return "bad magic";
+    case HeaderError::kBadChecksum:
+      return "bad header checksum";
+    case HeaderError::kBadVersion:
+      return "unsupported version";
+    case HeaderError::kBadReserved:
+      return "non-zero reserved field";
   }
   return "unknown";
 }
 
-std::optional<std::vector<std::string_view>> parse_key_list(const uint8_t* data, std::size_t len, uint32_t count,
-                                                            const Limits& limits, std::string* why) {
+std::optional<std::vector<std::string_view>> parse_key_list(const uint8_t* data, std::size_t len,
+                                                            uint32_t count, const Limits& limits,
+                                                            std::string* why) {
   auto fail = [&](std::string reason) -> std::optional<std::vector<std::string_view>> {
     if (why) *why = std::move(reason);
     return std::nullopt;
   };
-  if (count > limits.max_batch) return fail("count " + std::to_string(count) + " exceeds max_batch " + std::to_string(limits.max_batch));
+  if (count > limits.max_batch)
+    return fail("count " + std::to_string(count) + " exceeds max_batch " + std::to_string(limits.max_batch));
   std::vector<std::string_view> keys;
   keys.reserve(count);
   std::size_t pos = 0;
@@ -90,7 +116,9 @@ std::optional<std::vector<std::string_view>> parse_key_list(const uint8_t* data,
     const uint16_t klen = get_u16(data + pos);
     pos += 2;
     if (klen == 0) return fail("key " + std::to_string(i) + " is empty");
-    if (klen > limits.max_key_len) return fail("key " + std::to_string(i) + " is " + std::to_string(klen) + " bytes, max " + std::to_string(limits.max_key_len));
+    if (klen > limits.max_key_len)
+      return fail("key " + std::to_string(i) + " is " + std::to_string(klen) + " bytes, max " +
+                  std::to_string(limits.max_key_len));
     if (len - pos < klen) return fail("key " + std::to_string(i) + " overruns the payload");
     keys.emplace_back(reinterpret_cast<const char*>(data + pos), klen);
     pos += klen;
@@ -111,7 +139,8 @@ void append_key_list(const std::vector<std::string_view>& keys, std::vector<uint
 bool valid_namespace(std::string_view ns, const Limits& limits) {
   if (ns.empty() || ns.size() > limits.max_namespace_len) return false;
   for (char c : ns) {
-    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-';
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
+                    c == '_' || c == '-';
     if (!ok) return false;
   }
   return true;

@@ -75,17 +75,36 @@ HeaderError decode_header(const uint8_t in[kHeaderBytes], Header* out);
 const char* header_error_name(HeaderError e);
 
 // Little-endian helpers (the protocol is little-endian on every host).
-inline void put_u16(uint8_t* p, uint16_t v) { std::memcpy(p, &v, 2); }
-inline void put_u32(uint8_t* p, uint32_t v) { std::memcpy(p, &v, 4); }
-inline void put_u64(uint8_t* p, uint64_t v) { std::memcpy(p, &v, 8); }
-inline uint16_t get_u16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
-inline uint32_t get_u32(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return v; }
-inline uint64_t get_u64(const uint8_t* p) { uint64_t v; std::memcpy(&v, p, 8); return v; }
+inline void put_u16(uint8_t* p, uint16_t v) {
+  std::memcpy(p, &v, 2);
+}
+inline void put_u32(uint8_t* p, uint32_t v) {
+  std::memcpy(p, &v, 4);
+}
+inline void put_u64(uint8_t* p, uint64_t v) {
+  std::memcpy(p, &v, 8);
+}
+inline uint16_t get_u16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+inline uint32_t get_u32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+inline uint64_t get_u64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
 
 // Parses a key list of exactly `count` keys filling exactly `len` bytes. Returns nullopt (and
 // a reason) on any overrun, empty or oversized key, or trailing bytes. Views point into `data`.
-std::optional<std::vector<std::string_view>> parse_key_list(const uint8_t* data, std::size_t len, uint32_t count,
-                                                            const Limits& limits, std::string* why);
+std::optional<std::vector<std::string_view>> parse_key_list(const uint8_t* data, std::size_t len,
+                                                            uint32_t count, const Limits& limits,
+                                                            std::string* why);
 // Appends the wire form of a key list.
 void append_key_list(const std::vector<std::string_view>& keys, std::vector<uint8_t>* out);
 

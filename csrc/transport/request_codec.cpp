@@ -18,7 +18,8 @@ constexpr uint8_t kOk = static_cast<uint8_t>(Status::kOk);
 
 // LOOKUP_PREFIX and DELETE answer with a single u32 whatever the batch size.
 std::string parse_u32_reply(const char* op, const std::vector<uint8_t>& reply, uint32_t* value) {
-  if (reply.size() != 4) return std::string(op) + " reply is " + std::to_string(reply.size()) + " bytes, expected 4";
+  if (reply.size() != 4)
+    return std::string(op) + " reply is " + std::to_string(reply.size()) + " bytes, expected 4";
   *value = proto::get_u32(reply.data());
   return {};
 }
@@ -27,7 +28,8 @@ uint8_t settled_status(const GetFrame& f, uint32_t j) {
   if (f.status[j] != kOk) return f.status[j];
   if (f.length[j] > 0 && !f.dest[j]) return static_cast<uint8_t>(Status::kTooLarge);  // drained
   // Bad bytes are already in the caller's buffer, but must never be reported as a hit.
-  if (checksum64(f.dest[j], f.length[j]) != f.checksum[j]) return static_cast<uint8_t>(Status::kChecksumMismatch);
+  if (checksum64(f.dest[j], f.length[j]) != f.checksum[j])
+    return static_cast<uint8_t>(Status::kChecksumMismatch);
   return kOk;
 }
 
@@ -55,7 +57,8 @@ Header request_header(Op op, uint64_t request_id, uint32_t count, uint64_t paylo
 
 std::string check_reply_header(const uint8_t* raw, uint8_t op, uint64_t request_id, Header* reply) {
   const auto err = proto::decode_header(raw, reply);
-  if (err != proto::HeaderError::kNone) return std::string("bad reply header: ") + proto::header_error_name(err);
+  if (err != proto::HeaderError::kNone)
+    return std::string("bad reply header: ") + proto::header_error_name(err);
   const Header& h = *reply;
   if (h.opcode != (op | proto::kReplyBit)) {
     return std::string("reply opcode ") + proto::op_name(h.opcode) + " does not answer " + proto::op_name(op);
@@ -65,12 +68,14 @@ std::string check_reply_header(const uint8_t* raw, uint8_t op, uint64_t request_
   }
   if (h.status != static_cast<uint32_t>(Status::kOk)) {
     // Frame-level failures (auth, malformed, limits) end the session on the server side.
-    return std::string(proto::op_name(op)) + " refused by server: " + proto::status_name(static_cast<uint8_t>(h.status));
+    return std::string(proto::op_name(op)) +
+           " refused by server: " + proto::status_name(static_cast<uint8_t>(h.status));
   }
   return {};
 }
 
-std::vector<uint8_t> key_list_payload(const std::vector<std::string_view>& keys, std::size_t b, std::size_t e) {
+std::vector<uint8_t> key_list_payload(const std::vector<std::string_view>& keys, std::size_t b,
+                                      std::size_t e) {
   std::vector<uint8_t> out;
   const std::vector<std::string_view> part(keys.begin() + b, keys.begin() + e);
   proto::append_key_list(part, &out);
@@ -101,7 +106,8 @@ std::string parse_hello_reply(const std::vector<uint8_t>& reply, proto::Limits* 
 PutPlan plan_put(const std::vector<std::string_view>& keys, const std::vector<ConstSpan>& values,
                  const proto::Limits& limits) {
   if (keys.size() != values.size()) {
-    throw std::invalid_argument("put: " + std::to_string(keys.size()) + " keys but " + std::to_string(values.size()) + " values");
+    throw std::invalid_argument("put: " + std::to_string(keys.size()) + " keys but " +
+                                std::to_string(values.size()) + " values");
   }
   validate_keys(keys, limits.max_key_len);
   PutPlan plan;
@@ -131,7 +137,8 @@ uint64_t encode_put_meta(const PutPlan& plan, std::size_t b, std::size_t e, uint
   }
   const std::size_t table_bytes = proto::kPutItemBytes * n;
   meta->assign(proto::kHeaderBytes + table_bytes + key_bytes, 0);
-  proto::encode_header(request_header(Op::kPut, request_id, n, table_bytes + key_bytes + value_bytes), meta->data());
+  proto::encode_header(request_header(Op::kPut, request_id, n, table_bytes + key_bytes + value_bytes),
+                       meta->data());
   uint8_t* row = meta->data() + proto::kHeaderBytes;
   uint8_t* kp = row + table_bytes;
   for (std::size_t j = b; j < e; ++j, row += proto::kPutItemBytes) {
@@ -151,7 +158,8 @@ std::string check_status_count(Op op, uint64_t got, std::size_t expected) {
          " statuses for " + std::to_string(expected) + (op == Op::kPut ? " items" : " keys");
 }
 
-std::string parse_lookup_prefix_reply(const std::vector<uint8_t>& reply, std::size_t asked, uint32_t* present) {
+std::string parse_lookup_prefix_reply(const std::vector<uint8_t>& reply, std::size_t asked,
+                                      uint32_t* present) {
   std::string why = parse_u32_reply("LOOKUP_PREFIX", reply, present);
   if (why.empty() && *present > asked) why = "LOOKUP_PREFIX reply counts more keys than were asked";
   return why;
@@ -258,7 +266,8 @@ void settle_values(const GetFrame& frame, uint32_t from, uint32_t to, std::vecto
 
 ValuePlacer buffer_placer(const std::vector<std::string_view>& keys, const std::vector<MutSpan>& buffers) {
   if (keys.size() != buffers.size()) {
-    throw std::invalid_argument("get_into: " + std::to_string(keys.size()) + " keys but " + std::to_string(buffers.size()) + " buffers");
+    throw std::invalid_argument("get_into: " + std::to_string(keys.size()) + " keys but " +
+                                std::to_string(buffers.size()) + " buffers");
   }
   // Zero-length hits need a non-null destination so they are not mistaken for "drain"; any
   // valid pointer will do since nothing is written.

@@ -44,7 +44,8 @@ proto::Header request_header(proto::Op op, uint64_t request_id, uint32_t count, 
 // of opcode `op` and that the server did not refuse the frame.
 std::string check_reply_header(const uint8_t* raw, uint8_t op, uint64_t request_id, proto::Header* reply);
 // The key-list payload of keys[b, e) (GET, EXISTS, LOOKUP_PREFIX, DELETE).
-std::vector<uint8_t> key_list_payload(const std::vector<std::string_view>& keys, std::size_t b, std::size_t e);
+std::vector<uint8_t> key_list_payload(const std::vector<std::string_view>& keys, std::size_t b,
+                                      std::size_t e);
 
 std::vector<uint8_t> hello_payload(std::string_view ns, std::string_view token);
 // Takes the server's limits from a HELLO reply.
@@ -71,7 +72,8 @@ uint64_t encode_put_meta(const PutPlan& plan, std::size_t b, std::size_t e, uint
 // PUT and EXISTS replies carry one status per item.
 std::string check_status_count(proto::Op op, uint64_t got, std::size_t expected);
 // LOOKUP_PREFIX: the leading keys of the `asked` that are present. DELETE: keys deleted.
-std::string parse_lookup_prefix_reply(const std::vector<uint8_t>& reply, std::size_t asked, uint32_t* present);
+std::string parse_lookup_prefix_reply(const std::vector<uint8_t>& reply, std::size_t asked,
+                                      uint32_t* present);
 std::string parse_delete_reply(const std::vector<uint8_t>& reply, uint32_t* deleted);
 
 // EXISTS, LOOKUP_PREFIX and DELETE ask about a batch chunk by chunk, one round trip per chunk,
@@ -82,7 +84,8 @@ std::string parse_delete_reply(const std::vector<uint8_t>& reply, uint32_t* dele
 struct KeyListCall {
   const std::vector<std::string_view>& keys;
   std::vector<std::pair<std::size_t, std::size_t>> chunks;
-  std::function<std::vector<uint8_t>(proto::Op op, uint32_t count, const std::vector<uint8_t>& payload)> round_trip;
+  std::function<std::vector<uint8_t>(proto::Op op, uint32_t count, const std::vector<uint8_t>& payload)>
+      round_trip;
   std::function<void(const std::string& why)> fail;
 };
 std::vector<uint8_t> exists_in_chunks(const KeyListCall& call);

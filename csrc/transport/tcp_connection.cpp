@@ -1,13 +1,9 @@
 #include "transport/tcp_connection.h"
 
 #include <fcntl.h>
-#include <sched.h>
 #include <netdb.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <poll.h>
-#include <sys/socket.h>
-#include <sys/uio.h>
+#include <sched.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -18,6 +14,11 @@
 #include <cstring>
 #include <deque>
 #include <fstream>
+
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
 
 #include "common/unwind_guard.h"
 
@@ -65,7 +66,9 @@ void set_socket_options(int fd) {
   if (wmax >= kWantSendBuffer) ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &kWantSendBuffer, sizeof(int));
 }
 
-std::string errno_text(int err) { return std::string(std::strerror(err)); }
+std::string errno_text(int err) {
+  return std::string(std::strerror(err));
+}
 
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point& t) {
@@ -99,7 +102,8 @@ TcpConnection::TcpConnection(Options options) : opts_(std::move(options)) {
   if (!proto::valid_namespace(opts_.ns, limits_)) {
     throw std::invalid_argument("namespace must be 1..64 bytes of [A-Za-z0-9._-], got '" + opts_.ns + "'");
   }
-  if (opts_.auth_token && opts_.auth_token->size() > 0xFFFF) throw std::invalid_argument("auth token too long");
+  if (opts_.auth_token && opts_.auth_token->size() > 0xFFFF)
+    throw std::invalid_argument("auth token too long");
   connect_socket();
   hello();
 }
@@ -122,7 +126,8 @@ void TcpConnection::close() {
 }
 
 void TcpConnection::check_usable() {
-  if (broken_ || !fd_) throw TransportError(opts_.host + ":" + std::to_string(opts_.port) + ": connection is closed");
+  if (broken_ || !fd_)
+    throw TransportError(opts_.host + ":" + std::to_string(opts_.port) + ": connection is closed");
 }
 
 void TcpConnection::connect_socket() {
@@ -281,7 +286,8 @@ Header TcpConnection::recv_reply(uint8_t op, uint64_t request_id, const Deadline
   return h;
 }
 
-uint64_t TcpConnection::send_request(Op op, uint32_t count, const std::vector<uint8_t>& payload, const Deadline& dl) {
+uint64_t TcpConnection::send_request(Op op, uint32_t count, const std::vector<uint8_t>& payload,
+                                     const Deadline& dl) {
   check_usable();
   const Header h = request_header(op, next_id_++, count, payload.size());
   uint8_t raw[proto::kHeaderBytes];
@@ -295,24 +301,25 @@ std::vector<uint8_t> TcpConnection::simple_call(Op op, uint32_t count, const std
                                                 const Deadline& dl, Header* reply_header) {
   const uint64_t request_id = send_request(op, count, payload, dl);
   const Header r = recv_reply(static_cast<uint8_t>(op), request_id, dl);
-  if (r.payload_len > kMaxSmallReply) fail("reply payload of " + std::to_string(r.payload_len) + " bytes is implausible");
+  if (r.payload_len > kMaxSmallReply)
+    fail("reply payload of " + std::to_string(r.payload_len) + " bytes is implausible");
   std::vector<uint8_t> out(r.payload_len);
   if (!out.empty()) recv_exact(out.data(), out.size(), dl);
   if (reply_header) *reply_header = r;
   return out;
 }
 
-std::vector<std::pair<std::size_t, std::size_t>> TcpConnection::chunks(const std::vector<std::string_view>& keys,
-                                                                       const std::vector<std::size_t>* value_sizes,
-                                                                       std::size_t per_item_overhead,
-                                                                       uint64_t target_value_bytes) const {
+std::vector<std::pair<std::size_t, std::size_t>> TcpConnection::chunks(
+    const std::vector<std::string_view>& keys, const std::vector<std::size_t>* value_sizes,
+    std::size_t per_item_overhead, uint64_t target_value_bytes) const {
   std::vector<std::pair<std::size_t, std::size_t>> out;
   std::size_t begin = 0;
   uint64_t bytes = 0, values = 0;
   for (std::size_t i = 0; i < keys.size(); ++i) {
     const uint64_t value = value_sizes ? (*value_sizes)[i] : 0;
     const uint64_t item = per_item_overhead + keys[i].size() + value;
-    const bool full = (i - begin) >= limits_.max_batch || (i > begin && bytes + item > limits_.max_payload_bytes) ||
+    const bool full = (i - begin) >= limits_.max_batch ||
+                      (i > begin && bytes + item > limits_.max_payload_bytes) ||
                       (i > begin && values >= target_value_bytes);
     if (full) {
       out.emplace_back(begin, i);
@@ -406,7 +413,8 @@ std::vector<uint8_t> TcpConnection::get_with(const std::vector<std::string_view>
     if (auto why = check_get_reply(r, n); !why.empty()) fail(why);
     table.resize(uint64_t(proto::kGetItemBytes) * n);
     recv_exact(table.data(), table.size(), dl);
-    if (auto why = parse_get_table(r, table.data(), n, b, limits_.max_value_bytes, &f); !why.empty()) fail(why);
+    if (auto why = parse_get_table(r, table.data(), n, b, limits_.max_value_bytes, &f); !why.empty())
+      fail(why);
     place_values(placer, &f);
     timings_.recv += since(t);  // the item table
     // Values are received a group at a time and each group is verified as soon as it has
@@ -454,8 +462,8 @@ std::vector<uint8_t> TcpConnection::get_into(const std::vector<std::string_view>
 }
 
 template <class Result>
-Result TcpConnection::run_key_list(Result (*op)(const KeyListCall&), const std::vector<std::string_view>& keys,
-                                   int timeout_ms) {
+Result TcpConnection::run_key_list(Result (*op)(const KeyListCall&),
+                                   const std::vector<std::string_view>& keys, int timeout_ms) {
   validate_keys(keys, limits_.max_key_len);
   std::lock_guard<std::mutex> lock(mu_);
   Deadline dl(timeout_ms);

@@ -88,10 +88,11 @@ class TcpConnection {
   // Statuses: OK (value landed and its checksum matched), NOT_FOUND, TOO_LARGE (value longer
   // than its buffer: drained, buffer untouched), CHECKSUM_MISMATCH (bytes landed but are bad),
   // or the server's item status. `lengths` (when non-null) receives each value's length.
-  std::vector<uint8_t> get_into(const std::vector<std::string_view>& keys, const std::vector<MutSpan>& buffers,
-                                int timeout_ms, std::vector<uint64_t>* lengths = nullptr);
-  std::vector<uint8_t> get_with(const std::vector<std::string_view>& keys, const Placer& placer, int timeout_ms,
-                                std::vector<uint64_t>* lengths);
+  std::vector<uint8_t> get_into(const std::vector<std::string_view>& keys,
+                                const std::vector<MutSpan>& buffers, int timeout_ms,
+                                std::vector<uint64_t>* lengths = nullptr);
+  std::vector<uint8_t> get_with(const std::vector<std::string_view>& keys, const Placer& placer,
+                                int timeout_ms, std::vector<uint64_t>* lengths);
 
   std::vector<uint8_t> exists(const std::vector<std::string_view>& keys, int timeout_ms);
   // Number of leading keys present. Batches above max_batch are asked chunk by chunk and the
@@ -132,14 +133,16 @@ class TcpConnection {
   void wait_fd(short events, const Deadline& dl, bool spin = false);
   proto::Header recv_reply(uint8_t op, uint64_t request_id, const Deadline& dl, bool spin = true);
   // Sends a request whose payload is one contiguous buffer; returns its request id.
-  uint64_t send_request(proto::Op op, uint32_t count, const std::vector<uint8_t>& payload, const Deadline& dl);
+  uint64_t send_request(proto::Op op, uint32_t count, const std::vector<uint8_t>& payload,
+                        const Deadline& dl);
   // Sends a request whose payload is one contiguous buffer and reads the reply payload.
   std::vector<uint8_t> simple_call(proto::Op op, uint32_t count, const std::vector<uint8_t>& payload,
                                    const Deadline& dl, proto::Header* reply_header = nullptr);
   // This transport's part of EXISTS, LOOKUP_PREFIX and DELETE (see KeyListCall): the lock, one
   // deadline for all the chunks, and its round trip.
   template <class Result>
-  Result run_key_list(Result (*op)(const KeyListCall&), const std::vector<std::string_view>& keys, int timeout_ms);
+  Result run_key_list(Result (*op)(const KeyListCall&), const std::vector<std::string_view>& keys,
+                      int timeout_ms);
   void check_usable();
   // [begin, end) chunks of a batch honouring max_batch and, when sizes are given, the
   // per-frame payload limit; a chunk also ends once its values reach target_value_bytes.

@@ -1,5 +1,6 @@
 """Shared helpers for the e2e tests, ``membrain demo`` and the TTFT benchmark: a small random
 Llama model built locally, token prompts, one vLLM instance per subprocess, log parsing."""
+
 from __future__ import annotations
 
 import json
@@ -24,14 +25,19 @@ LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(sys.argv[1])
 """
 
 
-def ensure_model(path: str | os.PathLike, hidden: int = 512, layers: int = 6,
-                 python: str = sys.executable) -> str:
+def ensure_model(
+    path: str | os.PathLike, hidden: int = 512, layers: int = 6, python: str = sys.executable
+) -> str:
     """A random-weight Llama (bf16, vocab 1000) at ``path``, generated once; no downloads."""
     p = Path(path)
     if not (p / "config.json").exists() or not (p / "model.safetensors").exists():
         p.mkdir(parents=True, exist_ok=True)
-        subprocess.run([python, "-c", MODEL_SCRIPT, str(p), str(hidden), str(layers)], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [python, "-c", MODEL_SCRIPT, str(p), str(hidden), str(layers)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     return str(p)
 
 
@@ -57,8 +63,14 @@ def base_env(extra: dict[str, str] | None = None, pythonpath: list[str] | None =
     return env
 
 
-def run_instance(spec: dict[str, Any], env: dict[str, str], workdir: str | os.PathLike,
-                 name: str, timeout: float = 600, python: str = sys.executable) -> dict[str, Any]:
+def run_instance(
+    spec: dict[str, Any],
+    env: dict[str, str],
+    workdir: str | os.PathLike,
+    name: str,
+    timeout: float = 600,
+    python: str = sys.executable,
+) -> dict[str, Any]:
     """Runs one vLLM instance (``membrain.bench.driver``) in its own process.
 
     Returns {"results": [...], "log": str, "rc": int}."""
@@ -69,8 +81,14 @@ def run_instance(spec: dict[str, Any], env: dict[str, str], workdir: str | os.Pa
     if out_p.exists():
         out_p.unlink()
     with open(log_p, "w") as log:
-        proc = subprocess.run([python, "-m", "membrain.bench.driver", str(spec_p), str(out_p)], env=env,
-                              stdout=log, stderr=subprocess.STDOUT, timeout=timeout, cwd=str(wd))
+        proc = subprocess.run(
+            [python, "-m", "membrain.bench.driver", str(spec_p), str(out_p)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+            cwd=str(wd),
+        )
     text = log_p.read_text(errors="replace")
     res = json.loads(out_p.read_text())["results"] if out_p.exists() else []
     return {"results": res, "log": text, "rc": proc.returncode, "log_path": str(log_p)}
@@ -84,8 +102,12 @@ def parse_hits(log: str) -> dict[str, dict[str, int]]:
     """Per request id (vLLM's, e.g. ``3-ab12``): tokens from local / host / remote."""
     out: dict[str, dict[str, int]] = {}
     for m in _HIT.finditer(log):
-        out[m.group(1)] = {"tokens": int(m.group(2)), "local": int(m.group(3)),
-                           "host": int(m.group(4)), "remote": int(m.group(5))}
+        out[m.group(1)] = {
+            "tokens": int(m.group(2)),
+            "local": int(m.group(3)),
+            "host": int(m.group(4)),
+            "remote": int(m.group(5)),
+        }
     return out
 
 

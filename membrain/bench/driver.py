@@ -8,6 +8,7 @@ repeat (serve the prompts this many times in a row, default 1), block_size (opti
 kill_pid_after_first_pass (SIGKILL this pid after the first pass: a server dying mid-run).
 Each prompt is one ``generate`` call, so its wall time is its latency (TTFT + max_tokens-1 steps).
 """
+
 from __future__ import annotations
 
 import json
@@ -20,10 +21,15 @@ def main(argv: list[str]) -> int:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    kwargs: dict = dict(model=spec["model"], enforce_eager=True, skip_tokenizer_init=True,
-                        kv_cache_memory_bytes=int(spec.get("kv_cache_memory_bytes", 256 << 20)),
-                        max_model_len=int(spec.get("max_model_len", 4096)), seed=0,
-                        max_num_batched_tokens=int(spec.get("max_num_batched_tokens", 8192)))
+    kwargs: dict = dict(
+        model=spec["model"],
+        enforce_eager=True,
+        skip_tokenizer_init=True,
+        kv_cache_memory_bytes=int(spec.get("kv_cache_memory_bytes", 256 << 20)),
+        max_model_len=int(spec.get("max_model_len", 4096)),
+        seed=0,
+        max_num_batched_tokens=int(spec.get("max_num_batched_tokens", 8192)),
+    )
     if spec.get("block_size"):
         kwargs["block_size"] = int(spec["block_size"])
     if spec.get("membrain") == "explicit":
@@ -43,8 +49,15 @@ def main(argv: list[str]) -> int:
             t0 = time.perf_counter()
             out = llm.generate([TokensPrompt(prompt_token_ids=p)], sp, use_tqdm=False)
             dt = time.perf_counter() - t0
-            results.append({"rep": rep, "prompt": i, "tokens": list(out[0].outputs[0].token_ids),
-                            "seconds": dt, "prompt_tokens": len(p)})
+            results.append(
+                {
+                    "rep": rep,
+                    "prompt": i,
+                    "tokens": list(out[0].outputs[0].token_ids),
+                    "seconds": dt,
+                    "prompt_tokens": len(p),
+                }
+            )
     json.dump({"results": results}, open(argv[1], "w"))
     return 0
 

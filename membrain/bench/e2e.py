@@ -5,6 +5,7 @@ Instance A (Membrain on): each prompt cold, then again (local prefix-cache hit).
 fresh process with the same Membrain settings: each prompt once (served from the remote tier,
 its host tier being empty). TTFT = wall time of a ``max_tokens=1`` request.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,15 @@ def stop(proc: subprocess.Popen | None) -> None:
             proc.kill()
 
 
-def run(lengths: list[int], model_dir: str, workdir: Path, endpoint: str | None,
-        hidden: int = 512, layers: int = 6, kv_bytes: int = 1 << 30) -> dict[str, Any]:
+def run(
+    lengths: list[int],
+    model_dir: str,
+    workdir: Path,
+    endpoint: str | None,
+    hidden: int = 512,
+    layers: int = 6,
+    kv_bytes: int = 1 << 30,
+) -> dict[str, Any]:
     model = C.ensure_model(model_dir, hidden, layers)
     server = None
     if endpoint is None:
@@ -54,9 +62,16 @@ def run(lengths: list[int], model_dir: str, workdir: Path, endpoint: str | None,
     try:
         prompts = [C.make_prompts(1, n, seed=100 + n)[0] for n in lengths]
         extra = {"endpoint": endpoint, "namespace": f"bench-{int(time.time())}", "cpu_cache_size": "2GiB"}
-        base = {"model": model, "prompts": prompts, "max_tokens": 1, "membrain": "explicit", "extra": extra,
-                "kv_cache_memory_bytes": kv_bytes, "max_model_len": max(lengths) + 64,
-                "max_num_batched_tokens": max(lengths) + 64}
+        base = {
+            "model": model,
+            "prompts": prompts,
+            "max_tokens": 1,
+            "membrain": "explicit",
+            "extra": extra,
+            "kv_cache_memory_bytes": kv_bytes,
+            "max_model_len": max(lengths) + 64,
+            "max_num_batched_tokens": max(lengths) + 64,
+        }
         a = C.run_instance({**base, "repeat": 2}, C.base_env(), workdir, "bench_A", timeout=3600)
         b = C.run_instance({**base, "repeat": 1}, C.base_env(), workdir, "bench_B", timeout=3600)
         if a["rc"] or b["rc"]:
@@ -66,10 +81,22 @@ def run(lengths: list[int], model_dir: str, workdir: Path, endpoint: str | None,
     n = len(prompts)
     rows = []
     for i, L in enumerate(lengths):
-        cold, local, fresh = a["results"][i]["seconds"], a["results"][n + i]["seconds"], b["results"][i]["seconds"]
-        rows.append({"prompt_tokens": L, "cold_s": cold, "local_warm_s": local, "fresh_warm_s": fresh,
-                     "speedup_fresh_vs_cold": cold / fresh, "fresh_vs_local": fresh / local,
-                     "tokens_match": a["results"][i]["tokens"] == b["results"][i]["tokens"]})
+        cold, local, fresh = (
+            a["results"][i]["seconds"],
+            a["results"][n + i]["seconds"],
+            b["results"][i]["seconds"],
+        )
+        rows.append(
+            {
+                "prompt_tokens": L,
+                "cold_s": cold,
+                "local_warm_s": local,
+                "fresh_warm_s": fresh,
+                "speedup_fresh_vs_cold": cold / fresh,
+                "fresh_vs_local": fresh / local,
+                "tokens_match": a["results"][i]["tokens"] == b["results"][i]["tokens"],
+            }
+        )
     return {"rows": rows, "hits_B": C.hit_totals(b["log"]), "model": {"hidden": hidden, "layers": layers}}
 
 
@@ -82,8 +109,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     rows = result["rows"]
     x = [r["prompt_tokens"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("cold_s", "cold"), ("fresh_warm_s", "fresh instance, from Membrain"),
-                       ("local_warm_s", "same instance, vLLM prefix cache")):
+    for key, label in (
+        ("cold_s", "cold"),
+        ("fresh_warm_s", "fresh instance, from Membrain"),
+        ("local_warm_s", "same instance, vLLM prefix cache"),
+    ):
         ax.plot(x, [r[key] for r in rows], marker="o", label=label)
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("TTFT (s)")
@@ -108,9 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     Path(a.out + ".json").write_text(json.dumps(res, indent=2))
     plot(res, Path(a.out + ".png"))
     for r in res["rows"]:
-        print(f"{r['prompt_tokens']:>6} tok  cold {r['cold_s']:7.2f}s  fresh-warm {r['fresh_warm_s']:6.2f}s  "
-              f"local-warm {r['local_warm_s']:6.2f}s  speedup {r['speedup_fresh_vs_cold']:5.1f}x  "
-              f"tokens {'=' if r['tokens_match'] else 'DIFFER'}")
+        print(
+            f"{r['prompt_tokens']:>6} tok  cold {r['cold_s']:7.2f}s  fresh-warm {r['fresh_warm_s']:6.2f}s  "
+            f"local-warm {r['local_warm_s']:6.2f}s  speedup {r['speedup_fresh_vs_cold']:5.1f}x  "
+            f"tokens {'=' if r['tokens_match'] else 'DIFFER'}"
+        )
     print(f"wrote {a.out}.json and {a.out}.png")
     return 0
 

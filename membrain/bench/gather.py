@@ -10,6 +10,7 @@ With a CUDA device, the GPU rows come from membrain.bench.gather_cuda.
 
 Usage: membrain bench gather [--quick] [--json PATH] [--threads N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,7 @@ def _shapes(page: int, quick: bool) -> list[tuple[int, int]]:
     """(layers, blocks) pairs moving about TARGET_BYTES each."""
     target = (32 << 20) if quick else TARGET_BYTES
     shapes = []
-    for layers in ((8,) if quick else (1, 8, 32)):
+    for layers in (8,) if quick else (1, 8, 32):
         blocks = max(1, target // (page * layers))
         shapes.append((layers, blocks))
     return shapes
@@ -59,10 +60,15 @@ def _cpu_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             # The limit is the faster of glibc's memcpy and a streaming-store copy, both split
             # over the same threads: one contiguous copy of the same bytes.
             t_limit = min(
-                median_seconds(lambda: _native.memcpy_cpu(limit_dst.data_ptr(), src.data_ptr(), nbytes),
-                               repeats=args.repeats),
-                median_seconds(lambda: _native.memcpy_cpu(limit_dst.data_ptr(), src.data_ptr(), nbytes, True),
-                               repeats=args.repeats))
+                median_seconds(
+                    lambda: _native.memcpy_cpu(limit_dst.data_ptr(), src.data_ptr(), nbytes),
+                    repeats=args.repeats,
+                ),
+                median_seconds(
+                    lambda: _native.memcpy_cpu(limit_dst.data_ptr(), src.data_ptr(), nbytes, True),
+                    repeats=args.repeats,
+                ),
+            )
 
             def torch_index_select():
                 for l, layer in enumerate(kv):
@@ -83,7 +89,9 @@ def _cpu_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             # Correctness guard: a benchmark of a wrong copy is worthless.
             ops.gather_blocks(desc, ids, out)
             check = int(ids[len(ids) // 2])
-            assert torch.equal(out3[len(ids) // 2, layers - 1], kv[layers - 1][check]), "gather produced wrong bytes"
+            assert torch.equal(out3[len(ids) // 2, layers - 1], kv[layers - 1][check]), (
+                "gather produced wrong bytes"
+            )
 
             g_limit = gbps(nbytes, t_limit)
             row = {
@@ -111,15 +119,20 @@ def _cpu_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _print_header() -> None:
-    print(f"{'page':>8} {'layers':>6} {'blocks':>7} {'gather':>8} {'scatter':>8} {'memcpy':>8} "
-          f"{'torch':>7} {'loop':>7} {'g/lim':>6} {'s/lim':>6} {'g/torch':>8} {'s/torch':>8}   (GB/s)")
+    print(
+        f"{'page':>8} {'layers':>6} {'blocks':>7} {'gather':>8} {'scatter':>8} {'memcpy':>8} "
+        f"{'torch':>7} {'loop':>7} {'g/lim':>6} {'s/lim':>6} {'g/torch':>8} {'s/torch':>8}   (GB/s)"
+    )
 
 
 def _print_row(r: dict[str, Any]) -> None:
-    print(f"{r['page_bytes'] // 1024:>6}Ki {r['layers']:>6} {r['blocks']:>7} {r['gather_gbps']:>8.2f} "
-          f"{r['scatter_gbps']:>8.2f} {r['limit_memcpy_gbps']:>8.2f} {r['torch_index_select_gbps']:>7.2f} "
-          f"{r['per_page_loop_gbps']:>7.2f} {r['gather_vs_limit']:>6.2f} {r['scatter_vs_limit']:>6.2f} "
-          f"{r['gather_vs_torch']:>8.1f} {r['scatter_vs_torch']:>8.1f}", flush=True)
+    print(
+        f"{r['page_bytes'] // 1024:>6}Ki {r['layers']:>6} {r['blocks']:>7} {r['gather_gbps']:>8.2f} "
+        f"{r['scatter_gbps']:>8.2f} {r['limit_memcpy_gbps']:>8.2f} {r['torch_index_select_gbps']:>7.2f} "
+        f"{r['per_page_loop_gbps']:>7.2f} {r['gather_vs_limit']:>6.2f} {r['scatter_vs_limit']:>6.2f} "
+        f"{r['gather_vs_torch']:>8.1f} {r['scatter_vs_torch']:>8.1f}",
+        flush=True,
+    )
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -137,8 +150,11 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="membrain bench gather", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="membrain bench gather",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--json", metavar="PATH", help="write all rows and the machine description here")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and smaller buffers")
     parser.add_argument("--threads", type=int, default=0, help="CPU copy threads (0 = default)")
@@ -152,11 +168,15 @@ def main(argv: list[str] | None = None) -> int:
 
     ops.set_num_threads(args.threads)
     info = machine_info()
-    print(f"machine: {info['cpu_model']} ({info['cpu_cores']} cores)"
-          + (f", GPU {info['gpu_name']}" if info.get("gpu_name") else ""))
+    print(
+        f"machine: {info['cpu_model']} ({info['cpu_cores']} cores)"
+        + (f", GPU {info['gpu_name']}" if info.get("gpu_name") else "")
+    )
     rows: list[dict[str, Any]] = []
     if not args.no_cpu:
-        print(f"CPU gather/scatter, {ops.get_num_threads()} threads; limit = one contiguous memcpy, same threads")
+        print(
+            f"CPU gather/scatter, {ops.get_num_threads()} threads; limit = one contiguous memcpy, same threads"
+        )
         _print_header()
         rows += _cpu_rows(args)
     cuda_rows: list[dict[str, Any]] = []
@@ -182,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k}: {v:.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"benchmark": "gather", "machine": info, "rows": rows + cuda_rows, "summary": summary}, f, indent=2)
+            json.dump(
+                {"benchmark": "gather", "machine": info, "rows": rows + cuda_rows, "summary": summary},
+                f,
+                indent=2,
+            )
         print(f"wrote {args.json}")
     return 0
 

@@ -17,13 +17,15 @@ Bandwidth convention: GB/s = packed payload bytes / time (1 GB = 1e9 B), each by
 once, for every op and every limit alike. A device-to-device copy therefore moves twice that in
 HBM traffic (read + write); ratios are unaffected because limits use the same convention.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -99,8 +101,10 @@ def run_cuda_gather_bench(args: Any = None) -> list[dict]:
         total_blocks = 2 * blocks  # ids are a random half of the cache, as after eviction churn
         nbytes = page * layers * blocks
         backing = torch.randint(0, 256, (layers * total_blocks * page,), dtype=torch.uint8, device=dev)
-        kv = [backing[l * total_blocks * page : (l + 1) * total_blocks * page].view(total_blocks, page)
-              for l in range(layers)]
+        kv = [
+            backing[l * total_blocks * page : (l + 1) * total_blocks * page].view(total_blocks, page)
+            for l in range(layers)
+        ]
         rng = np.random.default_rng(page + layers + blocks)
         ids = np.sort(rng.permutation(total_blocks)[:blocks]).astype(np.int64)
         rng.shuffle(ids)
@@ -134,12 +138,14 @@ def run_cuda_gather_bench(args: Any = None) -> list[dict]:
                 for i, b in enumerate(id_list):
                     for l in range(layers):
                         outp[i * layers + l].copy_(kvp[l][b], non_blocking=True)
+
             return run
 
         def index_select_into(out):
             def run():
                 g = torch.stack([kvp[l].index_select(0, ids_dev) for l in range(layers)], dim=1)
                 out.view(blocks, layers, page).copy_(g, non_blocking=True)
+
             return run
 
         t = {}
@@ -159,8 +165,13 @@ def run_cuda_gather_bench(args: Any = None) -> list[dict]:
             t["scatter_pinned", mode] = timed(lambda m=mode: ops.scatter_blocks(out_h, desc, ids, mode=m))
         t["scatter_device", "kernel"] = timed(lambda: ops.scatter_blocks(out_d, desc, ids))
 
-        limit_of = {"gather_pinned": "d2h_contiguous", "gather_device": "d2d_contiguous",
-                    "scatter_pinned": "h2d_contiguous", "scatter_device": "d2d_contiguous", "limit": None}
+        limit_of = {
+            "gather_pinned": "d2h_contiguous",
+            "gather_device": "d2d_contiguous",
+            "scatter_pinned": "h2d_contiguous",
+            "scatter_device": "d2d_contiguous",
+            "limit": None,
+        }
 
         def gbps(ms):
             return nbytes / (ms * 1e-3) / 1e9
@@ -169,15 +180,27 @@ def run_cuda_gather_bench(args: Any = None) -> list[dict]:
             limit_key = limit_of[op]
             limit = gbps(t["limit", limit_key]) if limit_key else None
             loop_ms = t.get((op, "per_page_loop"))
-            rows.append({
-                "op": op, "mode": mode, "page_bytes": page, "layers": layers, "blocks": blocks, "bytes": nbytes,
-                "ms": round(ms, 4), "gbps": round(gbps(ms), 2),
-                "limit": limit_key, "limit_gbps": round(limit, 2) if limit else None,
-                "ratio_to_limit": round(gbps(ms) / limit, 3) if limit else None,
-                "ratio_to_per_page_loop": round(loop_ms / ms, 2) if loop_ms and mode != "per_page_loop" else None,
-                "gpu": gpu, "bw_convention": BW_CONVENTION,
-                "auto_mode": _native.cuda_default_host_mode,
-            })
+            rows.append(
+                {
+                    "op": op,
+                    "mode": mode,
+                    "page_bytes": page,
+                    "layers": layers,
+                    "blocks": blocks,
+                    "bytes": nbytes,
+                    "ms": round(ms, 4),
+                    "gbps": round(gbps(ms), 2),
+                    "limit": limit_key,
+                    "limit_gbps": round(limit, 2) if limit else None,
+                    "ratio_to_limit": round(gbps(ms) / limit, 3) if limit else None,
+                    "ratio_to_per_page_loop": round(loop_ms / ms, 2)
+                    if loop_ms and mode != "per_page_loop"
+                    else None,
+                    "gpu": gpu,
+                    "bw_convention": BW_CONVENTION,
+                    "auto_mode": _native.cuda_default_host_mode,
+                }
+            )
         del backing, kv, want
         torch.cuda.empty_cache()
     return rows
@@ -191,6 +214,7 @@ def acceptance_summary(rows: list[dict]) -> list[dict]:
     - >= 3x the per-page copy loop at 16 KiB pages (pinned host, auto mode);
     - device-to-device gather >= 0.8x the contiguous device copy (configs of >= 64 MiB).
     """
+
     def pick(op, mode, pred=lambda r: True):
         return [r for r in rows if r["op"] == op and r["mode"] == mode and pred(r)]
 
@@ -201,9 +225,15 @@ def acceptance_summary(rows: list[dict]) -> list[dict]:
     auto = pick("gather_pinned", "auto", large)
     if auto:
         worst = min(auto, key=lambda r: r["ratio_to_limit"])
-        out.append({"check": "gather->pinned (auto) / contiguous D2H, worst config >= 64 MiB", "value": worst["ratio_to_limit"],
-                    "target": 0.9, "pass": worst["ratio_to_limit"] >= 0.9,
-                    "at": f"page {worst['page_bytes']} B, {worst['layers']} layers, {worst['blocks']} blocks"})
+        out.append(
+            {
+                "check": "gather->pinned (auto) / contiguous D2H, worst config >= 64 MiB",
+                "value": worst["ratio_to_limit"],
+                "target": 0.9,
+                "pass": worst["ratio_to_limit"] >= 0.9,
+                "at": f"page {worst['page_bytes']} B, {worst['layers']} layers, {worst['blocks']} blocks",
+            }
+        )
         best = {}
         for r in rows:
             if r["op"] == "gather_pinned" and r["mode"] in ("mapped", "staged") and large(r):
@@ -211,22 +241,40 @@ def acceptance_summary(rows: list[dict]) -> list[dict]:
                 if key not in best or r["ratio_to_limit"] > best[key]["ratio_to_limit"]:
                     best[key] = r
         worst_best = min(best.values(), key=lambda r: r["ratio_to_limit"])
-        out.append({"check": "gather->pinned (better of mapped/staged) / contiguous D2H, worst config >= 64 MiB",
-                    "value": worst_best["ratio_to_limit"], "target": 0.9, "pass": worst_best["ratio_to_limit"] >= 0.9,
-                    "at": f"page {worst_best['page_bytes']} B, {worst_best['layers']} layers, {worst_best['blocks']} blocks "
-                          f"({worst_best['mode']})"})
+        out.append(
+            {
+                "check": "gather->pinned (better of mapped/staged) / contiguous D2H, worst config >= 64 MiB",
+                "value": worst_best["ratio_to_limit"],
+                "target": 0.9,
+                "pass": worst_best["ratio_to_limit"] >= 0.9,
+                "at": f"page {worst_best['page_bytes']} B, {worst_best['layers']} layers, {worst_best['blocks']} blocks "
+                f"({worst_best['mode']})",
+            }
+        )
     at16 = pick("gather_pinned", "auto", lambda r: r["page_bytes"] == 16 * KIB)
     if at16:
         worst = min(at16, key=lambda r: r["ratio_to_per_page_loop"])
-        out.append({"check": "gather->pinned (auto) / per-page copy loop, 16 KiB pages", "value":
-                    worst["ratio_to_per_page_loop"], "target": 3.0, "pass": worst["ratio_to_per_page_loop"] >= 3.0,
-                    "at": f"{worst['layers']} layers, {worst['blocks']} blocks"})
+        out.append(
+            {
+                "check": "gather->pinned (auto) / per-page copy loop, 16 KiB pages",
+                "value": worst["ratio_to_per_page_loop"],
+                "target": 3.0,
+                "pass": worst["ratio_to_per_page_loop"] >= 3.0,
+                "at": f"{worst['layers']} layers, {worst['blocks']} blocks",
+            }
+        )
     d2d = pick("gather_device", "kernel", large)
     if d2d:
         worst = min(d2d, key=lambda r: r["ratio_to_limit"])
-        out.append({"check": "gather device->device / contiguous D2D copy (>= 64 MiB)", "value": worst["ratio_to_limit"],
-                    "target": 0.8, "pass": worst["ratio_to_limit"] >= 0.8,
-                    "at": f"page {worst['page_bytes']} B, {worst['layers']} layers, {worst['blocks']} blocks"})
+        out.append(
+            {
+                "check": "gather device->device / contiguous D2D copy (>= 64 MiB)",
+                "value": worst["ratio_to_limit"],
+                "target": 0.8,
+                "pass": worst["ratio_to_limit"] >= 0.8,
+                "at": f"page {worst['page_bytes']} B, {worst['layers']} layers, {worst['blocks']} blocks",
+            }
+        )
     return out
 
 
@@ -254,11 +302,22 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     print()
     for a in acc:
-        print(f"{'PASS' if a['pass'] else 'FAIL'}  {a['check']}: {a['value']} (target {a['target']}, at {a['at']})")
+        print(
+            f"{'PASS' if a['pass'] else 'FAIL'}  {a['check']}: {a['value']} (target {a['target']}, at {a['at']})"
+        )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"gpu": rows[0]["gpu"] if rows else None, "bw_convention": BW_CONVENTION,
-                       "auto_mode": _native.cuda_default_host_mode, "rows": rows, "acceptance": acc}, f, indent=1)
+            json.dump(
+                {
+                    "gpu": rows[0]["gpu"] if rows else None,
+                    "bw_convention": BW_CONVENTION,
+                    "auto_mode": _native.cuda_default_host_mode,
+                    "rows": rows,
+                    "acceptance": acc,
+                },
+                f,
+                indent=1,
+            )
     return 0
 
 

@@ -1,9 +1,10 @@
 """Wall-clock timing helpers: warm up, repeat, report the median."""
+
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 def median_seconds(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 2) -> float:

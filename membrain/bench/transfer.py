@@ -4,6 +4,7 @@ with Redis (`redis-server` + `redis-benchmark`) at the same value size and conne
 
 Only ratios measured in one run mean anything on a shared machine; absolute figures are noisy.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,9 +19,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 
@@ -54,8 +56,8 @@ class Point:
     p99_ms: float
     calls: int
     failures: int = 0
-    vs_loopback: Optional[float] = None
-    vs_redis: Optional[float] = None
+    vs_loopback: float | None = None
+    vs_redis: float | None = None
 
 
 class _Barrier:
@@ -66,8 +68,12 @@ class _Barrier:
         self.stop = threading.Event()
 
 
-def _run_workers(conns: int, seconds: float, body: Callable[[int, Any], Callable[[], tuple[int, bool]]],
-                 make_client: Callable[[], Any]) -> tuple[float, int, list[float], int, int]:
+def _run_workers(
+    conns: int,
+    seconds: float,
+    body: Callable[[int, Any], Callable[[], tuple[int, bool]]],
+    make_client: Callable[[], Any],
+) -> tuple[float, int, list[float], int, int]:
     """Each worker thread has its own client; `body(worker, client)` returns a step function
     that does one call and returns (bytes moved, ok). Returns wall seconds, bytes, latencies,
     calls, failures."""
@@ -104,8 +110,9 @@ def _run_workers(conns: int, seconds: float, body: Callable[[int, Any], Callable
     return wall, sum(moved), all_lat, len(all_lat), sum(fails)
 
 
-def bench_membrain(endpoint: str, size: int, batch: int, conns: int, seconds: float, timeout_ms: int,
-                   run_id: str) -> list[Point]:
+def bench_membrain(
+    endpoint: str, size: int, batch: int, conns: int, seconds: float, timeout_ms: int, run_id: str
+) -> list[Point]:
     import membrain
 
     def make_client() -> Any:
@@ -120,8 +127,8 @@ def bench_membrain(endpoint: str, size: int, batch: int, conns: int, seconds: fl
         # on large arrays, and THP compaction is slow here) would otherwise dominate the
         # first GETs of a one-second window and be charged to the transport.
         d.fill(0)
-    views = [[memoryview(s)[i * size:(i + 1) * size] for i in range(batch)] for s in src]
-    dviews = [[memoryview(d)[i * size:(i + 1) * size] for i in range(batch)] for d in dst]
+    views = [[memoryview(s)[i * size : (i + 1) * size] for i in range(batch)] for s in src]
+    dviews = [[memoryview(d)[i * size : (i + 1) * size] for i in range(batch)] for d in dst]
     written: list[list[list[str]]] = [[] for _ in range(conns)]
     # GET reads back up to 8 of the batches PUT wrote (PUT* rewrites them just before), so the
     # working set is conns x sets x batch x size; keep it within half the server's capacity or
@@ -143,8 +150,20 @@ def bench_membrain(endpoint: str, size: int, batch: int, conns: int, seconds: fl
         return step
 
     wall, moved, lat, calls, fails = _run_workers(conns, seconds, put_body, make_client)
-    out = [Point("PUT", size, batch, conns, moved / wall / 1e9, moved / size / wall, _pct(lat, 50) * 1e3,
-                 _pct(lat, 99) * 1e3, calls, fails)]
+    out = [
+        Point(
+            "PUT",
+            size,
+            batch,
+            conns,
+            moved / wall / 1e9,
+            moved / size / wall,
+            _pct(lat, 50) * 1e3,
+            _pct(lat, 99) * 1e3,
+            calls,
+            fails,
+        )
+    ]
 
     # PUT* rewrites the same few key sets: the server's memory for them is already faulted in,
     # which separates the transport from first-touch page-fault cost on the server.
@@ -161,8 +180,20 @@ def bench_membrain(endpoint: str, size: int, batch: int, conns: int, seconds: fl
         return step
 
     wall, moved, lat, calls, fails = _run_workers(conns, seconds, reput_body, make_client)
-    out.append(Point("PUT*", size, batch, conns, moved / wall / 1e9, moved / size / wall, _pct(lat, 50) * 1e3,
-                     _pct(lat, 99) * 1e3, calls, fails))
+    out.append(
+        Point(
+            "PUT*",
+            size,
+            batch,
+            conns,
+            moved / wall / 1e9,
+            moved / size / wall,
+            _pct(lat, 50) * 1e3,
+            _pct(lat, 99) * 1e3,
+            calls,
+            fails,
+        )
+    )
 
     def get_body(w: int, client: Any) -> Callable[[], tuple[int, bool]]:
         it = [0]
@@ -177,21 +208,33 @@ def bench_membrain(endpoint: str, size: int, batch: int, conns: int, seconds: fl
         return step
 
     wall, moved, lat, calls, fails = _run_workers(conns, seconds, get_body, make_client)
-    out.append(Point("GET", size, batch, conns, moved / wall / 1e9, moved / size / wall, _pct(lat, 50) * 1e3,
-                     _pct(lat, 99) * 1e3, calls, fails))
+    out.append(
+        Point(
+            "GET",
+            size,
+            batch,
+            conns,
+            moved / wall / 1e9,
+            moved / size / wall,
+            _pct(lat, 50) * 1e3,
+            _pct(lat, 99) * 1e3,
+            calls,
+            fails,
+        )
+    )
     # Spot-check the bytes of one worker's last GET.
     if fails == 0 and written[0]:
         import membrain
 
         with membrain.Client(endpoint, timeout_ms=timeout_ms, namespace="bench") as c:
             check = np.empty(size * batch, dtype=np.uint8)
-            cv = [memoryview(check)[i * size:(i + 1) * size] for i in range(batch)]
+            cv = [memoryview(check)[i * size : (i + 1) * size] for i in range(batch)]
             if all(c.get_into(written[0][0], cv)) and not np.array_equal(check, src[0]):
                 raise AssertionError("GET returned different bytes than were PUT")
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _server_capacity(endpoint: str, timeout_ms: int) -> int:
     """The server's capacity in bytes (asked once per endpoint; 0 if it does not say)."""
     import membrain
@@ -213,7 +256,11 @@ def paired_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             if not loop:
                 continue
             stat = lambda xs: {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}  # noqa: E731
-            out[f"{op} c{conns}"] = {"rounds": len(cells), "vs_loopback": stat(loop), "vs_redis": stat(red) if red else None}
+            out[f"{op} c{conns}"] = {
+                "rounds": len(cells),
+                "vs_loopback": stat(loop),
+                "vs_redis": stat(red) if red else None,
+            }
     return out
 
 
@@ -245,16 +292,29 @@ def bench_lookup(endpoint: str, iters: int, timeout_ms: int, rounds: int = 5) ->
                     t0 = time.perf_counter()
                     conn.lookup_prefix(keys)
                     raw.append(time.perf_counter() - t0)
-                per_round.append({"p50_ms": _pct(lat, 50) * 1e3, "p99_ms": _pct(lat, 99) * 1e3,
-                                  "native_p50_ms": _pct(raw, 50) * 1e3, "native_p99_ms": _pct(raw, 99) * 1e3})
+                per_round.append(
+                    {
+                        "p50_ms": _pct(lat, 50) * 1e3,
+                        "p99_ms": _pct(lat, 99) * 1e3,
+                        "native_p50_ms": _pct(raw, 50) * 1e3,
+                        "native_p99_ms": _pct(raw, 99) * 1e3,
+                    }
+                )
         finally:
             conn.close()
     med = {k: statistics.median(r[k] for r in per_round) for k in per_round[0]}
-    return {"keys": 64, "iters": iters, "rounds": per_round, **med,
-            "p99_ms_max": max(r["p99_ms"] for r in per_round)}
+    return {
+        "keys": 64,
+        "iters": iters,
+        "rounds": per_round,
+        **med,
+        "p99_ms_max": max(r["p99_ms"] for r in per_round),
+    }
 
 
-def timing_split(endpoint: str, size: int, batch: int, seconds: float, run_id: str) -> dict[str, dict[str, float]]:
+def timing_split(
+    endpoint: str, size: int, batch: int, seconds: float, run_id: str
+) -> dict[str, dict[str, float]]:
     """Where the time of one PUT/GET frame goes, from the client's side (ms per frame):
     checksum, send, wait (request sent -> reply header: server work + network), recv, verify."""
     from membrain import _native
@@ -263,9 +323,9 @@ def timing_split(endpoint: str, size: int, batch: int, seconds: float, run_id: s
     ep = parse_endpoint(endpoint)
     conn = _native.Connection(ep.host, ep.port, namespace="bench-split", timeout_ms=30000)
     data = np.random.default_rng(1).integers(0, 256, size * batch, dtype=np.uint8)
-    vals = [memoryview(data)[i * size:(i + 1) * size] for i in range(batch)]
+    vals = [memoryview(data)[i * size : (i + 1) * size] for i in range(batch)]
     dst = np.empty_like(data)
-    dvals = [memoryview(dst)[i * size:(i + 1) * size] for i in range(batch)]
+    dvals = [memoryview(dst)[i * size : (i + 1) * size] for i in range(batch)]
     out: dict[str, dict[str, float]] = {}
     warm = [f"{run_id}-split-warm-{j}".encode() for j in range(batch)]
     conn.put(warm, vals)
@@ -275,7 +335,11 @@ def timing_split(endpoint: str, size: int, batch: int, seconds: float, run_id: s
         it[0] += 1
         conn.put([f"{run_id}-split-{it[0]}-{j}".encode() for j in range(batch)], vals)
 
-    for name, fn in (("PUT", fresh), ("PUT*", lambda: conn.put(warm, vals)), ("GET", lambda: conn.get_into(warm, dvals))):
+    for name, fn in (
+        ("PUT", fresh),
+        ("PUT*", lambda: conn.put(warm, vals)),
+        ("GET", lambda: conn.get_into(warm, dvals)),
+    ):
         conn.reset_timings()
         t0 = time.perf_counter()
         calls = 0
@@ -301,14 +365,33 @@ def loopback_limit(conns: int, seconds: float, write_bytes: int = MiB) -> dict[s
     else a Python socket pair (sendall/recv_into of 1 MiB writes)."""
     if shutil.which("iperf3"):
         port = _free_port()
-        srv = subprocess.Popen(["iperf3", "-s", "-1", "-p", str(port), "-B", "127.0.0.1"], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+        srv = subprocess.Popen(
+            ["iperf3", "-s", "-1", "-p", str(port), "-B", "127.0.0.1"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         # Not probed with a test connection: iperf3 -1 would count it as its one session.
         time.sleep(0.4)
         try:
-            r = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(max(1, round(seconds))),
-                                "-l", str(write_bytes), "-P", str(conns), "--json"], capture_output=True, text=True,
-                               timeout=seconds + 30)
+            r = subprocess.run(
+                [
+                    "iperf3",
+                    "-c",
+                    "127.0.0.1",
+                    "-p",
+                    str(port),
+                    "-t",
+                    str(max(1, round(seconds))),
+                    "-l",
+                    str(write_bytes),
+                    "-P",
+                    str(conns),
+                    "--json",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=seconds + 30,
+            )
             data = json.loads(r.stdout)
             bps = data["end"]["sum_received"]["bits_per_second"]
             return {"tool": "iperf3", "conns": conns, "gbps": bps / 8 / 1e9}
@@ -369,9 +452,28 @@ class Redis:
         self.port = _free_port()
         self.dir = tempfile.mkdtemp(prefix="membrain-bench-redis-")
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--protected-mode", "no", "--dir", self.dir, "--maxmemory", "3gb", "--maxmemory-policy", "allkeys-lru"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+                "--dir",
+                self.dir,
+                "--maxmemory",
+                "3gb",
+                "--maxmemory-policy",
+                "allkeys-lru",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         for _ in range(100):
             try:
                 socket.create_connection(("127.0.0.1", self.port), 0.1).close()
@@ -396,8 +498,23 @@ class Redis:
             if test == "get":
                 subprocess.run(["redis-cli", "-p", str(self.port), "flushall"], capture_output=True)
                 self._load(keyspace, size)
-            cmd = ["redis-benchmark", "-p", str(self.port), "-t", test, "-d", str(size), "-c", str(conns), "-n", str(n),
-                   "-P", "1", "--csv", *extra]
+            cmd = [
+                "redis-benchmark",
+                "-p",
+                str(self.port),
+                "-t",
+                test,
+                "-d",
+                str(size),
+                "-c",
+                str(conns),
+                "-n",
+                str(n),
+                "-P",
+                "1",
+                "--csv",
+                *extra,
+            ]
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(60, seconds * 20))
             for line in r.stdout.splitlines():
                 cells = [c.strip('"') for c in line.split(",")]
@@ -412,8 +529,11 @@ class Redis:
         with socket.create_connection(("127.0.0.1", self.port), 10) as s:
             for i in range(count):
                 key = f"key:{i:012d}".encode()
-                s.sendall(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (len(key), key, size)
-                          + os.urandom(size) + b"\r\n")
+                s.sendall(
+                    b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (len(key), key, size)
+                    + os.urandom(size)
+                    + b"\r\n"
+                )
             want, got = b"+OK\r\n" * count, b""
             while len(got) < len(want):
                 chunk = s.recv(65536)
@@ -422,7 +542,9 @@ class Redis:
                 got += chunk
         if got != want:
             raise RuntimeError(f"loading the Redis GET working set failed: {got[:80]!r}")
-        dbsize = subprocess.run(["redis-cli", "-p", str(self.port), "dbsize"], capture_output=True, text=True).stdout
+        dbsize = subprocess.run(
+            ["redis-cli", "-p", str(self.port), "dbsize"], capture_output=True, text=True
+        ).stdout
         if dbsize.strip() != str(count):
             raise RuntimeError(f"Redis holds {dbsize.strip()!r} keys after loading {count}")
 
@@ -469,36 +591,62 @@ def bench_ucx_vs_tcp(args: argparse.Namespace) -> int:
     if args.endpoint:
         print("--transport ucx spawns its own server (it needs both listeners)", file=sys.stderr)
         return 2
-    handle = spawn_server(capacity=int(args.capacity_gib * GiB), host="127.0.0.1", port=0,
-                          extra_args=["--threads", str(args.server_threads), "--ucx-port", "0"])
+    handle = spawn_server(
+        capacity=int(args.capacity_gib * GiB),
+        host="127.0.0.1",
+        port=0,
+        extra_args=["--threads", str(args.server_threads), "--ucx-port", "0"],
+    )
     _wait_prefaulted(handle.port)
     run_id = f"u{os.getpid()}-{int(time.time())}"
     rows: list[dict[str, Any]] = []
     try:
         eps = {"tcp": handle.endpoint, "ucx": handle.ucx_endpoint}
-        print(f"server {eps['tcp']} + {eps['ucx']}  UCX_TLS={os.environ.get('UCX_TLS', '(default)')}", flush=True)
+        print(
+            f"server {eps['tcp']} + {eps['ucx']}  UCX_TLS={os.environ.get('UCX_TLS', '(default)')}",
+            flush=True,
+        )
         lanes = _ucx_lanes(handle.ucx_port)
         print(lanes, flush=True)
         for rnd in range(max(1, args.accept_rounds or 3)):
             for c in (1, 4):
                 res: dict[str, dict[str, float]] = {"tcp": {}, "ucx": {}}
                 for tr in ("tcp", "ucx", "ucx", "tcp"):
-                    for p in bench_membrain(eps[tr], MiB, 16, c, seconds / 2, args.timeout_ms, f"{run_id}-{rnd}-{tr}"):
+                    for p in bench_membrain(
+                        eps[tr], MiB, 16, c, seconds / 2, args.timeout_ms, f"{run_id}-{rnd}-{tr}"
+                    ):
                         if p.failures:
                             print(f"  {tr} {p.op}: {p.failures} failed calls", flush=True)
                         res[tr].setdefault(p.op, 0.0)
                         res[tr][p.op] += p.gbps / 2
-                row = {"round": rnd, "conns": c, **{f"{tr}_{op}_gbps": v for tr in res for op, v in res[tr].items()}}
+                row = {
+                    "round": rnd,
+                    "conns": c,
+                    **{f"{tr}_{op}_gbps": v for tr in res for op, v in res[tr].items()},
+                }
                 rows.append(row)
-                print(f"round {rnd} c{c} 1 MiB x16: " + "  ".join(
-                    f"{op} tcp {res['tcp'][op]:.2f} / ucx {res['ucx'][op]:.2f} GB/s ({res['ucx'][op] / res['tcp'][op]:.2f}x)"
-                    for op in res["tcp"]), flush=True)
+                print(
+                    f"round {rnd} c{c} 1 MiB x16: "
+                    + "  ".join(
+                        f"{op} tcp {res['tcp'][op]:.2f} / ucx {res['ucx'][op]:.2f} GB/s ({res['ucx'][op] / res['tcp'][op]:.2f}x)"
+                        for op in res["tcp"]
+                    ),
+                    flush=True,
+                )
     finally:
         _stop_server(handle)
     info = machine_info()
-    _write_results(args, info, {"machine": info, "ucx_vs_tcp": rows, "ucx_tls": os.environ.get("UCX_TLS"),
-                                "ucx_err_mode": os.environ.get("MEMBRAIN_UCX_ERR_MODE", "peer"),
-                                "ucx_lanes": lanes})
+    _write_results(
+        args,
+        info,
+        {
+            "machine": info,
+            "ucx_vs_tcp": rows,
+            "ucx_tls": os.environ.get("UCX_TLS"),
+            "ucx_err_mode": os.environ.get("MEMBRAIN_UCX_ERR_MODE", "peer"),
+            "ucx_lanes": lanes,
+        },
+    )
     return 0
 
 
@@ -573,18 +721,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--capacity-gib", type=float, default=4.0)
     ap.add_argument("--timeout-ms", type=int, default=10000)
     ap.add_argument("--no-redis", action="store_true")
-    ap.add_argument("--accept-rounds", type=int, default=None,
-                    help="paired acceptance measurements (1 MiB x16, 1 and 4 connections); default 5, 1 with --quick")
+    ap.add_argument(
+        "--accept-rounds",
+        type=int,
+        default=None,
+        help="paired acceptance measurements (1 MiB x16, 1 and 4 connections); default 5, 1 with --quick",
+    )
     ap.add_argument("--no-loopback", action="store_true")
     ap.add_argument("--json", metavar="PATH", help="also write results here")
-    ap.add_argument("--results-dir", default=str(Path(__file__).resolve().parents[2] / "benchmarks" / "results"))
+    ap.add_argument(
+        "--results-dir", default=str(Path(__file__).resolve().parents[2] / "benchmarks" / "results")
+    )
     args = ap.parse_args(argv)
 
     if args.transport == "ucx":
         from membrain import _native
 
         if not _native.native_info().get("ucx"):
-            print("membrain bench transfer: the UCX transport is not built in this installation", file=sys.stderr)
+            print(
+                "membrain bench transfer: the UCX transport is not built in this installation",
+                file=sys.stderr,
+            )
             return 2
         return bench_ucx_vs_tcp(args)
 
@@ -606,22 +763,34 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # LOOKUP_PREFIX first, while the server is idle.
         lookup = bench_lookup(endpoint, 300 if args.quick else 2000, args.timeout_ms, 1 if args.quick else 5)
-        print(f"LOOKUP_PREFIX 64 keys, median of {len(lookup['rounds'])} rounds: p50 {lookup['p50_ms']:.3f} ms  "
-              f"p99 {lookup['p99_ms']:.3f} ms (per round: "
-              + ", ".join(f"{r['p99_ms']:.3f}" for r in lookup["rounds"])
-              + f"; raw connection p50 {lookup['native_p50_ms']:.3f} / p99 {lookup['native_p99_ms']:.3f} ms)", flush=True)
+        print(
+            f"LOOKUP_PREFIX 64 keys, median of {len(lookup['rounds'])} rounds: p50 {lookup['p50_ms']:.3f} ms  "
+            f"p99 {lookup['p99_ms']:.3f} ms (per round: "
+            + ", ".join(f"{r['p99_ms']:.3f}" for r in lookup["rounds"])
+            + f"; raw connection p50 {lookup['native_p50_ms']:.3f} / p99 {lookup['native_p99_ms']:.3f} ms)",
+            flush=True,
+        )
         split = timing_split(endpoint, MiB, 16, plan.seconds, run_id)
-        print("time per 16 x 1 MiB frame, client view (ms): " + "; ".join(
-            f"{op}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k != "gbps") for op, row in split.items()),
-            flush=True)
+        print(
+            "time per 16 x 1 MiB frame, client view (ms): "
+            + "; ".join(
+                f"{op}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k != "gbps")
+                for op, row in split.items()
+            ),
+            flush=True,
+        )
         # Acceptance block: on a shared machine the load drifts, so each Membrain figure is
         # paired with loopback and Redis figures taken right next to it (loopback, Membrain,
         # Redis, loopback), and the paired ratios are reported per round.
-        have_redis = not args.no_redis and bool(shutil.which("redis-server") and shutil.which("redis-benchmark"))
+        have_redis = not args.no_redis and bool(
+            shutil.which("redis-server") and shutil.which("redis-benchmark")
+        )
         for rnd in range(args.accept_rounds):
             for c in (1, 4):
                 lb0 = loopback_limit(c, 1.0) if not args.no_loopback else None
-                pts = bench_membrain(endpoint, MiB, 16, c, plan.seconds, args.timeout_ms, f"{run_id}-acc{rnd}")
+                pts = bench_membrain(
+                    endpoint, MiB, 16, c, plan.seconds, args.timeout_ms, f"{run_id}-acc{rnd}"
+                )
                 rv: dict[str, float] = {}
                 if have_redis:
                     r = Redis()
@@ -634,19 +803,34 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"round": rnd, "conns": c, "loopback_gbps": lb, "redis_gbps": rv}
                 for p in pts:
                     red = rv.get("GET" if p.op == "GET" else "SET")
-                    row[p.op] = {"gbps": p.gbps, "p50_ms": p.p50_ms, "p99_ms": p.p99_ms,
-                                 "vs_loopback": p.gbps / lb if lb else None, "vs_redis": p.gbps / red if red else None}
+                    row[p.op] = {
+                        "gbps": p.gbps,
+                        "p50_ms": p.p50_ms,
+                        "p99_ms": p.p99_ms,
+                        "vs_loopback": p.gbps / lb if lb else None,
+                        "vs_redis": p.gbps / red if red else None,
+                    }
                 accept_rows.append(row)
-                print(f"acceptance round {rnd} c{c}: loopback {lb or float('nan'):.2f} GB/s, redis "
-                      + " ".join(f"{k} {v:.2f}" for k, v in rv.items()) + " | "
-                      + "  ".join(f"{p.op} {p.gbps:.2f} GB/s ({row[p.op]['vs_loopback'] or float('nan'):.2f}x loop, "
-                                  f"{row[p.op]['vs_redis'] or float('nan'):.2f}x redis)" for p in pts), flush=True)
+                print(
+                    f"acceptance round {rnd} c{c}: loopback {lb or float('nan'):.2f} GB/s, redis "
+                    + " ".join(f"{k} {v:.2f}" for k, v in rv.items())
+                    + " | "
+                    + "  ".join(
+                        f"{p.op} {p.gbps:.2f} GB/s ({row[p.op]['vs_loopback'] or float('nan'):.2f}x loop, "
+                        f"{row[p.op]['vs_redis'] or float('nan'):.2f}x redis)"
+                        for p in pts
+                    ),
+                    flush=True,
+                )
         for size, batch, conns in plan.points:
             pts = bench_membrain(endpoint, size, batch, conns, plan.seconds, args.timeout_ms, run_id)
             for p in pts:
-                print(f"  {p.op:<4} {fmt_size(size):>7} x{batch:<3} c{conns}: {p.gbps:6.2f} GB/s "
-                      f"{p.ops_s:9.0f} val/s  p50 {p.p50_ms:8.3f} ms  p99 {p.p99_ms:8.3f} ms"
-                      + (f"  FAILED {p.failures}" if p.failures else ""), flush=True)
+                print(
+                    f"  {p.op:<4} {fmt_size(size):>7} x{batch:<3} c{conns}: {p.gbps:6.2f} GB/s "
+                    f"{p.ops_s:9.0f} val/s  p50 {p.p50_ms:8.3f} ms  p99 {p.p99_ms:8.3f} ms"
+                    + (f"  FAILED {p.failures}" if p.failures else ""),
+                    flush=True,
+                )
             points += pts
     finally:
         if handle is not None:
@@ -657,16 +841,24 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_loopback:
         for c in conns_used:
             loop[c] = loopback_limit(c, 2.0 if not args.quick else 1.0)
-            print(f"loopback TCP limit, {c} stream(s): {loop[c]['gbps']:.2f} GB/s ({loop[c]['tool']})", flush=True)
+            print(
+                f"loopback TCP limit, {c} stream(s): {loop[c]['gbps']:.2f} GB/s ({loop[c]['tool']})",
+                flush=True,
+            )
     redis: dict[str, dict[str, float]] = {}
     if not args.no_redis and shutil.which("redis-server") and shutil.which("redis-benchmark"):
         r = Redis()
         try:
-            combos = sorted({(s, c) for s, _, c in plan.points if s <= 4 * MiB and (args.full or s in (64 * KiB, MiB))})
+            combos = sorted(
+                {(s, c) for s, _, c in plan.points if s <= 4 * MiB and (args.full or s in (64 * KiB, MiB))}
+            )
             for s, c in combos:
                 redis[f"{s}/{c}"] = r.bench(s, c, 1.0 if args.quick else 2.0)
-                print(f"redis-benchmark {fmt_size(s)} c{c}: " +
-                      "  ".join(f"{k} {v:.2f} GB/s" for k, v in redis[f'{s}/{c}'].items()), flush=True)
+                print(
+                    f"redis-benchmark {fmt_size(s)} c{c}: "
+                    + "  ".join(f"{k} {v:.2f} GB/s" for k, v in redis[f"{s}/{c}"].items()),
+                    flush=True,
+                )
         finally:
             r.close()
 
@@ -678,16 +870,22 @@ def main(argv: list[str] | None = None) -> int:
             p.vs_redis = p.gbps / rv
 
     print()
-    print(f"{'op':<5}{'size':>8}{'batch':>6}{'conns':>6}{'GB/s':>8}{'values/s':>11}{'p50 ms':>9}{'p99 ms':>9}"
-          f"{'x loop':>8}{'x redis':>8}")
+    print(
+        f"{'op':<5}{'size':>8}{'batch':>6}{'conns':>6}{'GB/s':>8}{'values/s':>11}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'x loop':>8}{'x redis':>8}"
+    )
     for p in points:
         vl = f"{p.vs_loopback:.2f}" if p.vs_loopback is not None else "-"
         vr = f"{p.vs_redis:.2f}" if p.vs_redis is not None else "-"
-        print(f"{p.op:<5}{fmt_size(p.size):>8}{p.batch:>6}{p.conns:>6}{p.gbps:>8.2f}{p.ops_s:>11.0f}"
-              f"{p.p50_ms:>9.3f}{p.p99_ms:>9.3f}{vl:>8}{vr:>8}")
-    print(f"LOOKUP_PREFIX 64 keys: p50 {lookup.get('p50_ms', float('nan')):.3f} ms, "
-          f"p99 {lookup.get('p99_ms', float('nan')):.3f} ms (median over rounds; worst round "
-          f"{lookup.get('p99_ms_max', float('nan')):.3f} ms)")
+        print(
+            f"{p.op:<5}{fmt_size(p.size):>8}{p.batch:>6}{p.conns:>6}{p.gbps:>8.2f}{p.ops_s:>11.0f}"
+            f"{p.p50_ms:>9.3f}{p.p99_ms:>9.3f}{vl:>8}{vr:>8}"
+        )
+    print(
+        f"LOOKUP_PREFIX 64 keys: p50 {lookup.get('p50_ms', float('nan')):.3f} ms, "
+        f"p99 {lookup.get('p99_ms', float('nan')):.3f} ms (median over rounds; worst round "
+        f"{lookup.get('p99_ms_max', float('nan')):.3f} ms)"
+    )
 
     accept = [p for p in points if p.size == MiB and p.batch == 16]
     paired = paired_summary(accept_rows)
@@ -695,13 +893,18 @@ def main(argv: list[str] | None = None) -> int:
     verdict = {
         "points": [asdict(p) for p in accept],
         "note": "PUT = fresh keys (server faults in new memory); PUT* = rewriting warm keys. Verdicts use the "
-                "median over the paired rounds of each ratio (loopback and Redis measured beside each point), "
-                "judged on PUT and GET at 1 and 4 connections; min/max are in paired_summary.",
+        "median over the paired rounds of each ratio (loopback and Redis measured beside each point), "
+        "judged on PUT and GET at 1 and 4 connections; min/max are in paired_summary.",
         "paired_summary": paired,
-        "put_get_ge_0.7x_loopback": all(v["vs_loopback"]["median"] >= 0.7 for v in judged) if judged else None,
+        "put_get_ge_0.7x_loopback": all(v["vs_loopback"]["median"] >= 0.7 for v in judged)
+        if judged
+        else None,
         # None (not judged) unless every judged cell has a Redis figure beside it.
-        "put_get_ge_1.3x_redis": (all(v["vs_redis"]["median"] >= 1.3 for v in judged)
-                                  if judged and all(v["vs_redis"] for v in judged) else None),
+        "put_get_ge_1.3x_redis": (
+            all(v["vs_redis"]["median"] >= 1.3 for v in judged)
+            if judged and all(v["vs_redis"] for v in judged)
+            else None
+        ),
         "lookup_p99_lt_1ms": lookup.get("p99_ms", 1e9) < 1.0,
     }
     print("acceptance (1 MiB x16):", json.dumps({k: v for k, v in verdict.items() if k != "points"}))
@@ -711,10 +914,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {p.op:<4} c{p.conns}: {p.gbps:.2f} GB/s = {vl} (need 0.7), {vr} (need 1.3)")
     for key, v in paired.items():
         red = v["vs_redis"]
-        print(f"  paired {key}: x{v['vs_loopback']['median']:.2f} loopback (min {v['vs_loopback']['min']:.2f}, "
-              f"max {v['vs_loopback']['max']:.2f})" + (f", x{red['median']:.2f} redis (min {red['min']:.2f}, "
-                                                       f"max {red['max']:.2f})" if red else "")
-              + f" over {v['rounds']} rounds")
+        print(
+            f"  paired {key}: x{v['vs_loopback']['median']:.2f} loopback (min {v['vs_loopback']['min']:.2f}, "
+            f"max {v['vs_loopback']['max']:.2f})"
+            + (f", x{red['median']:.2f} redis (min {red['min']:.2f}, max {red['max']:.2f})" if red else "")
+            + f" over {v['rounds']} rounds"
+        )
     if accept_rows:
         print("paired acceptance (1 MiB x16; ratios to loopback / Redis measured beside each point):")
         for row in accept_rows:
@@ -726,12 +931,20 @@ def main(argv: list[str] | None = None) -> int:
                     vr = f"{r['vs_redis']:.2f}" if r["vs_redis"] else "-"
                     cells.append(f"{op} {r['gbps']:.2f} GB/s x{vl} loop x{vr} redis")
             print(f"  round {row['round']} c{row['conns']}: " + " | ".join(cells))
-    result = {"machine": info, "endpoint": endpoint if args.endpoint else "spawned", "transport": args.transport,
-              "seconds_per_point": plan.seconds, "points": [asdict(p) for p in points], "lookup_prefix": lookup,
-              "timing_split_1MiB_x16": split,
-              "loopback": {str(k): v for k, v in loop.items()}, "redis": redis, "acceptance": verdict,
-              "acceptance_paired": accept_rows,
-              "argv": list(argv or [])}
+    result = {
+        "machine": info,
+        "endpoint": endpoint if args.endpoint else "spawned",
+        "transport": args.transport,
+        "seconds_per_point": plan.seconds,
+        "points": [asdict(p) for p in points],
+        "lookup_prefix": lookup,
+        "timing_split_1MiB_x16": split,
+        "loopback": {str(k): v for k, v in loop.items()},
+        "redis": redis,
+        "acceptance": verdict,
+        "acceptance_paired": accept_rows,
+        "argv": list(argv or []),
+    }
     _write_results(args, info, result)
     return 0
 

@@ -1,4 +1,5 @@
 """Membrain client: ``membrain.Client`` over the native TCP transport."""
+
 from __future__ import annotations
 
 from membrain.client.client import Client

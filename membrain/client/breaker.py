@@ -6,6 +6,7 @@ keys are misses). When the backoff has passed, exactly one caller is let through
 (half-open); it pings the server and, on success, closes the breaker; on failure the backoff
 doubles.
 """
+
 from __future__ import annotations
 
 import threading

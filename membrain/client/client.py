@@ -8,14 +8,16 @@ server that is down, slow, restarting or sending corrupt data makes its keys *mi
 None / 0) within the call's deadline; bad arguments (wrong types, key lengths, count mismatches)
 raise immediately.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from membrain import _native
 from membrain.client.breaker import CircuitBreaker
@@ -93,34 +95,54 @@ class Client:
     operation starts.
     """
 
-    def __init__(self, endpoints: str | Iterable[str], namespace: str = "default", timeout_ms: int = 2000,
-                 auth_token: Optional[str] = None, replicas: int = 1, *, connect_timeout_ms: int = 1000,
-                 breaker_base_s: float = 0.05, breaker_max_s: float = 5.0, max_idle: int = 8,
-                 io_threads: int = 16, async_threads: int = 4) -> None:
+    def __init__(
+        self,
+        endpoints: str | Iterable[str],
+        namespace: str = "default",
+        timeout_ms: int = 2000,
+        auth_token: str | None = None,
+        replicas: int = 1,
+        *,
+        connect_timeout_ms: int = 1000,
+        breaker_base_s: float = 0.05,
+        breaker_max_s: float = 5.0,
+        max_idle: int = 8,
+        io_threads: int = 16,
+        async_threads: int = 4,
+    ) -> None:
         self.endpoints: list[Endpoint] = parse_endpoints(endpoints)
         if timeout_ms <= 0 or connect_timeout_ms <= 0:
             raise ValueError("timeout_ms and connect_timeout_ms must be positive")
         if not 1 <= replicas <= len(self.endpoints):
-            raise ValueError(f"replicas must be 1..{len(self.endpoints)} (the number of endpoints), got {replicas}")
-        if not isinstance(namespace, str) or not 1 <= len(namespace) <= 64 or not all(
-                c.isascii() and (c.isalnum() or c in "._-") for c in namespace):
+            raise ValueError(
+                f"replicas must be 1..{len(self.endpoints)} (the number of endpoints), got {replicas}"
+            )
+        if (
+            not isinstance(namespace, str)
+            or not 1 <= len(namespace) <= 64
+            or not all(c.isascii() and (c.isalnum() or c in "._-") for c in namespace)
+        ):
             raise ValueError(f"namespace must be 1..64 characters of [A-Za-z0-9._-], got {namespace!r}")
         self.namespace = namespace
         self.timeout_ms = int(timeout_ms)
         self.replicas = int(replicas)
         self._placement = Rendezvous([str(e) for e in self.endpoints])
-        self._pools = [ConnectionPool(e, namespace, auth_token, connect_timeout_ms, max_idle) for e in self.endpoints]
+        self._pools = [
+            ConnectionPool(e, namespace, auth_token, connect_timeout_ms, max_idle) for e in self.endpoints
+        ]
         self._breakers = [CircuitBreaker(breaker_base_s, breaker_max_s) for _ in self.endpoints]
         # Two executors so fan-out work (which never submits further work) can never be
         # starved by async callers waiting on it.
         self._io = ThreadPoolExecutor(max_workers=max(2, io_threads), thread_name_prefix="membrain-io")
-        self._async = ThreadPoolExecutor(max_workers=max(1, async_threads), thread_name_prefix="membrain-async")
+        self._async = ThreadPoolExecutor(
+            max_workers=max(1, async_threads), thread_name_prefix="membrain-async"
+        )
         self._closed = False
         self._close_lock = threading.Lock()
 
     # ------------------------------------------------------------------ plumbing
 
-    def _deadline(self, timeout_ms: Optional[int]) -> float:
+    def _deadline(self, timeout_ms: int | None) -> float:
         ms = self.timeout_ms if timeout_ms is None else timeout_ms
         if ms <= 0:
             raise ValueError("timeout_ms must be positive")
@@ -130,8 +152,9 @@ class Client:
     def _left_ms(deadline: float) -> int:
         return int((deadline - time.monotonic()) * 1000)
 
-    def _call(self, ep: int, fn: Callable[[_native.Connection, int], T], deadline: float,
-              force: bool = False) -> T | _Failed:
+    def _call(
+        self, ep: int, fn: Callable[[_native.Connection, int], T], deadline: float, force: bool = False
+    ) -> T | _Failed:
         """Runs ``fn(conn, timeout_ms)`` on endpoint ``ep`` within the deadline, or returns
         FAILED (breaker open, unreachable, timed out, broken stream)."""
         if self._closed:
@@ -186,18 +209,28 @@ class Client:
         breaker.failure(probe=state == "probe")
         if not was_open:
             # Once per outage: its keys are misses until a probe succeeds.
-            log.warning("membrain endpoint %s marked down (%s); retrying in %.2fs", self.endpoints[ep], err,
-                        breaker.retry_in())
+            log.warning(
+                "membrain endpoint %s marked down (%s); retrying in %.2fs",
+                self.endpoints[ep],
+                err,
+                breaker.retry_in(),
+            )
 
-    def _fanout(self, groups: dict[int, list[int]], fn: Callable[[_native.Connection, int, list[int]], T],
-                deadline: float) -> dict[int, T | _Failed]:
+    def _fanout(
+        self,
+        groups: dict[int, list[int]],
+        fn: Callable[[_native.Connection, int, list[int]], T],
+        deadline: float,
+    ) -> dict[int, T | _Failed]:
         """Runs ``fn(conn, timeout_ms, indices)`` on each endpoint in parallel (the first one
         inline in the calling thread)."""
         items = list(groups.items())
         if not items:
             return {}
-        futures = [(ep, self._io.submit(self._call, ep, lambda c, ms, idx=idx: fn(c, ms, idx), deadline))
-                   for ep, idx in items[1:]]
+        futures = [
+            (ep, self._io.submit(self._call, ep, lambda c, ms, idx=idx: fn(c, ms, idx), deadline))
+            for ep, idx in items[1:]
+        ]
         ep0, idx0 = items[0]
         out: dict[int, T | _Failed] = {ep0: self._call(ep0, lambda c, ms: fn(c, ms, idx0), deadline)}
         for ep, fut in futures:
@@ -213,9 +246,14 @@ class Client:
             groups.setdefault(self._placement.ranked(keys[i])[rank], []).append(i)
         return groups
 
-    def _read_rounds(self, keys: list[bytes], deadline: float,
-                     op: Callable[[_native.Connection, int, list[int]], list[Any]],
-                     is_hit: Callable[[Any], bool], store: Callable[[int, Any], None]) -> None:
+    def _read_rounds(
+        self,
+        keys: list[bytes],
+        deadline: float,
+        op: Callable[[_native.Connection, int, list[int]], list[Any]],
+        is_hit: Callable[[Any], bool],
+        store: Callable[[int, Any], None],
+    ) -> None:
         """Asks each key's replicas in rank order until one has it (parallel per round)."""
         pending = list(range(len(keys)))
         for rank in range(self.replicas):
@@ -236,7 +274,7 @@ class Client:
 
     # ------------------------------------------------------------------ operations
 
-    def put(self, keys: Sequence[Any], values: Sequence[Any], timeout_ms: Optional[int] = None) -> list[bool]:
+    def put(self, keys: Sequence[Any], values: Sequence[Any], timeout_ms: int | None = None) -> list[bool]:
         """Store ``values`` (any C-contiguous buffer-protocol objects) under ``keys``.
         Returns per key whether at least one replica stored it."""
         k = _norm_keys(keys)
@@ -268,21 +306,23 @@ class Client:
                     ok[i] = True
         return ok
 
-    def get(self, keys: Sequence[Any], timeout_ms: Optional[int] = None) -> list[Optional[bytes]]:
+    def get(self, keys: Sequence[Any], timeout_ms: int | None = None) -> list[bytes | None]:
         """Values as ``bytes``; ``None`` for misses, unreachable servers and corrupt values."""
         k = _norm_keys(keys)
         return self._get(k, self._deadline(timeout_ms))
 
-    def _get(self, keys: list[bytes], deadline: float) -> list[Optional[bytes]]:
-        out: list[Optional[bytes]] = [None] * len(keys)
+    def _get(self, keys: list[bytes], deadline: float) -> list[bytes | None]:
+        out: list[bytes | None] = [None] * len(keys)
 
-        def op(conn: _native.Connection, ms: int, idx: list[int]) -> list[Optional[bytes]]:
+        def op(conn: _native.Connection, ms: int, idx: list[int]) -> list[bytes | None]:
             return conn.get([keys[i] for i in idx], timeout_ms=ms)
 
         self._read_rounds(keys, deadline, op, lambda r: r is not None, out.__setitem__)
         return out
 
-    def get_into(self, keys: Sequence[Any], buffers: Sequence[Any], timeout_ms: Optional[int] = None) -> list[bool]:
+    def get_into(
+        self, keys: Sequence[Any], buffers: Sequence[Any], timeout_ms: int | None = None
+    ) -> list[bool]:
         """Read each value straight into its writable buffer (HostPool slot, numpy array,
         bytearray, ...). True where the value arrived intact; a False buffer's contents are
         undefined (it may hold partial or corrupt bytes). A value longer than its buffer is a
@@ -305,7 +345,7 @@ class Client:
         self._read_rounds(keys, deadline, op, lambda st: st == _OK, store)
         return ok
 
-    def exists(self, keys: Sequence[Any], timeout_ms: Optional[int] = None) -> list[bool]:
+    def exists(self, keys: Sequence[Any], timeout_ms: int | None = None) -> list[bool]:
         """Whether each key is present (on any of its replicas)."""
         k = _norm_keys(keys)
         return self._exists(k, self._deadline(timeout_ms))
@@ -322,7 +362,7 @@ class Client:
         self._read_rounds(keys, deadline, op, lambda st: st == _OK, store)
         return out
 
-    def lookup_prefix(self, keys: Sequence[Any], timeout_ms: Optional[int] = None) -> int:
+    def lookup_prefix(self, keys: Sequence[Any], timeout_ms: int | None = None) -> int:
         """Number of leading keys that are all present: how much of a prefix chain can be
         loaded. With several servers each owning server is asked about its own keys, all in
         parallel (one round trip each), and the leading run is computed here."""
@@ -348,7 +388,7 @@ class Client:
                 first_missing = min(first_missing, idx[n])
         return first_missing
 
-    def delete(self, keys: Sequence[Any], timeout_ms: Optional[int] = None) -> int:
+    def delete(self, keys: Sequence[Any], timeout_ms: int | None = None) -> int:
         """Delete keys from all their replicas. Returns the number of keys deleted (counted
         on the replica rank that deleted the most, so replicas are not double counted)."""
         k = _norm_keys(keys)
@@ -367,15 +407,18 @@ class Client:
             best = max(best, sum(int(n) for n in res.values() if n is not FAILED))
         return best
 
-    def stats(self, timeout_ms: Optional[int] = None) -> dict[str, Any]:
+    def stats(self, timeout_ms: int | None = None) -> dict[str, Any]:
         """Server statistics summed over reachable endpoints (used_bytes, capacity_bytes,
         items, hits, misses, evictions, ...), plus ``endpoints``: each endpoint's own dict (None
         when unreachable) and ``endpoints_up``."""
         deadline = self._deadline(timeout_ms)
-        res = self._fanout({i: [] for i in range(len(self.endpoints))},
-                           lambda c, ms, _idx: json.loads(c.stats_json(timeout_ms=ms)), deadline)
-        total: dict[str, Any] = {f: 0 for f in ("used_bytes", "capacity_bytes", "items", "hits", "misses", "evictions")}
-        per: dict[str, Optional[dict[str, Any]]] = {}
+        res = self._fanout(
+            {i: [] for i in range(len(self.endpoints))},
+            lambda c, ms, _idx: json.loads(c.stats_json(timeout_ms=ms)),
+            deadline,
+        )
+        total: dict[str, Any] = dict.fromkeys(("used_bytes", "capacity_bytes", "items", "hits", "misses", "evictions"), 0)
+        per: dict[str, dict[str, Any] | None] = {}
         up = 0
         for ep in range(len(self.endpoints)):
             s = res.get(ep, FAILED)
@@ -390,13 +433,15 @@ class Client:
         total["endpoints_up"] = up
         return total
 
-    def ping(self, timeout_ms: Optional[int] = None) -> dict[str, Optional[float]]:
+    def ping(self, timeout_ms: int | None = None) -> dict[str, float | None]:
         """Round-trip seconds per endpoint (None when unreachable). Ignores circuit-breaker
         backoff: a successful ping closes that endpoint's breaker."""
         deadline = self._deadline(timeout_ms)
-        out: dict[str, Optional[float]] = {}
-        futures = {ep: self._io.submit(self._call, ep, lambda c, ms: c.ping(timeout_ms=ms), deadline, True)
-                   for ep in range(len(self.endpoints))}
+        out: dict[str, float | None] = {}
+        futures = {
+            ep: self._io.submit(self._call, ep, lambda c, ms: c.ping(timeout_ms=ms), deadline, True)
+            for ep in range(len(self.endpoints))
+        }
         for ep, fut in futures.items():
             r = fut.result()
             out[str(self.endpoints[ep])] = None if r is FAILED else float(r)
@@ -414,42 +459,47 @@ class Client:
 
     # ------------------------------------------------------------------ async
 
-    def _submit(self, fn: Callable[..., T], *args: Any) -> "Future[T]":
+    def _submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         if self._closed:
             raise RuntimeError("client is closed")
         return self._async.submit(fn, *args)
 
-    def put_async(self, keys: Sequence[Any], values: Sequence[Any], timeout_ms: Optional[int] = None) -> "Future[list[bool]]":
+    def put_async(
+        self, keys: Sequence[Any], values: Sequence[Any], timeout_ms: int | None = None
+    ) -> Future[list[bool]]:
         """``put`` in the background. Keep ``values`` unchanged until the future is done."""
         k = _norm_keys(keys)
         v = _check_buffers(values, len(k), "value", writable=False)
         ms = self.timeout_ms if timeout_ms is None else timeout_ms
         return self._submit(lambda: self._put(k, v, self._deadline(ms)))
 
-    def get_async(self, keys: Sequence[Any], timeout_ms: Optional[int] = None) -> "Future[list[Optional[bytes]]]":
+    def get_async(
+        self, keys: Sequence[Any], timeout_ms: int | None = None
+    ) -> Future[list[bytes | None]]:
         k = _norm_keys(keys)
         ms = self.timeout_ms if timeout_ms is None else timeout_ms
         return self._submit(lambda: self._get(k, self._deadline(ms)))
 
-    def get_into_async(self, keys: Sequence[Any], buffers: Sequence[Any],
-                       timeout_ms: Optional[int] = None) -> "Future[list[bool]]":
+    def get_into_async(
+        self, keys: Sequence[Any], buffers: Sequence[Any], timeout_ms: int | None = None
+    ) -> Future[list[bool]]:
         """``get_into`` in the background. Do not read the buffers until the future is done."""
         k = _norm_keys(keys)
         b = _check_buffers(buffers, len(k), "buffer", writable=True)
         ms = self.timeout_ms if timeout_ms is None else timeout_ms
         return self._submit(lambda: self._get_into(k, b, self._deadline(ms)))
 
-    def exists_async(self, keys: Sequence[Any], timeout_ms: Optional[int] = None) -> "Future[list[bool]]":
+    def exists_async(self, keys: Sequence[Any], timeout_ms: int | None = None) -> Future[list[bool]]:
         k = _norm_keys(keys)
         ms = self.timeout_ms if timeout_ms is None else timeout_ms
         return self._submit(lambda: self._exists(k, self._deadline(ms)))
 
-    def lookup_prefix_async(self, keys: Sequence[Any], timeout_ms: Optional[int] = None) -> "Future[int]":
+    def lookup_prefix_async(self, keys: Sequence[Any], timeout_ms: int | None = None) -> Future[int]:
         k = _norm_keys(keys)
         ms = self.timeout_ms if timeout_ms is None else timeout_ms
         return self._submit(lambda: self._lookup_prefix(k, self._deadline(ms)))
 
-    def delete_async(self, keys: Sequence[Any], timeout_ms: Optional[int] = None) -> "Future[int]":
+    def delete_async(self, keys: Sequence[Any], timeout_ms: int | None = None) -> Future[int]:
         k = _norm_keys(keys)
         ms = self.timeout_ms if timeout_ms is None else timeout_ms
         return self._submit(lambda: self._delete(k, self._deadline(ms)))
@@ -467,7 +517,7 @@ class Client:
             for p in self._pools:
                 p.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: Any) -> None:

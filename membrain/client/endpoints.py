@@ -1,14 +1,17 @@
 """Endpoint strings: ``tcp://host:port`` (``http://host:port`` is accepted as a synonym, for
 configurations written for other caches) or ``ucx://host:port`` (the server's ``--ucx-port``,
 UCX transport; needs a build with UCX). IPv6 hosts go in brackets: ``tcp://[::1]:7400``."""
+
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 _SCHEMES = ("tcp", "http", "ucx")
-_RE = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<host>\[[0-9A-Fa-f:.]+\]|[^\[\]:/\s]+):(?P<port>[0-9]+)/?$")
+_RE = re.compile(
+    r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<host>\[[0-9A-Fa-f:.]+\]|[^\[\]:/\s]+):(?P<port>[0-9]+)/?$"
+)
 
 
 @dataclass(frozen=True, order=True)
@@ -24,7 +27,6 @@ class Endpoint:
         return f"{self.transport}://{host}:{self.port}"
 
 
-
 def parse_endpoint(text: str) -> Endpoint:
     """Parse ``tcp://host:port`` or ``http://host:port``; raise ValueError on anything else."""
     if not isinstance(text, str):
@@ -34,7 +36,9 @@ def parse_endpoint(text: str) -> Endpoint:
         raise ValueError(f"bad endpoint {text!r}: expected 'tcp://host:port' (or 'http://host:port')")
     scheme = m["scheme"].lower()
     if scheme not in _SCHEMES:
-        raise ValueError(f"bad endpoint {text!r}: unsupported scheme {scheme!r} (use tcp://, http:// or ucx://)")
+        raise ValueError(
+            f"bad endpoint {text!r}: unsupported scheme {scheme!r} (use tcp://, http:// or ucx://)"
+        )
     port = int(m["port"])
     if not 1 <= port <= 65535:
         raise ValueError(f"bad endpoint {text!r}: port must be 1..65535")

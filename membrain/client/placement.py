@@ -4,9 +4,10 @@ Each (key, endpoint) pair gets a pseudo-random score; a key lives on the R endpo
 highest scores. Adding or removing one server moves only the keys it gains or loses, and
 every client computes the same placement with no coordination.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from membrain import _native
 

@@ -5,10 +5,10 @@ ones are kept (up to ``max_idle``) to skip TCP setup and HELLO. A connection tha
 dropped, never returned, and a failure also flushes the idle ones: after a server restart they
 are all dead, and finding that out one timeout at a time would be slow.
 """
+
 from __future__ import annotations
 
 import threading
-from typing import Optional
 
 from membrain import _native
 from membrain.client.endpoints import Endpoint
@@ -19,15 +19,23 @@ def connection_class(endpoint: Endpoint) -> type:
     if endpoint.transport == "ucx":
         cls = getattr(_native, "UcxConnection", None)
         if cls is None:
-            raise ValueError(f"{endpoint}: this membrain build has no UCX transport "
-                             "(native_info()['ucx'] is False); use a tcp:// endpoint")
+            raise ValueError(
+                f"{endpoint}: this membrain build has no UCX transport "
+                "(native_info()['ucx'] is False); use a tcp:// endpoint"
+            )
         return cls
     return _native.Connection
 
 
 class ConnectionPool:
-    def __init__(self, endpoint: Endpoint, namespace: str, auth_token: Optional[str], connect_timeout_ms: int,
-                 max_idle: int = 8) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        namespace: str,
+        auth_token: str | None,
+        connect_timeout_ms: int,
+        max_idle: int = 8,
+    ) -> None:
         self.endpoint = endpoint
         self._cls = connection_class(endpoint)  # a ucx:// endpoint without UCX fails here, at setup
         self.namespace = namespace
@@ -47,8 +55,14 @@ class ConnectionPool:
             if self._idle:
                 return self._idle.pop(), True
         timeout = max(1, min(self.connect_timeout_ms, budget_ms))
-        conn = self._cls(self.endpoint.host, self.endpoint.port, namespace=self.namespace,
-                                  auth_token=self.auth_token, connect_timeout_ms=timeout, timeout_ms=timeout)
+        conn = self._cls(
+            self.endpoint.host,
+            self.endpoint.port,
+            namespace=self.namespace,
+            auth_token=self.auth_token,
+            connect_timeout_ms=timeout,
+            timeout_ms=timeout,
+        )
         return conn, False
 
     def release(self, conn: _native.Connection) -> None:

@@ -8,6 +8,7 @@ Two ways to run one:
   for its READY line; ``srv.endpoint`` is ``tcp://host:port``; ``srv.stop()`` sends SIGTERM and
   waits for the drain.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,10 @@ from typing import Any
 from membrain.utils.sizes import parse_size
 
 READY_PREFIX = "MEMBRAIN SERVER READY"
-_READY_RE = re.compile(r"^MEMBRAIN SERVER READY tcp://(?P<host>\[[^\]]+\]|[^:\s]+):(?P<port>\d+)(?: metrics=(?P<metrics>\S+))?"
-                       r"(?: ucx=ucx://(?:\[[^\]]+\]|[^:\s]+):(?P<ucx_port>\d+))?")
+_READY_RE = re.compile(
+    r"^MEMBRAIN SERVER READY tcp://(?P<host>\[[^\]]+\]|[^:\s]+):(?P<port>\d+)(?: metrics=(?P<metrics>\S+))?"
+    r"(?: ucx=ucx://(?:\[[^\]]+\]|[^:\s]+):(?P<ucx_port>\d+))?"
+)
 
 
 class Server:
@@ -73,7 +76,7 @@ class Server:
         )
         self.host = host
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         self._native.start()
         return self
 
@@ -107,7 +110,7 @@ class Server:
     def stats(self) -> dict[str, Any]:
         return dict(self._native.stats())
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -157,7 +160,7 @@ class ServerProcess:
             self.process.kill()
         return self.process.wait()
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -184,8 +187,21 @@ def spawn_server(
     from membrain.utils.sizes import format_size
 
     cap = format_size(capacity) if isinstance(capacity, int) else capacity
-    cmd = [python or sys.executable, "-m", "membrain", "server", "--host", host, "--port", str(port),
-           "--capacity", cap, "--metrics-port", str(metrics_port), *extra_args]
+    cmd = [
+        python or sys.executable,
+        "-m",
+        "membrain",
+        "server",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--capacity",
+        cap,
+        "--metrics-port",
+        str(metrics_port),
+        *extra_args,
+    ]
     child_env = dict(os.environ if env is None else env)
     # The child must import the same membrain as this process.
     pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -215,13 +231,19 @@ def spawn_server(
         if time.monotonic() > deadline:
             proc.kill()
             proc.wait()
-            raise RuntimeError(f"membrain server did not print READY within {timeout}s: {cmd}\n" + "\n".join(lines))
+            raise RuntimeError(
+                f"membrain server did not print READY within {timeout}s: {cmd}\n" + "\n".join(lines)
+            )
     if "port" not in found:
         proc.wait(5)
-        raise RuntimeError(f"membrain server exited with {proc.returncode} before READY: {cmd}\n" + "\n".join(lines))
+        raise RuntimeError(
+            f"membrain server exited with {proc.returncode} before READY: {cmd}\n" + "\n".join(lines)
+        )
     host_out = found["host"].strip("[]")
     ucx = int(found["ucx_port"]) if "ucx_port" in found else None
-    return ServerProcess(proc, host_out, int(found["port"]), found.get("metrics"), found["line"], t, ucx_port=ucx)
+    return ServerProcess(
+        proc, host_out, int(found["port"]), found.get("metrics"), found["line"], t, ucx_port=ucx
+    )
 
 
-__all__ = ["Server", "ServerProcess", "spawn_server", "READY_PREFIX"]
+__all__ = ["READY_PREFIX", "Server", "ServerProcess", "spawn_server"]

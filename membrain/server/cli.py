@@ -7,6 +7,7 @@ Prints exactly one line to stdout once it is serving (tests and scripts wait for
 Logs go to stderr. SIGTERM or SIGINT drains (stop accepting, finish in-flight requests and
 replies, close) and exits 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,6 +39,7 @@ def _port(allow_off: bool):
         if not lo <= v <= 65535:
             raise argparse.ArgumentTypeError(f"port {v} out of range {lo}..65535")
         return v
+
     return parse
 
 
@@ -67,28 +69,69 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a Membrain server: the remote KV-cache tier (see docs/server.md, docs/protocol.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 or :: for all interfaces)")
-    p.add_argument("--port", type=_port(False), default=9201, help="TCP port; 0 picks a free port (printed in the READY line)")
-    p.add_argument("--capacity", type=_size, default="256MiB",
-                   help="hard bound on stored value bytes, e.g. 256MiB, 64GiB; LRU eviction keeps within it")
-    p.add_argument("--metrics-port", type=_port(True), default=9202,
-                   help="HTTP port for /healthz, /metrics (Prometheus) and /stats (JSON); 0 = free port, -1 = off")
-    p.add_argument("--ucx-port", type=_port(True), default=-1,
-                   help="also listen for UCX clients (ucx://host:port) on this port; 0 picks a free port "
-                        "(printed in the READY line), -1 (default) = off. Transports follow UCX_TLS/UCX_NET_DEVICES")
-    p.add_argument("--threads", type=_positive_int, default=min(4, os.cpu_count() or 1),
-                   help="event-loop worker threads")
-    p.add_argument("--max-connections", type=_positive_int, default=1024,
-                   help="connections beyond this are accepted and closed at once")
-    p.add_argument("--idle-timeout", type=_nonneg_float, default=60.0,
-                   help="seconds; closes a connection idle this long, or whose frame or reply takes longer; 0 = never")
-    p.add_argument("--ttl", type=_nonneg_float, default=0.0, help="seconds an object lives after it is written; 0 = forever")
-    p.add_argument("--auth-token-file", default=None,
-                   help="file holding a shared secret; clients must HELLO with it before anything else")
-    p.add_argument("--no-prefault", action="store_true",
-                   help="do not back the whole --capacity with memory at start (it is then faulted in as values "
-                        "arrive, which slows first PUTs); by default a background thread populates it")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr log level")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0 or :: for all interfaces)"
+    )
+    p.add_argument(
+        "--port",
+        type=_port(False),
+        default=9201,
+        help="TCP port; 0 picks a free port (printed in the READY line)",
+    )
+    p.add_argument(
+        "--capacity",
+        type=_size,
+        default="256MiB",
+        help="hard bound on stored value bytes, e.g. 256MiB, 64GiB; LRU eviction keeps within it",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=_port(True),
+        default=9202,
+        help="HTTP port for /healthz, /metrics (Prometheus) and /stats (JSON); 0 = free port, -1 = off",
+    )
+    p.add_argument(
+        "--ucx-port",
+        type=_port(True),
+        default=-1,
+        help="also listen for UCX clients (ucx://host:port) on this port; 0 picks a free port "
+        "(printed in the READY line), -1 (default) = off. Transports follow UCX_TLS/UCX_NET_DEVICES",
+    )
+    p.add_argument(
+        "--threads", type=_positive_int, default=min(4, os.cpu_count() or 1), help="event-loop worker threads"
+    )
+    p.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=1024,
+        help="connections beyond this are accepted and closed at once",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=_nonneg_float,
+        default=60.0,
+        help="seconds; closes a connection idle this long, or whose frame or reply takes longer; 0 = never",
+    )
+    p.add_argument(
+        "--ttl",
+        type=_nonneg_float,
+        default=0.0,
+        help="seconds an object lives after it is written; 0 = forever",
+    )
+    p.add_argument(
+        "--auth-token-file",
+        default=None,
+        help="file holding a shared secret; clients must HELLO with it before anything else",
+    )
+    p.add_argument(
+        "--no-prefault",
+        action="store_true",
+        help="do not back the whole --capacity with memory at start (it is then faulted in as values "
+        "arrive, which slows first PUTs); by default a background thread populates it",
+    )
+    p.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr log level"
+    )
     return p
 
 
@@ -105,17 +148,26 @@ def _read_token(path: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     token = _read_token(args.auth_token_file) if args.auth_token_file else None
 
     from membrain.server import Server  # imports the native extension
 
     try:
-        server = Server(host=args.host, port=args.port, capacity=args.capacity, threads=args.threads,
-                        max_connections=args.max_connections, idle_timeout=args.idle_timeout, ttl=args.ttl,
-                        auth_token=token, prefault=not args.no_prefault,
-                        ucx_port=None if args.ucx_port < 0 else args.ucx_port)
+        server = Server(
+            host=args.host,
+            port=args.port,
+            capacity=args.capacity,
+            threads=args.threads,
+            max_connections=args.max_connections,
+            idle_timeout=args.idle_timeout,
+            ttl=args.ttl,
+            auth_token=token,
+            prefault=not args.no_prefault,
+            ucx_port=None if args.ucx_port < 0 else args.ucx_port,
+        )
         server.start()
     except (ValueError, RuntimeError, OSError) as e:
         log.error("cannot start: %s", e)
@@ -128,8 +180,12 @@ def main(argv: list[str] | None = None) -> int:
 
             metrics = MetricsServer(server.stats, host=args.host, port=args.metrics_port).start()
         except OSError as e:
-            log.error("cannot serve metrics on %s:%d: %s (use --metrics-port 0 for a free port, -1 to disable)",
-                      args.host, args.metrics_port, e)
+            log.error(
+                "cannot serve metrics on %s:%d: %s (use --metrics-port 0 for a free port, -1 to disable)",
+                args.host,
+                args.metrics_port,
+                e,
+            )
             server.stop(0)
             return 2
 
@@ -144,9 +200,17 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     st = server.stats()
-    log.info("serving %s: capacity %s (slabs of %s), %d threads, max %d connections, idle timeout %gs, ttl %s, auth %s",
-             server.endpoint, format_size(st["capacity_bytes"]), format_size(st["slab_bytes"]), args.threads,
-             args.max_connections, args.idle_timeout, f"{args.ttl:g}s" if args.ttl else "off", "on" if token else "off")
+    log.info(
+        "serving %s: capacity %s (slabs of %s), %d threads, max %d connections, idle timeout %gs, ttl %s, auth %s",
+        server.endpoint,
+        format_size(st["capacity_bytes"]),
+        format_size(st["slab_bytes"]),
+        args.threads,
+        args.max_connections,
+        args.idle_timeout,
+        f"{args.ttl:g}s" if args.ttl else "off",
+        "on" if token else "off",
+    )
     ready = f"MEMBRAIN SERVER READY {server.endpoint}"
     if metrics:
         ready += f" metrics={metrics.url}"
@@ -161,8 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     if metrics:
         metrics.stop()
     st = server.stats()
-    log.info("stopped: %d items, %s stored, %d requests served", st["items"], format_size(st["used_bytes"]),
-             sum(st["requests"].values()))
+    log.info(
+        "stopped: %d items, %s stored, %d requests served",
+        st["items"],
+        format_size(st["used_bytes"]),
+        sum(st["requests"].values()),
+    )
     return 0
 
 

@@ -2,12 +2,14 @@
 (JSON). Runs in a Python thread and only ever reads the C++ counters - it is never on the data
 path, so a slow scraper cannot slow a GET.
 """
+
 from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -19,27 +21,46 @@ _COUNTERS = [
     ("hits", "membrain_hits", "GET keys found"),
     ("misses", "membrain_misses", "GET keys not found (or expired)"),
     ("evictions", "membrain_evictions", "objects evicted to make room"),
-    ("slab_reassignments", "membrain_slab_reassignments", "slabs emptied by eviction and given to another size class"),
+    (
+        "slab_reassignments",
+        "membrain_slab_reassignments",
+        "slabs emptied by eviction and given to another size class",
+    ),
     ("expired", "membrain_expired", "objects dropped because their TTL passed"),
     ("puts", "membrain_puts", "values stored (published after checksum verification)"),
     ("deletes", "membrain_deletes", "objects removed by DELETE"),
     ("bytes_in", "membrain_received_bytes", "bytes received from clients"),
     ("bytes_out", "membrain_sent_bytes", "bytes sent to clients"),
     ("connections_total", "membrain_connections_accepted", "connections accepted"),
-    ("connections_rejected", "membrain_connections_rejected", "connections closed at once for --max-connections"),
+    (
+        "connections_rejected",
+        "membrain_connections_rejected",
+        "connections closed at once for --max-connections",
+    ),
     ("protocol_errors", "membrain_protocol_errors", "frames rejected as malformed or over a limit"),
     ("auth_failures", "membrain_auth_failures", "requests refused for missing or wrong token"),
     ("timeouts", "membrain_timeouts", "connections closed for idleness, a slow frame or a slow reader"),
-    ("checksum_failures", "membrain_checksum_failures", "PUT values dropped because the checksum did not match"),
+    (
+        "checksum_failures",
+        "membrain_checksum_failures",
+        "PUT values dropped because the checksum did not match",
+    ),
     ("no_space", "membrain_no_space", "PUT values refused because they could not fit"),
-    ("put_bytes_buffered", "membrain_put_buffered_bytes",
-     "PUT value bytes copied from the input buffer instead of received straight into storage"),
+    (
+        "put_bytes_buffered",
+        "membrain_put_buffered_bytes",
+        "PUT value bytes copied from the input buffer instead of received straight into storage",
+    ),
 ]
 # gauges
 _GAUGES = [
     ("used_bytes", "membrain_stored_bytes", "bytes of values currently stored"),
     ("capacity_bytes", "membrain_capacity_bytes", "hard bound on stored bytes (--capacity)"),
-    ("allocated_bytes", "membrain_allocated_bytes", "slab bytes in use (includes pinned and in-flight values)"),
+    (
+        "allocated_bytes",
+        "membrain_allocated_bytes",
+        "slab bytes in use (includes pinned and in-flight values)",
+    ),
     ("items", "membrain_items", "objects currently stored"),
     ("connections", "membrain_connections", "open client connections"),
     ("fragmentation", "membrain_fragmentation_ratio", "(allocated - stored) / allocated"),
@@ -51,7 +72,7 @@ class _Collector:
     def __init__(self, stats: StatsFn) -> None:
         self._stats = stats
 
-    def collect(self):  # noqa: ANN201 - prometheus_client protocol
+    def collect(self):
         s = self._stats()
         for key, name, help_ in _COUNTERS:
             c = CounterMetricFamily(name, help_)
@@ -75,14 +96,22 @@ class MetricsServer:
         registry.register(_Collector(stats))
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server API
+            def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/healthz":
                     body, ctype, code = b"ok\n", "text/plain; charset=utf-8", 200
                 elif path == "/metrics":
-                    body, ctype, code = generate_latest(registry), "text/plain; version=0.0.4; charset=utf-8", 200
+                    body, ctype, code = (
+                        generate_latest(registry),
+                        "text/plain; version=0.0.4; charset=utf-8",
+                        200,
+                    )
                 elif path == "/stats":
-                    body, ctype, code = json.dumps(stats(), sort_keys=True).encode() + b"\n", "application/json", 200
+                    body, ctype, code = (
+                        json.dumps(stats(), sort_keys=True).encode() + b"\n",
+                        "application/json",
+                        200,
+                    )
                 else:
                     body, ctype, code = b"not found: try /healthz, /metrics or /stats\n", "text/plain", 404
                 self.send_response(code)
@@ -98,14 +127,16 @@ class MetricsServer:
         self._httpd.daemon_threads = True
         self.host = host
         self.port = int(self._httpd.server_address[1])
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="membrain-metrics", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="membrain-metrics", daemon=True
+        )
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
-    def start(self) -> "MetricsServer":
+    def start(self) -> MetricsServer:
         self._thread.start()
         return self
 

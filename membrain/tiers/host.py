@@ -6,13 +6,13 @@ scheduler's plan (store, load, evict) on its own slots. The worker never decides
 both sides agree without a round trip; where they could still diverge (a slot shortage, a failed
 gather) the worker's load of that block fails and is reported, which makes vLLM recompute it.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
-from membrain import HostPool, Slot
-from membrain import ops
+from membrain import HostPool, Slot, ops
 
 
 class HostIndex:
@@ -42,7 +42,9 @@ class HostIndex:
             if h in self._lru:
                 self._lru.move_to_end(h)
 
-    def admit(self, hashes: Sequence[bytes], protect: set[bytes] | None = None) -> tuple[list[bytes], list[bytes]]:
+    def admit(
+        self, hashes: Sequence[bytes], protect: set[bytes] | None = None
+    ) -> tuple[list[bytes], list[bytes]]:
         """Adds new ``hashes`` (most recent last); returns (admitted, evicted).
 
         Eviction takes least-recently-used entries not in ``protect``; a hash that cannot get room

@@ -2,10 +2,11 @@
 and what the host tier evicts. Works on vLLM block hashes; keys are made by the caller's
 ``key_of`` (rank-0 identity) for the remote lookup.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from membrain.tiers.host import HostIndex
 from membrain.tiers.remote import RemoteTier
@@ -46,8 +47,9 @@ class StorePlan:
 
 
 class TierManager:
-    def __init__(self, host_capacity_blocks: int, remote: RemoteTier | None,
-                 key_of: Callable[[bytes], bytes]) -> None:
+    def __init__(
+        self, host_capacity_blocks: int, remote: RemoteTier | None, key_of: Callable[[bytes], bytes]
+    ) -> None:
         self.host = HostIndex(host_capacity_blocks)
         self.remote = remote
         self.key_of = key_of
@@ -76,9 +78,9 @@ class TierManager:
     def plan_load(self, m: Match, hashes: Sequence[bytes], block_ids: Sequence[int]) -> LoadPlan:
         """``block_ids[i]`` is the device block of block position ``i`` of the request."""
         plan = LoadPlan()
-        host_h = list(hashes[m.local:m.host_end])
+        host_h = list(hashes[m.local : m.host_end])
         self.host.touch(host_h)
-        remote_h = list(hashes[m.host_end:m.remote_end])
+        remote_h = list(hashes[m.host_end : m.remote_end])
         promoted = self._admit(remote_h, protect=set(host_h) | set(remote_h))
         for i in range(m.local, m.remote_end):
             h = hashes[i]
@@ -92,8 +94,9 @@ class TierManager:
     def plan_store(self, hashes: Sequence[bytes], block_ids: Sequence[int]) -> StorePlan:
         admitted = self._admit(hashes)
         remote = self.remote is not None
-        return StorePlan(list(map(int, block_ids)), list(hashes), [h in admitted for h in hashes],
-                         [remote] * len(hashes))
+        return StorePlan(
+            list(map(int, block_ids)), list(hashes), [h in admitted for h in hashes], [remote] * len(hashes)
+        )
 
     def take_evictions(self) -> list[bytes]:
         out = list(self._pending_evict)

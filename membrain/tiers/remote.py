@@ -4,13 +4,15 @@ The client (``membrain.Client`` or any object with the same API: ``lookup_prefix
 ``put_async``) never fails hard by contract; this wrapper still turns every exception into a miss
 so a broken remote can only cost a recompute, never a failed request.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any, Callable, Sequence
+from typing import Any
 
 logger = logging.getLogger("membrain.tiers.remote")
 
@@ -32,8 +34,14 @@ class RemoteTier:
     a dead or black-holed server costs at most one timeout per back-off period, not one per
     request."""
 
-    def __init__(self, client: Any, max_inflight: int = 256, timeout_ms: int = 2000,
-                 backoff_s: float = 2.0, max_backoff_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        client: Any,
+        max_inflight: int = 256,
+        timeout_ms: int = 2000,
+        backoff_s: float = 2.0,
+        max_backoff_s: float = 60.0,
+    ) -> None:
         self.client = client
         self.max_inflight = max_inflight
         self._slow_s = 0.8 * timeout_ms / 1000.0
@@ -101,8 +109,9 @@ class RemoteTier:
     def inflight(self) -> int:
         return self._inflight
 
-    def put_async(self, keys: Sequence[bytes], values: Sequence[Any],
-                  done: Callable[[list[bool]], None] | None = None) -> bool:
+    def put_async(
+        self, keys: Sequence[bytes], values: Sequence[Any], done: Callable[[list[bool]], None] | None = None
+    ) -> bool:
         """Ships ``values`` without waiting; ``done(results)`` runs when finished (also on
         error, with all False). Returns False (and does nothing) when too many are in flight."""
         n = len(keys)

@@ -4,15 +4,26 @@ Binary (KiB, MiB, GiB, TiB; K/M/G/T as shorthand) and decimal (kB, MB, GB, TB) u
 accepted, case-insensitively, with an optional ``B`` and whitespace: ``256MiB``, ``1.5 GiB``,
 ``4096``, ``2g``. Anything else raises ``ValueError`` naming the offending text.
 """
+
 from __future__ import annotations
 
 import re
 
 _UNITS: dict[str, int] = {
-    "": 1, "b": 1,
-    "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
-    "g": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gib": 1 << 30,
+    "t": 1 << 40,
+    "tib": 1 << 40,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
 }
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
@@ -29,7 +40,9 @@ def parse_size(text: str | int) -> int:
         raise ValueError(f"invalid size {text!r}: expected a string like '256MiB'")
     m = _PATTERN.match(text)
     if not m:
-        raise ValueError(f"invalid size {text!r}: expected a number and an optional unit, e.g. '256MiB' or '64GiB'")
+        raise ValueError(
+            f"invalid size {text!r}: expected a number and an optional unit, e.g. '256MiB' or '64GiB'"
+        )
     number, unit = m.group(1), m.group(2).lower()
     if unit not in _UNITS:
         known = "B, KiB, MiB, GiB, TiB, kB, MB, GB, TB"
@@ -51,4 +64,4 @@ def format_size(n: int) -> str:
     return f"{n}B"
 
 
-__all__ = ["parse_size", "format_size"]
+__all__ = ["format_size", "parse_size"]

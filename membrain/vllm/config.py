@@ -19,12 +19,14 @@ Extra-config keys (explicit ``--kv-transfer-config``) use the lower-case names w
 ``endpoint``, ``namespace``, ``cpu_cache_size``, ``remote``, ``timeout_ms``, ``max_inflight``.
 An unusable value raises :class:`ConfigError` at start-up; an unreachable server does not.
 """
+
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 ENV_PREFIX = "VLLM_MEMBRAIN_"
@@ -43,11 +45,20 @@ class ConfigError(ValueError):
 
 
 _UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "kib": 1 << 10,
-    "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
-    "g": 1000**3, "gb": 1000**3, "gib": 1 << 30,
-    "t": 1000**4, "tb": 1000**4, "tib": 1 << 40,
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1 << 10,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1 << 20,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1 << 30,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1 << 40,
 }
 
 
@@ -149,9 +160,11 @@ def _env_values(env: Mapping[str, str]) -> dict[str, Any]:
     for k, v in env.items():
         if not k.startswith(ENV_PREFIX):
             continue
-        name = k[len(ENV_PREFIX):].lower()
+        name = k[len(ENV_PREFIX) :].lower()
         if name not in KNOWN_KEYS:
-            raise ConfigError(f"unknown setting {k} (known: {', '.join(ENV_PREFIX + n.upper() for n in KNOWN_KEYS)})")
+            raise ConfigError(
+                f"unknown setting {k} (known: {', '.join(ENV_PREFIX + n.upper() for n in KNOWN_KEYS)})"
+            )
         out[name] = v
     return out
 
@@ -171,7 +184,11 @@ def resolve(extra: Mapping[str, Any] | None = None, env: Mapping[str, str] | Non
     if not namespace or len(namespace) > 64 or not re.fullmatch(r"[A-Za-z0-9_.\-]+", namespace):
         raise ConfigError(f"namespace {namespace!r}: 1-64 characters of [A-Za-z0-9_.-]")
     size = vals.get("cpu_cache_size")
-    cpu_bytes = default_cpu_cache_bytes() if size is None or str(size).strip().lower() in ("", "auto") else parse_size(size)
+    cpu_bytes = (
+        default_cpu_cache_bytes()
+        if size is None or str(size).strip().lower() in ("", "auto")
+        else parse_size(size)
+    )
     remote = parse_bool(vals.get("remote", True), "remote")
     try:
         timeout_ms = int(vals.get("timeout_ms", DEFAULT_TIMEOUT_MS))

@@ -10,6 +10,7 @@ step has sync loads); stores gather the step's newly full blocks into host-pool 
 in the background. Any failed load is reported via ``get_block_ids_with_load_errors`` and, with
 ``kv_load_failure_policy="recompute"``, vLLM recomputes those blocks.
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -70,8 +70,9 @@ def _block_bytes(kv_cache_config: Any) -> int:
 
 
 class MembrainConnector(KVConnectorBase_V1):
-    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
-                 kv_cache_config: "KVCacheConfig | None" = None) -> None:
+    def __init__(
+        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None
+    ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = self._kv_transfer_config.kv_connector_extra_config or {}
         self.settings = mcfg.resolve(extra)  # ConfigError -> start-up error
@@ -98,8 +99,9 @@ class MembrainConnector(KVConnectorBase_V1):
             except Exception:
                 sched_bs, hash_bs = self.block_size, self.block_size
             if sched_bs != self.block_size or hash_bs <= 0 or self.block_size % hash_bs:
-                logger.warning("Membrain disabled: block size %s / hash block size %s unsupported",
-                               sched_bs, hash_bs)
+                logger.warning(
+                    "Membrain disabled: block size %s / hash block size %s unsupported", sched_bs, hash_bs
+                )
                 self.enabled = False
             else:
                 self._hash_ratio = self.block_size // hash_bs
@@ -109,15 +111,20 @@ class MembrainConnector(KVConnectorBase_V1):
             self._tiers = TierManager(self.host_capacity, self._remote, lambda h: mkeys.block_key(ident, h))
             self._reqs: dict[str, _ReqState] = {}
             self._pending_loads: dict[str, LoadPlan] = {}
-            logger.info("Membrain scheduler: host tier %d blocks (%.1f MiB), remote %s, identity %s",
-                        self.host_capacity, self.settings.cpu_cache_bytes / 2**20,
-                        ",".join(self.settings.endpoints) if self._remote else "off", ident)
+            logger.info(
+                "Membrain scheduler: host tier %d blocks (%.1f MiB), remote %s, identity %s",
+                self.host_capacity,
+                self.settings.cpu_cache_bytes / 2**20,
+                ",".join(self.settings.endpoints) if self._remote else "off",
+                ident,
+            )
         else:
             from vllm.distributed.parallel_state import get_pp_group, get_tp_group
 
             tp_rank, pp_rank = get_tp_group().rank_in_group, get_pp_group().rank_in_group
             self._identity = mkeys.identity_digest(
-                mkeys.identity_fields(vllm_config, kv_cache_config, tp_rank, pp_rank))
+                mkeys.identity_fields(vllm_config, kv_cache_config, tp_rank, pp_rank)
+            )
             self._layer_names = list(groups[0].layer_names) if self.enabled else []
             self._kv: ops.PagedKV | None = None
             self._store: HostStore | None = None
@@ -127,14 +134,16 @@ class MembrainConnector(KVConnectorBase_V1):
 
     # ------------------------------------------------------------------ scheduler side
 
-    def _hashes(self, request: "Request", n_blocks: int) -> list[bytes]:
+    def _hashes(self, request: Request, n_blocks: int) -> list[bytes]:
         hs = list(request.block_hashes)
         r = self._hash_ratio
         if r > 1:
-            hs = hs[r - 1::r]  # the hash ending at each KV block's last token
+            hs = hs[r - 1 :: r]  # the hash ending at each KV block's last token
         return [bytes(h) for h in hs[:n_blocks]]
 
-    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
         if not self.enabled:
             return 0, False
         bs = self.block_size
@@ -154,7 +163,9 @@ class MembrainConnector(KVConnectorBase_V1):
         ext = (st.match.remote_end - local) * bs
         return max(0, ext), False
 
-    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
         if not self.enabled:
             return
         st = self._reqs.get(request.request_id)
@@ -171,11 +182,16 @@ class MembrainConnector(KVConnectorBase_V1):
         block_ids = blocks.get_block_ids()[0]
         plan = self._tiers.plan_load(m, hashes, block_ids)
         self._pending_loads[request.request_id] = plan
-        logger.info("MEMBRAIN HIT req=%s tokens=%d local=%d host=%d remote=%d",
-                    request.request_id, request.num_tokens, m.local * self.block_size,
-                    m.host_blocks * self.block_size, m.remote_blocks * self.block_size)
+        logger.info(
+            "MEMBRAIN HIT req=%s tokens=%d local=%d host=%d remote=%d",
+            request.request_id,
+            request.num_tokens,
+            m.local * self.block_size,
+            m.host_blocks * self.block_size,
+            m.remote_blocks * self.block_size,
+        )
 
-    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = MembrainMetadata(host_capacity=self.host_capacity)
         if not self.enabled:
             return meta
@@ -212,7 +228,9 @@ class MembrainConnector(KVConnectorBase_V1):
         meta.evict = self._tiers.take_evictions()
         return meta
 
-    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
         # Stores gather into host slots within the step that computed the blocks, so the device
         # blocks are never read after the request ends: free them now.
         self._reqs.pop(request.request_id, None)
@@ -232,8 +250,15 @@ class MembrainConnector(KVConnectorBase_V1):
             self.enabled = False
             return
         t = layers[0]
-        logger.info("Membrain worker: %d layers, shape %s stride %s dtype %s, %d bytes/block, identity %s",
-                    len(layers), tuple(t.shape), tuple(t.stride()), t.dtype, self._kv.packed_nbytes(1), self._identity)
+        logger.info(
+            "Membrain worker: %d layers, shape %s stride %s dtype %s, %d bytes/block, identity %s",
+            len(layers),
+            tuple(t.shape),
+            tuple(t.stride()),
+            t.dtype,
+            self._kv.packed_nbytes(1),
+            self._identity,
+        )
 
     def _host(self, capacity: int) -> HostStore | None:
         """The host tier's slots (``capacity`` blocks, from the scheduler) plus staging headroom
@@ -242,8 +267,9 @@ class MembrainConnector(KVConnectorBase_V1):
             headroom = HOST_HEADROOM_BLOCKS
             if self._remote is not None:
                 headroom = max(headroom, min(self.settings.max_inflight, 4 * HOST_HEADROOM_BLOCKS))
-            self._store = HostStore(self._kv.packed_nbytes(1), capacity, headroom,
-                                    pin=self._kv.device_type == "cuda")
+            self._store = HostStore(
+                self._kv.packed_nbytes(1), capacity, headroom, pin=self._kv.device_type == "cuda"
+            )
         return self._store
 
     def _sync(self) -> None:
@@ -253,7 +279,7 @@ class MembrainConnector(KVConnectorBase_V1):
     def _key(self, h: bytes) -> bytes:
         return mkeys.block_key(self._identity, h)
 
-    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         if not self.enabled or self._kv is None or not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()
@@ -268,8 +294,11 @@ class MembrainConnector(KVConnectorBase_V1):
             host_idx = [i for i, r in enumerate(plan.from_remote) if not r]
             rem_idx = [i for i, r in enumerate(plan.from_remote) if r]
             if host_idx:
-                oks = store.load(self._kv, [plan.block_ids[i] for i in host_idx], [keys[i] for i in host_idx]) \
-                    if store is not None else [False] * len(host_idx)
+                oks = (
+                    store.load(self._kv, [plan.block_ids[i] for i in host_idx], [keys[i] for i in host_idx])
+                    if store is not None
+                    else [False] * len(host_idx)
+                )
                 failed += [plan.block_ids[i] for i, ok in zip(host_idx, oks) if not ok]
             if rem_idx:
                 # Fetch into pool slots (pinned on CUDA); pageable scratch only on CPU.
@@ -280,8 +309,11 @@ class MembrainConnector(KVConnectorBase_V1):
                         slot = bytearray(bb)
                     bufs.append(slot)
                 want = [j for j, b in enumerate(bufs) if b is not None]
-                got = self._remote.get_into([keys[rem_idx[j]] for j in want], [bufs[j] for j in want]) \
-                    if self._remote is not None else [False] * len(want)
+                got = (
+                    self._remote.get_into([keys[rem_idx[j]] for j in want], [bufs[j] for j in want])
+                    if self._remote is not None
+                    else [False] * len(want)
+                )
                 oks = [False] * len(rem_idx)
                 for j, ok in zip(want, got):
                     oks[j] = ok
@@ -301,16 +333,30 @@ class MembrainConnector(KVConnectorBase_V1):
                         buf.release()
             n_host_ok = len(host_idx) - sum(1 for i in host_idx if plan.block_ids[i] in failed)
             n_rem_ok = len(rem_idx) - sum(1 for i in rem_idx if plan.block_ids[i] in failed)
-            self._stats.add(load_tokens_host=n_host_ok * self.block_size, load_tokens_remote=n_rem_ok * self.block_size,
-                            load_bytes_host=n_host_ok * bb, load_bytes_remote=n_rem_ok * bb,
-                            load_failed_blocks=len(failed), load_seconds=time.perf_counter() - t0, loads=1)
+            self._stats.add(
+                load_tokens_host=n_host_ok * self.block_size,
+                load_tokens_remote=n_rem_ok * self.block_size,
+                load_bytes_host=n_host_ok * bb,
+                load_bytes_remote=n_rem_ok * bb,
+                load_failed_blocks=len(failed),
+                load_seconds=time.perf_counter() - t0,
+                loads=1,
+            )
             if failed:
                 self._failed.update(failed)
                 self._failed_reqs.add(rid)
-                logger.warning("Membrain load for req %s: %d of %d blocks failed; vLLM recomputes them",
-                               rid, len(failed), len(plan.block_ids))
-            logger.debug("Membrain load req=%s %d blocks in %.1f ms", rid, len(plan.block_ids),
-                         1e3 * (time.perf_counter() - t0))
+                logger.warning(
+                    "Membrain load for req %s: %d of %d blocks failed; vLLM recomputes them",
+                    rid,
+                    len(failed),
+                    len(plan.block_ids),
+                )
+            logger.debug(
+                "Membrain load req=%s %d blocks in %.1f ms",
+                rid,
+                len(plan.block_ids),
+                1e3 * (time.perf_counter() - t0),
+            )
         self._sync()
         if store is not None and meta.evict:
             store.evict(self._key(h) for h in meta.evict)
@@ -318,7 +364,9 @@ class MembrainConnector(KVConnectorBase_V1):
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
 
-    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
+    ) -> None:
         return
 
     def wait_for_save(self) -> None:
@@ -366,8 +414,12 @@ class MembrainConnector(KVConnectorBase_V1):
                         for h in handles:
                             h.release()
                         ok = sum(1 for r in res if r)
-                        stats.add(store_tokens_remote=ok * bs, store_bytes_remote=ok * bb,
-                                  store_dropped_blocks=len(res) - ok)
+                        stats.add(
+                            store_tokens_remote=ok * bs,
+                            store_bytes_remote=ok * bb,
+                            store_dropped_blocks=len(res) - ok,
+                        )
+
                     if self._remote.put_async(rk, rv, done):
                         n_remote = len(rk)
                     else:
@@ -376,10 +428,19 @@ class MembrainConnector(KVConnectorBase_V1):
                             h.release()
             self._sync()
             n_host = sum(1 for i in hi if host_slots[i] is not None)
-            self._stats.add(store_tokens_host=n_host * self.block_size, store_bytes_host=n_host * bb,
-                            store_seconds=time.perf_counter() - t0, stores=1)
-            logger.info("MEMBRAIN STORE req=%s tokens=%d host=%d remote=%d (remote shipped asynchronously)", rid,
-                        len(keys) * self.block_size, n_host * self.block_size, n_remote * self.block_size)
+            self._stats.add(
+                store_tokens_host=n_host * self.block_size,
+                store_bytes_host=n_host * bb,
+                store_seconds=time.perf_counter() - t0,
+                stores=1,
+            )
+            logger.info(
+                "MEMBRAIN STORE req=%s tokens=%d host=%d remote=%d (remote shipped asynchronously)",
+                rid,
+                len(keys) * self.block_size,
+                n_host * self.block_size,
+                n_remote * self.block_size,
+            )
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return None, None
@@ -400,8 +461,13 @@ class MembrainConnector(KVConnectorBase_V1):
         return MembrainStats(data=dict(data or {}))
 
     @classmethod
-    def build_prom_metrics(cls, vllm_config: Any, metric_types: Any, labelnames: list[str],
-                           per_engine_labelvalues: dict[int, list[object]]) -> Any:
+    def build_prom_metrics(
+        cls,
+        vllm_config: Any,
+        metric_types: Any,
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> Any:
         from membrain.vllm.stats import MembrainPromMetrics
 
         return MembrainPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
@@ -411,5 +477,7 @@ class MembrainConnector(KVConnectorBase_V1):
             # Let stores already shipped finish (bounded), so an instance that exits right after
             # its last request still leaves its blocks for the next one.
             if not self._remote.drain(2 * self.settings.timeout_ms / 1000.0):
-                logger.warning("Membrain: %d blocks still in flight at shutdown; dropped", self._remote.inflight)
+                logger.warning(
+                    "Membrain: %d blocks still in flight at shutdown; dropped", self._remote.inflight
+                )
             self._remote.close()

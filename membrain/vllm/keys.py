@@ -14,6 +14,7 @@ only with ``prefix_caching_hash_algo`` ``sha256`` / ``sha256_cbor`` (the default
 ``xxhash`` variants, set the same ``PYTHONHASHSEED`` on every instance. A mismatch is a miss,
 never wrong bytes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,15 +35,17 @@ def identity_fields(vllm_config: Any, kv_cache_config: Any, tp_rank: int, pp_ran
     groups = []
     for g in getattr(kv_cache_config, "kv_cache_groups", []) or []:
         spec = g.kv_cache_spec
-        groups.append({
-            "spec": type(spec).__name__,
-            "block_size": getattr(spec, "block_size", None),
-            "num_kv_heads": getattr(spec, "num_kv_heads", None),
-            "head_size": getattr(spec, "head_size", None),
-            "dtype": str(getattr(spec, "dtype", None)),
-            "page_size_bytes": getattr(spec, "page_size_bytes", None),
-            "layers": len(g.layer_names),
-        })
+        groups.append(
+            {
+                "spec": type(spec).__name__,
+                "block_size": getattr(spec, "block_size", None),
+                "num_kv_heads": getattr(spec, "num_kv_heads", None),
+                "head_size": getattr(spec, "head_size", None),
+                "dtype": str(getattr(spec, "dtype", None)),
+                "page_size_bytes": getattr(spec, "page_size_bytes", None),
+                "layers": len(g.layer_names),
+            }
+        )
     try:
         from vllm.platforms import current_platform
 

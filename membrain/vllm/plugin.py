@@ -6,6 +6,7 @@ Membrain ``kv_transfer_config`` when none is given. Settings are validated there
 a start-up error) and resolved once (e.g. the default host-tier size), so every process agrees.
 Without ``VLLM_MEMBRAIN_ENABLED`` nothing is patched and vLLM runs as without Membrain.
 """
+
 from __future__ import annotations
 
 import logging
@@ -56,6 +57,7 @@ def _declare_env_vars() -> None:
 
     try:
         from vllm import envs
+
         from membrain.vllm.config import ENV_PREFIX, KNOWN_KEYS
 
         for k in KNOWN_KEYS:
@@ -86,8 +88,9 @@ def register() -> None:
     def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
         if self.kv_transfer_config is None:
             self.kv_transfer_config = KVTransferConfig(**kv_transfer_config_dict())
-            logger.info("Membrain enabled from the environment: %s",
-                        self.kv_transfer_config.kv_connector_extra_config)
+            logger.info(
+                "Membrain enabled from the environment: %s", self.kv_transfer_config.kv_connector_extra_config
+            )
         if _is_membrain(self.kv_transfer_config):
             keep_cpu_threads(int(self.tensor_parallel_size or 1), int(self.pipeline_parallel_size or 1))
         return original(self, *args, **kwargs)

@@ -3,6 +3,7 @@
 The payload is a flat ``dict[str, int | float]`` of counters (msgpack-serialisable); aggregation
 across workers and intervals is a key-wise sum.
 """
+
 from __future__ import annotations
 
 import threading
@@ -12,10 +13,20 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorProm
 
 TIERS = ("host", "remote")
 COUNTERS = (
-    "load_tokens_host", "load_tokens_remote", "load_bytes_host", "load_bytes_remote",
-    "load_failed_blocks", "load_seconds", "loads",
-    "store_tokens_host", "store_tokens_remote", "store_bytes_host", "store_bytes_remote",
-    "store_dropped_blocks", "store_seconds", "stores",
+    "load_tokens_host",
+    "load_tokens_remote",
+    "load_bytes_host",
+    "load_bytes_remote",
+    "load_failed_blocks",
+    "load_seconds",
+    "loads",
+    "store_tokens_host",
+    "store_tokens_remote",
+    "store_bytes_host",
+    "store_bytes_remote",
+    "store_dropped_blocks",
+    "store_seconds",
+    "stores",
 )
 
 
@@ -26,7 +37,7 @@ class MembrainStats(KVConnectorStats):
     def add(self, key: str, value: float) -> None:
         self.data[key] = self.data.get(key, 0) + value
 
-    def aggregate(self, other: KVConnectorStats) -> "MembrainStats":
+    def aggregate(self, other: KVConnectorStats) -> MembrainStats:
         for k, v in (other.data or {}).items():
             if isinstance(v, (int, float)):
                 self.data[k] = self.data.get(k, 0) + v
@@ -67,21 +78,44 @@ class StatsRecorder:
 class MembrainPromMetrics(KVConnectorPromMetrics):
     """``vllm:membrain_*`` counters on vLLM's Prometheus endpoint."""
 
-    def __init__(self, vllm_config: Any, metric_types: dict, labelnames: list[str],
-                 per_engine_labelvalues: dict[int, list[object]]) -> None:
+    def __init__(
+        self,
+        vllm_config: Any,
+        metric_types: dict,
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> None:
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
-        self._tokens = self._counter_cls(name="vllm:membrain_hit_tokens", labelnames=labelnames + ["tier"],
-                                         documentation="Prompt tokens loaded by Membrain, by tier")
-        self._stored = self._counter_cls(name="vllm:membrain_stored_tokens", labelnames=labelnames + ["tier"],
-                                         documentation="Prompt tokens stored by Membrain, by tier")
-        self._bytes = self._counter_cls(name="vllm:membrain_bytes", labelnames=labelnames + ["direction", "tier"],
-                                        documentation="KV bytes moved by Membrain")
-        self._failed = self._counter_cls(name="vllm:membrain_load_failed_blocks", labelnames=labelnames,
-                                         documentation="Blocks whose load failed (recomputed)")
-        self._seconds = self._counter_cls(name="vllm:membrain_seconds", labelnames=labelnames + ["op"],
-                                          documentation="Seconds spent in Membrain loads / stores (worker)")
-        self._ops = self._counter_cls(name="vllm:membrain_ops", labelnames=labelnames + ["op"],
-                                      documentation="Membrain load / store operations")
+        self._tokens = self._counter_cls(
+            name="vllm:membrain_hit_tokens",
+            labelnames=labelnames + ["tier"],
+            documentation="Prompt tokens loaded by Membrain, by tier",
+        )
+        self._stored = self._counter_cls(
+            name="vllm:membrain_stored_tokens",
+            labelnames=labelnames + ["tier"],
+            documentation="Prompt tokens stored by Membrain, by tier",
+        )
+        self._bytes = self._counter_cls(
+            name="vllm:membrain_bytes",
+            labelnames=labelnames + ["direction", "tier"],
+            documentation="KV bytes moved by Membrain",
+        )
+        self._failed = self._counter_cls(
+            name="vllm:membrain_load_failed_blocks",
+            labelnames=labelnames,
+            documentation="Blocks whose load failed (recomputed)",
+        )
+        self._seconds = self._counter_cls(
+            name="vllm:membrain_seconds",
+            labelnames=labelnames + ["op"],
+            documentation="Seconds spent in Membrain loads / stores (worker)",
+        )
+        self._ops = self._counter_cls(
+            name="vllm:membrain_ops",
+            labelnames=labelnames + ["op"],
+            documentation="Membrain load / store operations",
+        )
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         lv = [str(v) for v in self.per_engine_labelvalues.get(engine_idx, [])]

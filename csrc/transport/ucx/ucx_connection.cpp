@@ -1,12 +1,12 @@
 #include "transport/ucx/ucx_connection.h"
 
-#include <sys/socket.h>
-
 #include <algorithm>
-#include <deque>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+
+#include <sys/socket.h>
 
 #include "common/unwind_guard.h"
 
@@ -26,11 +26,11 @@ struct UcxConnection::Incoming {
   std::vector<uint8_t> header;  // AM header: frame header + extension (GET item table)
   void* data = nullptr;         // eager bytes (held or copied) or the rendezvous descriptor
   std::size_t len = 0;
-  bool rndv = false;            // data is a rendezvous descriptor not yet received
-  bool held = false;            // data is a UCX-owned eager buffer to release
-  std::vector<uint8_t> copy;    // eager bytes copied out of the callback
-  std::vector<void*> stray;     // descriptors of unexpected AMs, released outside the callback
-  struct Piece {                // a value AM (split GET reply)
+  bool rndv = false;          // data is a rendezvous descriptor not yet received
+  bool held = false;          // data is a UCX-owned eager buffer to release
+  std::vector<uint8_t> copy;  // eager bytes copied out of the callback
+  std::vector<void*> stray;   // descriptors of unexpected AMs, released outside the callback
+  struct Piece {              // a value AM (split GET reply)
     std::vector<uint8_t> header;
     void* data = nullptr;
     std::size_t len = 0;
@@ -38,9 +38,8 @@ struct UcxConnection::Incoming {
     std::vector<uint8_t> copy;
   };
   std::deque<Piece> pieces;
-  std::string error;            // protocol violation seen in the callback
+  std::string error;  // protocol violation seen in the callback
 };
-
 
 UcxConnection::UcxConnection(Options options) : opts_(std::move(options)), in_(std::make_unique<Incoming>()) {
   // Latency over CPU: poll the worker without ever sleeping on its event fd.
@@ -57,8 +56,8 @@ UcxConnection::UcxConnection(Options options) : opts_(std::move(options)), in_(s
     sockaddr_storage ss{};
     const std::size_t len = resolve_sockaddr(opts_.host, opts_.port, &ss);
     ucp_ep_params_t p{};
-    p.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
-                   UCP_EP_PARAM_FIELD_ERR_HANDLER;
+    p.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR |
+                   UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
     p.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
     p.sockaddr.addr = reinterpret_cast<const sockaddr*>(&ss);
     p.sockaddr.addrlen = static_cast<socklen_t>(len);
@@ -211,9 +210,9 @@ void UcxConnection::wait_until(const std::function<bool()>& ready, Clock::time_p
   }
 }
 
-std::vector<UcxConnection::Req*> UcxConnection::send_values(uint64_t request_id,
-                                                           const std::vector<std::pair<uint32_t, ConstSpan>>& values,
-                                                           std::vector<std::vector<uint8_t>>* headers) {
+std::vector<UcxConnection::Req*> UcxConnection::send_values(
+    uint64_t request_id, const std::vector<std::pair<uint32_t, ConstSpan>>& values,
+    std::vector<std::vector<uint8_t>>* headers) {
   std::vector<Req*> out;
   headers->reserve(values.size());  // stable addresses: UCX may read a header until completion
   for (const auto& [index, v] : values) {
@@ -228,8 +227,8 @@ std::vector<UcxConnection::Req*> UcxConnection::send_values(uint64_t request_id,
     p.user_data = graveyard_.back().get();
     p.flags = UCP_AM_SEND_FLAG_REPLY;
     p.datatype = ucp_dt_make_contig(1);
-    ucs_status_ptr_t r = ucp_am_send_nbx(ep_.get(), kAmValue, headers->back().data(), kValueHeaderBytes, v.data,
-                                         v.size, &p);
+    ucs_status_ptr_t r =
+        ucp_am_send_nbx(ep_.get(), kAmValue, headers->back().data(), kValueHeaderBytes, v.data, v.size, &p);
     Req* op = track(r, "ucp_am_send_nbx (value)");
     if (op) {
       out.push_back(op);
@@ -261,7 +260,8 @@ void UcxConnection::recv_split(uint64_t request_id, const std::vector<std::pair<
     p.cb.recv_am = &Completion::on_recv;
     p.user_data = graveyard_.back().get();
     p.datatype = ucp_dt_make_contig(1);
-    ucs_status_ptr_t r = ucp_am_recv_data_nbx(worker_->get(), pc.data, const_cast<uint8_t*>(d.data), d.size, &p);
+    ucs_status_ptr_t r =
+        ucp_am_recv_data_nbx(worker_->get(), pc.data, const_cast<uint8_t*>(d.data), d.size, &p);
     Req* op = track(r, "ucp_am_recv_data_nbx (value)");
     if (op) {
       ops.push_back(op);
@@ -332,7 +332,8 @@ void UcxConnection::wait_op(Req* op, Clock::time_point dl) {
 }
 
 void UcxConnection::send_and_wait(const std::vector<uint8_t>& am_header, const std::vector<ConstSpan>& data,
-                                  Clock::time_point dl, const std::vector<std::pair<uint32_t, ConstSpan>>* split,
+                                  Clock::time_point dl,
+                                  const std::vector<std::pair<uint32_t, ConstSpan>>* split,
                                   uint64_t request_id) {
   check_usable();
   release_incoming();
@@ -360,7 +361,8 @@ void UcxConnection::send_and_wait(const std::vector<uint8_t>& am_header, const s
   } else {
     p.datatype = ucp_dt_make_contig(1);
   }
-  ucs_status_ptr_t r = ucp_am_send_nbx(ep_.get(), kAmRequest, am_header.data(), am_header.size(), buf, count, &p);
+  ucs_status_ptr_t r =
+      ucp_am_send_nbx(ep_.get(), kAmRequest, am_header.data(), am_header.size(), buf, count, &p);
   Req* op = track(r, "ucp_am_send_nbx");
   if (!op) {
     graveyard_.pop_back();
@@ -377,7 +379,8 @@ void UcxConnection::send_and_wait(const std::vector<uint8_t>& am_header, const s
   // Wait for the reply; the send (rendezvous: the server pulling our values) completes first.
   while (!in_->arrived || (op && !op->done) || !sent()) {
     if (!in_->error.empty()) fail(in_->error);
-    if (ep_status_ != UCS_OK && !in_->arrived) fail(std::string("connection lost: ") + ucs_status_string(ep_status_));
+    if (ep_status_ != UCS_OK && !in_->arrived)
+      fail(std::string("connection lost: ") + ucs_status_string(ep_status_));
     if (worker_->progress_all()) continue;
     if (in_->arrived && (!op || op->done) && sent()) break;
     if (Clock::now() >= dl) fail("timed out");
@@ -441,12 +444,14 @@ Header UcxConnection::check_reply(uint8_t op, uint64_t request_id, std::size_t e
   if (auto why = check_reply_header(in.header.data(), op, request_id, &h); !why.empty()) fail(why);
   if (in.header.size() != proto::kHeaderBytes + ext_len) fail("reply AM header has an unexpected length");
   const bool split_get = op == static_cast<uint8_t>(Op::kGet) && in.len == 0;  // values follow as value AMs
-  if (!split_get && h.payload_len != ext_len + in.len) fail("reply payload_len does not match the bytes carried");
+  if (!split_get && h.payload_len != ext_len + in.len)
+    fail("reply payload_len does not match the bytes carried");
   return h;
 }
 
 std::vector<uint8_t> UcxConnection::reply_body(Clock::time_point dl) {
-  if (in_->len > kMaxSmallReply) fail("reply payload of " + std::to_string(in_->len) + " bytes is implausible");
+  if (in_->len > kMaxSmallReply)
+    fail("reply payload of " + std::to_string(in_->len) + " bytes is implausible");
   std::vector<uint8_t> out(in_->len);
   recv_data({{out.data(), out.size()}}, dl);
   release_incoming();
@@ -477,10 +482,9 @@ void UcxConnection::hello(Clock::time_point dl) {
   if (auto why = parse_hello_reply(reply, &limits_); !why.empty()) fail(why);
 }
 
-std::vector<std::pair<std::size_t, std::size_t>> UcxConnection::chunks(const std::vector<std::string_view>& keys,
-                                                                       const std::vector<std::size_t>* value_sizes,
-                                                                       std::size_t per_item,
-                                                                       std::size_t per_item_header) const {
+std::vector<std::pair<std::size_t, std::size_t>> UcxConnection::chunks(
+    const std::vector<std::string_view>& keys, const std::vector<std::size_t>* value_sizes,
+    std::size_t per_item, std::size_t per_item_header) const {
   // per_item_header: AM header bytes per item besides its key (PUT: table row + key; GET:
   // the reply's table row). 0 = the frame's items do not travel in an AM header.
   std::vector<std::pair<std::size_t, std::size_t>> out;
@@ -490,7 +494,8 @@ std::vector<std::pair<std::size_t, std::size_t>> UcxConnection::chunks(const std
   for (std::size_t i = 0; i < keys.size(); ++i) {
     const uint64_t item = per_item + keys[i].size() + (value_sizes ? (*value_sizes)[i] : 0);
     const uint64_t item_hdr = per_item_header ? per_item_header + (keys_in_header ? keys[i].size() : 0) : 0;
-    const bool full = (i - begin) >= limits_.max_batch || (i > begin && bytes + item > limits_.max_payload_bytes) ||
+    const bool full = (i - begin) >= limits_.max_batch ||
+                      (i > begin && bytes + item > limits_.max_payload_bytes) ||
                       (i > begin && item_hdr && hdr + item_hdr > am_cap_);
     if (full) {
       out.emplace_back(begin, i);
@@ -552,7 +557,8 @@ std::vector<uint8_t> UcxConnection::get_with(const std::vector<std::string_view>
     const uint32_t n = static_cast<uint32_t>(e - b);
     const uint64_t request_id = send_request(Op::kGet, n, key_list_payload(keys, b, e), dl);
     // Reply: AM header = frame header + item table; AM data = the hits' values.
-    const Header r = check_reply(static_cast<uint8_t>(Op::kGet), request_id, uint64_t(proto::kGetItemBytes) * n);
+    const Header r =
+        check_reply(static_cast<uint8_t>(Op::kGet), request_id, uint64_t(proto::kGetItemBytes) * n);
     if (auto why = check_get_reply(r, n); !why.empty()) fail(why);
     const uint8_t* table = in_->header.data() + proto::kHeaderBytes;
     // With the values inline, check_reply has matched payload_len to the bytes carried, so
@@ -590,8 +596,8 @@ std::vector<uint8_t> UcxConnection::get_into(const std::vector<std::string_view>
 }
 
 template <class Result>
-Result UcxConnection::run_key_list(Result (*op)(const KeyListCall&), const std::vector<std::string_view>& keys,
-                                   int timeout_ms) {
+Result UcxConnection::run_key_list(Result (*op)(const KeyListCall&),
+                                   const std::vector<std::string_view>& keys, int timeout_ms) {
   validate_keys(keys, limits_.max_key_len);
   std::lock_guard<std::mutex> lock(mu_);
   const auto dl = Clock::now() + std::chrono::milliseconds(timeout_ms);
@@ -632,8 +638,8 @@ double UcxConnection::ping(int timeout_ms) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
-std::vector<uint8_t> UcxConnection::raw_call(const std::vector<uint8_t>& am_header, const std::vector<uint8_t>& data,
-                                             int timeout_ms) {
+std::vector<uint8_t> UcxConnection::raw_call(const std::vector<uint8_t>& am_header,
+                                             const std::vector<uint8_t>& data, int timeout_ms) {
   std::lock_guard<std::mutex> lock(mu_);
   const auto dl = Clock::now() + std::chrono::milliseconds(timeout_ms);
   expect_id_ = 0;

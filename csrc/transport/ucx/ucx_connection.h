@@ -11,8 +11,8 @@
 // destination buffers (rendezvous: zero-copy, RDMA on capable fabrics).
 #pragma once
 #include <atomic>
-#include <functional>
 #include <cstdint>
+#include <functional>
 #include <list>
 #include <memory>
 #include <mutex>
@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "transport/protocol.h"
-#include "transport/request_codec.h"  // ConstSpan, MutSpan, ValuePlacer, KeyListCall
+#include "transport/request_codec.h"   // ConstSpan, MutSpan, ValuePlacer, KeyListCall
 #include "transport/tcp_connection.h"  // TransportError, Options
 #include "transport/ucx/ucx_core.h"
 
@@ -40,10 +40,11 @@ class UcxConnection {
 
   std::vector<uint8_t> put(const std::vector<std::string_view>& keys, const std::vector<ConstSpan>& values,
                            int timeout_ms);
-  std::vector<uint8_t> get_into(const std::vector<std::string_view>& keys, const std::vector<MutSpan>& buffers,
-                                int timeout_ms, std::vector<uint64_t>* lengths = nullptr);
-  std::vector<uint8_t> get_with(const std::vector<std::string_view>& keys, const Placer& placer, int timeout_ms,
-                                std::vector<uint64_t>* lengths);
+  std::vector<uint8_t> get_into(const std::vector<std::string_view>& keys,
+                                const std::vector<MutSpan>& buffers, int timeout_ms,
+                                std::vector<uint64_t>* lengths = nullptr);
+  std::vector<uint8_t> get_with(const std::vector<std::string_view>& keys, const Placer& placer,
+                                int timeout_ms, std::vector<uint64_t>* lengths);
   std::vector<uint8_t> exists(const std::vector<std::string_view>& keys, int timeout_ms);
   uint32_t lookup_prefix(const std::vector<std::string_view>& keys, int timeout_ms);
   uint32_t del(const std::vector<std::string_view>& keys, int timeout_ms);
@@ -75,7 +76,8 @@ class UcxConnection {
                                const ucp_am_recv_param_t* param);
   static void on_ep_error(void* arg, ucp_ep_h ep, ucs_status_t status);
   // Sends the value AMs of a split PUT; returns their send records.
-  std::vector<Req*> send_values(uint64_t request_id, const std::vector<std::pair<uint32_t, ConstSpan>>& values,
+  std::vector<Req*> send_values(uint64_t request_id,
+                                const std::vector<std::pair<uint32_t, ConstSpan>>& values,
                                 std::vector<std::vector<uint8_t>>* headers);
   // Receives the split values of the current GET reply into dests (index, span) in order.
   void recv_split(uint64_t request_id, const std::vector<std::pair<uint32_t, ConstSpan>>& dests,
@@ -102,16 +104,19 @@ class UcxConnection {
   proto::Header check_reply(uint8_t op, uint64_t request_id, std::size_t ext_len);
   // Sends a request whose payload is one contiguous buffer and waits for its reply AM;
   // returns its request id.
-  uint64_t send_request(proto::Op op, uint32_t count, const std::vector<uint8_t>& payload, Clock::time_point dl);
+  uint64_t send_request(proto::Op op, uint32_t count, const std::vector<uint8_t>& payload,
+                        Clock::time_point dl);
   std::vector<uint8_t> simple_call(proto::Op op, uint32_t count, const std::vector<uint8_t>& payload,
                                    Clock::time_point dl);
   // This transport's part of EXISTS, LOOKUP_PREFIX and DELETE (see KeyListCall): the lock, one
   // deadline for all the chunks, and its round trip.
   template <class Result>
-  Result run_key_list(Result (*op)(const KeyListCall&), const std::vector<std::string_view>& keys, int timeout_ms);
+  Result run_key_list(Result (*op)(const KeyListCall&), const std::vector<std::string_view>& keys,
+                      int timeout_ms);
   std::vector<std::pair<std::size_t, std::size_t>> chunks(const std::vector<std::string_view>& keys,
                                                           const std::vector<std::size_t>* value_sizes,
-                                                          std::size_t per_item, std::size_t per_item_header) const;
+                                                          std::size_t per_item,
+                                                          std::size_t per_item_header) const;
   void hello(Clock::time_point dl);
 
   Options opts_;

@@ -1,10 +1,7 @@
 #include "transport/ucx/ucx_core.h"
 
-#include <arpa/inet.h>
 #include <netdb.h>
-#include <netinet/in.h>
 #include <poll.h>
-#include <sys/socket.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -12,6 +9,10 @@
 #include <cstring>
 #include <mutex>
 #include <thread>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 
 namespace membrain::ucx {
 
@@ -32,7 +33,6 @@ struct ConfigGuard {
     if (cfg) ucp_config_release(cfg);
   }
 };
-
 
 // Whether UCX_TLS lets UCX load its shared-memory transports. Setting a shared-memory option
 // when none is loaded makes UCX warn "invalid configuration" on every worker.
@@ -143,8 +143,8 @@ void Worker::wait_event(int timeout_ms, int extra_fd) {
 
 void Worker::register_am(uint16_t id, ucp_am_recv_callback_t cb, void* arg) {
   ucp_am_handler_param_t p{};
-  p.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG |
-                 UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
+  p.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
+                 UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
   p.id = id;
   p.cb = cb;
   p.arg = arg;
@@ -208,7 +208,9 @@ void Completion::on_send(void*, ucs_status_t st, void* user) {
   c->done = true;
 }
 
-void Completion::on_recv(void* request, ucs_status_t st, size_t, void* user) { on_send(request, st, user); }
+void Completion::on_recv(void* request, ucs_status_t st, size_t, void* user) {
+  on_send(request, st, user);
+}
 
 ucp_err_handling_mode_t err_mode_from_env() {
   const char* v = std::getenv("MEMBRAIN_UCX_ERR_MODE");

@@ -7,14 +7,14 @@
 // worker's event fd until the transport signals or the deadline passes - no busy spinning
 // while idle.
 #pragma once
-#include <ucp/api/ucp.h>
-
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <stdexcept>
 #include <string>
+
+#include <ucp/api/ucp.h>
 
 namespace membrain::ucx {
 
@@ -127,7 +127,8 @@ class Endpoint {
 // ucp_listener_h bound to a sockaddr; port 0 picks a free port (see port()).
 class Listener {
  public:
-  Listener(Worker& worker, const std::string& host, uint16_t port, ucp_listener_conn_callback_t cb, void* arg);
+  Listener(Worker& worker, const std::string& host, uint16_t port, ucp_listener_conn_callback_t cb,
+           void* arg);
   ~Listener();
   Listener(const Listener&) = delete;
   Listener& operator=(const Listener&) = delete;

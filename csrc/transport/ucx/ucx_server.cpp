@@ -11,7 +11,6 @@
 // transfers are in flight; otherwise it arms the worker and sleeps on its event fd.
 #include "transport/ucx/ucx_server.h"
 
-#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -23,13 +22,17 @@
 #include <unordered_map>
 #include <vector>
 
+#include <sys/eventfd.h>
+
 #include "common/checksum.h"
 #include "server/request.h"
 #include "transport/ucx/ucx_core.h"
 
 namespace membrain::ucx {
 
-bool compiled() { return true; }
+bool compiled() {
+  return true;
+}
 
 namespace {
 
@@ -49,8 +52,8 @@ struct Inbound {
   void* data = nullptr;         // eager bytes or rendezvous descriptor
   std::size_t len = 0;
   bool rndv = false;
-  bool held = false;            // UCX-owned eager buffer (release with ucp_am_data_release)
-  bool is_value = false;        // a kAmValue message (one value of a split PUT)
+  bool held = false;      // UCX-owned eager buffer (release with ucp_am_data_release)
+  bool is_value = false;  // a kAmValue message (one value of a split PUT)
   std::vector<uint8_t> copy;
 };
 
@@ -128,7 +131,8 @@ struct SendOp {
 
 class Impl final : public UcxServer {
  public:
-  Impl(server::ServerContext& ctx, const std::string& host, uint16_t port) : ctx_(ctx), limits_(ctx.config.limits) {
+  Impl(server::ServerContext& ctx, const std::string& host, uint16_t port)
+      : ctx_(ctx), limits_(ctx.config.limits) {
     try {
       uctx_ = Context::create("membrain-server", /*server=*/true);
       worker_ = std::make_unique<Worker>(uctx_);
@@ -159,9 +163,13 @@ class Impl final : public UcxServer {
   }
 
  private:
-  static void on_conn(ucp_conn_request_h req, void* arg) { static_cast<Impl*>(arg)->conn_reqs_.push_back(req); }
+  static void on_conn(ucp_conn_request_h req, void* arg) {
+    static_cast<Impl*>(arg)->conn_reqs_.push_back(req);
+  }
 
-  static void on_ep_error(void* arg, ucp_ep_h ep, ucs_status_t) { static_cast<Impl*>(arg)->errored_.push_back(ep); }
+  static void on_ep_error(void* arg, ucp_ep_h ep, ucs_status_t) {
+    static_cast<Impl*>(arg)->errored_.push_back(ep);
+  }
 
   static ucs_status_t on_request(void* arg, const void* header, size_t header_len, void* data, size_t len,
                                  const ucp_am_recv_param_t* param) {
@@ -172,8 +180,8 @@ class Impl final : public UcxServer {
     return static_cast<Impl*>(arg)->enqueue(header, header_len, data, len, param, true);
   }
 
-  ucs_status_t enqueue(const void* header, size_t header_len, void* data, size_t len, const ucp_am_recv_param_t* param,
-                       bool is_value) {
+  ucs_status_t enqueue(const void* header, size_t header_len, void* data, size_t len,
+                       const ucp_am_recv_param_t* param, bool is_value) {
     Impl* self = this;
     const bool rndv = param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV;
     const bool persistent = param->recv_attr & UCP_AM_RECV_ATTR_FLAG_DATA;
@@ -316,7 +324,8 @@ class Impl final : public UcxServer {
       return;
     }
     ucp_ep_params_t p{};
-    p.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
+    p.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                   UCP_EP_PARAM_FIELD_ERR_HANDLER;
     p.conn_request = req;
     p.err_mode = err_mode_from_env();
     p.err_handler.cb = &Impl::on_ep_error;
@@ -334,9 +343,12 @@ class Impl final : public UcxServer {
     c->authed = ctx_.config.auth_token.empty();
     ucp_request_param_t fp{};
     ucs_status_ptr_t fr = ucp_ep_flush_nbx(ep, &fp);
-    if (fr == nullptr) c->settled = true;
-    else if (UCS_PTR_IS_ERR(fr)) c->dead = true;
-    else c->flush_req = fr;
+    if (fr == nullptr)
+      c->settled = true;
+    else if (UCS_PTR_IS_ERR(fr))
+      c->dead = true;
+    else
+      c->flush_req = fr;
     conns_.emplace(ep, std::move(c));
     ctx_.counters.connections_current.fetch_add(1, std::memory_order_relaxed);
     Counters::inc(ctx_.counters.connections_total);
@@ -405,7 +417,9 @@ class Impl final : public UcxServer {
         echo.opcode = in.header[5];
       }
       release(in);
-      return refuse(c, echo, err == proto::HeaderError::kBadVersion ? Status::kUnsupportedVersion : Status::kBadRequest);
+      return refuse(
+          c, echo,
+          err == proto::HeaderError::kBadVersion ? Status::kUnsupportedVersion : Status::kBadRequest);
     }
     Counters::inc(ctx_.counters.bytes_in, in.header.size() + in.len);
     const uint8_t op = h.opcode;
@@ -426,7 +440,8 @@ class Impl final : public UcxServer {
       return refuse(c, h, st);
     }
     const std::size_t ext = in.header.size() - proto::kHeaderBytes;
-    if (op == static_cast<uint8_t>(Op::kPut)) return start_put(c, h, std::move(in));  // checks its own lengths
+    if (op == static_cast<uint8_t>(Op::kPut))
+      return start_put(c, h, std::move(in));  // checks its own lengths
     if (ext + uint64_t{in.len} != h.payload_len) {
       release(in);
       return refuse(c, h, Status::kBadRequest);  // the AM does not carry payload_len bytes
@@ -454,9 +469,12 @@ class Impl final : public UcxServer {
     const uint32_t count = h.count;
     if (len > limits_.max_payload_bytes) return Status::kTooLarge;
     switch (static_cast<Op>(h.opcode)) {
-      case Op::kHello: return len > 4 + limits_.max_namespace_len + kMaxTokenBytes ? Status::kTooLarge : Status::kOk;
-      case Op::kPing: return len > limits_.max_ping_bytes ? Status::kTooLarge : Status::kOk;
-      case Op::kStats: return len != 0 ? Status::kBadRequest : Status::kOk;
+      case Op::kHello:
+        return len > 4 + limits_.max_namespace_len + kMaxTokenBytes ? Status::kTooLarge : Status::kOk;
+      case Op::kPing:
+        return len > limits_.max_ping_bytes ? Status::kTooLarge : Status::kOk;
+      case Op::kStats:
+        return len != 0 ? Status::kBadRequest : Status::kOk;
       case Op::kPut:
         if (count > limits_.max_batch) return Status::kTooLarge;
         return len < uint64_t{count} * proto::kPutItemBytes ? Status::kBadRequest : Status::kOk;
@@ -875,7 +893,8 @@ class Impl final : public UcxServer {
 
 }  // namespace
 
-std::unique_ptr<UcxServer> UcxServer::start(server::ServerContext& ctx, const std::string& host, uint16_t port) {
+std::unique_ptr<UcxServer> UcxServer::start(server::ServerContext& ctx, const std::string& host,
+                                            uint16_t port) {
   return std::make_unique<Impl>(ctx, host, port);
 }
 

@@ -4,7 +4,9 @@
 #include "transport/ucx/ucx_server.h"
 
 namespace membrain::ucx {
-bool compiled() { return false; }
+bool compiled() {
+  return false;
+}
 
 std::unique_ptr<UcxServer> UcxServer::start(server::ServerContext&, const std::string&, uint16_t) {
   throw std::runtime_error("this membrain build has no UCX transport (rebuild with libucx-dev installed)");
