@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 from membrain.bench import common as C
-from membrain.bench.e2e import start_server, stop
 
 
 def main(argv: list[str] | None) -> int:
@@ -32,12 +31,11 @@ def main(argv: list[str] | None) -> int:
     server = None
     endpoint = a.endpoint
     if endpoint is None:
-        port = C.free_port()
-        server = start_server(port, "2GiB", wd / "server.log")
+        server = C.start_server("2GiB", wd / "server.log")
         if server is None:
             print(f"error: the local Membrain server did not start; see {wd / 'server.log'}", file=sys.stderr)
             return 2
-        endpoint = f"tcp://127.0.0.1:{port}"
+        endpoint = server.endpoint
     print(f"Membrain server: {endpoint}; logs in {wd}")
     prompts = C.make_prompts(a.prompts, a.prompt_tokens, seed=7)
     spec = {
@@ -55,7 +53,8 @@ def main(argv: list[str] | None) -> int:
         print("instance B (fresh process, same prompts) ...", flush=True)
         rb = C.run_instance(spec, C.base_env(), wd, "demo_B")
     finally:
-        stop(server)
+        if server is not None:
+            server.stop()
     if ra["rc"] or rb["rc"]:
         print(f"vLLM failed: see {ra['log_path']} and {rb['log_path']}", file=sys.stderr)
         return 1

@@ -7,11 +7,15 @@ import json
 import os
 import random
 import re
+import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from membrain.server import ServerProcess, spawn_server
+from membrain.utils.launch import child_env, python_module_command
 
 MODEL_SCRIPT = r"""
 import sys, torch
@@ -53,10 +57,11 @@ PINNED_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
 
 
 def base_env(extra: dict[str, str] | None = None, pythonpath: list[str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_MEMBRAIN_")}
+    """This process's environment for a child vLLM/Membrain process: no ``VLLM_MEMBRAIN_*``
+    settings, the pinned core reserve, and this process's membrain first on PYTHONPATH."""
+    env = child_env({k: v for k, v in os.environ.items() if not k.startswith("VLLM_MEMBRAIN_")})
     env.update(PINNED_ENV)
-    repo = str(Path(__file__).resolve().parents[2])
-    parts = (pythonpath or []) + [repo] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    parts = (pythonpath or []) + [p for p in env["PYTHONPATH"].split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
     env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
     env.update(extra or {})
@@ -82,7 +87,7 @@ def run_instance(
         out_p.unlink()
     with open(log_p, "w") as log:
         proc = subprocess.run(
-            [python, "-m", "membrain.bench.driver", str(spec_p), str(out_p)],
+            python_module_command("membrain.bench.driver", str(spec_p), str(out_p), python=python),
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -139,16 +144,21 @@ def plugin_site(dirpath: str | os.PathLike) -> str:
 
 
 def free_port() -> int:
-    import socket
-
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
-def membrain_server_cmd(port: int, capacity: str = "1GiB") -> list[str]:
-    """Command line that starts a Membrain server on `port`."""
-    return [sys.executable, "-m", "membrain", "server", "--port", str(port), "--capacity", capacity]
+def start_server(capacity: str, log_path: Path, port: int = 0) -> ServerProcess | None:
+    """A local ``membrain server`` for demos and benchmarks (its stderr goes to ``log_path``), or
+    None when it does not start (the reason is in the log)."""
+    with open(log_path, "w") as log:
+        try:
+            return spawn_server(capacity=capacity, port=port, stderr=log, env=base_env())
+        except RuntimeError as e:
+            log.write(f"{e}\n")
+            return None
 
 
 def tmpdir(prefix: str = "membrain-") -> str:

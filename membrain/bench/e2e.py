@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,25 +19,6 @@ from typing import Any
 from membrain.bench import common as C
 
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192)
-
-
-def start_server(port: int, capacity: str, log_path: Path) -> subprocess.Popen | None:
-    cmd = C.membrain_server_cmd(port, capacity)
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=C.base_env())
-    time.sleep(1.0)
-    if proc.poll() is not None:
-        return None
-    return proc
-
-
-def stop(proc: subprocess.Popen | None) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def run(
@@ -54,11 +33,10 @@ def run(
     model = C.ensure_model(model_dir, hidden, layers)
     server = None
     if endpoint is None:
-        port = C.free_port()
-        server = start_server(port, "4GiB", workdir / "server.log")
+        server = C.start_server("4GiB", workdir / "server.log")
         if server is None:
-            raise SystemExit("no Membrain server available in this build; pass --endpoint of a running one")
-        endpoint = f"tcp://127.0.0.1:{port}"
+            raise SystemExit(f"the local Membrain server did not start; see {workdir / 'server.log'}")
+        endpoint = server.endpoint
     try:
         prompts = [C.make_prompts(1, n, seed=100 + n)[0] for n in lengths]
         extra = {"endpoint": endpoint, "namespace": f"bench-{int(time.time())}", "cpu_cache_size": "2GiB"}
@@ -77,7 +55,8 @@ def run(
         if a["rc"] or b["rc"]:
             raise SystemExit(f"vLLM run failed: see {a['log_path']} / {b['log_path']}")
     finally:
-        stop(server)
+        if server is not None:
+            server.stop()
     n = len(prompts)
     rows = []
     for i, L in enumerate(lengths):

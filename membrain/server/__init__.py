@@ -11,16 +11,15 @@ Two ways to run one:
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from membrain.utils.launch import child_env, python_module_command
 from membrain.utils.sizes import parse_size
 
 READY_PREFIX = "MEMBRAIN SERVER READY"
@@ -187,9 +186,7 @@ def spawn_server(
     from membrain.utils.sizes import format_size
 
     cap = format_size(capacity) if isinstance(capacity, int) else capacity
-    cmd = [
-        python or sys.executable,
-        "-m",
+    cmd = python_module_command(
         "membrain",
         "server",
         "--host",
@@ -201,13 +198,12 @@ def spawn_server(
         "--metrics-port",
         str(metrics_port),
         *extra_args,
-    ]
-    child_env = dict(os.environ if env is None else env)
-    # The child must import the same membrain as this process.
-    pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, child_env.get("PYTHONPATH", "")) if p)
-    child_env.setdefault("PYTHONUNBUFFERED", "1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, env=child_env, text=True, bufsize=1)
+        python=python,
+    )
+    # The child imports the same membrain as this process, whatever its working directory.
+    child = child_env(env)
+    child.setdefault("PYTHONUNBUFFERED", "1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, env=child, text=True, bufsize=1)
     lines: list[str] = []
     found: dict[str, str] = {}
     ready = threading.Event()
