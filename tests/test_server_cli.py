@@ -37,7 +37,7 @@ def test_parse_and_format_size():
     assert parse_size("64GiB") == 64 << 30
     assert parse_size("1.5 KiB") == 1536
     assert parse_size("2g") == 2 << 30
-    assert parse_size("10MB") == 10_000_000
+    assert parse_size("10MB") == 10 << 20
     assert parse_size("4096") == 4096
     assert parse_size(7) == 7
     for bad in ("", "MiB", "12XB", "-1", "1.0000001B", "1e9", "ten"):

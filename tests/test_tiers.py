@@ -156,7 +156,7 @@ def test_settings_parse_and_errors():
         {}, env={"VLLM_MEMBRAIN_ENDPOINT": "tcp://a:1,http://b:2", "VLLM_MEMBRAIN_CPU_CACHE_SIZE": "2GiB"}
     )
     assert s.endpoints == ["tcp://a:1", "http://b:2"] and s.cpu_cache_bytes == 2 << 30
-    assert mcfg.parse_size("512MB") == 512_000_000 and mcfg.parse_size("1.5g") == 1_500_000_000
+    assert mcfg.parse_size("512MB") == 512 << 20 and mcfg.parse_size("1.5g") == 3 << 29
     assert 0 < mcfg.resolve({}, env={}).cpu_cache_bytes <= 4 << 30
     for bad in (
         {"endpoint": "redis://x:1"},

@@ -1,7 +1,10 @@
 """Human-readable byte sizes: ``parse_size("64GiB") == 64 << 30``, ``format_size(1536) == "1.5KiB"``.
 
-Binary (KiB, MiB, GiB, TiB; K/M/G/T as shorthand) and decimal (kB, MB, GB, TB) units are
-accepted, case-insensitively, with an optional ``B`` and whitespace: ``256MiB``, ``1.5 GiB``,
+This is the one size parser of the package: ``membrain server --capacity``, the in-process
+``Server``, ``VLLM_MEMBRAIN_CPU_CACHE_SIZE`` and ``kv_connector_extra_config`` all use it, so a
+string means the same bytes everywhere. Every unit is binary, as in the rest of the docs:
+``K``/``KB``/``KiB`` = 2**10, ``M``/``MB``/``MiB`` = 2**20, ``G``/``GB``/``GiB`` = 2**30,
+``T``/``TB``/``TiB`` = 2**40 (case-insensitive, optional whitespace): ``256MiB``, ``1.5 GiB``,
 ``4096``, ``2g``. Anything else raises ``ValueError`` naming the offending text.
 """
 
@@ -20,10 +23,11 @@ _UNITS: dict[str, int] = {
     "gib": 1 << 30,
     "t": 1 << 40,
     "tib": 1 << 40,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
+    # Binary like every other unit here: "2GB" is 2 GiB (one rule, see the module docstring).
+    "kb": 1 << 10,
+    "mb": 1 << 20,
+    "gb": 1 << 30,
+    "tb": 1 << 40,
 }
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
@@ -45,7 +49,7 @@ def parse_size(text: str | int) -> int:
         )
     number, unit = m.group(1), m.group(2).lower()
     if unit not in _UNITS:
-        known = "B, KiB, MiB, GiB, TiB, kB, MB, GB, TB"
+        known = "B, K/KB/KiB, M/MB/MiB, G/GB/GiB, T/TB/TiB (all binary)"
         raise ValueError(f"invalid size {text!r}: unknown unit {m.group(2)!r} (known: {known})")
     value = float(number) * _UNITS[unit] if "." in number else int(number) * _UNITS[unit]
     if value != int(value):

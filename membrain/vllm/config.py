@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from membrain.utils import sizes
+
 ENV_PREFIX = "VLLM_MEMBRAIN_"
 DEFAULT_ENDPOINT = "http://localhost:9201"
 DEFAULT_NAMESPACE = "default"
@@ -44,36 +46,12 @@ class ConfigError(ValueError):
     """An unusable Membrain configuration (reported at start-up)."""
 
 
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "kib": 1 << 10,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "mib": 1 << 20,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "gib": 1 << 30,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "tib": 1 << 40,
-}
-
-
 def parse_size(text: str | int) -> int:
-    """``"2GiB"`` -> 2147483648; ``"512MB"``, ``"1.5g"``, ``"1024"`` and ints accepted."""
-    if isinstance(text, bool):
-        raise ConfigError(f"not a size: {text!r}")
-    if isinstance(text, int):
-        if text < 0:
-            raise ConfigError(f"size must be >= 0, got {text}")
-        return text
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ConfigError(f"not a size: {text!r} (examples: 2GiB, 512MiB, 1000000)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    """:func:`membrain.utils.sizes.parse_size` (binary units), raising ConfigError."""
+    try:
+        return sizes.parse_size(text)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def parse_bool(text: str | bool | int, name: str) -> bool:
