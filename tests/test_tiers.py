@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future
 
 import pytest
@@ -190,3 +191,22 @@ def test_circuit_breaker_skips_dead_remote():
     assert rt.lookup_prefix([b"a"]) == 0 and fc.lookups == 1  # skipped while backing off
     assert not rt.available
     assert rt.get_into([b"a"], [bytearray(4)]) == [False]
+
+
+def test_remote_breaker_slow_success_stays_closed_and_probe_recovers():
+    class SlowOk(FakeClient):
+        def lookup_prefix(self, keys):
+            time.sleep(0.05)  # the whole (tiny) deadline, but a success
+            return super().lookup_prefix(keys)
+
+    rt = RemoteTier(SlowOk(), timeout_ms=50, backoff_s=0.05, max_backoff_s=0.1)
+    rt.lookup_prefix([b"a"])
+    assert rt.available, "a slow success must not open the breaker"
+    fc = FakeClient(fail=True)
+    rt = RemoteTier(fc, backoff_s=0.05, max_backoff_s=0.1)
+    assert rt.lookup_prefix([b"a"]) == 0 and not rt.available
+    time.sleep(0.06)
+    assert rt.available  # a probe is due
+    fc.fail = False
+    rt.lookup_prefix([b"a"])
+    assert rt.available and fc.lookups == 2

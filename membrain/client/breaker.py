@@ -5,6 +5,12 @@ Closed: requests flow. After a failure the breaker opens for ``base_s * 2**(n-1)
 keys are misses). When the backoff has passed, exactly one caller is let through as a probe
 (half-open); it pings the server and, on success, closes the breaker; on failure the backoff
 doubles.
+
+This is Membrain's one circuit breaker. It guards two scopes: each endpoint inside
+``membrain.Client`` (connect failures, timeouts), and the remote tier as a whole in
+``membrain.tiers.remote.RemoteTier`` (any exception a backend raises), so a broken remote costs
+one failed call per backoff period, not one per request. Slow calls that succeed are successes:
+the client's deadline already bounds them.
 """
 
 from __future__ import annotations
@@ -38,6 +44,11 @@ class CircuitBreaker:
         """Seconds until a probe is allowed (0 when closed or due)."""
         with self._lock:
             return max(0.0, self._open_until - time.monotonic()) if self._failures else 0.0
+
+    def allows_attempt(self) -> bool:
+        """Whether a call now would be admitted (closed, or a probe is due); takes nothing."""
+        with self._lock:
+            return self._failures == 0 or (not self._probing and time.monotonic() >= self._open_until)
 
     def admit(self) -> str:
         """``"closed"``: go ahead. ``"probe"``: go ahead, but ping first and report the outcome.

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
+from membrain.client.breaker import CircuitBreaker
+
 logger = logging.getLogger("membrain.tiers.remote")
 
 
@@ -29,10 +31,11 @@ def make_client(endpoints: list[str], namespace: str, timeout_ms: int) -> Any | 
 
 
 class RemoteTier:
-    """Exception-proof wrapper with a circuit breaker: after a failed or deadline-long call the
-    remote is skipped (an instant miss) for a back-off that doubles up to ``max_backoff_s``, so
-    a dead or black-holed server costs at most one timeout per back-off period, not one per
-    request."""
+    """Exception-proof wrapper with the remote tier's circuit breaker
+    (:class:`~membrain.client.breaker.CircuitBreaker`): after a call fails the remote is
+    skipped (an instant miss) for a backoff that doubles up to ``max_backoff_s``, one probe at a
+    time, so a broken backend costs one failed call per backoff period, not one per request.
+    Slow successes do not open it (the client's deadline bounds them)."""
 
     def __init__(
         self,
@@ -44,51 +47,39 @@ class RemoteTier:
     ) -> None:
         self.client = client
         self.max_inflight = max_inflight
-        self._slow_s = 0.8 * timeout_ms / 1000.0
-        self._backoff0, self._backoff_max = backoff_s, max_backoff_s
-        self._backoff = backoff_s
-        self._down_until = 0.0
+        self.timeout_ms = timeout_ms
+        self._breaker = CircuitBreaker(backoff_s, max_backoff_s)
         self._lock = threading.Lock()
         self._inflight = 0
         self._warned = False
 
-    def _warn(self, what: str, e: BaseException | str) -> None:
+    def _failed(self, what: str, e: BaseException | str, probe: bool) -> None:
         if not self._warned:
             logger.warning("Membrain remote %s failed (%s); treating as miss, retrying later", what, e)
             self._warned = True
+        self._breaker.failure(probe=probe)
+
+    def _succeeded(self) -> None:
+        self._breaker.success()
+        if self._warned:
+            logger.info("Membrain remote reachable again")
+            self._warned = False
 
     @property
     def available(self) -> bool:
-        return time.monotonic() >= self._down_until
-
-    def _trip(self) -> None:
-        with self._lock:
-            self._down_until = time.monotonic() + self._backoff
-            self._backoff = min(self._backoff * 2, self._backoff_max)
-
-    def _ok(self) -> None:
-        if self._backoff != self._backoff0:
-            with self._lock:
-                self._backoff = self._backoff0
-            if self._warned:
-                logger.info("Membrain remote reachable again")
-                self._warned = False
+        """Whether a call now would reach the backend (breaker closed or a probe due)."""
+        return self._breaker.allows_attempt()
 
     def _call(self, what: str, fn: Callable[[], Any], fallback: Any) -> Any:
-        if not self.available:
+        state = self._breaker.admit()
+        if state == "open":
             return fallback
-        t0 = time.monotonic()
         try:
             res = fn()
         except Exception as e:
-            self._warn(what, e)
-            self._trip()
+            self._failed(what, e, probe=state == "probe")
             return fallback
-        if time.monotonic() - t0 >= self._slow_s:
-            self._warn(what, "call took the whole deadline")
-            self._trip()
-        else:
-            self._ok()
+        self._succeeded()
         return res
 
     def lookup_prefix(self, keys: Sequence[bytes]) -> int:
@@ -117,12 +108,16 @@ class RemoteTier:
         n = len(keys)
         if n == 0:
             return True
-        if not self.available:
-            return False
         with self._lock:
             if self._inflight + n > self.max_inflight:
                 return False
             self._inflight += n
+        state = self._breaker.admit()
+        if state == "open":
+            with self._lock:
+                self._inflight -= n
+            return False
+        probe = state == "probe"
 
         def finish(fut: Future | None, err: BaseException | None = None) -> None:
             try:
@@ -131,12 +126,11 @@ class RemoteTier:
                     try:
                         r = fut.result()
                         res = [bool(x) for x in r] if r is not None and len(r) == n else [True] * n
+                        self._succeeded()
                     except Exception as e:
-                        self._warn("put", e)
-                        self._trip()
+                        self._failed("put", e, probe)
                 elif err is not None:
-                    self._warn("put", err)
-                    self._trip()
+                    self._failed("put", err, probe)
             finally:
                 with self._lock:
                     self._inflight -= n
