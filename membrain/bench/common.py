@@ -95,8 +95,14 @@ def run_instance(
             cwd=str(wd),
         )
     text = log_p.read_text(errors="replace")
-    res = json.loads(out_p.read_text())["results"] if out_p.exists() else []
-    return {"results": res, "log": text, "rc": proc.returncode, "log_path": str(log_p)}
+    out = json.loads(out_p.read_text()) if out_p.exists() else {}
+    return {
+        "results": out.get("results", []),
+        "kv_block_digests": out.get("kv_block_digests", []),
+        "log": text,
+        "rc": proc.returncode,
+        "log_path": str(log_p),
+    }
 
 
 _HIT = re.compile(r"MEMBRAIN HIT req=(\S+) tokens=(\d+) local=(\d+) host=(\d+) remote=(\d+)")
