@@ -53,9 +53,8 @@ def pair(monkeypatch):
         s = MembrainConnector(vc, KVConnectorRole.SCHEDULER, kvc)
         w = MembrainConnector(vc, KVConnectorRole.WORKER, kvc)
         if remote is not None:
-            for c in (s, w):
-                c._remote = RemoteTier(remote)
-            s._tiers.remote = s._remote
+            w._worker.remote = RemoteTier(remote)
+            s._scheduler.remote = s._scheduler.tiers.remote = RemoteTier(remote)
         kv = {f"l{i}": torch.randn(BLOCKS, 2, BS, 8).to(torch.bfloat16) for i in range(LAYERS)}
         w.register_kv_caches(kv)
         return s, w, kv
@@ -73,7 +72,7 @@ def _req(rid: str, n_tokens: int, tag: bytes = b"p"):
 
 
 def _step(s, w, req, block_ids: list[int], ncomp: int):
-    s._kv_cache_manager = NS(get_block_ids=lambda rid: (block_ids,))
+    s._scheduler.kv_cache_manager = NS(get_block_ids=lambda rid: (block_ids,))
     so = NS(
         scheduled_new_reqs=[NS(req_id=req.request_id, num_computed_tokens=ncomp)],
         scheduled_cached_reqs=NS(req_ids=[], num_computed_tokens=[], resumed_req_ids=set()),
@@ -133,7 +132,7 @@ def test_load_failure_reported_and_no_store_on_top(pair):
     _admit(s, r1, ids1)
     _step(s, w, r1, ids1, 0)
     # The worker lost a block the scheduler still believes is held (e.g. a slot shortage).
-    w._store.evict([w._key(r1.block_hashes[2])])
+    w._worker.executor.evict_host([w._worker._key(r1.block_hashes[2])])
     r2 = _req("r2", 26)
     ids2 = list(range(10, 17))
     n = _admit(s, r2, ids2)
@@ -148,7 +147,7 @@ def test_remote_hit_promotes_into_host(pair):
     r = _req("r1", 18)
     _admit(s_a, r, [0, 1, 2, 3, 4])
     _step(s_a, w_a, r, [0, 1, 2, 3, 4], 0)
-    assert w_a._remote.drain(5) and len(fc.data) == 4
+    assert w_a._worker.remote.drain(5) and len(fc.data) == 4
     # A fresh instance (empty host tier) with the same identity.
     s_b, w_b, kv_b = pair(remote=fc)
     for name in kv_b:
@@ -159,7 +158,7 @@ def test_remote_hit_promotes_into_host(pair):
     meta, errs = _step(s_b, w_b, r2, [20, 21, 22, 23, 24], 16)
     assert not errs and meta.loads["r2"].from_remote == [True] * 4
     assert _same(kv_b, [0, 1, 2, 3], [20, 21, 22, 23])
-    assert len(w_b._store) == 4  # promoted
+    assert len(w_b._worker.executor.store_) == 4  # promoted
     # The next identical prompt comes from the host tier, no remote read.
     fc.data.clear()
     r3 = _req("r3", 18)
@@ -173,7 +172,7 @@ def test_remote_miss_after_lookup_is_a_load_error(pair):
     s, w, kv = pair(cpu_cache=0, remote=fc)
     r = _req("r1", 18)
     for h in r.block_hashes:
-        fc.data[w._key(h)] = b"\0" * 10  # present at lookup ...
+        fc.data[w._worker._key(h)] = b"\0" * 10  # present at lookup ...
     assert _admit(s, r, [0, 1, 2, 3, 4]) == 16
     fc.data.clear()  # ... evicted before the load (eviction race)
     meta, errs = _step(s, w, r, [0, 1, 2, 3, 4], 16)

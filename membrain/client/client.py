@@ -417,7 +417,9 @@ class Client:
             lambda c, ms, _idx: json.loads(c.stats_json(timeout_ms=ms)),
             deadline,
         )
-        total: dict[str, Any] = dict.fromkeys(("used_bytes", "capacity_bytes", "items", "hits", "misses", "evictions"), 0)
+        total: dict[str, Any] = dict.fromkeys(
+            ("used_bytes", "capacity_bytes", "items", "hits", "misses", "evictions"), 0
+        )
         per: dict[str, dict[str, Any] | None] = {}
         up = 0
         for ep in range(len(self.endpoints)):
@@ -473,9 +475,7 @@ class Client:
         ms = self.timeout_ms if timeout_ms is None else timeout_ms
         return self._submit(lambda: self._put(k, v, self._deadline(ms)))
 
-    def get_async(
-        self, keys: Sequence[Any], timeout_ms: int | None = None
-    ) -> Future[list[bytes | None]]:
+    def get_async(self, keys: Sequence[Any], timeout_ms: int | None = None) -> Future[list[bytes | None]]:
         k = _norm_keys(keys)
         ms = self.timeout_ms if timeout_ms is None else timeout_ms
         return self._submit(lambda: self._get(k, self._deadline(ms)))

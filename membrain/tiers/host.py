@@ -91,6 +91,9 @@ class HostStore:
     def __contains__(self, key: bytes) -> bool:
         return key in self._slots
 
+    def keys(self) -> list[bytes]:
+        return list(self._slots)
+
     def get(self, key: bytes) -> Slot | None:
         return self._slots.get(key)
 

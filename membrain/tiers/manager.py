@@ -98,6 +98,11 @@ class TierManager:
             list(map(int, block_ids)), list(hashes), [h in admitted for h in hashes], [remote] * len(hashes)
         )
 
+    def reset(self) -> None:
+        """Forgets every block of the host tier (the workers drop theirs on the same step)."""
+        self.host = HostIndex(self.host.capacity)
+        self._pending_evict.clear()
+
     def take_evictions(self) -> list[bytes]:
         out = list(self._pending_evict)
         self._pending_evict.clear()

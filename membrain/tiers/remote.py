@@ -19,14 +19,24 @@ from membrain.client.breaker import CircuitBreaker
 logger = logging.getLogger("membrain.tiers.remote")
 
 
-def make_client(endpoints: list[str], namespace: str, timeout_ms: int) -> Any | None:
-    """A real ``membrain.Client``, or None (with a warning) when it cannot be created."""
+def make_client(settings: Any) -> Any | None:
+    """A real ``membrain.Client`` for :class:`~membrain.vllm.config.MembrainSettings` (endpoints,
+    namespace, deadline, replicas, auth token file), or None with a warning when it cannot be
+    created (the remote tier is then off and every lookup a miss)."""
     try:
-        from membrain import Client  # type: ignore[attr-defined]
+        from membrain.client import Client
 
-        return Client(endpoints, namespace=namespace, timeout_ms=timeout_ms)
-    except Exception as e:  # ImportError until the client lands, or a bad endpoint
-        logger.warning("Membrain remote tier disabled: cannot create client for %s (%s)", endpoints, e)
+        return Client(
+            settings.endpoints,
+            namespace=settings.namespace,
+            timeout_ms=settings.timeout_ms,
+            auth_token=settings.auth_token(),
+            replicas=settings.replicas,
+        )
+    except Exception as e:  # a bad endpoint, an unreadable token file
+        logger.warning(
+            "Membrain remote tier disabled: cannot create client for %s (%s)", settings.endpoints, e
+        )
         return None
 
 

@@ -4,7 +4,8 @@ Environment (front end; copied into ``kv_connector_extra_config`` by the plugin)
 
 =================================  =============================================================
 ``VLLM_MEMBRAIN_ENABLED``          ``1`` turns Membrain on for plain ``vllm serve`` / ``LLM(...)``
-``VLLM_MEMBRAIN_ENDPOINT``         ``http://localhost:9201`` (``tcp://`` too; comma-separated)
+``VLLM_MEMBRAIN_ENDPOINT``         ``http://localhost:9201``; ``tcp://`` (same as ``http://``) and
+                                   ``ucx://`` servers, comma-separated
 ``VLLM_MEMBRAIN_NAMESPACE``        ``default``
 ``VLLM_MEMBRAIN_CPU_CACHE_SIZE``   host tier per worker, e.g. ``2GiB``; ``0`` disables it.
                                    Default: min(10% of MemAvailable, 4 GiB), resolved once in the
@@ -13,11 +14,18 @@ Environment (front end; copied into ``kv_connector_extra_config`` by the plugin)
 ``VLLM_MEMBRAIN_TIMEOUT_MS``       per remote operation, default 2000
 ``VLLM_MEMBRAIN_MAX_INFLIGHT``     remote stores in flight per worker before new ones are
                                    dropped (never waited on), default 256 blocks
+``VLLM_MEMBRAIN_AUTH_TOKEN_FILE``  file holding the servers' auth token (read by every process;
+                                   the token itself never enters vLLM's config or logs)
+``VLLM_MEMBRAIN_REPLICAS``         servers each block is written to (reads fall back), default 1
+``VLLM_MEMBRAIN_LOAD_FAILURE_POLICY``  ``recompute`` (default: a failed load is a miss) or
+                                   ``fail`` (vLLM fails the request)
 =================================  =============================================================
 
 Extra-config keys (explicit ``--kv-transfer-config``) use the lower-case names without the prefix:
-``endpoint``, ``namespace``, ``cpu_cache_size``, ``remote``, ``timeout_ms``, ``max_inflight``.
-An unusable value raises :class:`ConfigError` at start-up; an unreachable server does not.
+``endpoint``, ``namespace``, ``cpu_cache_size``, ``remote``, ``timeout_ms``, ``max_inflight``,
+``auth_token_file``, ``replicas``, ``load_failure_policy``; they win over the environment, and
+both paths go through :func:`resolve`. An unknown key or an unusable value raises
+:class:`ConfigError` at start-up; an unreachable server does not.
 """
 
 from __future__ import annotations
@@ -39,7 +47,19 @@ DEFAULT_MAX_INFLIGHT = 256
 DEFAULT_CPU_CACHE_CAP = 4 << 30
 DEFAULT_CPU_CACHE_FRACTION = 0.10
 
-KNOWN_KEYS = ("enabled", "endpoint", "namespace", "cpu_cache_size", "remote", "timeout_ms", "max_inflight")
+KNOWN_KEYS = (
+    "enabled",
+    "endpoint",
+    "namespace",
+    "cpu_cache_size",
+    "remote",
+    "timeout_ms",
+    "max_inflight",
+    "auth_token_file",
+    "replicas",
+    "load_failure_policy",
+)
+LOAD_FAILURE_POLICIES = ("recompute", "fail")
 
 
 class ConfigError(ValueError):
@@ -66,7 +86,7 @@ def parse_bool(text: str | bool | int, name: str) -> bool:
 
 
 def parse_endpoints(text: str | list[str]) -> list[str]:
-    """Validates ``tcp://host:port`` / ``http://host:port`` (comma-separated or a list)."""
+    """Validates ``tcp://``, ``http://`` and ``ucx://host:port`` (comma-separated or a list)."""
     items = text if isinstance(text, list) else str(text).split(",")
     out: list[str] = []
     for raw in items:
@@ -74,8 +94,8 @@ def parse_endpoints(text: str | list[str]) -> list[str]:
         if not ep:
             continue
         parts = urlsplit(ep)
-        if parts.scheme not in ("tcp", "http"):
-            raise ConfigError(f"endpoint {ep!r}: scheme must be tcp:// or http://")
+        if parts.scheme not in ("tcp", "http", "ucx"):
+            raise ConfigError(f"endpoint {ep!r}: scheme must be tcp://, http:// or ucx://")
         try:
             port = parts.port
         except ValueError as e:
@@ -115,6 +135,9 @@ class MembrainSettings:
     remote: bool = True
     timeout_ms: int = DEFAULT_TIMEOUT_MS
     max_inflight: int = DEFAULT_MAX_INFLIGHT
+    auth_token_file: str = ""
+    replicas: int = 1
+    load_failure_policy: str = "recompute"
 
     def to_extra_config(self) -> dict[str, Any]:
         d = asdict(self)
@@ -125,7 +148,26 @@ class MembrainSettings:
             "remote": d["remote"],
             "timeout_ms": d["timeout_ms"],
             "max_inflight": d["max_inflight"],
+            "auth_token_file": d["auth_token_file"],
+            "replicas": d["replicas"],
+            "load_failure_policy": d["load_failure_policy"],
         }
+
+    def auth_token(self) -> str | None:
+        """The token from ``auth_token_file`` (None without one). Raises ConfigError when the
+        file cannot be read or is empty."""
+        return read_token_file(self.auth_token_file) if self.auth_token_file else None
+
+
+def read_token_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"auth_token_file {path!r}: cannot read a UTF-8 token ({e})") from None
+    if not token:
+        raise ConfigError(f"auth_token_file {path!r} is empty")
+    return token
 
 
 def env_enabled(env: Mapping[str, str] | None = None) -> bool:
@@ -155,8 +197,9 @@ def resolve(extra: Mapping[str, Any] | None = None, env: Mapping[str, str] | Non
     env = os.environ if env is None else env
     vals = _env_values(env)
     for k, v in (extra or {}).items():
-        if k in KNOWN_KEYS:
-            vals[k] = v
+        if k not in KNOWN_KEYS:
+            raise ConfigError(f"unknown kv_connector_extra_config key {k!r} (known: {', '.join(KNOWN_KEYS)})")
+        vals[k] = v
     endpoints = parse_endpoints(vals.get("endpoint", DEFAULT_ENDPOINT))
     namespace = str(vals.get("namespace", DEFAULT_NAMESPACE))
     if not namespace or len(namespace) > 64 or not re.fullmatch(r"[A-Za-z0-9_.\-]+", namespace):
@@ -171,8 +214,21 @@ def resolve(extra: Mapping[str, Any] | None = None, env: Mapping[str, str] | Non
     try:
         timeout_ms = int(vals.get("timeout_ms", DEFAULT_TIMEOUT_MS))
         max_inflight = int(vals.get("max_inflight", DEFAULT_MAX_INFLIGHT))
+        replicas = int(vals.get("replicas", 1))
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"timeout_ms / max_inflight must be integers ({e})") from None
+        raise ConfigError(f"timeout_ms / max_inflight / replicas must be integers ({e})") from None
     if timeout_ms <= 0 or max_inflight < 0:
         raise ConfigError("timeout_ms must be > 0 and max_inflight >= 0")
-    return MembrainSettings(endpoints, namespace, cpu_bytes, remote, timeout_ms, max_inflight)
+    if not 1 <= replicas <= len(endpoints):
+        raise ConfigError(f"replicas must be 1..{len(endpoints)} (the number of endpoints), got {replicas}")
+    policy = str(vals.get("load_failure_policy", "recompute")).strip().lower()
+    if policy not in LOAD_FAILURE_POLICIES:
+        raise ConfigError(
+            f"load_failure_policy {policy!r}: expected one of {', '.join(LOAD_FAILURE_POLICIES)}"
+        )
+    token_file = str(vals.get("auth_token_file", "") or "")
+    settings = MembrainSettings(
+        endpoints, namespace, cpu_bytes, remote, timeout_ms, max_inflight, token_file, replicas, policy
+    )
+    settings.auth_token()  # an unreadable token file is a start-up error, in the front end too
+    return settings

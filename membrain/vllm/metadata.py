@@ -1,0 +1,22 @@
+"""What the scheduler side sends to every worker each step (``build_connector_meta``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+
+from membrain.tiers.manager import LoadPlan, StorePlan
+
+
+@dataclass
+class MembrainMetadata(KVConnectorMetadata):  # type: ignore[misc]
+    host_capacity: int = 0
+    # Key epoch: changes on reset_cache(), after which no key of an earlier epoch is read or
+    # written (in-place weight updates never serve stale KV).
+    epoch: str = ""
+    loads: dict[str, LoadPlan] = field(default_factory=dict)
+    stores: dict[str, StorePlan] = field(default_factory=dict)
+    evict: list[bytes] = field(default_factory=list)
+    # The host tier was cleared (reset_cache): workers drop every block they hold.
+    clear_host: bool = False

@@ -1,0 +1,244 @@
+"""Scheduler side of the Membrain connector (engine-core process): matching, planning and
+per-request state.
+
+:class:`~membrain.tiers.manager.TierManager` decides what each waiting request loads from the
+host and remote tiers and which newly computed full prompt blocks are stored; the plans travel
+to every worker in :class:`~membrain.vllm.metadata.MembrainMetadata`. The scheduler validates at
+start-up, with the same function the workers use, that the KV cache vLLM will hand the workers
+can be moved; where it cannot, it never promises a token.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from membrain.tiers.manager import LoadPlan, Match, TierManager
+from membrain.tiers.remote import RemoteTier
+from membrain.vllm import keys as mkeys
+from membrain.vllm import kv_format
+from membrain.vllm.config import MembrainSettings
+from membrain.vllm.events import EventLog
+from membrain.vllm.metadata import MembrainMetadata
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger("vllm.membrain")
+
+
+@dataclass
+class _ReqState:
+    request: Any
+    stored_upto: int = -1  # block index up to which prompt blocks are stored or skipped
+    # The answer of the last lookup, kept per request until vLLM allocates (vLLM may ask again
+    # every step while the request waits); dropped when the request's cached prefix moves.
+    match: Match | None = None
+    match_key: tuple[int, int] = (-1, -1)
+    host_tokens: int = 0  # external tokens planned from the host tier
+    remote_tokens: int = 0  # ... and from the remote tier
+
+
+class MembrainScheduler:
+    def __init__(
+        self,
+        vllm_config: Any,
+        kv_cache_config: Any,
+        settings: MembrainSettings,
+        remote: RemoteTier | None,
+        kv_cache_manager: Any = None,
+    ) -> None:
+        self.vllm_config = vllm_config
+        self.kv_cache_config = kv_cache_config
+        self.settings = settings
+        self.block_size = int(vllm_config.cache_config.block_size)
+        self.kv_cache_manager = kv_cache_manager
+        self.enabled = True
+        problem = kv_format.unsupported_reason(vllm_config, kv_cache_config)
+        if problem:
+            # The workers would refuse these tensors: promise nothing (vLLM computes everything).
+            logger.error("Membrain disabled: %s", problem)
+            self.enabled = False
+        self.block_bytes = kv_format.block_bytes(kv_cache_config) if self.enabled else 0
+        self.host_capacity = settings.cpu_cache_bytes // self.block_bytes if self.block_bytes else 0
+        self.hash_ratio = 1
+        if self.enabled:
+            self.hash_ratio = self._hash_ratio()
+        self.remote = remote if self.enabled else None
+        self.epoch = "0"
+        self._fields = mkeys.identity_fields(vllm_config, kv_cache_config, 0, 0)
+        self.identity = mkeys.identity_digest(self._fields, self.epoch)
+        self.tiers = TierManager(self.host_capacity, self.remote, self._key)
+        self._reqs: dict[str, _ReqState] = {}
+        self._pending_loads: dict[str, LoadPlan] = {}
+        self._clear_host = False
+        self._events = EventLog(vllm_config, self.block_size)
+        if self.enabled:
+            logger.info(
+                "Membrain scheduler: host tier %d blocks (%.1f MiB), remote %s, identity %s",
+                self.host_capacity,
+                settings.cpu_cache_bytes / 2**20,
+                ",".join(settings.endpoints) if self.remote else "off",
+                self.identity,
+            )
+
+    def _hash_ratio(self) -> int:
+        """request.block_hashes are per *hash* block; a KV block's key must be the chained hash
+        that ends at that KV block's last token."""
+        try:
+            from vllm.v1.core.kv_cache_utils import resolve_kv_cache_block_sizes
+
+            sched_bs, hash_bs = resolve_kv_cache_block_sizes(self.kv_cache_config, self.vllm_config)
+        except Exception:
+            sched_bs, hash_bs = self.block_size, self.block_size
+        if sched_bs != self.block_size or hash_bs <= 0 or self.block_size % hash_bs:
+            logger.error(
+                "Membrain disabled: block size %s / hash block size %s unsupported", sched_bs, hash_bs
+            )
+            self.enabled = False
+            return 1
+        return self.block_size // hash_bs
+
+    def _key(self, h: bytes) -> bytes:
+        return mkeys.block_key(self.identity, h)
+
+    def _hashes(self, request: Request, n_blocks: int) -> list[bytes]:
+        hs = list(request.block_hashes)
+        r = self.hash_ratio
+        if r > 1:
+            hs = hs[r - 1 :: r]  # the hash ending at each KV block's last token
+        return [bytes(h) for h in hs[:n_blocks]]
+
+    def _state(self, request: Request) -> _ReqState:
+        st = self._reqs.get(request.request_id)
+        if st is None:
+            st = self._reqs[request.request_id] = _ReqState(request)
+        return st
+
+    # ---------------------------------------------------------------- matching
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        if not self.enabled:
+            return 0, False
+        bs = self.block_size
+        local = num_computed_tokens // bs
+        max_blocks = (request.num_tokens - 1) // bs  # always leave the last token to compute
+        st = self._state(request)
+        key = (local, max_blocks)
+        # vLLM may ask again every step while the request waits: the answer is kept per request
+        # until it is allocated or its cached prefix changes, not re-asked over the network.
+        if st.match is None or st.match_key != key:
+            hashes = self._hashes(request, max_blocks)
+            st.match = self.tiers.match(hashes, local, len(hashes))
+            st.match_key = key
+        ext = (st.match.remote_end - local) * bs
+        return max(0, ext), False
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        if not self.enabled:
+            return
+        st = self._state(request)
+        m, st.match = st.match, None
+        st.host_tokens = st.remote_tokens = 0
+        if num_external_tokens <= 0 or m is None:
+            return
+        n = num_external_tokens // self.block_size
+        m = Match(m.local, min(m.host_end, m.local + n), min(m.remote_end, m.local + n))
+        hashes = self._hashes(request, m.remote_end)
+        block_ids = blocks.get_block_ids()[0]
+        self._pending_loads[request.request_id] = self.tiers.plan_load(m, hashes, block_ids)
+        st.host_tokens = m.host_blocks * self.block_size
+        st.remote_tokens = m.remote_blocks * self.block_size
+        logger.info(
+            "MEMBRAIN HIT req=%s tokens=%d local=%d host=%d remote=%d",
+            request.request_id,
+            request.num_tokens,
+            m.local * self.block_size,
+            st.host_tokens,
+            st.remote_tokens,
+        )
+
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[Any, int]:
+        """Host-tier and remote-tier tokens apart, so vLLM's metrics tell the tiers apart."""
+        from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+        if num_external_tokens == 0:
+            return {}
+        st = self._reqs.get(request.request_id)
+        host = min(st.host_tokens, num_external_tokens) if st else 0
+        out = {CacheHitSource.HOST: host, CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens - host}
+        return {k: v for k, v in out.items() if v > 0}
+
+    # ---------------------------------------------------------------- per step
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> MembrainMetadata:
+        meta = MembrainMetadata(host_capacity=self.host_capacity, epoch=self.epoch)
+        meta.clear_host, self._clear_host = self._clear_host, False
+        if not self.enabled:
+            return meta
+        meta.loads, self._pending_loads = self._pending_loads, {}
+        steps: list[tuple[str, int, bool]] = []
+        for nr in scheduler_output.scheduled_new_reqs:
+            steps.append((nr.req_id, nr.num_computed_tokens, True))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, rid in enumerate(cached.req_ids):
+            steps.append((rid, cached.num_computed_tokens[i], rid in cached.resumed_req_ids))
+        bs = self.block_size
+        seen: set[bytes] = set()
+        for rid, ncomp, fresh in steps:
+            st = self._reqs.get(rid)
+            if st is None:
+                continue
+            req = st.request
+            if fresh and st.stored_upto < 0:
+                st.stored_upto = ncomp // bs  # local and loaded blocks are already held somewhere
+            scheduled = scheduler_output.num_scheduled_tokens.get(rid, 0)
+            full = min(ncomp + scheduled, req.num_prompt_tokens) // bs
+            if full <= st.stored_upto:
+                continue
+            hashes = self._hashes(req, full)
+            if len(hashes) < full:
+                continue
+            ids = self.kv_cache_manager.get_block_ids(rid)[0] if self.kv_cache_manager else []
+            if len(ids) < full:
+                continue
+            rng = [i for i in range(st.stored_upto, full) if hashes[i] not in seen]
+            seen.update(hashes[i] for i in rng)
+            st.stored_upto = full
+            if rng:
+                plan = self.tiers.plan_store([hashes[i] for i in rng], [ids[i] for i in rng])
+                meta.stores[rid] = plan
+                self._events.stored(req, hashes, rng, plan)
+        meta.evict = self.tiers.take_evictions()
+        self._events.removed(meta.evict)
+        return meta
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        # Stores gather into host slots within the step that computed the blocks, so the device
+        # blocks are never read after the request ends: free them now.
+        self._reqs.pop(request.request_id, None)
+        self._pending_loads.pop(request.request_id, None)
+        return False, None
+
+    def take_events(self) -> list[Any]:
+        return self._events.take()
+
+    def reset_cache(self) -> bool:
+        """Forget every block: the host index is cleared (workers drop their slots) and keys
+        move to a new epoch, so blocks stored before (e.g. under the previous weights) are never
+        read again. Returns True (vLLM's contract for a successful reset)."""
+        self.epoch = uuid.uuid4().hex[:12]
+        self.identity = mkeys.identity_digest(self._fields, self.epoch)
+        self.tiers.reset()
+        self._clear_host = True
+        self._events.cleared()
+        for st in self._reqs.values():
+            st.match = None
+        logger.info("Membrain cache reset: new key epoch %s, identity %s", self.epoch, self.identity)
+        return True
