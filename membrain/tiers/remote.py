@@ -22,7 +22,7 @@ logger = logging.getLogger("membrain.tiers.remote")
 def make_client(endpoints: list[str], namespace: str, timeout_ms: int) -> Any | None:
     """A real ``membrain.Client``, or None (with a warning) when it cannot be created."""
     try:
-        from membrain import Client  # type: ignore[attr-defined]
+        from membrain import Client
 
         return Client(endpoints, namespace=namespace, timeout_ms=timeout_ms)
     except Exception as e:  # ImportError until the client lands, or a bad endpoint
@@ -119,7 +119,7 @@ class RemoteTier:
             return False
         probe = state == "probe"
 
-        def finish(fut: Future | None, err: BaseException | None = None) -> None:
+        def finish(fut: Future[Any] | None, err: BaseException | None = None) -> None:
             try:
                 res = [False] * n
                 if fut is not None:
