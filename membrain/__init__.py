@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from membrain import _native
+from membrain import _native as _native  # explicit re-export: modules import it from here
 
 __version__: str = _native.native_info()["version"]
 

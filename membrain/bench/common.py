@@ -30,7 +30,7 @@ LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(sys.argv[1])
 
 
 def ensure_model(
-    path: str | os.PathLike, hidden: int = 512, layers: int = 6, python: str = sys.executable
+    path: str | os.PathLike[str], hidden: int = 512, layers: int = 6, python: str = sys.executable
 ) -> str:
     """A random-weight Llama (bf16, vocab 1000) at ``path``, generated once; no downloads."""
     p = Path(path)
@@ -71,7 +71,7 @@ def base_env(extra: dict[str, str] | None = None, pythonpath: list[str] | None =
 def run_instance(
     spec: dict[str, Any],
     env: dict[str, str],
-    workdir: str | os.PathLike,
+    workdir: str | os.PathLike[str],
     name: str,
     timeout: float = 600,
     python: str = sys.executable,
@@ -138,7 +138,7 @@ def store_totals(log: str) -> dict[str, int]:
     return t
 
 
-def plugin_site(dirpath: str | os.PathLike) -> str:
+def plugin_site(dirpath: str | os.PathLike[str]) -> str:
     """A site dir whose dist-info declares Membrain's ``vllm.general_plugins`` entry point, for
     runs where membrain is on PYTHONPATH but not pip-installed (pip install does this for real)."""
     d = Path(dirpath)

@@ -48,7 +48,7 @@ def main(argv: list[str]) -> int:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    kwargs: dict = {
+    kwargs: dict[str, Any] = {
         "model": spec["model"],
         "enforce_eager": True,
         "skip_tokenizer_init": True,

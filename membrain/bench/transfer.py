@@ -34,7 +34,7 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def _pct(xs: list[float], p: float) -> float:
@@ -127,8 +127,8 @@ def bench_membrain(
         # on large arrays, and THP compaction is slow here) would otherwise dominate the
         # first GETs of a one-second window and be charged to the transport.
         d.fill(0)
-    views = [[memoryview(s)[i * size : (i + 1) * size] for i in range(batch)] for s in src]
-    dviews = [[memoryview(d)[i * size : (i + 1) * size] for i in range(batch)] for d in dst]
+    views = [[s.data[i * size : (i + 1) * size] for i in range(batch)] for s in src]
+    dviews = [[d.data[i * size : (i + 1) * size] for i in range(batch)] for d in dst]
     written: list[list[list[str]]] = [[] for _ in range(conns)]
     # GET reads back up to 8 of the batches PUT wrote (PUT* rewrites them just before), so the
     # working set is conns x sets x batch x size; keep it within half the server's capacity or
@@ -228,7 +228,7 @@ def bench_membrain(
 
         with membrain.Client(endpoint, timeout_ms=timeout_ms, namespace="bench") as c:
             check = np.empty(size * batch, dtype=np.uint8)
-            cv = [memoryview(check)[i * size : (i + 1) * size] for i in range(batch)]
+            cv = [check.data[i * size : (i + 1) * size] for i in range(batch)]
             if all(c.get_into(written[0][0], cv)) and not np.array_equal(check, src[0]):
                 raise AssertionError("GET returned different bytes than were PUT")
     return out
@@ -255,7 +255,10 @@ def paired_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             red = [c["vs_redis"] for c in cells if c.get("vs_redis")]
             if not loop:
                 continue
-            stat = lambda xs: {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}  # noqa: E731
+
+            def stat(xs: list[float]) -> dict[str, float]:
+                return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
             out[f"{op} c{conns}"] = {
                 "rounds": len(cells),
                 "vs_loopback": stat(loop),
@@ -323,9 +326,9 @@ def timing_split(
     ep = parse_endpoint(endpoint)
     conn = _native.Connection(ep.host, ep.port, namespace="bench-split", timeout_ms=30000)
     data = np.random.default_rng(1).integers(0, 256, size * batch, dtype=np.uint8)
-    vals = [memoryview(data)[i * size : (i + 1) * size] for i in range(batch)]
+    vals = [data.data[i * size : (i + 1) * size] for i in range(batch)]
     dst = np.empty_like(data)
-    dvals = [memoryview(dst)[i * size : (i + 1) * size] for i in range(batch)]
+    dvals = [dst.data[i * size : (i + 1) * size] for i in range(batch)]
     out: dict[str, dict[str, float]] = {}
     warm = [f"{run_id}-split-warm-{j}".encode() for j in range(batch)]
     conn.put(warm, vals)
@@ -601,12 +604,15 @@ def bench_ucx_vs_tcp(args: argparse.Namespace) -> int:
     run_id = f"u{os.getpid()}-{int(time.time())}"
     rows: list[dict[str, Any]] = []
     try:
-        eps = {"tcp": handle.endpoint, "ucx": handle.ucx_endpoint}
+        ucx_endpoint, ucx_port = handle.ucx_endpoint, handle.ucx_port
+        if ucx_endpoint is None or ucx_port is None:  # cannot happen: spawned with --ucx-port 0
+            raise RuntimeError(f"server {handle.endpoint} has no UCX listener")
+        eps = {"tcp": handle.endpoint, "ucx": ucx_endpoint}
         print(
             f"server {eps['tcp']} + {eps['ucx']}  UCX_TLS={os.environ.get('UCX_TLS', '(default)')}",
             flush=True,
         )
-        lanes = _ucx_lanes(handle.ucx_port)
+        lanes = _ucx_lanes(ucx_port)
         print(lanes, flush=True)
         for rnd in range(max(1, args.accept_rounds or 3)):
             for c in (1, 4):
@@ -757,7 +763,7 @@ def main(argv: list[str] | None = None) -> int:
         endpoint, handle = _spawn_server(int(args.capacity_gib * GiB), args.server_threads)
     run_id = f"r{os.getpid()}-{int(time.time())}"
     points: list[Point] = []
-    lookup: dict[str, float] = {}
+    lookup: dict[str, Any] = {}
     split: dict[str, dict[str, float]] = {}
     accept_rows: list[dict[str, Any]] = []
     try:
@@ -800,7 +806,7 @@ def main(argv: list[str] | None = None) -> int:
                         r.close()
                 lb1 = loopback_limit(c, 1.0) if not args.no_loopback else None
                 lb = (lb0["gbps"] + lb1["gbps"]) / 2 if lb0 and lb1 else None
-                row = {"round": rnd, "conns": c, "loopback_gbps": lb, "redis_gbps": rv}
+                row: dict[str, Any] = {"round": rnd, "conns": c, "loopback_gbps": lb, "redis_gbps": rv}
                 for p in pts:
                     red = rv.get("GET" if p.op == "GET" else "SET")
                     row[p.op] = {
@@ -865,9 +871,9 @@ def main(argv: list[str] | None = None) -> int:
     for p in points:
         if p.conns in loop and loop[p.conns]["gbps"] > 0:
             p.vs_loopback = p.gbps / loop[p.conns]["gbps"]
-        rv = redis.get(f"{p.size}/{p.conns}", {}).get("GET" if p.op == "GET" else "SET")
-        if rv:
-            p.vs_redis = p.gbps / rv
+        redis_gbps = redis.get(f"{p.size}/{p.conns}", {}).get("GET" if p.op == "GET" else "SET")
+        if redis_gbps:
+            p.vs_redis = p.gbps / redis_gbps
 
     print()
     print(
@@ -925,11 +931,11 @@ def main(argv: list[str] | None = None) -> int:
         for row in accept_rows:
             cells = []
             for op in ("PUT", "PUT*", "GET"):
-                r = row.get(op)
-                if r:
-                    vl = f"{r['vs_loopback']:.2f}" if r["vs_loopback"] else "-"
-                    vr = f"{r['vs_redis']:.2f}" if r["vs_redis"] else "-"
-                    cells.append(f"{op} {r['gbps']:.2f} GB/s x{vl} loop x{vr} redis")
+                cell = row.get(op)
+                if cell:
+                    vl = f"{cell['vs_loopback']:.2f}" if cell["vs_loopback"] else "-"
+                    vr = f"{cell['vs_redis']:.2f}" if cell["vs_redis"] else "-"
+                    cells.append(f"{op} {cell['gbps']:.2f} GB/s x{vl} loop x{vr} redis")
             print(f"  round {row['round']} c{row['conns']}: " + " | ".join(cells))
     result = {
         "machine": info,

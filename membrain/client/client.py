@@ -17,13 +17,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from membrain import _native
 from membrain.client.breaker import CircuitBreaker
 from membrain.client.endpoints import Endpoint, parse_endpoints
 from membrain.client.placement import Rendezvous
 from membrain.client.pool import ConnectionPool
+
+if TYPE_CHECKING:
+    from membrain.client.pool import NativeConnection
 
 T = TypeVar("T")
 log = logging.getLogger("membrain.client")
@@ -153,7 +156,7 @@ class Client:
         return int((deadline - time.monotonic()) * 1000)
 
     def _call(
-        self, ep: int, fn: Callable[[_native.Connection, int], T], deadline: float, force: bool = False
+        self, ep: int, fn: Callable[[NativeConnection, int], T], deadline: float, force: bool = False
     ) -> T | _Failed:
         """Runs ``fn(conn, timeout_ms)`` on endpoint ``ep`` within the deadline, or returns
         FAILED (breaker open, unreachable, timed out, broken stream)."""
@@ -219,7 +222,7 @@ class Client:
     def _fanout(
         self,
         groups: dict[int, list[int]],
-        fn: Callable[[_native.Connection, int, list[int]], T],
+        fn: Callable[[NativeConnection, int, list[int]], T],
         deadline: float,
     ) -> dict[int, T | _Failed]:
         """Runs ``fn(conn, timeout_ms, indices)`` on each endpoint in parallel (the first one
@@ -250,7 +253,7 @@ class Client:
         self,
         keys: list[bytes],
         deadline: float,
-        op: Callable[[_native.Connection, int, list[int]], list[Any]],
+        op: Callable[[NativeConnection, int, list[int]], list[Any]],
         is_hit: Callable[[Any], bool],
         store: Callable[[int, Any], None],
     ) -> None:
@@ -262,7 +265,7 @@ class Client:
             groups = self._group(keys, pending, rank)
             retry: list[int] = []
             for ep, res in self._fanout(groups, op, deadline).items():
-                if res is FAILED:
+                if isinstance(res, _Failed):
                     retry.extend(groups[ep])
                     continue
                 for i, r in zip(groups[ep], res):
@@ -293,13 +296,13 @@ class Client:
                 for ep in self._placement.owners(key, self.replicas):
                     groups.setdefault(ep, []).append(i)
 
-        def op(conn: _native.Connection, ms: int, idx: list[int]) -> list[int]:
+        def op(conn: NativeConnection, ms: int, idx: list[int]) -> list[int]:
             if len(idx) == len(keys):
                 return conn.put(keys, values, timeout_ms=ms)
             return conn.put([keys[i] for i in idx], [values[i] for i in idx], timeout_ms=ms)
 
         for ep, res in self._fanout(groups, op, deadline).items():
-            if res is FAILED:
+            if isinstance(res, _Failed):
                 continue
             for i, st in zip(groups[ep], res):
                 if st == _OK:
@@ -314,7 +317,7 @@ class Client:
     def _get(self, keys: list[bytes], deadline: float) -> list[bytes | None]:
         out: list[bytes | None] = [None] * len(keys)
 
-        def op(conn: _native.Connection, ms: int, idx: list[int]) -> list[bytes | None]:
+        def op(conn: NativeConnection, ms: int, idx: list[int]) -> list[bytes | None]:
             return conn.get([keys[i] for i in idx], timeout_ms=ms)
 
         self._read_rounds(keys, deadline, op, lambda r: r is not None, out.__setitem__)
@@ -334,7 +337,7 @@ class Client:
     def _get_into(self, keys: list[bytes], buffers: list[Any], deadline: float) -> list[bool]:
         ok = [False] * len(keys)
 
-        def op(conn: _native.Connection, ms: int, idx: list[int]) -> list[int]:
+        def op(conn: NativeConnection, ms: int, idx: list[int]) -> list[int]:
             if len(idx) == len(keys):
                 return conn.get_into(keys, buffers, timeout_ms=ms)
             return conn.get_into([keys[i] for i in idx], [buffers[i] for i in idx], timeout_ms=ms)
@@ -353,7 +356,7 @@ class Client:
     def _exists(self, keys: list[bytes], deadline: float) -> list[bool]:
         out = [False] * len(keys)
 
-        def op(conn: _native.Connection, ms: int, idx: list[int]) -> list[int]:
+        def op(conn: NativeConnection, ms: int, idx: list[int]) -> list[int]:
             return conn.exists([keys[i] for i in idx], timeout_ms=ms)
 
         def store(i: int, _st: int) -> None:
@@ -377,13 +380,13 @@ class Client:
             return next((i for i, p in enumerate(present) if not p), len(keys))
         groups = self._group(keys, range(len(keys)), 0)
 
-        def op(conn: _native.Connection, ms: int, idx: list[int]) -> int:
+        def op(conn: NativeConnection, ms: int, idx: list[int]) -> int:
             return conn.lookup_prefix([keys[i] for i in idx], timeout_ms=ms)
 
         first_missing = len(keys)
         for ep, n in self._fanout(groups, op, deadline).items():
             idx = groups[ep]
-            n = 0 if n is FAILED else int(n)
+            n = 0 if isinstance(n, _Failed) else int(n)
             if n < len(idx):  # this server's first missing key ends the chain there
                 first_missing = min(first_missing, idx[n])
         return first_missing
@@ -398,13 +401,13 @@ class Client:
         if not keys:
             return 0
 
-        def op(conn: _native.Connection, ms: int, idx: list[int]) -> int:
+        def op(conn: NativeConnection, ms: int, idx: list[int]) -> int:
             return conn.delete([keys[i] for i in idx], timeout_ms=ms)
 
         best = 0
         for rank in range(self.replicas):
             res = self._fanout(self._group(keys, range(len(keys)), rank), op, deadline)
-            best = max(best, sum(int(n) for n in res.values() if n is not FAILED))
+            best = max(best, sum(int(n) for n in res.values() if not isinstance(n, _Failed)))
         return best
 
     def stats(self, timeout_ms: int | None = None) -> dict[str, Any]:
@@ -424,9 +427,10 @@ class Client:
         up = 0
         for ep in range(len(self.endpoints)):
             s = res.get(ep, FAILED)
-            per[str(self.endpoints[ep])] = None if s is FAILED else s
-            if s is FAILED:
+            if isinstance(s, _Failed):
+                per[str(self.endpoints[ep])] = None
                 continue
+            per[str(self.endpoints[ep])] = s
             up += 1
             for key, val in s.items():
                 if isinstance(val, int) and not isinstance(val, bool):
@@ -446,7 +450,7 @@ class Client:
         }
         for ep, fut in futures.items():
             r = fut.result()
-            out[str(self.endpoints[ep])] = None if r is FAILED else float(r)
+            out[str(self.endpoints[ep])] = None if isinstance(r, _Failed) else float(r)
         return out
 
     def owners(self, key: bytes | str) -> list[str]:

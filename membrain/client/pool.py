@@ -9,21 +9,27 @@ are all dead, and finding that out one timeout at a time would be slow.
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 from membrain import _native
 from membrain.client.endpoints import Endpoint
 
+if TYPE_CHECKING:
+    from typing import TypeAlias
 
-def connection_class(endpoint: Endpoint) -> type:
+    # Either native connection class: same methods, arguments and errors, no common base.
+    NativeConnection: TypeAlias = _native.Connection | _native.UcxConnection
+
+
+def connection_class(endpoint: Endpoint) -> type[NativeConnection]:
     """The native connection type for an endpoint's transport (same API for both)."""
     if endpoint.transport == "ucx":
-        cls = getattr(_native, "UcxConnection", None)
-        if cls is None:
+        if not hasattr(_native, "UcxConnection"):  # registered only in UCX builds
             raise ValueError(
                 f"{endpoint}: this membrain build has no UCX transport "
                 "(native_info()['ucx'] is False); use a tcp:// endpoint"
             )
-        return cls
+        return _native.UcxConnection
     return _native.Connection
 
 
@@ -42,11 +48,11 @@ class ConnectionPool:
         self.auth_token = auth_token
         self.connect_timeout_ms = connect_timeout_ms
         self.max_idle = max_idle
-        self._idle: list[_native.Connection] = []
+        self._idle: list[NativeConnection] = []
         self._lock = threading.Lock()
         self._closed = False
 
-    def acquire(self, budget_ms: int) -> tuple[_native.Connection, bool]:
+    def acquire(self, budget_ms: int) -> tuple[NativeConnection, bool]:
         """An idle connection (reused=True) or a new one connected within ``budget_ms``.
         Raises ConnectionError (TransportError) when the server cannot be reached."""
         with self._lock:
@@ -65,7 +71,7 @@ class ConnectionPool:
         )
         return conn, False
 
-    def release(self, conn: _native.Connection) -> None:
+    def release(self, conn: NativeConnection) -> None:
         if conn.broken:
             return
         with self._lock:

@@ -129,7 +129,7 @@ class RemoteTier:
             return False
         probe = state == "probe"
 
-        def finish(fut: Future | None, err: BaseException | None = None) -> None:
+        def finish(fut: Future[Any] | None, err: BaseException | None = None) -> None:
             try:
                 res = [False] * n
                 if fut is not None:

@@ -95,5 +95,5 @@ def register() -> None:
             keep_cpu_threads(int(self.tensor_parallel_size or 1), int(self.pipeline_parallel_size or 1))
         return original(self, *args, **kwargs)
 
-    EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]
+    EngineArgs.create_engine_config = create_engine_config
     _patched = True

@@ -32,7 +32,7 @@ COUNTERS = (
 
 class MembrainStats(KVConnectorStats):
     def reset(self) -> None:
-        self.data = {}
+        self.data: dict[str, Any] = {}
 
     def add(self, key: str, value: float) -> None:
         self.data[key] = self.data.get(key, 0) + value
@@ -81,7 +81,7 @@ class MembrainPromMetrics(KVConnectorPromMetrics):
     def __init__(
         self,
         vllm_config: Any,
-        metric_types: dict,
+        metric_types: dict[type[Any], type[Any]],
         labelnames: list[str],
         per_engine_labelvalues: dict[int, list[object]],
     ) -> None:
