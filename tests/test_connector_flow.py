@@ -11,30 +11,10 @@ import torch
 
 pytest.importorskip("vllm")
 
-from test_tiers import FakeClient
+from fakes import FakeClient
+from vllm_kv import make_vllm_kv
 
 BS, LAYERS, BLOCKS = 4, 2, 32
-
-
-def _cfg(cpu_cache: int):
-    vllm_config = NS(
-        kv_transfer_config=NS(
-            kv_connector_extra_config={"cpu_cache_size": cpu_cache, "remote": 0}, is_kv_producer=True
-        ),
-        cache_config=NS(block_size=BS, cache_dtype="auto", prefix_caching_hash_algo="sha256"),
-        model_config=NS(
-            model="m",
-            revision=None,
-            dtype="bfloat16",
-            hf_config=NS(to_json_string=lambda use_diff=False: "{}"),
-        ),
-        parallel_config=NS(tensor_parallel_size=1, pipeline_parallel_size=1),
-        attention_config=None,
-    )
-    page = 2 * BS * 8 * 2  # [heads=2, block=BS, 2*head=8] bf16
-    spec = NS(page_size_bytes=page, block_size=BS, num_kv_heads=2, head_size=4, dtype=torch.bfloat16)
-    kvc = NS(kv_cache_groups=[NS(kv_cache_spec=spec, layer_names=[f"l{i}" for i in range(LAYERS)])])
-    return vllm_config, kvc
 
 
 @pytest.fixture()
@@ -49,15 +29,18 @@ def pair(monkeypatch):
     monkeypatch.setattr(ps, "get_pp_group", lambda: NS(rank_in_group=0))
 
     def make(cpu_cache: int = 1 << 20, remote: FakeClient | None = None):
-        vc, kvc = _cfg(cpu_cache)
-        s = MembrainConnector(vc, KVConnectorRole.SCHEDULER, kvc)
-        w = MembrainConnector(vc, KVConnectorRole.WORKER, kvc)
+        vkv = make_vllm_kv("LBHNC", num_layers=LAYERS, num_blocks=BLOCKS, block_size=BS)
+        vkv.vllm_config.kv_transfer_config.kv_connector_extra_config = {
+            "cpu_cache_size": cpu_cache,
+            "remote": 0,
+        }
+        s = MembrainConnector(vkv.vllm_config, KVConnectorRole.SCHEDULER, vkv.kv_cache_config)
+        w = MembrainConnector(vkv.vllm_config, KVConnectorRole.WORKER, vkv.kv_cache_config)
         if remote is not None:
             w._worker.remote = RemoteTier(remote)
             s._scheduler.remote = s._scheduler.tiers.remote = RemoteTier(remote)
-        kv = {f"l{i}": torch.randn(BLOCKS, 2, BS, 8).to(torch.bfloat16) for i in range(LAYERS)}
-        w.register_kv_caches(kv)
-        return s, w, kv
+        w.register_kv_caches(vkv.kv_caches)
+        return s, w, vkv.kv_caches
 
     return make
 

@@ -8,6 +8,7 @@ from concurrent.futures import Future
 
 import pytest
 import torch
+from fakes import FakeClient
 
 from membrain import ops
 from membrain.tiers.host import HostIndex, HostStore
@@ -15,56 +16,6 @@ from membrain.tiers.manager import Match, TierManager
 from membrain.tiers.remote import RemoteTier
 from membrain.vllm import config as mcfg
 from membrain.vllm import keys as mkeys
-
-
-class FakeClient:
-    """Dict-backed stand-in for membrain.Client (unit tests of the tier policy only)."""
-
-    def __init__(self, fail: bool = False) -> None:
-        self.data: dict[bytes, bytes] = {}
-        self.fail = fail
-        self.lookups = 0
-
-    def lookup_prefix(self, keys):
-        self.lookups += 1
-        if self.fail:
-            raise ConnectionError("down")
-        n = 0
-        for k in keys:
-            if k not in self.data:
-                break
-            n += 1
-        return n
-
-    def get_into(self, keys, bufs):
-        if self.fail:
-            raise TimeoutError("down")
-        out = []
-        for k, b in zip(keys, bufs):
-            v = self.data.get(k)
-            if v is None:
-                out.append(False)
-                continue
-            memoryview(b).cast("B")[: len(v)] = v
-            out.append(True)
-        return out
-
-    def put_async(self, keys, values):
-        f: Future = Future()
-
-        def run():
-            if self.fail:
-                f.set_exception(ConnectionError("down"))
-                return
-            for k, v in zip(keys, values):
-                self.data[k] = bytes(memoryview(v).cast("B"))
-            f.set_result([True] * len(keys))
-
-        threading.Thread(target=run).start()
-        return f
-
-    def close(self):
-        pass
 
 
 def hs(n, tag=b"a"):

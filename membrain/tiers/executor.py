@@ -104,7 +104,7 @@ class TierExecutor:
         # Fetch into pool slots (pinned on CUDA); pageable scratch only on CPU.
         bufs: list[Any] = []
         for _ in rem_idx:
-            slot = store.acquire() if store is not None else None
+            slot: Any = store.acquire() if store is not None else None
             if slot is None and self.kv.device_type == "cpu":
                 slot = bytearray(self.block_bytes)
             bufs.append(slot)
@@ -168,6 +168,7 @@ class TierExecutor:
         handles: list[Any] = []
         for i in to_remote:
             s = store.get(keys[i]) if store is not None else None
+            h: Any
             if s is not None:
                 h = s.share()
             else:

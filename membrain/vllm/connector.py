@@ -64,7 +64,7 @@ def _apply_failure_policy(kv_transfer_config: Any, settings: mcfg.MembrainSettin
         logger.info("Membrain: kv_load_failure_policy set to 'recompute' (a failed load is a miss)")
 
 
-class MembrainConnector(KVConnectorBase_V1):  # type: ignore[misc]
+class MembrainConnector(KVConnectorBase_V1):
     def __init__(
         self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None
     ) -> None:

@@ -3,13 +3,18 @@
 A key is ``mb1:<identity>:<block>`` (ASCII, at most 4 + 32 + 1 + 64 = 101 bytes):
 
 * ``identity`` -- 32 hex chars of SHA-256 over everything that makes the bytes of a block differ
-  between instances: model name/path and a hash of its HF config, model and KV-cache dtypes, the
-  device type, attention backend and KV layout, KV-cache spec (block size, heads, head size,
-  page bytes), number of layers, TP/PP rank and size, and the prefix-caching hash algorithm;
+  between instances: model name/path, a fingerprint of its weights (:mod:`membrain.vllm.weights`)
+  and a hash of its HF config, model and KV-cache dtypes, the device type, attention backend, the
+  byte order of a packed page (``HNC`` or ``NHC``, from the resolved KV-cache layout), KV-cache
+  spec (block size, heads, head size, page bytes), number of layers, TP/PP rank and size, the
+  prefix-caching hash algorithm, and the key epoch (changed by ``reset_cache``);
 * ``block`` -- vLLM's chained block hash (``request.block_hashes``), hex; longer than 32 bytes it
   is itself hashed.
 
-Instances share blocks only when all of this matches. vLLM's block hashes are process-independent
+Instances share blocks only when all of this matches. Requests with different ``cache_salt``
+never share: vLLM folds the salt into the first block's hash, so every chained hash differs.
+The kernel block size is not part of the key: packed pages are the KV block's whole page in page
+order, whether or not the attention backend splits a block into kernel blocks. vLLM's block hashes are process-independent
 only with ``prefix_caching_hash_algo`` ``sha256`` / ``sha256_cbor`` (the default); with the
 ``xxhash`` variants, set the same ``PYTHONHASHSEED`` on every instance. A mismatch is a miss,
 never wrong bytes.
@@ -21,7 +26,20 @@ import hashlib
 import json
 from typing import Any
 
+from membrain.vllm.weights import weights_fingerprint
+
 KEY_VERSION = "mb1"
+
+# Packed page byte order per vLLM 0.32 KVCacheLayout. LHBNC and BHLNC keep H outside N, so a
+# page is num_kv_heads runs of N*C bytes, packed in head order: the same bytes as LBHNC.
+_PAGE_ORDER = {
+    "LBHNC": "HNC",
+    "LHBNC": "HNC",
+    "BLHNC": "HNC",
+    "BHLNC": "HNC",
+    "LBNHC": "NHC",
+    "BLNHC": "NHC",
+}
 
 
 def identity_fields(vllm_config: Any, kv_cache_config: Any, tp_rank: int, pp_rank: int) -> dict[str, Any]:
@@ -52,9 +70,6 @@ def identity_fields(vllm_config: Any, kv_cache_config: Any, tp_rank: int, pp_ran
         device = str(current_platform.device_type)
     except Exception:  # pragma: no cover
         device = "unknown"
-    # vLLM 0.32 has no global layout getter: the layout follows the attention backend, which
-    # follows the device type and the configured backend (both below).
-    layout = "backend-default"
     attn = getattr(vllm_config, "attention_config", None)
     return {
         "v": KEY_VERSION,
@@ -66,7 +81,8 @@ def identity_fields(vllm_config: Any, kv_cache_config: Any, tp_rank: int, pp_ran
         "block_size": cc.block_size,
         "hash_algo": str(getattr(cc, "prefix_caching_hash_algo", None)),
         "device": device,
-        "layout": layout,
+        "page_order": page_order(getattr(cc, "kv_cache_layout", None)),
+        "weights": weights_fingerprint(str(mc.model), getattr(mc, "revision", None)),
         "attn_backend": str(getattr(attn, "backend", None)),
         "groups": groups,
         "tp": [tp_rank, pc.tensor_parallel_size],
@@ -74,9 +90,20 @@ def identity_fields(vllm_config: Any, kv_cache_config: Any, tp_rank: int, pp_ran
     }
 
 
-def identity_digest(fields: dict[str, Any]) -> str:
-    """32 hex chars identifying the KV byte format of one rank."""
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
+def page_order(layout: str | None) -> str:
+    """Byte order of a packed page for a resolved ``KVCacheLayout`` name: ``HNC`` (heads outer:
+    LBHNC, LHBNC, BLHNC, BHLNC) or ``NHC`` (tokens outer: LBNHC, BLNHC). Layouts with one order
+    pack to the same bytes and share KV."""
+    if layout is None:
+        return "unresolved"
+    name = str(layout).rsplit(".", 1)[-1].upper()
+    return _PAGE_ORDER.get(name, name)  # an unknown layout keys only with itself
+
+
+def identity_digest(fields: dict[str, Any], epoch: str = "0") -> str:
+    """32 hex chars identifying the KV byte format of one rank in one key epoch."""
+    blob = json.dumps({**fields, "epoch": epoch}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 def block_key(identity: str, block_hash: bytes) -> bytes:

@@ -10,7 +10,7 @@ from membrain.tiers.manager import LoadPlan, StorePlan
 
 
 @dataclass
-class MembrainMetadata(KVConnectorMetadata):  # type: ignore[misc]
+class MembrainMetadata(KVConnectorMetadata):
     host_capacity: int = 0
     # Key epoch: changes on reset_cache(), after which no key of an earlier epoch is read or
     # written (in-place weight updates never serve stale KV).

@@ -101,7 +101,7 @@ class MembrainScheduler:
             )
             self.enabled = False
             return 1
-        return self.block_size // hash_bs
+        return int(self.block_size // hash_bs)
 
     def _key(self, h: bytes) -> bytes:
         return mkeys.block_key(self.identity, h)
