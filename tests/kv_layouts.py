@@ -1,42 +1,31 @@
-"""Paged-KV tensors built by vLLM 0.32's own code, for every KVCacheLayout, filled with bytes.
+"""Paged-KV tensors built by vLLM 0.32's own code (membrain.bench.vllm_kv), filled with bytes,
+for every KVCacheLayout; and the reference that reads them through their LOGICAL views.
 
-``make_kv_caches`` does for one KV cache group what vLLM's ``get_kv_cache_config_from_groups``
-and the worker's ``allocate_kv_cache`` do: a real ``KVCacheSpec`` (FullAttentionSpec, or
-MLAAttentionSpec for head size 576), the ``KVCacheTensor`` strides from
-``compute_layout_strides``, and the per-layer views from ``create_kv_cache_views`` over one int8
-buffer -- optionally split into kernel blocks. Never hand-made contiguous tensors: their
-strides would hide exactly the layouts that matter.
-
-``reference_gather`` computes the packed bytes from the LOGICAL views, the slow, obvious way.
+Without vllm installed, tests that build caches skip with the reason.
 """
 
 from __future__ import annotations
 
-import torch
-from vllm.v1.kv_cache_interface import (
-    FullAttentionSpec,
-    KVCacheTensor,
-    MLAAttentionSpec,
-    compute_layout_strides,
-    create_kv_cache_views,
-)
-from vllm.v1.kv_cache_layout import KVCacheLayout
+import itertools
 
-LAYOUTS = tuple(layout.name for layout in KVCacheLayout)
+import pytest
+import torch
+
+from membrain.bench.vllm_kv import MLA_HEAD_SIZE, vllm_kv_caches
+
+try:
+    from membrain.bench.vllm_kv import layout_names
+
+    LAYOUTS = layout_names()
+    HAVE_VLLM = True
+except ImportError:  # vLLM's six layouts, so parametrized tests still collect (and skip)
+    LAYOUTS = ("LBHNC", "LBNHC", "LHBNC", "BLHNC", "BLNHC", "BHLNC")
+    HAVE_VLLM = False
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
-HEAD_SIZES = (64, 80, 128, 576)  # 576: MLA (one latent "head", no separate V)
+HEAD_SIZES = (64, 80, 128, MLA_HEAD_SIZE)
 BLOCK_SIZES = (16, 128)
 KERNEL_RATIOS = (1, 2, 4)
-MLA_HEAD_SIZE = 576
 POISON = 0xA5
-
-
-def make_spec(block_size: int, num_kv_heads: int, head_size: int, dtype: torch.dtype):
-    if head_size == MLA_HEAD_SIZE:
-        return MLAAttentionSpec(block_size=block_size, num_kv_heads=1, head_size=head_size, dtype=dtype)
-    return FullAttentionSpec(
-        block_size=block_size, num_kv_heads=num_kv_heads, head_size=head_size, dtype=dtype
-    )
 
 
 def make_kv_caches(
@@ -52,40 +41,66 @@ def make_kv_caches(
     kernel_ratio: int = 1,
     fill: int | None = None,
 ) -> list[torch.Tensor]:
-    """vLLM's per-layer views of one group; random bytes, or every byte ``fill``.
+    """vLLM's per-layer views of one group (vllm_kv_caches); random bytes, or every byte ``fill``."""
+    if not HAVE_VLLM:
+        pytest.skip("vllm is not installed: the KV layouts are built with vLLM's create_kv_cache_views")
+    raw, views = vllm_kv_caches(
+        layout,
+        num_layers,
+        num_blocks,
+        block_size,
+        num_kv_heads,
+        head_size,
+        dtype,
+        device=device,
+        kernel_ratio=kernel_ratio,
+    )
+    if device != "meta":
+        if fill is None:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            data = torch.randint(0, 256, (raw.numel(),), dtype=torch.uint8, generator=gen)
+        else:
+            data = torch.full((raw.numel(),), fill, dtype=torch.uint8)
+        raw.view(torch.uint8).copy_(data)
+    return views
 
-    With ``kernel_ratio`` > 1, dim 0 is ``num_blocks * kernel_ratio`` kernel blocks of
-    ``block_size // kernel_ratio`` tokens; vLLM raises ValueError where the layout does not store
-    blocks as dense pages (block-outermost with several layers, LHBNC/BHLNC with several heads).
-    """
-    kv_layout = KVCacheLayout[layout]
-    spec = make_spec(block_size, num_kv_heads, head_size, dtype)
-    page = spec.page_size_bytes
-    bytes_per_block = num_layers * page
-    # As get_kv_cache_config_from_groups: block-outermost layouts interleave the layers' pages.
-    fixed_block_stride = bytes_per_block if kv_layout.is_block_outermost else None
-    layer_stride, block_stride, *_ = compute_layout_strides(
-        spec, num_blocks, num_layers, kv_layout, fixed_strides=(None, fixed_block_stride, None, None, None)
-    )
-    size = bytes_per_block * num_blocks
-    tensor = KVCacheTensor(
-        size=size,
-        layers=[f"model.layers.{l}.attn" for l in range(num_layers)],
-        layer_stride=layer_stride,
-        block_stride=block_stride,
-    )
-    if device == "meta":  # what the scheduler can build: shapes and strides, no memory
-        raw = torch.empty((size,), dtype=torch.uint8, device="meta")
-    elif fill is None:
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        raw = torch.randint(0, 256, (size,), dtype=torch.uint8, generator=gen)
-    else:
-        raw = torch.full((size,), fill, dtype=torch.uint8)
-    raw = raw.view(torch.int8).to(device)  # vLLM's backing buffer is int8
-    kernel_block_size = block_size // kernel_ratio if kernel_ratio > 1 else None
-    return create_kv_cache_views(
-        raw, spec, num_blocks, kv_layout, tensor, kernel_block_size=kernel_block_size
-    )
+
+def layout_cases() -> list[tuple]:
+    """Every (layout, kernel ratio) x every dtype, cycling head and block sizes so each layout
+    meets each of them; a fixed order, so the sample is the same on every run."""
+    cases = []
+    sizes = list(itertools.product(HEAD_SIZES, BLOCK_SIZES))
+    n = 0
+    for layout, ratio in itertools.product(LAYOUTS, KERNEL_RATIOS):
+        for dtype in DTYPES:
+            head_size, block_size = sizes[n % len(sizes)]
+            n += 3  # co-prime with len(sizes): every pair comes round for every layout
+            cases.append((layout, ratio, dtype, head_size, block_size))
+    return cases
+
+
+# KVCacheLayout's properties, read from the name (L, B outermost pair) so this module imports
+# without vllm; the tests themselves skip without it.
+def block_outermost(layout: str) -> bool:
+    return layout[0] == "B"
+
+
+def block_compact(layout: str) -> bool:
+    return set(layout[:2]) == {"L", "B"}
+
+
+def shape_for(layout: str, ratio: int, head_size: int) -> tuple[int, int]:
+    """(num_layers, num_kv_heads) vLLM accepts: splitting a KV block into kernel blocks needs
+    dense block pages, so one layer for block-outermost layouts and one head where a page is
+    per-head runs (vLLM raises otherwise; test_vllm_refuses_kernel_split_of_sparse_pages)."""
+    layers = 3
+    heads = 1 if head_size == MLA_HEAD_SIZE else 2
+    if ratio > 1:
+        if block_outermost(layout):
+            layers = 1
+        if not block_compact(layout):
+            heads = 1
+    return layers, heads
 
 
 def expected_page_order(layout: str, num_kv_heads: int, tokens_per_kernel_block: int) -> str:

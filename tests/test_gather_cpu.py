@@ -4,7 +4,6 @@ every bad input."""
 
 from __future__ import annotations
 
-import itertools
 import time
 
 import numpy as np
@@ -13,19 +12,16 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from kv_layouts import (
-    BLOCK_SIZES,
-    DTYPES,
-    HEAD_SIZES,
-    KERNEL_RATIOS,
     LAYOUTS,
-    MLA_HEAD_SIZE,
     POISON,
+    block_compact,
     expected_page_order,
+    layout_cases,
     make_kv_caches,
     reference_gather,
     same_bytes,
+    shape_for,
 )
-from vllm.v1.kv_cache_layout import KVCacheLayout
 
 import membrain
 from membrain import ops
@@ -35,43 +31,14 @@ def _poisoned(nbytes: int) -> torch.Tensor:
     return torch.full((nbytes,), POISON, dtype=torch.uint8)
 
 
-def _layout_cases() -> list[tuple]:
-    """Every (layout, kernel ratio) x every dtype, cycling head and block sizes so each layout
-    meets each of them; a fixed order, so the sample is the same on every run."""
-    cases = []
-    sizes = list(itertools.product(HEAD_SIZES, BLOCK_SIZES))
-    n = 0
-    for layout, ratio in itertools.product(LAYOUTS, KERNEL_RATIOS):
-        for dtype in DTYPES:
-            head_size, block_size = sizes[n % len(sizes)]
-            n += 3  # co-prime with len(sizes): every pair comes round for every layout
-            cases.append((layout, ratio, dtype, head_size, block_size))
-    return cases
-
-
-def _shape_for(layout: str, ratio: int, head_size: int) -> tuple[int, int]:
-    """(num_layers, num_kv_heads) vLLM accepts: splitting a KV block into kernel blocks needs
-    dense block pages, so one layer for block-outermost layouts and one head where a page is
-    per-head runs (vLLM raises otherwise; test_vllm_refuses_kernel_split_of_sparse_pages)."""
-    kv_layout = KVCacheLayout[layout]
-    layers = 3
-    heads = 1 if head_size == MLA_HEAD_SIZE else 2
-    if ratio > 1:
-        if kv_layout.is_block_outermost:
-            layers = 1
-        if not kv_layout.is_block_compact:
-            heads = 1
-    return layers, heads
-
-
 @pytest.mark.parametrize(
     "layout,ratio,dtype,head_size,block_size",
-    _layout_cases(),
+    layout_cases(),
     ids=lambda v: str(v).split(".")[-1] if not isinstance(v, int) else str(v),
 )
 def test_every_layout_round_trips_bit_for_bit(layout, ratio, dtype, head_size, block_size, rng):
     num_blocks = 9
-    layers, heads = _shape_for(layout, ratio, head_size)
+    layers, heads = shape_for(layout, ratio, head_size)
     args = (layout, layers, num_blocks, block_size, heads, head_size, dtype)
     kv = make_kv_caches(*args, seed=block_size + head_size, kernel_ratio=ratio)
     desc = ops.describe_kv_caches(kv, num_blocks)
@@ -107,7 +74,7 @@ def test_description_of_each_layout(layout):
     page = 8 * 16 * 256 * 2
     assert desc.page_bytes == page
     assert desc.page_order == ("NHC" if layout in ("LBNHC", "BLNHC") else "HNC")
-    compact = KVCacheLayout[layout].is_block_compact
+    compact = block_compact(layout)
     # Block-compact layouts move one run per page; LHBNC/BHLNC one run per head.
     assert (desc.run_count, desc.run_bytes) == ((1, page) if compact else (8, page // 8))
     assert desc.block_is_one_run == (layout in ("BLHNC", "BLNHC"))
