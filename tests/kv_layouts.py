@@ -40,6 +40,7 @@ def make_kv_caches(
     seed: int = 0,
     kernel_ratio: int = 1,
     fill: int | None = None,
+    page_size_padded: int | None = None,
 ) -> list[torch.Tensor]:
     """vLLM's per-layer views of one group (vllm_kv_caches); random bytes, or every byte ``fill``."""
     if not HAVE_VLLM:
@@ -54,6 +55,7 @@ def make_kv_caches(
         dtype,
         device=device,
         kernel_ratio=kernel_ratio,
+        page_size_padded=page_size_padded,
     )
     if device != "meta":
         if fill is None:

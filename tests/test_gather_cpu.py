@@ -80,6 +80,33 @@ def test_description_of_each_layout(layout):
     assert desc.block_is_one_run == (layout in ("BLHNC", "BLNHC"))
 
 
+@pytest.mark.parametrize("layout", ["LBHNC", "LBNHC", "BLHNC", "BLNHC"])
+def test_padded_pages_skip_the_padding(layout):
+    # Hybrid models pad pages to one size: only block-compact layouts allow it (vLLM asserts).
+    page = 2 * 16 * 128 * 2
+    kv = make_kv_caches(layout, 3, 7, 16, 2, 64, torch.float16, page_size_padded=page + 96)
+    desc = ops.describe_kv_caches(kv)
+    assert desc.page_bytes == page and not desc.block_is_one_run
+    ids = [6, 0, 3, 3]
+    out = _poisoned(desc.packed_nbytes(len(ids)))
+    ops.gather_blocks(desc, ids, out)
+    order = expected_page_order(layout, 2, 16)
+    assert torch.equal(out, reference_gather(kv, ids, order))
+    dest = make_kv_caches(layout, 3, 7, 16, 2, 64, torch.float16, page_size_padded=page + 96, fill=POISON)
+    ops.scatter_blocks(out, dest, ids)
+    back = _poisoned(out.numel())
+    ops.gather_blocks(dest, ids, back)
+    assert torch.equal(back, out)
+    # The padding after each written page is never touched.
+    d = ops.describe_kv_caches(dest)
+    raw = torch.frombuffer(bytearray(bytes(dest[0].untyped_storage())), dtype=torch.uint8)
+    base = dest[0].untyped_storage().data_ptr()
+    for ptr in d.layer_ptrs:
+        for b in set(ids):
+            at = ptr - base + b * d.block_stride + d.page_bytes
+            assert (raw[at : at + 96] == POISON).all()
+
+
 @pytest.mark.parametrize("layout", ["LBHNC", "LBNHC"])
 def test_adjacent_kernel_blocks_merge_into_one_run(layout):
     kv = make_kv_caches(layout, 2, 6, 128, 4, 64, torch.float16, kernel_ratio=4)

@@ -32,13 +32,15 @@ def vllm_kv_caches(
     *,
     device: str = "cpu",
     kernel_ratio: int = 1,
+    page_size_padded: int | None = None,
 ) -> tuple[Any, list[Any]]:
     """(backing int8 buffer, per-layer [B, H, N, C] views) as vLLM's worker would create them.
 
     The buffer is uninitialised (fill it through the returned tensor); on ``device="meta"`` it has
     no memory at all -- what the scheduler can build. With ``kernel_ratio`` > 1, dim 0 is
     ``num_blocks * kernel_ratio`` kernel blocks of ``block_size // kernel_ratio`` tokens; vLLM
-    raises ValueError where the layout does not store blocks as dense pages.
+    raises ValueError where the layout does not store blocks as dense pages. ``page_size_padded``
+    pads every page to that many bytes (as hybrid models do to align page sizes).
     """
     import torch
     from vllm.v1.kv_cache_interface import (
@@ -52,12 +54,22 @@ def vllm_kv_caches(
 
     kv_layout = KVCacheLayout[layout]
     if head_size == MLA_HEAD_SIZE:
-        spec = MLAAttentionSpec(block_size=block_size, num_kv_heads=1, head_size=head_size, dtype=dtype)
+        spec = MLAAttentionSpec(
+            block_size=block_size,
+            num_kv_heads=1,
+            head_size=head_size,
+            dtype=dtype,
+            page_size_padded=page_size_padded,
+        )
     else:
         spec = FullAttentionSpec(
-            block_size=block_size, num_kv_heads=num_kv_heads, head_size=head_size, dtype=dtype
+            block_size=block_size,
+            num_kv_heads=num_kv_heads,
+            head_size=head_size,
+            dtype=dtype,
+            page_size_padded=page_size_padded,
         )
-    bytes_per_block = num_layers * spec.page_size_bytes
+    bytes_per_block = num_layers * spec.page_size_bytes  # padded, when padding is asked for
     # As get_kv_cache_config_from_groups: block-outermost layouts interleave the layers' pages.
     fixed_block_stride = bytes_per_block if kv_layout.is_block_outermost else None
     layer_stride, block_stride, *_ = compute_layout_strides(
