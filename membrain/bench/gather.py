@@ -124,7 +124,7 @@ def _cpu_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 # vLLM layouts measured at 16 KiB pages: bf16, head size 64 (C = 256 B), 4 KV heads, 16 tokens.
 LAYOUT_ROWS = ("LBHNC", "LBNHC", "BLNHC", "LHBNC")
-LAYOUT_SPEC = {"block_size": 16, "num_kv_heads": 4, "head_size": 64}
+LAYOUT_BLOCK_SIZE, LAYOUT_KV_HEADS, LAYOUT_HEAD_SIZE = 16, 4, 64
 
 
 def _layout_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -141,7 +141,9 @@ def _layout_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     num_blocks = blocks * 2  # gather a random half, in random order, as the rows above
     rows = []
     for layout in LAYOUT_ROWS:
-        raw, kv = vllm_kv_caches(layout, layers, num_blocks, dtype=torch.bfloat16, **LAYOUT_SPEC)
+        raw, kv = vllm_kv_caches(
+            layout, layers, num_blocks, LAYOUT_BLOCK_SIZE, LAYOUT_KV_HEADS, LAYOUT_HEAD_SIZE, torch.bfloat16
+        )
         raw.view(torch.uint8).random_(0, 256)
         desc = ops.describe_kv_caches(kv, num_blocks)
         assert desc.page_bytes == page, desc
@@ -172,7 +174,7 @@ def _layout_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             "gather produced wrong bytes"
         )
         g_limit = gbps(nbytes, t_limit)
-        row = {
+        row: dict[str, Any] = {
             "device": "cpu",
             "layout": layout,
             "page_order": desc.page_order,

@@ -220,11 +220,21 @@ def run_cuda_gather_bench(args: Any = None) -> list[dict]:
 # vLLM layouts at 16 KiB pages: bf16, head size 64 (C = 256 B), 4 KV heads, 16 tokens; 32 layers x
 # 512 blocks = 256 MiB per transfer, like the 16 KiB row above.
 LAYOUTS = ("LBNHC", "BLNHC", "LHBNC")
-LAYOUT_SPEC = {"block_size": 16, "num_kv_heads": 4, "head_size": 64}
+LAYOUT_BLOCK_SIZE, LAYOUT_KV_HEADS, LAYOUT_HEAD_SIZE = 16, 4, 64
 LAYOUT_LAYERS, LAYOUT_BLOCKS = 32, 512
 
 
-def _layout_rows(torch, dev, stream, pinned, dev_out, dev_src, gpu, warmup, iters) -> list[dict]:
+def _layout_rows(
+    torch: Any,
+    dev: Any,
+    stream: Any,
+    pinned: Any,
+    dev_out: Any,
+    dev_src: Any,
+    gpu: str,
+    warmup: int,
+    iters: int,
+) -> list[dict[str, Any]]:
     from membrain.bench.vllm_kv import vllm_kv_caches
 
     rows = []
@@ -233,7 +243,7 @@ def _layout_rows(torch, dev, stream, pinned, dev_out, dev_src, gpu, warmup, iter
     nbytes = page * layers * blocks
     out_h, out_d, src_d = pinned[:nbytes], dev_out[:nbytes], dev_src[:nbytes]
 
-    def timed(fn):
+    def timed(fn: Callable[[], Any]) -> float:
         return _median_ms(torch, stream, fn, warmup, iters)
 
     limits = {
@@ -243,7 +253,14 @@ def _layout_rows(torch, dev, stream, pinned, dev_out, dev_src, gpu, warmup, iter
     }
     for layout in LAYOUTS:
         raw, kv = vllm_kv_caches(
-            layout, layers, 2 * blocks, dtype=torch.bfloat16, device=str(dev), **LAYOUT_SPEC
+            layout,
+            layers,
+            2 * blocks,
+            LAYOUT_BLOCK_SIZE,
+            LAYOUT_KV_HEADS,
+            LAYOUT_HEAD_SIZE,
+            torch.bfloat16,
+            device=str(dev),
         )
         raw.view(torch.uint8).random_(0, 256)
         desc = ops.describe_kv_caches(kv, 2 * blocks)
