@@ -1,16 +1,42 @@
 """Gather/scatter of paged KV blocks between vLLM's KV cache and packed buffers.
 
-``kv_caches`` is a sequence of per-layer tensors whose dim 0 is the block index and whose page
-``kv_caches[l][b]`` is one contiguous byte run (vLLM 0.32's CPU layout
-``[num_blocks, num_kv_heads, block_size, 2*head_size]`` and FlashAttention's
-``[num_blocks, block_size, num_kv_heads, 2*head_size]`` both qualify). Pages are treated as
-bytes, whatever the dtype.
+``kv_caches`` is a sequence of per-layer tensors as vLLM 0.32 creates them
+(``vllm.v1.kv_cache_interface.create_kv_cache_views``): logical ``[B, H, N, C]`` views (blocks,
+KV heads, tokens, content: K and V of one token-head in dtype elements) whose *physical* order
+follows the group's ``KVCacheLayout``:
+
+  ========  ==============================  ===========================  ==========
+  layout    page of one block in one layer  moved as                     page_order
+  ========  ==============================  ===========================  ==========
+  LBHNC     one run                         one run per page             HNC
+  LBNHC     one run (CUDA default)          one run per page             NHC
+  BLHNC     one run; a block of all layers  one run per block (adjacent  HNC
+            is one run too                  block ids: one run)
+  BLNHC     as BLHNC                        as BLHNC                     NHC
+  LHBNC     num_kv_heads runs               num_kv_heads runs per page   HNC
+  BHLNC     num_kv_heads runs               num_kv_heads runs per page   HNC
+  ========  ==============================  ===========================  ==========
+
+When vLLM splits a KV block into ``ratio`` kernel blocks, dim 0 is ``num_blocks * ratio``: pass
+``num_blocks`` and KV block ``b`` is kernel rows ``b*ratio .. b*ratio+ratio-1`` (block ids are
+always KV block ids). Tensors of another rank are accepted when each page ``t[b]`` is one
+C-contiguous byte run. Pages are treated as bytes, whatever the dtype.
 
 The packed form is block-major: block ``i`` of ``block_ids``, layer ``l`` lives at byte offset
 ``(i * num_layers + l) * page_bytes`` -- one stored object per vLLM block holding all layers.
+Inside a page the bytes are in the source's physical order (kernel block, then head run), *not*
+transposed to one canonical order. ``PagedKV.page_order`` says which: ``"HNC"`` means a packed
+page equals ``view[b].contiguous()`` (per kernel block), ``"NHC"`` means
+``view[b].permute(1, 0, 2).contiguous()``. Why not canonical bytes: moving whole runs keeps the
+copy at memcpy speed, while transposing at the granularity of C (256-1152 bytes) would cost a
+large share of the bandwidth of a 2-core host; a fleet normally runs one attention backend, and
+two page orders (not six layouts) split the key space -- so the connector puts ``page_order`` and
+the kernel block size into its keys instead.
 
 CPU tensors go through a multi-threaded C++ copy (GIL released); CUDA tensors through one kernel
-launch for all (block, layer) pages on the caller's stream.
+launch for all (block, layer, run) triples on the caller's stream. The scheduler process, which
+has no tensors, runs the same validation with :func:`describe_layer_views` on the shapes and
+strides vLLM would create.
 """
 
 from __future__ import annotations
@@ -32,22 +58,47 @@ CUDA_MODES = ("auto", "mapped", "staged")
 
 @dataclass(frozen=True)
 class PagedKV:
-    """Raw-memory description of a list of per-layer paged KV tensors."""
+    """Raw-memory description of a list of per-layer paged KV tensors (see the module docstring).
+
+    The page of KV block ``b`` in layer ``l`` is the byte runs
+    ``layer_ptrs[l] + b*block_stride + j*sub_stride + h*run_stride`` (``j < sub_count``,
+    ``h < run_count``), each ``run_bytes`` long, already merged into the fewest runs.
+    """
 
     layer_ptrs: list[int]
-    num_blocks: int
-    page_bytes: int
+    num_blocks: int  # KV blocks (block ids are < num_blocks)
+    page_bytes: int  # one KV block of one layer: sub_count * run_count * run_bytes
     block_stride: int
-    device_type: str  # "cpu" or "cuda"
+    device_type: str  # "cpu", "cuda" (or "meta": description only, nothing can be copied)
     device_index: int
+    sub_count: int = 1
+    sub_stride: int = 0
+    run_count: int = 1
+    run_stride: int = 0
+    kernel_ratio: int = 1  # kernel blocks per KV block (dim 0 of the views / num_blocks)
+    kernel_block_size: int | None = None  # N of the [B, H, N, C] views; None for other ranks
+    page_order: str = "HNC"  # "HNC" or "NHC": order of a packed page's bytes
+    block_is_one_run: bool = False  # a block of all layers is one run (BLHNC, BLNHC)
 
     @property
     def num_layers(self) -> int:
         return len(self.layer_ptrs)
 
+    @property
+    def run_bytes(self) -> int:
+        return self.page_bytes // (self.sub_count * self.run_count)
+
     def packed_nbytes(self, n_blocks: int) -> int:
         """Bytes of the packed form of ``n_blocks`` blocks (all layers)."""
         return n_blocks * self.num_layers * self.page_bytes
+
+    def _run_args(self) -> dict[str, int]:
+        return {
+            "sub_count": self.sub_count,
+            "sub_stride": self.sub_stride,
+            "run_count": self.run_count,
+            "run_stride": self.run_stride,
+        }
 
 
 @dataclass(frozen=True)
@@ -58,11 +109,17 @@ class _Buffer:
     device_index: int
 
 
-def describe_kv_caches(kv_caches: Sequence[Any]) -> PagedKV:
+def describe_kv_caches(kv_caches: Sequence[Any], num_blocks: int | None = None) -> PagedKV:
     """Validates the layers and returns their raw layout.
 
+    ``num_blocks`` is the number of KV blocks (vLLM's ``kv_cache_config.num_blocks``); when dim 0
+    of the views is ``num_blocks * ratio``, each KV block is ``ratio`` kernel blocks. Without it,
+    dim 0 counts KV blocks. CPU and CUDA tensors can be copied; meta tensors (vLLM's views
+    built on ``device="meta"``) are described from their storage offsets, for validation only.
+
     Raises ValueError when there are no layers, layers differ in shape, dtype, strides or
-    device, or a page is not one contiguous byte run.
+    device, dim 0 is not a multiple of ``num_blocks``, or the pages are not a layout this
+    module can move (see :func:`describe_layer_views`).
     """
     layers = list(kv_caches)
     if not layers:
@@ -84,35 +141,141 @@ def describe_kv_caches(kv_caches: Sequence[Any]) -> PagedKV:
             )
         if layer.device != device:
             raise ValueError(f"kv_caches[{i}] is on {layer.device}, kv_caches[0] is on {device}")
-    if device.type not in ("cpu", "cuda"):
+    if device.type not in ("cpu", "cuda", "meta"):
         raise ValueError(f"kv_caches live on {device}; only cpu and cuda tensors are supported")
-    num_blocks = shape[0]
-    if num_blocks <= 0:
-        raise ValueError("kv_caches have no blocks (dim 0 is 0)")
     elem = first.element_size()
-    # A page (one block of one layer) must be a dense C-contiguous run of bytes.
-    expected = 1
+    if device.type == "meta":  # no memory: the storage offset is the layer's place in the buffer
+        ptrs = [int(t.storage_offset()) * elem for t in layers]
+    else:
+        ptrs = [int(t.data_ptr()) for t in layers]
+    return describe_layer_views(
+        shape,
+        tuple(s * elem for s in strides),
+        ptrs,
+        elem,
+        device_type=device.type,
+        device_index=device.index if device.index is not None else (0 if device.type == "cuda" else -1),
+        num_blocks=num_blocks,
+    )
+
+
+def describe_layer_views(
+    shape: Sequence[int],
+    byte_strides: Sequence[int],
+    layer_ptrs: Sequence[int],
+    elem_size: int,
+    *,
+    device_type: str = "cpu",
+    device_index: int = -1,
+    num_blocks: int | None = None,
+) -> PagedKV:
+    """The validation and description of :func:`describe_kv_caches`, from numbers only.
+
+    ``shape``/``byte_strides``: one layer's view (all layers alike), strides in bytes;
+    ``layer_ptrs``: each layer's address of element 0 -- or, where there is no memory (the
+    scheduler), its byte offset in the KV buffer (``KVCacheTensor.offset + l * layer_stride``);
+    ``elem_size``: bytes per dtype element. The run description is checked by the same native
+    code that gather/scatter run (no overlapping runs, counts and strides consistent), so a
+    description accepted here is accepted by the copies. Raises ValueError naming the bad value.
+    """
+    shape = tuple(int(d) for d in shape)
+    strides = tuple(int(s) for s in byte_strides)
+    if len(shape) < 1:
+        raise ValueError("kv_caches view is a scalar: dim 0 must be the block index")
+    if len(strides) != len(shape):
+        raise ValueError(f"{len(strides)} strides given for a view of shape {shape}")
+    if elem_size <= 0:
+        raise ValueError(f"element size must be positive, got {elem_size}")
+    dim0 = shape[0]
+    if dim0 <= 0:
+        raise ValueError("kv_caches have no blocks (dim 0 is 0)")
+    if num_blocks is None:
+        num_blocks = dim0
+    if num_blocks <= 0:
+        raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+    if dim0 % num_blocks:
+        raise ValueError(
+            f"dim 0 of kv_caches is {dim0}, not a multiple of num_blocks={num_blocks} "
+            "(kernel blocks must split every KV block evenly)"
+        )
+    ratio = dim0 // num_blocks
+    if len(shape) == 4:
+        page_order, run_count, run_stride, run_bytes = _bhnc_page_runs(shape, strides, elem_size)
+        kernel_block_size: int | None = shape[2]
+    else:
+        page_order, run_count, run_stride = "HNC", 1, 0
+        run_bytes = _contiguous_page_bytes(shape, strides, elem_size)
+        kernel_block_size = None
+    try:
+        merged = _native.describe_paged_layout(
+            [int(p) for p in layer_ptrs],
+            num_blocks,
+            ratio * run_count * run_bytes,
+            ratio * strides[0],
+            sub_count=ratio,
+            sub_stride=strides[0] if ratio > 1 else 0,
+            run_count=run_count,
+            run_stride=run_stride,
+        )
+    except (ValueError, OverflowError, TypeError) as e:
+        raise ValueError(f"kv_caches of shape {shape}, byte strides {strides}: {e}") from None
+    return PagedKV(
+        layer_ptrs=[int(p) for p in layer_ptrs],
+        num_blocks=num_blocks,
+        page_bytes=ratio * run_count * run_bytes,
+        block_stride=ratio * strides[0],
+        device_type=device_type,
+        device_index=device_index,
+        sub_count=merged["sub_count"],
+        sub_stride=merged["sub_stride"],
+        run_count=merged["run_count"],
+        run_stride=merged["run_stride"],
+        kernel_ratio=ratio,
+        kernel_block_size=kernel_block_size,
+        page_order=page_order,
+        block_is_one_run=bool(merged["block_is_one_run"]),
+    )
+
+
+def _bhnc_page_runs(shape: tuple[int, ...], strides: tuple[int, ...], elem: int) -> tuple[str, int, int, int]:
+    """(page_order, run_count, run_stride, run_bytes) of one kernel block of a [B, H, N, C] view.
+
+    A page whose [H, N, C] or [N, H, C] bytes are dense is one run; otherwise (LHBNC, BHLNC)
+    each head's [N, C] must be dense and the page is one run per head. With H or N of one, both
+    orders are the same bytes: reported as "HNC" so such caches share keys across layouts.
+    """
+    _, heads, tokens, content = shape
+    _, s_head, s_token, s_content = strides
+    if content > 1 and s_content != elem:
+        raise ValueError(
+            f"pages of kv_caches are not contiguous: dim 3 (content) has byte stride {s_content}, "
+            f"expected the element size {elem} for shape {shape}"
+        )
+    cell = content * elem  # one token-head: K and V together
+    token_dense = tokens == 1 or s_token == cell
+    if token_dense and (heads == 1 or s_head == tokens * cell):
+        return "HNC", 1, 0, heads * tokens * cell
+    if (heads == 1 or s_head == cell) and (tokens == 1 or s_token == heads * cell):
+        return "NHC", 1, 0, heads * tokens * cell
+    if token_dense:
+        return "HNC", heads, s_head, tokens * cell
+    raise ValueError(
+        f"pages of kv_caches are not contiguous: byte strides {strides} of shape {shape} are not "
+        "one of vLLM's KV cache layouts (a head's tokens must be dense)"
+    )
+
+
+def _contiguous_page_bytes(shape: tuple[int, ...], strides: tuple[int, ...], elem: int) -> int:
+    """Bytes of a page ``t[b]`` that must be one C-contiguous run (views of rank other than 4)."""
+    expected = elem
     for dim in range(len(shape) - 1, 0, -1):
         if shape[dim] != 1 and strides[dim] != expected:
             raise ValueError(
-                f"pages of kv_caches are not contiguous: dim {dim} has stride {strides[dim]}, "
+                f"pages of kv_caches are not contiguous: dim {dim} has byte stride {strides[dim]}, "
                 f"expected {expected} for shape {shape}"
             )
         expected *= shape[dim]
-    page_bytes = expected * elem
-    block_stride = strides[0] * elem
-    if num_blocks > 1 and block_stride < page_bytes:
-        raise ValueError(
-            f"blocks of kv_caches overlap: block stride {block_stride} bytes < page size {page_bytes} bytes"
-        )
-    return PagedKV(
-        layer_ptrs=[int(t.data_ptr()) for t in layers],
-        num_blocks=num_blocks,
-        page_bytes=page_bytes,
-        block_stride=block_stride,
-        device_type=device.type,
-        device_index=device.index if device.index is not None else (0 if device.type == "cuda" else -1),
-    )
+    return expected
 
 
 def packed_nbytes(kv_caches: Sequence[Any], n_blocks: int) -> int:
@@ -140,10 +303,18 @@ def gather_blocks(
     ids = _block_ids(block_ids)
     buf = _buffer(out, "out", writable=True)
     _check_packed_size(kv, ids, buf, "out")
+    _require_memory(kv)
     if kv.device_type == "cpu":
         _require_host(buf, "out")
         _native.gather_cpu(
-            kv.layer_ptrs, kv.num_blocks, kv.page_bytes, kv.block_stride, ids, buf.ptr, buf.nbytes
+            kv.layer_ptrs,
+            kv.num_blocks,
+            kv.page_bytes,
+            kv.block_stride,
+            ids,
+            buf.ptr,
+            buf.nbytes,
+            **kv._run_args(),
         )
         return
     _check_mode(mode)
@@ -159,6 +330,7 @@ def gather_blocks(
         kv.device_index,
         _stream_handle(stream, kv.device_index),
         mode,
+        **kv._run_args(),
     )
 
 
@@ -176,10 +348,18 @@ def scatter_blocks(
     ids = _block_ids(block_ids)
     buf = _buffer(src, "src", writable=False)
     _check_packed_size(kv, ids, buf, "src")
+    _require_memory(kv)
     if kv.device_type == "cpu":
         _require_host(buf, "src")
         _native.scatter_cpu(
-            buf.ptr, buf.nbytes, kv.layer_ptrs, kv.num_blocks, kv.page_bytes, kv.block_stride, ids
+            buf.ptr,
+            buf.nbytes,
+            kv.layer_ptrs,
+            kv.num_blocks,
+            kv.page_bytes,
+            kv.block_stride,
+            ids,
+            **kv._run_args(),
         )
         return
     _check_mode(mode)
@@ -195,6 +375,7 @@ def scatter_blocks(
         kv.device_index,
         _stream_handle(stream, kv.device_index),
         mode,
+        **kv._run_args(),
     )
 
 
@@ -277,6 +458,11 @@ def _check_packed_size(kv: PagedKV, ids: np.ndarray, buf: _Buffer, name: str) ->
             f"{name} holds {buf.nbytes} bytes but {len(ids)} blocks x {kv.num_layers} layers x "
             f"{kv.page_bytes} bytes = {need} are needed"
         )
+
+
+def _require_memory(kv: PagedKV) -> None:
+    if kv.device_type == "meta":
+        raise ValueError("kv_caches are meta tensors: they describe a layout but hold no bytes to copy")
 
 
 def _require_host(buf: _Buffer, name: str) -> None:

@@ -6,7 +6,8 @@
 # Every step runs under `bash -o pipefail` (pipefail is not inherited by `bash -c`), so a
 # failing command is not hidden by its `| tee`.
 # Needs (no network): python3 with torch (CUDA), pybind11, numpy, pytest (hypothesis for the
-# CPU tests), CMake, nvcc, nvidia-smi. Budget: about 6 minutes; each step has its own timeout.
+# CPU tests), CMake, nvcc, nvidia-smi; and vllm for the KV-layout tests and benchmark rows (every
+# KVCacheLayout, built with vLLM's create_kv_cache_views): without it those skip, saying so. Budget: about 6 minutes; each step has its own timeout.
 # Keeps going after a failing step; exits non-zero at the end if any step failed.
 set -uo pipefail
 out="${1:?usage: scripts/gpu_check.sh OUTDIR}"
@@ -66,7 +67,7 @@ export -f sass_check; export out
 export py
 step sass-check 60 bash -o pipefail -c sass_check
 
-# 5. Tests that need neither vLLM nor a server.
+# 5. Tests that need no server (the layout tests build vLLM's views; they skip without vllm).
 tests=(tests/test_gather_cuda.py)
 for t in tests/test_gather_cpu.py tests/test_host_pool.py tests/test_native_info_and_checksum.py tests/test_ops*.py; do
   [ -f "$t" ] && tests+=("$t")
@@ -74,7 +75,7 @@ done
 step pytest 200 bash -o pipefail -c "cd '$here/tests' && '$py' -m pytest -c '$here/pyproject.toml' --rootdir '$here' -q -ra -p no:cacheprovider ${tests[*]//tests\//} --junitxml='$out/junit.xml' 2>&1 \
   | tee '$out/pytest.log'"
 
-# 6. The CUDA gather benchmark (quick configs).
+# 6. The CUDA gather benchmark (quick configs), with its LBNHC, BLNHC and LHBNC layout rows.
 step bench 200 bash -o pipefail -c "cd '$out' && '$py' -m membrain.bench.gather_cuda --quick --out '$out/gather_cuda.json' 2>&1 \
   | tee '$out/bench.log'"
 

@@ -1,4 +1,6 @@
-"""CPU gather/scatter: round trips over vLLM's layouts and dtypes, and every bad input."""
+"""CPU gather/scatter: every vLLM KV cache layout x dtype x head size x block size x kernel-block
+ratio, built by vLLM's own code (tests/kv_layouts.py), bit for bit against the logical views; and
+every bad input."""
 
 from __future__ import annotations
 
@@ -7,42 +9,232 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from kv_layouts import DTYPES, LAYOUTS, make_kv_caches, reference_gather, same_bytes
+from kv_layouts import (
+    LAYOUTS,
+    POISON,
+    block_compact,
+    expected_page_order,
+    layout_cases,
+    make_kv_caches,
+    reference_gather,
+    same_bytes,
+    shape_for,
+)
 
 import membrain
 from membrain import ops
-
-POISON = 0xA5
 
 
 def _poisoned(nbytes: int) -> torch.Tensor:
     return torch.full((nbytes,), POISON, dtype=torch.uint8)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-def test_round_trip_layouts_and_dtypes(layout, dtype, rng):
-    kv = make_kv_caches(
-        layout, num_layers=3, num_blocks=40, block_size=16, num_kv_heads=2, head_size=32, dtype=dtype
-    )
-    ids = rng.integers(0, 40, size=25).tolist() + [0, 39, 7, 7]  # duplicates and both ends
-    out = _poisoned(ops.packed_nbytes(kv, len(ids)))
-    ops.gather_blocks(kv, ids, out)
-    assert torch.equal(out, reference_gather(kv, ids))
+@pytest.mark.parametrize(
+    "layout,ratio,dtype,head_size,block_size",
+    layout_cases(),
+    ids=lambda v: str(v).split(".")[-1] if not isinstance(v, int) else str(v),
+)
+def test_every_layout_round_trips_bit_for_bit(layout, ratio, dtype, head_size, block_size, rng):
+    num_blocks = 9
+    layers, heads = shape_for(layout, ratio, head_size)
+    args = (layout, layers, num_blocks, block_size, heads, head_size, dtype)
+    kv = make_kv_caches(*args, seed=block_size + head_size, kernel_ratio=ratio)
+    desc = ops.describe_kv_caches(kv, num_blocks)
+    order = expected_page_order(layout, heads, block_size // ratio)
+    assert (desc.page_order, desc.kernel_ratio, desc.num_blocks) == (order, ratio, num_blocks)
+    assert desc.kernel_block_size == block_size // ratio
 
-    fresh = [torch.zeros_like(t) for t in kv]
-    ops.scatter_blocks(out, fresh, ids)
-    for layer_new, layer_old in zip(fresh, kv):
+    ids = rng.integers(0, num_blocks, size=5).tolist() + [0, num_blocks - 1, 4, 4]
+    packed = _poisoned(desc.packed_nbytes(len(ids)))
+    ops.gather_blocks(desc, ids, packed)
+    assert torch.equal(packed, reference_gather(kv, ids, order, ratio))
+
+    # Scatter into other block ids of a poisoned cache: the pages land there, nothing else moves.
+    dest = make_kv_caches(*args, kernel_ratio=ratio, fill=POISON)
+    unique = list(dict.fromkeys(ids))
+    targets = [(b + 3) % num_blocks for b in unique]
+    src = torch.cat([packed.view(len(ids), -1)[ids.index(b)] for b in unique])
+    ops.scatter_blocks(src, ops.describe_kv_caches(dest, num_blocks), targets)
+    back = _poisoned(src.numel())
+    ops.gather_blocks(ops.describe_kv_caches(dest, num_blocks), targets, back)
+    assert torch.equal(back, src)
+    for layer_new, layer_old in zip(dest, kv):
+        for b, t in zip(unique, targets):
+            assert same_bytes(layer_new[t * ratio : (t + 1) * ratio], layer_old[b * ratio : (b + 1) * ratio])
+        for t in sorted(set(range(num_blocks)) - set(targets)):
+            assert (layer_new[t * ratio : (t + 1) * ratio].contiguous().view(torch.uint8) == POISON).all()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_description_of_each_layout(layout):
+    kv = make_kv_caches(layout, 4, 6, 16, 8, 128, torch.bfloat16)
+    desc = ops.describe_kv_caches(kv)
+    page = 8 * 16 * 256 * 2
+    assert desc.page_bytes == page
+    assert desc.page_order == ("NHC" if layout in ("LBNHC", "BLNHC") else "HNC")
+    compact = block_compact(layout)
+    # Block-compact layouts move one run per page; LHBNC/BHLNC one run per head.
+    assert (desc.run_count, desc.run_bytes) == ((1, page) if compact else (8, page // 8))
+    assert desc.block_is_one_run == (layout in ("BLHNC", "BLNHC"))
+
+
+@pytest.mark.parametrize("layout", ["LBHNC", "LBNHC", "BLHNC", "BLNHC"])
+def test_padded_pages_skip_the_padding(layout):
+    # Hybrid models pad pages to one size: only block-compact layouts allow it (vLLM asserts).
+    page = 2 * 16 * 128 * 2
+    kv = make_kv_caches(layout, 3, 7, 16, 2, 64, torch.float16, page_size_padded=page + 96)
+    desc = ops.describe_kv_caches(kv)
+    assert desc.page_bytes == page and not desc.block_is_one_run
+    ids = [6, 0, 3, 3]
+    out = _poisoned(desc.packed_nbytes(len(ids)))
+    ops.gather_blocks(desc, ids, out)
+    order = expected_page_order(layout, 2, 16)
+    assert torch.equal(out, reference_gather(kv, ids, order))
+    dest = make_kv_caches(layout, 3, 7, 16, 2, 64, torch.float16, page_size_padded=page + 96, fill=POISON)
+    ops.scatter_blocks(out, dest, ids)
+    back = _poisoned(out.numel())
+    ops.gather_blocks(dest, ids, back)
+    assert torch.equal(back, out)
+    # The padding after each written page is never touched.
+    d = ops.describe_kv_caches(dest)
+    raw = torch.frombuffer(bytearray(bytes(dest[0].untyped_storage())), dtype=torch.uint8)
+    base = dest[0].untyped_storage().data_ptr()
+    for ptr in d.layer_ptrs:
         for b in set(ids):
-            assert same_bytes(layer_new[b], layer_old[b])
-        untouched = sorted(set(range(40)) - set(ids))
-        assert not layer_new[untouched].view(torch.uint8).any()
+            at = ptr - base + b * d.block_stride + d.page_bytes
+            assert (raw[at : at + 96] == POISON).all()
+
+
+@pytest.mark.parametrize("layout", ["LBHNC", "LBNHC"])
+def test_adjacent_kernel_blocks_merge_into_one_run(layout):
+    kv = make_kv_caches(layout, 2, 6, 128, 4, 64, torch.float16, kernel_ratio=4)
+    desc = ops.describe_kv_caches(kv, 6)
+    assert kv[0].shape[0] == 24 and desc.num_blocks == 6 and desc.kernel_ratio == 4
+    assert (desc.sub_count, desc.run_count, desc.run_bytes) == (1, 1, desc.page_bytes)
+
+
+@pytest.mark.parametrize("layout", ["BLNHC", "LHBNC"])
+def test_vllm_refuses_kernel_split_of_sparse_pages(layout):
+    # Why the matrix above splits these layouts only with one layer / one head.
+    with pytest.raises(ValueError, match="dense"):
+        make_kv_caches(layout, 2, 6, 16, 2, 64, torch.float16, kernel_ratio=2)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_scheduler_validates_meta_views_like_the_worker(layout):
+    # The scheduler has no KV memory: vLLM's views built on the meta device give the same
+    # description, layer_ptrs being byte offsets into the buffer.
+    real = make_kv_caches(layout, 3, 8, 16, 2, 64, torch.bfloat16)
+    meta = make_kv_caches(layout, 3, 8, 16, 2, 64, torch.bfloat16, device="meta")
+    base = real[0].untyped_storage().data_ptr()
+    offsets = [t.data_ptr() - base for t in real]
+    by_numbers = ops.describe_layer_views(
+        real[0].shape,
+        [s * real[0].element_size() for s in real[0].stride()],
+        offsets,
+        real[0].element_size(),
+        num_blocks=8,
+    )
+    worker = ops.describe_kv_caches(real, 8)
+    for field in ("num_blocks", "page_bytes", "block_stride", "sub_count", "run_count", "run_stride"):
+        assert getattr(by_numbers, field) == getattr(worker, field)
+    assert (by_numbers.page_order, by_numbers.block_is_one_run) == (
+        worker.page_order,
+        worker.block_is_one_run,
+    )
+    assert ops.describe_kv_caches(meta, 8).page_order == worker.page_order
+    with pytest.raises(ValueError, match="meta"):
+        ops.gather_blocks(ops.describe_kv_caches(meta, 8), [0], _poisoned(worker.packed_nbytes(1)))
+
+
+@pytest.mark.parametrize("layout", ["BLNHC", "BLHNC"])
+def test_adjacent_block_ids_of_whole_block_layouts(layout):
+    # Whole-block runs continue across consecutive ids; threads split those merged runs, and a
+    # duplicate in the middle of a consecutive run must still leave its last occurrence.
+    kv = make_kv_caches(layout, 4, 64, 16, 2, 64, torch.bfloat16, seed=3)
+    ids = list(range(10, 50)) + [5, 6, 7, 6, 63]
+    ops.set_num_threads(3)
+    try:
+        out = _poisoned(ops.packed_nbytes(kv, len(ids)))
+        ops.gather_blocks(kv, ids, out)
+        assert torch.equal(out, reference_gather(kv, ids, "NHC" if layout == "BLNHC" else "HNC"))
+        dest = make_kv_caches(layout, 4, 64, 16, 2, 64, torch.bfloat16, fill=0)
+        src = torch.randint(0, 256, (out.numel(),), dtype=torch.uint8)
+        ops.scatter_blocks(src, dest, ids)
+        rows = src.view(len(ids), -1)
+        back = _poisoned(ops.packed_nbytes(kv, 3))
+        ops.gather_blocks(dest, [5, 6, 7], back)
+        assert torch.equal(back, torch.cat([rows[40], rows[43], rows[42]]))  # 6: last occurrence
+    finally:
+        ops.set_num_threads(0)
+
+
+@given(
+    sub_count=st.integers(1, 3),
+    run_count=st.integers(1, 4),
+    run_bytes=st.integers(1, 40),
+    gaps=st.lists(st.integers(0, 7), min_size=4, max_size=4),
+    num_layers=st.integers(1, 3),
+    order=st.permutations(["run", "sub", "block", "layer"]),
+    ids=st.lists(st.integers(0, 5), max_size=12),
+)
+def test_property_any_nested_run_description_matches_numpy(
+    sub_count, run_count, run_bytes, gaps, num_layers, order, ids
+):
+    """Raw run descriptions: dims nested in any order with gaps (padding) between them."""
+    from membrain import _native
+
+    counts = {"run": run_count, "sub": sub_count, "block": 6, "layer": num_layers}
+    strides, extent = {}, run_bytes
+    for dim, gap in zip(order, gaps):
+        strides[dim] = extent + gap
+        extent = strides[dim] * counts[dim]
+    mem = np.random.default_rng(extent).integers(0, 256, size=extent, dtype=np.uint8)
+    base = mem.ctypes.data
+    layer_ptrs = [base + l * strides["layer"] for l in range(num_layers)]
+    page = sub_count * run_count * run_bytes
+    runs = {
+        "sub_count": sub_count,
+        "sub_stride": strides["sub"],
+        "run_count": run_count,
+        "run_stride": strides["run"],
+    }
+    expected = [
+        mem[o : o + run_bytes]
+        for b in ids
+        for l in range(num_layers)
+        for j in range(sub_count)
+        for h in range(run_count)
+        for o in [l * strides["layer"] + b * strides["block"] + j * strides["sub"] + h * strides["run"]]
+    ]
+    out = np.full(len(ids) * num_layers * page, POISON, dtype=np.uint8)
+    _native.gather_cpu(
+        layer_ptrs,
+        6,
+        page,
+        strides["block"],
+        np.array(ids, dtype=np.int64),
+        out.ctypes.data,
+        out.nbytes,
+        **runs,
+    )
+    assert np.array_equal(out, np.concatenate(expected) if expected else out)
+    mem2 = np.zeros_like(mem)
+    ptrs2 = [mem2.ctypes.data + l * strides["layer"] for l in range(num_layers)]
+    _native.scatter_cpu(
+        out.ctypes.data, out.nbytes, ptrs2, 6, page, strides["block"], np.array(ids, dtype=np.int64), **runs
+    )
+    back = np.full_like(out, POISON)
+    _native.gather_cpu(
+        ptrs2, 6, page, strides["block"], np.array(ids, dtype=np.int64), back.ctypes.data, back.nbytes, **runs
+    )
+    assert np.array_equal(back, out)
 
 
 @pytest.mark.parametrize("num_ids", [1, 2, 17, 1000, 4096])
 def test_block_counts_from_one_to_thousands(num_ids, rng):
     kv = make_kv_caches(
-        "cpu_attn",
+        "LBHNC",
         num_layers=2,
         num_blocks=512,
         block_size=16,
@@ -82,20 +274,21 @@ def test_scatter_duplicates_last_occurrence_wins():
 
 
 def test_gather_into_host_pool_slot_and_numpy():
-    kv = make_kv_caches("flash_attn", 4, 32, 16, 2, 64, torch.bfloat16)
+    kv = make_kv_caches("LBNHC", 4, 32, 16, 2, 64, torch.bfloat16)
     page = ops.describe_kv_caches(kv).page_bytes
+    expected = reference_gather(kv, [1, 2, 3, 4], "NHC").numpy()
     pool = membrain.HostPool(slot_bytes=4 * 4 * page, num_slots=2)
     slot = pool.acquire()
     ops.gather_blocks(kv, [1, 2, 3, 4], slot)
     view = np.frombuffer(slot, dtype=np.uint8)
-    assert np.array_equal(view, reference_gather(kv, [1, 2, 3, 4]).numpy())
+    assert np.array_equal(view, expected)
     arr = np.full(4 * 4 * page, POISON, dtype=np.uint8)
     ops.gather_blocks(kv, [1, 2, 3, 4], arr)
     assert np.array_equal(arr, view)
 
 
 def test_empty_id_list_is_a_no_op():
-    kv = make_kv_caches("cpu_attn", 1, 4, 16, 1, 16, torch.float32)
+    kv = make_kv_caches("LBHNC", 1, 4, 16, 1, 16, torch.float32)
     out = _poisoned(16)
     ops.gather_blocks(kv, [], out)
     assert (out == POISON).all()
@@ -134,7 +327,7 @@ def test_property_gather_matches_reference(num_blocks, num_layers, page_elems, i
 
 @pytest.fixture
 def small_kv():
-    return make_kv_caches("cpu_attn", 2, 8, 16, 1, 16, torch.float16)
+    return make_kv_caches("LBHNC", 2, 8, 16, 1, 16, torch.float16)
 
 
 @pytest.mark.parametrize("bad_id", [8, 100, -1, -8])
@@ -191,7 +384,7 @@ def test_non_contiguous_output_and_bad_ids_raise(small_kv):
 def test_empty_layer_list_and_wrong_types_raise():
     with pytest.raises(ValueError, match="empty"):
         ops.gather_blocks([], [0], torch.empty(16, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="torch.Tensor"):
+    with pytest.raises(ValueError, match=r"torch\.Tensor"):
         ops.gather_blocks([np.zeros((4, 4))], [0], torch.empty(16, dtype=torch.uint8))
 
 
@@ -213,6 +406,61 @@ def test_raw_native_entry_points_validate_too():
         _native.gather_cpu([buf.ctypes.data], 4, 16, 8, np.array([0]), buf.ctypes.data, 64)
     with pytest.raises(IndexError):
         _native.gather_cpu([buf.ctypes.data], 4, 16, 16, np.array([4]), buf.ctypes.data, 64)
+
+
+def test_kernel_ratio_must_divide_dim0_and_nothing_is_written():
+    kv = make_kv_caches("LBNHC", 2, 8, 16, 2, 64, torch.float16, kernel_ratio=2)  # dim 0 = 16
+    with pytest.raises(ValueError, match="not a multiple of num_blocks=5"):
+        ops.describe_kv_caches(kv, 5)
+    with pytest.raises(ValueError, match="num_blocks must be positive"):
+        ops.describe_kv_caches(kv, 0)
+    desc = ops.describe_kv_caches(kv, 8)
+    out = _poisoned(desc.packed_nbytes(1))
+    with pytest.raises(IndexError, match="block id 8"):  # a kernel row id is not a KV block id
+        ops.gather_blocks(desc, [8], out)
+    assert (out == POISON).all()
+
+
+def test_overlapping_layers_are_rejected_before_writing():
+    kv = make_kv_caches("LBHNC", 2, 8, 16, 2, 64, torch.float16)
+    twice = [kv[0], kv[0]]  # the same memory described as two layers
+    before = kv[0].clone()
+    with pytest.raises(ValueError, match="overlap"):
+        ops.scatter_blocks(_poisoned(ops.packed_nbytes(kv, 1)), twice, [0])
+    assert same_bytes(before, kv[0])
+
+
+def test_views_that_are_no_vllm_layout_are_rejected():
+    base = torch.zeros(8, 16, 2, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="not contiguous"):  # heads inside tokens, tokens sparse
+        ops.describe_kv_caches([base.permute(0, 2, 1, 3)[:, :, ::2]])
+    with pytest.raises(ValueError, match="dim 3"):
+        ops.describe_kv_caches([torch.zeros(8, 2, 16, 128)[..., ::2]])
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"run_count": 3}, "does not split into sub_count \\* run_count = 3"),
+        ({"run_count": 2, "run_stride": 4}, "run_stride 4 is smaller than the 8 bytes"),
+        (
+            {"sub_count": 2, "sub_stride": 8, "run_count": 2, "run_stride": 6},
+            "sub_stride 8 is smaller than the 10 bytes spanned by one run_stride",
+        ),
+        ({"sub_count": 0}, "sub_count must be positive, got 0"),
+        ({"run_count": 2, "run_stride": -8}, "run_stride must not be negative, got -8"),
+    ],
+)
+def test_raw_run_descriptions_are_validated(kwargs, match):
+    from membrain import _native
+
+    mem = np.zeros(4096, dtype=np.uint8)
+    out = np.full(64, POISON, dtype=np.uint8)
+    with pytest.raises(ValueError, match=match):
+        _native.gather_cpu([mem.ctypes.data], 4, 16, 256, np.array([0]), out.ctypes.data, 64, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        _native.describe_paged_layout([0], 4, 16, 256, **kwargs)
+    assert (out == POISON).all()
 
 
 def test_thread_count_is_configurable():

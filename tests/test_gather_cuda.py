@@ -3,7 +3,8 @@ packed buffer on the device, in pinned host memory ("mapped" and "staged") and i
 slot; plus every bad input and concurrent streams.
 
 Skipped (with the reason printed by ``-ra``) where torch sees no CUDA device; runs unchanged on a
-GPU machine. Self-contained on purpose (no shared helpers) so it can travel between branches.
+GPU machine. KV caches are vLLM's own per-layer views (tests/kv_layouts.py: every
+KVCacheLayout, kernel-block splits), checked bit for bit against their logical views.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import threading
 import numpy as np
 import pytest
 import torch
+from kv_layouts import DTYPES, LAYOUTS, layout_cases, make_kv_caches, shape_for
+from kv_layouts import reference_gather as logical_reference
 
 import membrain
 from membrain import _native, ops
@@ -22,10 +25,6 @@ HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(
     not HAS_CUDA, reason="no CUDA device: torch.cuda.is_available() is False (CPU-only torch or no GPU)"
 )
-LAYOUTS = ("cpu_attn", "flash_attn")
-DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.uint8]
-if hasattr(torch, "float8_e4m3fn"):
-    DTYPES.append(torch.float8_e4m3fn)
 # Where the packed side lives, and the mode the op is called with.
 TARGETS = ("device", "pinned-mapped", "pinned-staged", "pinned-auto", "pool-mapped", "pool-staged")
 
@@ -34,18 +33,30 @@ TARGETS = ("device", "pinned-mapped", "pinned-staged", "pinned-auto", "pool-mapp
 
 
 def make_kv(
-    layout, num_layers, num_blocks, block_size, num_kv_heads, head_size, dtype, seed=0, device="cuda"
+    layout,
+    num_layers,
+    num_blocks,
+    block_size,
+    num_kv_heads,
+    head_size,
+    dtype,
+    seed=0,
+    device="cuda",
+    kernel_ratio=1,
 ):
-    """Per-layer dtype views of one uint8 backing buffer, shaped like vLLM 0.32's layers."""
-    if layout == "cpu_attn":
-        shape = (num_blocks, num_kv_heads, block_size, 2 * head_size)
-    else:
-        shape = (num_blocks, block_size, num_kv_heads, 2 * head_size)
-    elem = torch.empty((), dtype=dtype).element_size()
-    per_layer = num_blocks * num_kv_heads * block_size * 2 * head_size * elem
-    gen = torch.Generator().manual_seed(seed)
-    backing = torch.randint(0, 256, (num_layers * per_layer,), dtype=torch.uint8, generator=gen).to(device)
-    return [backing[l * per_layer : (l + 1) * per_layer].view(dtype).view(shape) for l in range(num_layers)]
+    """vLLM's per-layer views (one int8 backing buffer, the layout's strides), random bytes."""
+    return make_kv_caches(
+        layout,
+        num_layers,
+        num_blocks,
+        block_size,
+        num_kv_heads,
+        head_size,
+        dtype,
+        device=device,
+        seed=seed,
+        kernel_ratio=kernel_ratio,
+    )
 
 
 def random_pages(num_layers, num_blocks, page_bytes, seed=0, device="cuda"):
@@ -61,19 +72,31 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def pages(t: torch.Tensor, ids) -> torch.Tensor:
-    """Bytes of pages `ids` of one layer (indexing a uint8 view works for every dtype)."""
-    return t.view(torch.uint8)[list(ids)].cpu()
+    """Bytes of the logical pages `ids` of one layer, whatever its strides."""
+    ids = [int(i) for i in ids]
+    return torch.stack([as_bytes(t[b]) for b in ids]) if ids else torch.empty(0, dtype=torch.uint8)
 
 
 def reference_gather(kv, ids) -> torch.Tensor:
-    """Packed block-major bytes computed the slow, obvious way (on CPU copies of the layers)."""
-    kv = [t.cpu() for t in kv]
-    parts = [as_bytes(layer[b]) for b in ids for layer in kv]
-    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+    """Packed block-major bytes computed the slow, obvious way from the logical views (on CPU
+    copies). The page order is the description's; the CPU suite checks it against each layout
+    (test_description_of_each_layout)."""
+    desc = ops.describe_kv_caches(kv)
+    return logical_reference([t.cpu() for t in kv], [int(i) for i in ids], desc.page_order)
 
 
 def poisoned_like(kv):
-    return [torch.full_like(t.view(torch.uint8), POISON).view(t.dtype) for t in kv]
+    """Poisoned caches with the same strides and layer placement: each backing storage is
+    replaced by a poisoned one and every layer re-viewed onto it."""
+    fresh, storages = [], {}
+    for t in kv:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in storages:
+            storages[key] = torch.full((storage.nbytes(),), POISON, dtype=torch.uint8, device=t.device)
+        base = storages[key].view(t.dtype)
+        fresh.append(torch.as_strided(base, t.shape, t.stride(), t.storage_offset()))
+    return fresh
 
 
 class Packed:
@@ -123,7 +146,7 @@ def scatter_and_check(packed, kv, ids):
     fresh = poisoned_like(kv)
     ops.scatter_blocks(packed.buf, fresh, ids, mode=packed.mode)
     torch.cuda.synchronize()
-    wanted = sorted(set(int(i) for i in ids))
+    wanted = sorted({int(i) for i in ids})
     untouched = sorted(set(range(kv[0].shape[0])) - set(wanted))
     for new, old in zip(fresh, kv):
         assert torch.equal(pages(new, wanted), pages(old, wanted))
@@ -184,12 +207,44 @@ def test_round_trip_layouts_dtypes_and_targets(layout, dtype, target):
 
 
 @needs_cuda
+@pytest.mark.parametrize("target", ["device", "pinned-mapped", "pinned-staged"])
+@pytest.mark.parametrize(
+    "layout,ratio,dtype,head_size,block_size",
+    layout_cases(),
+    ids=lambda v: str(v).split(".")[-1] if not isinstance(v, int) else str(v),
+)
+def test_every_layout_and_kernel_split(layout, ratio, dtype, head_size, block_size, target):
+    num_blocks = 9
+    layers, heads = shape_for(layout, ratio, head_size)
+    kv = make_kv(
+        layout, layers, num_blocks, block_size, heads, head_size, dtype, seed=head_size, kernel_ratio=ratio
+    )
+    desc = ops.describe_kv_caches(kv, num_blocks)
+    ids = [4, 0, 8, 3, 4, 5, 6]
+    packed = Packed(target, desc.packed_nbytes(len(ids)))
+    try:
+        ops.gather_blocks(desc, ids, packed.buf, mode=packed.mode)
+        want = logical_reference([t.cpu() for t in kv], ids, desc.page_order, ratio)
+        assert torch.equal(packed.bytes(), want)
+        fresh = poisoned_like(kv)
+        ops.scatter_blocks(packed.buf, ops.describe_kv_caches(fresh, num_blocks), ids, mode=packed.mode)
+        torch.cuda.synchronize()
+        rows = sorted({b * ratio + j for b in ids for j in range(ratio)})
+        others = sorted(set(range(num_blocks * ratio)) - set(rows))
+        for new, old in zip(fresh, kv):
+            assert torch.equal(pages(new, rows), pages(old, rows))
+            assert bool((pages(new, others) == POISON).all()), "scatter wrote outside block_ids"
+    finally:
+        packed.close()
+
+
+@needs_cuda
 @pytest.mark.parametrize("num_ids", [1, 2, 17, 1000, 4096])
 @pytest.mark.parametrize("target", ["device", "pinned-mapped", "pinned-staged"])
 def test_block_counts_from_one_to_thousands(num_ids, target):
     rng = np.random.default_rng(num_ids)
     kv = make_kv(
-        "flash_attn",
+        "LBNHC",
         num_layers=2,
         num_blocks=512,
         block_size=16,
@@ -219,7 +274,7 @@ def test_any_page_size_takes_a_narrower_path_correctly(page_bytes, target):
 @pytest.mark.parametrize("offset", [1, 2, 4, 8])
 @pytest.mark.parametrize("where", ["device", "pinned"])
 def test_misaligned_packed_pointer(offset, where):
-    kv = make_kv("flash_attn", 2, 16, 16, 2, 64, torch.bfloat16, seed=offset)
+    kv = make_kv("LBNHC", 2, 16, 16, 2, 64, torch.bfloat16, seed=offset)
     ids = [3, 1, 15, 0]
     need = ops.packed_nbytes(kv, len(ids))
     backing = torch.full((need + 16,), POISON, dtype=torch.uint8)
@@ -277,7 +332,7 @@ def test_scatter_duplicates_last_occurrence_wins(target):
 
 @needs_cuda
 def test_empty_id_list_is_a_no_op():
-    kv = make_kv("cpu_attn", 1, 4, 16, 1, 16, torch.float32)
+    kv = make_kv("LBHNC", 1, 4, 16, 1, 16, torch.float32)
     for target in ("device", "pinned-mapped", "pinned-staged"):
         packed = Packed(target, 16)
         ops.gather_blocks(kv, [], packed.buf, mode=packed.mode)
@@ -300,7 +355,7 @@ def test_random_shapes_match_reference():
 
 @needs_cuda
 def test_runs_on_the_given_stream_and_a_raw_stream_handle():
-    kv = make_kv("flash_attn", 4, 64, 16, 2, 64, torch.float16, seed=5)
+    kv = make_kv("LBNHC", 4, 64, 16, 2, 64, torch.float16, seed=5)
     ids = list(range(63, -1, -3))
     side = torch.cuda.Stream()
     out = torch.full((ops.packed_nbytes(kv, len(ids)),), POISON, dtype=torch.uint8, device="cuda")
@@ -319,7 +374,7 @@ def test_runs_on_the_given_stream_and_a_raw_stream_handle():
 def test_back_to_back_calls_without_sync_keep_their_own_metadata():
     # Each call's ids reach the device through reusable staging; calls queued behind a slow
     # kernel must not see a later call's ids.
-    kv = make_kv("flash_attn", 2, 256, 16, 2, 64, torch.bfloat16, seed=11)
+    kv = make_kv("LBNHC", 2, 256, 16, 2, 64, torch.bfloat16, seed=11)
     rng = np.random.default_rng(11)
     id_lists = [rng.integers(0, 256, size=int(rng.integers(1, 200))).tolist() for _ in range(40)]
     outs = [
@@ -336,7 +391,7 @@ def test_back_to_back_calls_without_sync_keep_their_own_metadata():
 
 @needs_cuda
 def test_two_streams_two_threads_concurrently():
-    kv = make_kv("cpu_attn", 4, 128, 16, 2, 64, torch.float16, seed=21)
+    kv = make_kv("LBHNC", 4, 128, 16, 2, 64, torch.float16, seed=21)
     errors = []
 
     def worker(seed, mode):
@@ -386,7 +441,7 @@ def test_cuda_memcpy_binding():
 
 @pytest.fixture
 def small_kv():
-    return make_kv("cpu_attn", 2, 8, 16, 1, 16, torch.float16) if HAS_CUDA else None
+    return make_kv("LBHNC", 2, 8, 16, 1, 16, torch.float16) if HAS_CUDA else None
 
 
 @needs_cuda
@@ -522,7 +577,7 @@ def test_non_contiguous_pages_and_output_raise():
         ops.gather_blocks(
             [base.transpose(1, 2)], [0], torch.empty(16 * 64 * 2, dtype=torch.uint8, device="cuda")
         )
-    kv = make_kv("cpu_attn", 2, 8, 16, 1, 16, torch.float16)
+    kv = make_kv("LBHNC", 2, 8, 16, 1, 16, torch.float16)
     out = torch.empty(4 * ops.packed_nbytes(kv, 1), dtype=torch.uint8, device="cuda")[::2]
     with pytest.raises(ValueError, match="contiguous"):
         ops.gather_blocks(kv, [0], out)
@@ -530,7 +585,7 @@ def test_non_contiguous_pages_and_output_raise():
 
 @needs_cuda
 def test_cuda_cache_with_mixed_layers_raises():
-    kv = make_kv("cpu_attn", 2, 8, 16, 1, 16, torch.float16)
+    kv = make_kv("LBHNC", 2, 8, 16, 1, 16, torch.float16)
     mixed = kv + [torch.zeros_like(kv[0], device="cpu")]
     with pytest.raises(ValueError, match="cpu"):
         ops.gather_blocks(

@@ -22,8 +22,10 @@ void register_cuda_ops(py::module_& m) {
       "gather_cuda",
       [](const std::vector<uintptr_t>& layer_ptrs, int64_t num_blocks, int64_t page_bytes,
          int64_t block_stride, const IdArray& ids, uintptr_t out_ptr, std::size_t out_bytes, int device,
-         uintptr_t stream, const std::string& mode) {
-        const PagedLayout layout = make_layout(layer_ptrs, num_blocks, page_bytes, block_stride);
+         uintptr_t stream, const std::string& mode, int64_t sub_count, int64_t sub_stride, int64_t run_count,
+         int64_t run_stride) {
+        const PagedLayout layout = make_layout(layer_ptrs, num_blocks, page_bytes, block_stride,
+                                               {sub_count, sub_stride, run_count, run_stride});
         const int64_t* id_ptr = id_data(ids);
         const std::size_t n = static_cast<std::size_t>(ids.shape(0));
         const cuda::HostMode host_mode = cuda::parse_host_mode(mode);
@@ -33,15 +35,18 @@ void register_cuda_ops(py::module_& m) {
       },
       py::arg("layer_ptrs"), py::arg("num_blocks"), py::arg("page_bytes"), py::arg("block_stride"),
       py::arg("block_ids"), py::arg("out_ptr"), py::arg("out_bytes"), py::arg("device"), py::arg("stream"),
-      py::arg("mode") = "auto",
+      py::arg("mode") = "auto", py::arg("sub_count") = 1, py::arg("sub_stride") = 0, py::arg("run_count") = 1,
+      py::arg("run_stride") = 0,
       "Enqueues one gather kernel on `stream` (cudaStream_t as int). out: device or pinned host memory; mode "
       "('auto'|'mapped'|'staged') applies to pinned host memory.");
   m.def(
       "scatter_cuda",
       [](uintptr_t src_ptr, std::size_t src_bytes, const std::vector<uintptr_t>& layer_ptrs,
          int64_t num_blocks, int64_t page_bytes, int64_t block_stride, const IdArray& ids, int device,
-         uintptr_t stream, const std::string& mode) {
-        const PagedLayout layout = make_layout(layer_ptrs, num_blocks, page_bytes, block_stride);
+         uintptr_t stream, const std::string& mode, int64_t sub_count, int64_t sub_stride, int64_t run_count,
+         int64_t run_stride) {
+        const PagedLayout layout = make_layout(layer_ptrs, num_blocks, page_bytes, block_stride,
+                                               {sub_count, sub_stride, run_count, run_stride});
         const int64_t* id_ptr = id_data(ids);
         const std::size_t n = static_cast<std::size_t>(ids.shape(0));
         const cuda::HostMode host_mode = cuda::parse_host_mode(mode);
@@ -51,7 +56,8 @@ void register_cuda_ops(py::module_& m) {
       },
       py::arg("src_ptr"), py::arg("src_bytes"), py::arg("layer_ptrs"), py::arg("num_blocks"),
       py::arg("page_bytes"), py::arg("block_stride"), py::arg("block_ids"), py::arg("device"),
-      py::arg("stream"), py::arg("mode") = "auto",
+      py::arg("stream"), py::arg("mode") = "auto", py::arg("sub_count") = 1, py::arg("sub_stride") = 0,
+      py::arg("run_count") = 1, py::arg("run_stride") = 0,
       "The inverse of gather_cuda; duplicate ids: the last occurrence wins.");
   m.def(
       "cuda_memcpy",

@@ -16,14 +16,19 @@ namespace membrain::bindings {
 // Block ids as a C-contiguous int64 array; forcecast converts other integer arrays/lists once.
 using IdArray = pybind11::array_t<int64_t, pybind11::array::c_style | pybind11::array::forcecast>;
 
+// The run description beyond (page_bytes, block_stride), as keyword arguments: kernel blocks per
+// KV block and byte runs per kernel block with their strides. Defaults: a page is one run.
+struct RunArgs {
+  int64_t sub_count = 1;
+  int64_t sub_stride = 0;
+  int64_t run_count = 1;
+  int64_t run_stride = 0;
+};
+
 inline PagedLayout make_layout(const std::vector<uintptr_t>& layer_ptrs, int64_t num_blocks,
-                               int64_t page_bytes, int64_t block_stride) {
-  PagedLayout layout;
-  layout.layer_base = layer_ptrs;
-  layout.num_blocks = num_blocks;
-  layout.page_bytes = page_bytes;
-  layout.block_stride = block_stride;
-  return layout;
+                               int64_t page_bytes, int64_t block_stride, const RunArgs& runs) {
+  return make_paged_layout(layer_ptrs, num_blocks, page_bytes, block_stride, runs.sub_count, runs.sub_stride,
+                           runs.run_count, runs.run_stride);
 }
 
 // Pointer to the ids; the kernels index it as a flat list, so anything but 1-D is rejected.

@@ -18,15 +18,20 @@ constexpr std::size_t kMinBytesPerThread = 256 * 1024;
 // since the transport usually reads a fresh gather right away.
 constexpr std::size_t kStreamingThreshold = 8u << 20;
 
-// Splits the packed byte range evenly over the threads. Each part walks the (block, layer)
-// pages that intersect its range, so pages larger than a part are split between threads and
-// the packed side is always touched sequentially.
+// Splits the packed byte range evenly over the threads. Each part walks the runs of the copy
+// plan (see paged_layout.h) that intersect its range, so runs larger than a part are split
+// between threads and the packed side is always touched sequentially. `skip[i]` (optional)
+// leaves block i alone. When a block of all layers is one run and the next id is the next
+// block, the run continues into it: adjacent ids become one copy.
 template <typename CopyFn>
-void for_each_packed_range(const PagedLayout& layout, std::size_t n_ids, CopyFn&& copy) {
-  const std::size_t layers = layout.num_layers();
-  const std::size_t page = static_cast<std::size_t>(layout.page_bytes);
-  const std::size_t total = n_ids * layers * page;
+void for_each_packed_range(const PagedLayout& plan, const int64_t* ids, std::size_t n_ids,
+                           const std::vector<char>* skip, CopyFn&& copy) {
+  const std::size_t layers = plan.num_layers();
+  const std::size_t run = static_cast<std::size_t>(plan.run_bytes);
+  const std::size_t runs_per_page = static_cast<std::size_t>(plan.runs_per_page());
+  const std::size_t total = n_ids * layers * runs_per_page * run;
   if (total == 0) return;
+  const bool ids_can_merge = layers == 1 && runs_per_page == 1 && plan.block_stride == plan.run_bytes;
   auto pool = copy_pool();
   const std::size_t parts = std::max<std::size_t>(1, std::min(pool->size(), total / kMinBytesPerThread));
   pool->parallel_for(parts, [&](std::size_t part) {
@@ -35,33 +40,44 @@ void for_each_packed_range(const PagedLayout& layout, std::size_t n_ids, CopyFn&
     std::size_t pos = begin;
     const bool streaming = total >= kStreamingThreshold;
     while (pos < end) {
-      const std::size_t flat_page = pos / page;  // = i * layers + l
-      const std::size_t in_page = pos - flat_page * page;
-      const std::size_t len = std::min(page - in_page, end - pos);
-      copy(flat_page / layers, flat_page % layers, in_page, pos, len, streaming);
+      const std::size_t flat_run = pos / run;  // = (i * layers + l) * runs_per_page + k
+      const std::size_t in_run = pos - flat_run * run;
+      const std::size_t flat_page = flat_run / runs_per_page;
+      const std::size_t k = flat_run - flat_page * runs_per_page;
+      std::size_t i = flat_page / layers;
+      const std::size_t l = flat_page - i * layers;
+      std::size_t len = std::min(run - in_run, end - pos);
+      const bool skipped = skip != nullptr && (*skip)[i];
+      if (!skipped) {
+        uint8_t* paged = reinterpret_cast<uint8_t*>(plan.layer_base[l]) + ids[i] * plan.block_stride +
+                         plan.run_offset(static_cast<int64_t>(k)) + in_run;
+        if (ids_can_merge) {
+          while (pos + len < end && i + 1 < n_ids && ids[i + 1] == ids[i] + 1 &&
+                 (skip == nullptr || !(*skip)[i + 1])) {
+            len += std::min(run, end - pos - len);
+            ++i;
+          }
+        }
+        copy(paged, pos, len, streaming);
+      }
       pos += len;
     }
     if (streaming) stream_fence();
   });
 }
 
-inline uint8_t* page_addr(const PagedLayout& layout, std::size_t layer, int64_t block) {
-  return reinterpret_cast<uint8_t*>(layout.layer_base[layer]) + block * layout.block_stride;
-}
-
 }  // namespace
 
 void gather(const PagedLayout& layout, const int64_t* ids, std::size_t n_ids, void* out,
             std::size_t out_bytes) {
-  validate_layout(layout);
+  const PagedLayout plan = copy_plan(layout);  // validates
+  validate_addresses(layout);
   validate_block_ids(ids, n_ids, layout.num_blocks);
   validate_packed_size(out_bytes, layout.packed_bytes(n_ids), "gather output");
   if (n_ids > 0 && out == nullptr) throw std::invalid_argument("gather output pointer is null");
   auto* dst = static_cast<uint8_t*>(out);
-  for_each_packed_range(layout, n_ids,
-                        [&](std::size_t i, std::size_t l, std::size_t in_page, std::size_t pos,
-                            std::size_t len, bool streaming) {
-                          const uint8_t* from = page_addr(layout, l, ids[i]) + in_page;
+  for_each_packed_range(plan, ids, n_ids, nullptr,
+                        [&](const uint8_t* from, std::size_t pos, std::size_t len, bool streaming) {
                           if (streaming) {
                             stream_copy(dst + pos, from, len);
                           } else {
@@ -72,7 +88,8 @@ void gather(const PagedLayout& layout, const int64_t* ids, std::size_t n_ids, vo
 
 void scatter(const void* src, std::size_t src_bytes, const PagedLayout& layout, const int64_t* ids,
              std::size_t n_ids) {
-  validate_layout(layout);
+  const PagedLayout plan = copy_plan(layout);  // validates
+  validate_addresses(layout);
   validate_block_ids(ids, n_ids, layout.num_blocks);
   validate_packed_size(src_bytes, layout.packed_bytes(n_ids), "scatter source");
   if (n_ids > 0 && src == nullptr) throw std::invalid_argument("scatter source pointer is null");
@@ -96,11 +113,8 @@ void scatter(const void* src, std::size_t src_bytes, const PagedLayout& layout, 
     }
   }
   const auto* from = static_cast<const uint8_t*>(src);
-  for_each_packed_range(layout, n_ids,
-                        [&](std::size_t i, std::size_t l, std::size_t in_page, std::size_t pos,
-                            std::size_t len, bool streaming) {
-                          if (!skip.empty() && skip[i]) return;
-                          uint8_t* to = page_addr(layout, l, ids[i]) + in_page;
+  for_each_packed_range(plan, ids, n_ids, skip.empty() ? nullptr : &skip,
+                        [&](uint8_t* to, std::size_t pos, std::size_t len, bool streaming) {
                           if (streaming) {
                             stream_copy(to, from + pos, len);
                           } else {

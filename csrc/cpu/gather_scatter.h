@@ -8,7 +8,8 @@
 
 namespace membrain::cpu {
 
-// Copies block ids[i], layer l into out + (i * L + l) * page_bytes for every i, l.
+// Copies block ids[i], layer l into out + (i * L + l) * page_bytes() for every i, l (the runs of
+// a page in (kernel block, head) order).
 void gather(const PagedLayout& layout, const int64_t* ids, std::size_t n_ids, void* out,
             std::size_t out_bytes);
 // The inverse. With duplicate ids the last occurrence wins, as a sequential loop would do.

@@ -1,12 +1,14 @@
 // CUDA gather/scatter between vLLM's paged KV cache and the packed block-major buffer.
 //
-// One kernel launch moves every (block, layer) page. The work is cut into units: one unit is
-// one chunk of one page, handled by a "group" of G threads (G a power of two, 32..256, sized
-// so small pages do not leave most of a CTA idle). Inside a unit every thread first issues
+// One kernel launch moves every (block, layer, run) triple of the copy plan (paged_layout.h: a
+// page is sub_count * run_count byte runs; block-outermost layouts whose block of all layers is
+// one run are moved as that one run). The work is cut into units: one unit is one chunk of one
+// run, handled by a "group" of G threads (G a power of two, 32..256, sized so small runs do not
+// leave most of a CTA idle). Inside a unit every thread first issues
 // kUnroll independent loads (element lane + k*G, so each k is one coalesced sweep by the
 // group) and only then the kUnroll stores: several loads in flight per thread hide HBM and
-// PCIe latency. Elements are 16 bytes when every address, the page size and the block stride
-// allow it, otherwise the widest of 8/4/2/1 that does, so any page size is correct.
+// PCIe latency. Elements are 16 bytes when every address, the run size and every stride allow
+// it, otherwise the widest of 8/4/2/1 that does, so any page size is correct.
 //
 // The layer base pointers and block ids reach the device through a pinned staging buffer and
 // one small H2D copy on the caller's stream (see DeviceResources::lease_meta).
@@ -46,10 +48,14 @@ struct PageCopyParams {
   const int64_t* rows;           // [num_ids] packed row of ids[i]; nullptr means row i
   std::uint8_t* packed;          // device-accessible packed buffer
   int64_t block_stride;          // bytes between consecutive blocks of a layer
-  int64_t page_elems;            // page bytes / sizeof(V)
+  int64_t sub_stride;            // bytes between kernel blocks of a KV block
+  int64_t run_stride;            // bytes between runs of a kernel block
+  int64_t run_count;             // runs per kernel block
+  int64_t runs_per_page;         // sub_count * run_count
+  int64_t run_elems;             // run bytes / sizeof(V)
   int64_t num_layers;
-  int64_t chunks_per_page;
-  int64_t num_units;  // num_ids * num_layers * chunks_per_page
+  int64_t chunks_per_run;
+  int64_t num_units;  // num_ids * num_layers * runs_per_page * chunks_per_run
 };
 
 template <typename V>
@@ -65,23 +71,35 @@ __device__ __forceinline__ void store_global(V* p, const V& v) {
   *p = v;
 }
 
-// Moves one unit (one chunk of one (row, layer) page). Index is uint32_t when every unit and
-// element index fits, which keeps the per-unit div/mod off the slow 64-bit path.
+// Moves one unit (one chunk of one (row, layer, run) triple). Index is uint32_t when every unit
+// and element index fits, which keeps the per-unit div/mod off the slow 64-bit path.
 template <typename V, bool kToPacked, int kGroupShift, typename Index>
 __device__ __forceinline__ void copy_unit(const PageCopyParams& p, Index u, int lane) {
   constexpr int kGroup = 1 << kGroupShift;
   constexpr Index kChunkElems = Index{kGroup} * kUnroll;
-  const Index chunks_per_page = static_cast<Index>(p.chunks_per_page);
+  const Index chunks_per_run = static_cast<Index>(p.chunks_per_run);
   const Index num_layers = static_cast<Index>(p.num_layers);
-  const Index page_elems = static_cast<Index>(p.page_elems);
+  const Index run_elems = static_cast<Index>(p.run_elems);
   // All threads of a group share u, so these branches and loads are uniform per group.
-  const Index page = u / chunks_per_page;
-  const Index chunk = u - page * chunks_per_page;
+  const Index flat_run = u / chunks_per_run;
+  const Index chunk = u - flat_run * chunks_per_run;
+  Index page = flat_run;
+  int64_t run_offset = 0;
+  int64_t k = 0;
+  if (p.runs_per_page > 1) {  // one-run pages (the contiguous layouts) skip these divisions
+    const Index runs_per_page = static_cast<Index>(p.runs_per_page);
+    page = flat_run / runs_per_page;
+    k = static_cast<int64_t>(flat_run - page * runs_per_page);
+    const int64_t j = k / p.run_count;
+    run_offset = j * p.sub_stride + (k - j * p.run_count) * p.run_stride;
+  }
   const Index i = page / num_layers;
   const Index l = page - i * num_layers;
   const int64_t row = p.rows != nullptr ? p.rows[i] : static_cast<int64_t>(i);
-  V* paged = reinterpret_cast<V*>(p.layers[l] + static_cast<std::uintptr_t>(p.ids[i] * p.block_stride));
-  V* packed = reinterpret_cast<V*>(p.packed) + (row * p.num_layers + static_cast<int64_t>(l)) * p.page_elems;
+  V* paged =
+      reinterpret_cast<V*>(p.layers[l] + static_cast<std::uintptr_t>(p.ids[i] * p.block_stride + run_offset));
+  V* packed = reinterpret_cast<V*>(p.packed) +
+              ((row * p.num_layers + static_cast<int64_t>(l)) * p.runs_per_page + k) * p.run_elems;
   const V* src = kToPacked ? paged : packed;
   V* dst = kToPacked ? packed : paged;
   const Index first = chunk * kChunkElems + static_cast<Index>(lane);
@@ -89,12 +107,12 @@ __device__ __forceinline__ void copy_unit(const PageCopyParams& p, Index u, int 
 #pragma unroll
   for (int k = 0; k < kUnroll; ++k) {
     const Index e = first + static_cast<Index>(k) * kGroup;
-    if (e < page_elems) r[k] = load_nc(src + e);
+    if (e < run_elems) r[k] = load_nc(src + e);
   }
 #pragma unroll
   for (int k = 0; k < kUnroll; ++k) {
     const Index e = first + static_cast<Index>(k) * kGroup;
-    if (e < page_elems) {
+    if (e < run_elems) {
       // Gather output is consumed by a DMA or the transport, not by SMs: stream it
       // (evict-first). Scattered pages are read by attention soon: an ordinary store.
       if constexpr (kToPacked) {
@@ -117,7 +135,7 @@ __global__ void __launch_bounds__(kThreads) page_copy_kernel(const PageCopyParam
   const int64_t start = int64_t{blockIdx.x} * kGroupsPerCta + (threadIdx.x >> kGroupShift);
   // Uniform across the grid: 32-bit index math whenever the unit count and a page's element
   // count (plus one stride of slack) fit, 64-bit otherwise.
-  if (p.num_units + step <= 0xFFFFFFFFll && p.page_elems + int64_t{kGroup} * kUnroll <= 0xFFFFFFFFll) {
+  if (p.num_units + step <= 0xFFFFFFFFll && p.run_elems + int64_t{kGroup} * kUnroll <= 0xFFFFFFFFll) {
     for (uint32_t u = static_cast<uint32_t>(start); u < static_cast<uint32_t>(p.num_units);
          u += static_cast<uint32_t>(step))
       copy_unit<V, kToPacked, kGroupShift, uint32_t>(p, u, lane);
@@ -270,21 +288,25 @@ void check_device_and_stream(int device, std::uintptr_t stream) {
 // The widest element (16, 8, 4, 2 or 1 bytes) that divides every address and size involved.
 int element_bytes(const PagedLayout& layout, const void* packed) {
   std::uintptr_t bits =
-      static_cast<std::uintptr_t>(layout.page_bytes) | reinterpret_cast<std::uintptr_t>(packed) | 16;
+      static_cast<std::uintptr_t>(layout.run_bytes) | reinterpret_cast<std::uintptr_t>(packed) | 16;
   if (layout.num_blocks > 1) bits |= static_cast<std::uintptr_t>(layout.block_stride);
+  if (layout.sub_count > 1) bits |= static_cast<std::uintptr_t>(layout.sub_stride);
+  if (layout.run_count > 1) bits |= static_cast<std::uintptr_t>(layout.run_stride);
   for (std::uintptr_t base : layout.layer_base) bits |= base;
   return static_cast<int>(bits & (~bits + 1));  // lowest set bit, at most 16
 }
 
 std::size_t checked_packed_bytes(const PagedLayout& layout, std::size_t n_rows) {
   std::size_t per_block = 0, total = 0;
-  if (__builtin_mul_overflow(layout.num_layers(), static_cast<std::size_t>(layout.page_bytes), &per_block) ||
+  if (__builtin_mul_overflow(layout.num_layers(), static_cast<std::size_t>(layout.page_bytes()),
+                             &per_block) ||
       __builtin_mul_overflow(per_block, n_rows, &total))
     throw std::invalid_argument("packed size of " + std::to_string(n_rows) + " blocks overflows");
   return total;
 }
 
-// Copies the metadata to the device and launches the one kernel. `rows` may be empty.
+// Copies the metadata to the device and launches the one kernel. `layout` is a copy plan
+// (paged_layout.h: copy_plan); `rows` may be empty.
 template <bool kToPacked>
 void launch(const PagedLayout& layout, const std::vector<int64_t>& ids, const std::vector<int64_t>& rows,
             void* packed_device, DeviceResources& res, cudaStream_t stream) {
@@ -306,14 +328,18 @@ void launch(const PagedLayout& layout, const std::vector<int64_t>& ids, const st
   p.rows = rows.empty() ? nullptr : reinterpret_cast<const int64_t*>(dev + (L + n) * 8);
   p.packed = static_cast<std::uint8_t*>(packed_device);
   p.block_stride = layout.block_stride;
-  p.page_elems = layout.page_bytes / vec;
+  p.sub_stride = layout.sub_stride;
+  p.run_stride = layout.run_stride;
+  p.run_count = layout.run_count;
+  p.runs_per_page = layout.runs_per_page();
+  p.run_elems = layout.run_bytes / vec;
   p.num_layers = static_cast<int64_t>(L);
-  // Group size: the power of two that covers a page in one unit (kUnroll elements per
-  // thread), clamped to [one warp, one CTA]; bigger pages are split into several units.
+  // Group size: the power of two that covers a run in one unit (kUnroll elements per
+  // thread), clamped to [one warp, one CTA]; bigger runs are split into several units.
   int shift = kMinGroupShift;
-  while (shift < kMaxGroupShift && (int64_t{1} << shift) * kUnroll < p.page_elems) ++shift;
-  p.chunks_per_page = ceil_div(p.page_elems, (int64_t{1} << shift) * kUnroll);
-  p.num_units = static_cast<int64_t>(n) * p.num_layers * p.chunks_per_page;
+  while (shift < kMaxGroupShift && (int64_t{1} << shift) * kUnroll < p.run_elems) ++shift;
+  p.chunks_per_run = ceil_div(p.run_elems, (int64_t{1} << shift) * kUnroll);
+  p.num_units = static_cast<int64_t>(n) * p.num_layers * p.runs_per_page * p.chunks_per_run;
   switch (vec) {
     case 16:
       launch_vec<uint4, kToPacked>(p, shift, res, stream);
@@ -338,6 +364,7 @@ void launch(const PagedLayout& layout, const std::vector<int64_t>& ids, const st
 std::size_t validate(const PagedLayout& layout, const int64_t* ids, std::size_t n_ids, const void* packed,
                      std::size_t packed_bytes, int device, std::uintptr_t stream, const char* what) {
   validate_layout(layout);
+  validate_addresses(layout);
   if (n_ids > 0 && ids == nullptr) throw std::invalid_argument("block id pointer is null");
   validate_block_ids(ids, n_ids, layout.num_blocks);
   const std::size_t need = checked_packed_bytes(layout, n_ids);
@@ -407,21 +434,22 @@ void gather(const PagedLayout& layout, const int64_t* ids, std::size_t n_ids, vo
   if (n_ids == 0) return;
   DeviceGuard guard(device);
   check_layers(layout, device);
+  const PagedLayout plan = copy_plan(layout);
   const PackedTarget target = classify_packed(out, need, device, "gather output");
   auto& res = DeviceResources::get(device);
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const std::vector<int64_t> id_vec(ids, ids + n_ids);
 
   if (!target.host) {
-    launch<true>(layout, id_vec, {}, target.device_ptr, res, stream);
+    launch<true>(plan, id_vec, {}, target.device_ptr, res, stream);
     return;
   }
   std::unique_ptr<DeviceResources::Scratch> scratch;
   if (resolve_host_mode(mode, target, need, res, stream, scratch) == HostMode::kMapped) {
-    launch<true>(layout, id_vec, {}, target.device_ptr, res, stream);
+    launch<true>(plan, id_vec, {}, target.device_ptr, res, stream);
     return;
   }
-  launch<true>(layout, id_vec, {}, scratch->get(), res, stream);
+  launch<true>(plan, id_vec, {}, scratch->get(), res, stream);
   MEMBRAIN_CUDA_CHECK(cudaMemcpyAsync(out, scratch->get(), need, cudaMemcpyDeviceToHost, stream));
   // `scratch` is freed in stream order, after the copy.
 }
@@ -433,6 +461,7 @@ void scatter(const void* src, std::size_t src_bytes, const PagedLayout& layout, 
   if (n_ids == 0) return;
   DeviceGuard guard(device);
   check_layers(layout, device);
+  const PagedLayout plan = copy_plan(layout);
   const PackedTarget target = classify_packed(src, need, device, "scatter source");
   auto& res = DeviceResources::get(device);
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
@@ -461,16 +490,16 @@ void scatter(const void* src, std::size_t src_bytes, const PagedLayout& layout, 
   }
 
   if (!target.host) {
-    launch<false>(layout, uniq, rows, target.device_ptr, res, stream);
+    launch<false>(plan, uniq, rows, target.device_ptr, res, stream);
     return;
   }
   std::unique_ptr<DeviceResources::Scratch> scratch;
   if (resolve_host_mode(mode, target, need, res, stream, scratch) == HostMode::kMapped) {
-    launch<false>(layout, uniq, rows, target.device_ptr, res, stream);
+    launch<false>(plan, uniq, rows, target.device_ptr, res, stream);
     return;
   }
   MEMBRAIN_CUDA_CHECK(cudaMemcpyAsync(scratch->get(), src, need, cudaMemcpyHostToDevice, stream));
-  launch<false>(layout, uniq, rows, scratch->get(), res, stream);
+  launch<false>(plan, uniq, rows, scratch->get(), res, stream);
 }
 
 void memcpy_async(void* dst, const void* src, std::size_t bytes, int device, std::uintptr_t stream) {
