@@ -53,6 +53,11 @@ def gather_cpu(
     block_ids: _BlockIds,
     out_ptr: int,
     out_bytes: int,
+    *,
+    sub_count: int = 1,
+    sub_stride: int = 0,
+    run_count: int = 1,
+    run_stride: int = 0,
 ) -> None: ...
 def scatter_cpu(
     src_ptr: int,
@@ -62,7 +67,24 @@ def scatter_cpu(
     page_bytes: int,
     block_stride: int,
     block_ids: _BlockIds,
+    *,
+    sub_count: int = 1,
+    sub_stride: int = 0,
+    run_count: int = 1,
+    run_stride: int = 0,
 ) -> None: ...
+def describe_paged_layout(
+    layer_ptrs: Sequence[int],
+    num_blocks: int,
+    page_bytes: int,
+    block_stride: int,
+    sub_count: int = 1,
+    sub_stride: int = 0,
+    run_count: int = 1,
+    run_stride: int = 0,
+) -> dict[str, int | bool]:
+    """Validates a run description as gather/scatter do; returns it merged into the fewest runs."""
+
 def memcpy_cpu(dst_ptr: int, src_ptr: int, nbytes: int, streaming: bool = False) -> None:
     """Contiguous copy on the gather thread pool (the benchmark's limit)."""
 
@@ -87,6 +109,11 @@ def gather_cuda(
     device: int,
     stream: int,
     mode: str = "auto",
+    *,
+    sub_count: int = 1,
+    sub_stride: int = 0,
+    run_count: int = 1,
+    run_stride: int = 0,
 ) -> None:
     """Enqueues one gather kernel on `stream` (cudaStream_t as int). CUDA builds only."""
 
@@ -101,6 +128,11 @@ def scatter_cuda(
     device: int,
     stream: int,
     mode: str = "auto",
+    *,
+    sub_count: int = 1,
+    sub_stride: int = 0,
+    run_count: int = 1,
+    run_stride: int = 0,
 ) -> None:
     """The inverse of gather_cuda; duplicate ids: the last occurrence wins. CUDA builds only."""
 

@@ -24,14 +24,16 @@ C-contiguous byte run. Pages are treated as bytes, whatever the dtype.
 
 The packed form is block-major: block ``i`` of ``block_ids``, layer ``l`` lives at byte offset
 ``(i * num_layers + l) * page_bytes`` -- one stored object per vLLM block holding all layers.
-Inside a page the bytes are in the source's physical order (kernel block, then head run), *not*
-transposed to one canonical order. ``PagedKV.page_order`` says which: ``"HNC"`` means a packed
-page equals ``view[b].contiguous()`` (per kernel block), ``"NHC"`` means
-``view[b].permute(1, 0, 2).contiguous()``. Why not canonical bytes: moving whole runs keeps the
-copy at memcpy speed, while transposing at the granularity of C (256-1152 bytes) would cost a
-large share of the bandwidth of a 2-core host; a fleet normally runs one attention backend, and
-two page orders (not six layouts) split the key space -- so the connector puts ``page_order`` and
-the kernel block size into its keys instead.
+Inside a page the bytes are the KV block's whole logical page in one of two orders, never
+transposed at the granularity of a token-head. ``PagedKV.page_order`` says which: ``"HNC"``
+means a packed page equals the KV block's ``[H, N, C]`` view made contiguous, ``"NHC"`` its
+``[N, H, C]`` permutation. Kernel-block splitting does not change the packed bytes (a split HNC
+page is packed heads outer, kernel blocks inner, in runs of one head's tokens of one kernel
+block; split NHC pages are already back to back), so the key needs no kernel block size. Why
+not one canonical order: moving whole runs keeps the copy at memcpy speed, while transposing at
+the granularity of C (256-1152 bytes) would cost a large share of the bandwidth of a 2-core
+host; a fleet normally runs one attention backend, and two page orders (not six layouts) split
+the key space -- so the connector puts ``page_order`` into its keys.
 
 CPU tensors go through a multi-threaded C++ copy (GIL released); CUDA tensors through one kernel
 launch for all (block, layer, run) triples on the caller's stream. The scheduler process, which
@@ -206,14 +208,23 @@ def describe_layer_views(
         page_order, run_count, run_stride = "HNC", 1, 0
         run_bytes = _contiguous_page_bytes(shape, strides, elem_size)
         kernel_block_size = None
+    # Two nested levels of runs, outer first: kernel blocks, then heads.
+    sub_count, sub_stride = ratio, strides[0] if ratio > 1 else 0
+    heads = shape[1] if len(shape) == 4 else 1
+    if ratio > 1 and page_order == "HNC" and heads > 1:
+        # Packed bytes do not depend on the kernel split: an HNC page is packed as the whole KV
+        # block's [H, N, C], i.e. heads outer and kernel blocks inner (runs of one head's tokens
+        # of one kernel block). Split NHC pages are already [N, H, C] once concatenated.
+        sub_count, sub_stride = heads, strides[1]
+        run_count, run_stride, run_bytes = ratio, strides[0], shape[2] * shape[3] * elem_size
     try:
         merged = _native.describe_paged_layout(
             [int(p) for p in layer_ptrs],
             num_blocks,
-            ratio * run_count * run_bytes,
+            sub_count * run_count * run_bytes,
             ratio * strides[0],
-            sub_count=ratio,
-            sub_stride=strides[0] if ratio > 1 else 0,
+            sub_count=sub_count,
+            sub_stride=sub_stride,
             run_count=run_count,
             run_stride=run_stride,
         )
@@ -222,7 +233,7 @@ def describe_layer_views(
     return PagedKV(
         layer_ptrs=[int(p) for p in layer_ptrs],
         num_blocks=num_blocks,
-        page_bytes=ratio * run_count * run_bytes,
+        page_bytes=sub_count * run_count * run_bytes,
         block_stride=ratio * strides[0],
         device_type=device_type,
         device_index=device_index,

@@ -123,12 +123,15 @@ def page_bytes_of(view: torch.Tensor, page_order: str) -> torch.Tensor:
 def reference_gather(
     kv_caches: list[torch.Tensor], block_ids: list[int], page_order: str = "HNC", kernel_ratio: int = 1
 ) -> torch.Tensor:
-    """Packed block-major bytes: KV block, then layer, then kernel block, from the logical views."""
+    """Packed block-major bytes from the logical views: KV block, then layer, then the KV block's
+    whole page -- its kernel blocks joined along N into one [H, N, C] view -- in ``page_order``.
+    So packed bytes do not depend on how a backend splits a KV block into kernel blocks."""
     parts = []
     for b in block_ids:
         for layer in kv_caches:
-            for j in range(kernel_ratio):
-                parts.append(page_bytes_of(layer[b * kernel_ratio + j], page_order))
+            rows = [layer[b * kernel_ratio + j] for j in range(kernel_ratio)]
+            page = torch.cat(rows, dim=1) if rows[0].dim() == 3 else torch.cat(rows)
+            parts.append(page_bytes_of(page, page_order))
     if not parts:
         return torch.empty(0, dtype=torch.uint8)
     return torch.cat(parts)

@@ -18,11 +18,12 @@ import torch
 
 pytest.importorskip("vllm")
 
-from vllm_kv import LAYOUTS, make_vllm_kv, same_bytes, vllm_config
-
+from membrain.bench.vllm_kv import build_vllm_kv as make_vllm_kv
+from membrain.bench.vllm_kv import layout_names, same_bytes, vllm_config
 from membrain.vllm import config as mcfg
 from membrain.vllm import keys as mkeys
 
+LAYOUTS = layout_names()
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device"))]
 # Kernel-block splitting: vLLM allows it only where a block is one dense page (LB** layouts).
@@ -158,7 +159,7 @@ def test_worker_that_cannot_use_its_tensors_reports_every_planned_block():
     # A second instance whose worker got tensors it cannot describe (a layer missing).
     s2, w2 = _pair(kv, register=False)
     s2._scheduler.tiers = s._scheduler.tiers  # the scheduler believes the host tier has them
-    w2.register_kv_caches({k: v for k, v in list(kv.kv_caches.items())[1:]})
+    w2.register_kv_caches(dict(list(kv.kv_caches.items())[1:]))
     assert w2._worker.unusable
     r2 = _req("r2", 67, 16)
     assert _admit(s2, r2, [8, 9, 10, 11, 12]) == 64
@@ -280,7 +281,7 @@ def test_reset_cache_moves_to_a_new_epoch_and_clears_the_host_tier():
 
 def test_explicit_config_recomputes_failed_loads_unless_told_otherwise():
     kv = make_vllm_kv("LBHNC")
-    s, _ = _pair(kv)
+    _s, _ = _pair(kv)
     assert kv.vllm_config.kv_transfer_config.kv_load_failure_policy == "recompute"
     kv2 = make_vllm_kv("LBHNC")
     _pair(kv2, {"load_failure_policy": "fail"})
@@ -323,6 +324,7 @@ def test_env_and_extra_config_reach_the_same_settings(tmp_path):
 
 def test_hit_sources_events_delivery_and_stats_once_across_ranks(monkeypatch):
     from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+    from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
     from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
     kv = make_vllm_kv("LBHNC")
@@ -333,11 +335,14 @@ def test_hit_sources_events_delivery_and_stats_once_across_ranks(monkeypatch):
     _step(s, w, r1, [0, 1, 2], 0)
     ev = s.take_events()
     assert [type(e) for e in ev] == [BlockStored, BlockStored] and ev[0].ownership == "membrain-host"
-    assert ev[0].token_ids == list(range(16)) and ev[1].parent_block_hash == r1.block_hashes[0]
+    assert ev[0].token_ids == list(range(16)) and ev[1].token_ids == list(range(16, 32))
+    assert ev[1].parent_block_hash == maybe_convert_block_hash(r1.block_hashes[0]) == ev[0].block_hashes[0]
     r2 = _req("r2", 35, 16)
     assert _admit(s, r2, [5, 6, 7]) == 32
     assert s.get_external_cache_hit_sources(r2, 32) == {CacheHitSource.HOST: 32}
-    _step(s, w, _req("r3", 35, 16, tag=b"z"), [8, 9, 10], 0)  # evicts r1's blocks
+    r3 = _req("r3", 35, 16, tag=b"z")
+    _admit(s, r3, [8, 9, 10])
+    _step(s, w, r3, [8, 9, 10], 0)  # its two new blocks evict r1's from the host tier
     assert any(isinstance(e, BlockRemoved) for e in s.take_events())
     s.reset_cache()
     assert any(isinstance(e, AllBlocksCleared) for e in s.take_events())

@@ -105,12 +105,28 @@ def test_padded_pages_skip_the_padding(layout):
             assert (raw[at : at + 96] == POISON).all()
 
 
-@pytest.mark.parametrize("layout", ["LBHNC", "LBNHC"])
-def test_adjacent_kernel_blocks_merge_into_one_run(layout):
-    kv = make_kv_caches(layout, 2, 6, 128, 4, 64, torch.float16, kernel_ratio=4)
+def test_adjacent_kernel_blocks_merge_into_one_run():
+    # NHC: the kernel blocks of a KV block are [Nk, H, C] pages back to back = [N, H, C].
+    kv = make_kv_caches("LBNHC", 2, 6, 128, 4, 64, torch.float16, kernel_ratio=4)
     desc = ops.describe_kv_caches(kv, 6)
     assert kv[0].shape[0] == 24 and desc.num_blocks == 6 and desc.kernel_ratio == 4
     assert (desc.sub_count, desc.run_count, desc.run_bytes) == (1, 1, desc.page_bytes)
+
+
+def test_split_hnc_pages_pack_as_the_whole_kv_block():
+    # HNC: packed bytes are the KV block's [H, N, C] whatever the kernel split, so a backend that
+    # splits blocks shares KV with one that does not: heads outer, kernel blocks inner.
+    split = make_kv_caches("LBHNC", 2, 6, 128, 4, 64, torch.float16, kernel_ratio=4)
+    desc = ops.describe_kv_caches(split, 6)
+    assert (desc.sub_count, desc.run_count, desc.run_bytes) == (4, 4, 32 * 128 * 2)
+    whole = make_kv_caches("LBHNC", 2, 6, 128, 4, 64, torch.float16, fill=0)
+    for layer_split, layer_whole in zip(split, whole):  # the same logical cache, unsplit
+        layer_whole.copy_(layer_split.reshape(6, 4, 4, 32, 128).transpose(1, 2).reshape(6, 4, 128, 128))
+    a = torch.empty(ops.packed_nbytes(whole, 3), dtype=torch.uint8)
+    b = torch.empty_like(a)
+    ops.gather_blocks(ops.describe_kv_caches(whole, 6), [5, 0, 2], a)
+    ops.gather_blocks(desc, [5, 0, 2], b)
+    assert same_bytes(a, b)
 
 
 @pytest.mark.parametrize("layout", ["BLNHC", "LHBNC"])

@@ -10,8 +10,9 @@
 //
 // The packed ("gathered") form used by the host tier and the transport is block-major:
 // block i of the id list, layer l lives at byte (i * num_layers + l) * page_bytes(), and inside a
-// page the runs follow in (j, h) order. Bytes are never transposed, so the packed page is in the
-// physical order of the source (see membrain/ops.py, page_order).
+// page the runs follow in (outer, inner) = (j, h) order. The two levels are only nested strides:
+// Python describes a kernel-split HNC page heads outer, kernel blocks inner, so its packed bytes
+// are the whole KV block's [H, N, C] (see membrain/ops.py, page_order).
 #pragma once
 #include <cstddef>
 #include <cstdint>

@@ -1,15 +1,18 @@
-"""vLLM 0.32's own per-layer KV cache views, for benchmarks and tests.
+"""vLLM 0.32's own KV cache, for benchmarks and tests: the one builder of vLLM-shaped KV.
 
-``vllm_kv_caches`` does for one KV cache group what vLLM's ``get_kv_cache_config_from_groups``
-and the worker's ``allocate_kv_cache`` do: a real ``KVCacheSpec`` (FullAttentionSpec, or
-MLAAttentionSpec for head size 576), the ``KVCacheTensor`` strides from
-``compute_layout_strides``, and the views from ``create_kv_cache_views`` over one int8 buffer,
-optionally split into kernel blocks. Hand-made contiguous tensors would hide exactly the strides
-that matter. Needs vllm (CPU or CUDA build) importable; raises ImportError otherwise.
+:func:`build_vllm_kv` runs what vLLM runs: ``get_kv_cache_config_from_groups`` (the engine core's
+``KVCacheConfig`` for a layout: ``KVCacheTensor`` strides from ``compute_layout_strides``, block-
+outermost interleaving, padded pages) and the worker's ``allocate_kv_cache`` (per-layer strided
+``[B, H, N, C]`` views from ``create_kv_cache_views``, split into kernel blocks when asked), for a
+real ``FullAttentionSpec`` or, for head size 576, ``MLAAttentionSpec``. Hand-made contiguous
+tensors would hide exactly the strides that matter. The small ``vllm_config`` stand-in carries
+only what those functions and the connector read. Needs vllm importable (CPU or CUDA build).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from types import SimpleNamespace as NS
 from typing import Any
 
 MLA_HEAD_SIZE = 576  # DeepSeek-style MLA: one latent "head" of 576, no separate V
@@ -19,6 +22,122 @@ def layout_names() -> tuple[str, ...]:
     from vllm.v1.kv_cache_layout import KVCacheLayout
 
     return tuple(layout.name for layout in KVCacheLayout)
+
+
+@dataclass
+class VllmKV:
+    vllm_config: Any
+    kv_cache_config: Any
+    kv_caches: dict[str, Any]
+    backing: Any  # every byte of the allocation, as one uint8 tensor
+
+    @property
+    def layers(self) -> list[Any]:
+        return [self.kv_caches[n] for n in self.kv_cache_config.kv_cache_groups[0].layer_names]
+
+    def block(self, b: int) -> list[Any]:
+        """KV block ``b`` of every layer through the logical views (all its kernel rows)."""
+        ratio = self.layers[0].shape[0] // self.kv_cache_config.num_blocks
+        return [t[b * ratio : (b + 1) * ratio].clone() for t in self.layers]
+
+
+def vllm_config(
+    layout: str,
+    block_size: int,
+    extra: dict[str, Any] | None = None,
+    model: str = "m",
+    num_blocks: int | None = None,
+) -> Any:
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+
+    return NS(
+        kv_transfer_config=NS(
+            kv_connector_extra_config=dict(extra or {}),
+            is_kv_producer=True,
+            kv_load_failure_policy="fail",
+        ),
+        cache_config=NS(
+            block_size=block_size,
+            cache_dtype="auto",
+            prefix_caching_hash_algo="sha256",
+            kv_cache_layout=layout,
+            get_resolved_kv_cache_layout=lambda: KVCacheLayout[layout],
+            num_gpu_blocks_override=num_blocks,
+            prefix_cache_retention_interval=None,
+        ),
+        model_config=NS(
+            model=model,
+            revision=None,
+            dtype="bfloat16",
+            hf_config=NS(to_json_string=lambda use_diff=False: "{}"),
+        ),
+        parallel_config=NS(tensor_parallel_size=1, pipeline_parallel_size=1),
+        attention_config=NS(backend=None, hisparse_config=None),
+        kv_events_config=NS(enable_kv_cache_events=True),
+    )
+
+
+def build_vllm_kv(
+    layout: str = "LBHNC",
+    *,
+    num_layers: int = 2,
+    num_blocks: int = 32,
+    block_size: int = 16,
+    num_kv_heads: int = 2,
+    head_size: int = 64,
+    dtype: Any = None,
+    kernel_block_size: int | None = None,
+    mla: bool | None = None,
+    page_size_padded: int | None = None,
+    device: str = "cpu",
+    extra: dict[str, Any] | None = None,
+    seed: int | None = 0,
+) -> VllmKV:
+    """The KV cache vLLM builds for one group of ``num_layers`` layers. ``mla`` defaults to
+    ``head_size == 576``; ``seed`` None leaves the (zeroed) allocation as it is, else it is
+    filled with random bytes; ``device="meta"`` allocates nothing (what a scheduler can build)."""
+    import torch
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec, MLAAttentionSpec
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+    from vllm.v1.worker.utils import allocate_kv_cache
+
+    dtype = torch.bfloat16 if dtype is None else dtype
+    if head_size == MLA_HEAD_SIZE if mla is None else mla:
+        spec: Any = MLAAttentionSpec(
+            block_size=block_size,
+            num_kv_heads=1,
+            head_size=head_size,
+            dtype=dtype,
+            page_size_padded=page_size_padded,
+        )
+    else:
+        spec = FullAttentionSpec(
+            block_size=block_size,
+            num_kv_heads=num_kv_heads,
+            head_size=head_size,
+            dtype=dtype,
+            page_size_padded=page_size_padded,
+        )
+    names = [f"model.layers.{i}.self_attn" for i in range(num_layers)]
+    cfg = vllm_config(layout, block_size, extra, num_blocks=num_blocks)
+    kvc = get_kv_cache_config_from_groups(
+        cfg,
+        [KVCacheGroupSpec(layer_names=names, kv_cache_spec=spec)],
+        spec.page_size_bytes * num_layers * num_blocks,
+    )
+    caches = allocate_kv_cache(
+        kvc,
+        torch.device(device),
+        KVCacheLayout[layout],
+        kernel_block_sizes=[kernel_block_size] if kernel_block_size else None,
+    )
+    first = caches[names[0]]
+    backing = torch.empty(0, dtype=torch.uint8, device=first.device).set_(first.untyped_storage())
+    if seed is not None and device != "meta":
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        backing.copy_(torch.randint(0, 256, backing.shape, dtype=torch.uint8, generator=gen))
+    return VllmKV(cfg, kvc, caches, backing)
 
 
 def vllm_kv_caches(
@@ -34,57 +153,31 @@ def vllm_kv_caches(
     kernel_ratio: int = 1,
     page_size_padded: int | None = None,
 ) -> tuple[Any, list[Any]]:
-    """(backing int8 buffer, per-layer [B, H, N, C] views) as vLLM's worker would create them.
-
-    The buffer is uninitialised (fill it through the returned tensor); on ``device="meta"`` it has
-    no memory at all -- what the scheduler can build. With ``kernel_ratio`` > 1, dim 0 is
-    ``num_blocks * kernel_ratio`` kernel blocks of ``block_size // kernel_ratio`` tokens; vLLM
-    raises ValueError where the layout does not store blocks as dense pages. ``page_size_padded``
-    pads every page to that many bytes (as hybrid models do to align page sizes).
-    """
+    """(backing int8 buffer, per-layer views) of :func:`build_vllm_kv`, unfilled: with
+    ``kernel_ratio`` > 1 dim 0 is ``num_blocks * kernel_ratio`` kernel blocks; vLLM raises
+    ValueError where the layout does not store blocks as dense pages."""
     import torch
-    from vllm.v1.kv_cache_interface import (
-        FullAttentionSpec,
-        KVCacheTensor,
-        MLAAttentionSpec,
-        compute_layout_strides,
-        create_kv_cache_views,
-    )
-    from vllm.v1.kv_cache_layout import KVCacheLayout
 
-    kv_layout = KVCacheLayout[layout]
-    if head_size == MLA_HEAD_SIZE:
-        spec = MLAAttentionSpec(
-            block_size=block_size,
-            num_kv_heads=1,
-            head_size=head_size,
-            dtype=dtype,
-            page_size_padded=page_size_padded,
-        )
-    else:
-        spec = FullAttentionSpec(
-            block_size=block_size,
-            num_kv_heads=num_kv_heads,
-            head_size=head_size,
-            dtype=dtype,
-            page_size_padded=page_size_padded,
-        )
-    bytes_per_block = num_layers * spec.page_size_bytes  # padded, when padding is asked for
-    # As get_kv_cache_config_from_groups: block-outermost layouts interleave the layers' pages.
-    fixed_block_stride = bytes_per_block if kv_layout.is_block_outermost else None
-    layer_stride, block_stride, *_ = compute_layout_strides(
-        spec, num_blocks, num_layers, kv_layout, fixed_strides=(None, fixed_block_stride, None, None, None)
+    kv = build_vllm_kv(
+        layout,
+        num_layers=num_layers,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        num_kv_heads=num_kv_heads,
+        head_size=head_size,
+        dtype=dtype,
+        kernel_block_size=block_size // kernel_ratio if kernel_ratio > 1 else None,
+        page_size_padded=page_size_padded,
+        device=device,
+        seed=None,
     )
-    size = bytes_per_block * num_blocks
-    tensor = KVCacheTensor(
-        size=size,
-        layers=[f"model.layers.{l}.attn" for l in range(num_layers)],
-        layer_stride=layer_stride,
-        block_stride=block_stride,
+    return kv.backing.view(torch.int8), kv.layers
+
+
+def same_bytes(a: list[Any], b: list[Any]) -> bool:
+    """Bitwise equality (random bytes include NaN patterns, which torch.equal calls unequal)."""
+    import torch
+
+    return all(
+        torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8)) for x, y in zip(a, b)
     )
-    raw = torch.empty((size,), dtype=torch.int8, device=device)
-    kernel_block_size = block_size // kernel_ratio if kernel_ratio > 1 else None
-    views = create_kv_cache_views(
-        raw, spec, num_blocks, kv_layout, tensor, kernel_block_size=kernel_block_size
-    )
-    return raw, views

@@ -16,10 +16,6 @@ from typing import Any
 
 from membrain import ops
 
-# A fake base address for meta views: any page-aligned non-zero value keeps the checks honest.
-_META_BASE = 1 << 32
-
-
 def _groups(kv_cache_config: Any) -> list[Any]:
     return list(getattr(kv_cache_config, "kv_cache_groups", None) or [])
 
@@ -61,21 +57,6 @@ def _meta_views(vllm_config: Any, kv_cache_config: Any) -> list[Any]:
     return [views[n] for n in names]
 
 
-def describe_meta_views(views: Sequence[Any], num_blocks: int) -> ops.PagedKV:
-    """:func:`membrain.ops.describe_layer_views` on meta tensors (shapes and strides only)."""
-    first = views[0]
-    elem = first.element_size()
-    return ops.describe_layer_views(
-        shape=tuple(first.shape),
-        byte_strides=tuple(s * elem for s in first.stride()),
-        layer_ptrs=[_META_BASE + v.storage_offset() * elem for v in views],
-        elem_size=elem,
-        device_type="cpu",
-        device_index=-1,
-        num_blocks=num_blocks,
-    )
-
-
 def unsupported_groups(kv_cache_config: Any) -> str | None:
     """Why the KV cache groups are not supported (both sides check this), or None."""
     groups = _groups(kv_cache_config)
@@ -93,8 +74,7 @@ def unsupported_reason(vllm_config: Any, kv_cache_config: Any) -> str | None:
     if problem:
         return problem
     try:
-        views = _meta_views(vllm_config, kv_cache_config)
-        describe_meta_views(views, int(kv_cache_config.num_blocks))
+        ops.describe_kv_caches(_meta_views(vllm_config, kv_cache_config), int(kv_cache_config.num_blocks))
     except Exception as e:
         return f"unsupported KV cache layout: {e}"
     return None
