@@ -49,7 +49,8 @@ K8S = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
 UNIT = DEPLOY / "systemd" / "membrain-server.service"
 DROPIN = DEPLOY / "systemd" / "membrain-server.service.d" / "auth.conf"
 
-# vLLM's own metrics the dashboard divides by; checked against the installed vLLM's source.
+# vLLM's own metrics the dashboard divides by; checked against the installed vLLM's source
+# (test_vllm_core_metrics_exist).
 VLLM_CORE = {"vllm:prompt_tokens_total": 'name="vllm:prompt_tokens"'}
 PROMETHEUS_BUILTIN = {"up"}
 _NAME_RE = re.compile(r"(?<![\w:\"'$])((?:vllm:)?membrain_[A-Za-z0-9_]+|vllm:[A-Za-z0-9_:]+)")
@@ -153,6 +154,10 @@ def _pkg_parent() -> Path:
     return Path(membrain.__file__).resolve().parents[1]
 
 
+def test_vllm_core_metrics_exist(vllm_core_names):
+    assert vllm_core_names == set(VLLM_CORE)
+
+
 @pytest.fixture(scope="module")
 def vllm_core_names() -> set[str]:
     pytest.importorskip("vllm", reason="vLLM not installed")
@@ -171,9 +176,34 @@ def _server_exposition(server_factory) -> tuple[object, str]:
         return srv, r.read().decode()
 
 
-def test_every_metric_name_exists(server_factory, vllm_exposition, vllm_core_names):
+def _defined_names() -> set[str]:
+    """The exposed names the code defines: the server's collector tables, and the connector's
+    counters found in membrain/vllm/stats.py's source (read as text: vLLM need not be installed).
+    Counters are exposed with ``_total``."""
+    from membrain.server import metrics
+
+    names = {f"{name}_total" for _, name, _ in metrics._COUNTERS}
+    names |= {name for _, name, _ in metrics._GAUGES}
+    names.add("membrain_requests_total")
+    src = (_pkg_parent() / "membrain" / "vllm" / "stats.py").read_text()
+    counters = re.findall(r"_counter_cls\(\s*name=\"(vllm:membrain_\w+)\"", src)
+    assert len(counters) >= 6 and "_gauge_cls(" not in src and "_histogram_cls(" not in src
+    return names | {f"{n}_total" for n in counters}
+
+
+def test_defined_names_are_what_a_server_exposes(server_factory):
+    """The names read from the code are exactly those a real server and vLLM's metric classes
+    expose (no suffix surprises)."""
     _, text = _server_exposition(server_factory)
-    known = _sample_names(text) | _sample_names(vllm_exposition) | vllm_core_names | PROMETHEUS_BUILTIN
+    assert _sample_names(text) == {n for n in _defined_names() if n.startswith("membrain_")}
+
+
+def test_defined_names_are_what_vllm_exposes(vllm_exposition):
+    assert _sample_names(vllm_exposition) == {n for n in _defined_names() if n.startswith("vllm:")}
+
+
+def test_every_metric_name_exists():
+    known = _defined_names() | set(VLLM_CORE) | PROMETHEUS_BUILTIN
     assert "membrain_hits_total" in known and "vllm:membrain_hit_tokens_total" in known
     used: dict[str, set[str]] = {}
     for alert, expr in _rule_exprs().items():
