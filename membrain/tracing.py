@@ -273,7 +273,9 @@ def load_span(request_id: str, blocks: int) -> Span | _NoopSpan:
 
 def store_span(request_id: str, blocks: int) -> Span | _NoopSpan:
     """Worker side: storing ``blocks`` newly computed blocks of a request. Set ``host_blocks``
-    (stored), ``remote_blocks`` (shipped, completing later), ``dropped_blocks``, ``bytes``."""
+    (stored), ``remote_blocks`` (shipped; they complete in a :func:`remote_store_span`),
+    ``dropped_blocks`` and ``bytes`` (stored in the host tier: the remote bytes belong to the
+    remote span)."""
     if not ENABLED:
         return NOOP
     return start_span("store", request_id, blocks=blocks)
