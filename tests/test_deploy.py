@@ -2,8 +2,9 @@
 structurally everywhere.
 
 * Prometheus rules: ``promtool check rules`` and the rule unit tests (``promtool test rules``);
-* metric names: every name in the alert rules and the dashboard exists, taken from a real
-  server's /metrics and from the connector's vllm:membrain_* metrics registered for real;
+* metric names: every name in the alert rules and the dashboard is one the code defines (the
+  server's collector tables, the connector's counters), and those are exactly what a real
+  server's /metrics and vLLM's metric classes expose;
 * all of it together: a real Prometheus scrapes a real server (and a vLLM exposition), loads the
   rules without errors and answers every dashboard query;
 * Kubernetes: ``kubernetes-validate --strict`` (PyPI; it ships the API schemas, so it works
@@ -12,8 +13,9 @@ structurally everywhere.
 * systemd: ``systemd-analyze verify`` and ``systemd-analyze security --offline``.
 
 Each tool-backed test skips with the reason when its tool is missing (``make system-deps``
-installs promtool and Prometheus from Debian's ``prometheus`` package; the venv gets
-kubernetes-validate).
+installs promtool and Prometheus from Debian's ``prometheus`` package; the Makefile's venv gets
+kubernetes-validate from PyPI). No offline Grafana validator exists: the dashboard's structure is
+checked here, its queries by promtool and by a real Prometheus.
 """
 
 from __future__ import annotations
