@@ -10,7 +10,8 @@ structurally everywhere.
 * Kubernetes: ``kubernetes-validate --strict`` (PyPI; it ships the API schemas, so it works
   offline) plus the fields that matter (probes, ports, annotations, memory limit > --capacity,
   token from a Secret);
-* systemd: ``systemd-analyze verify`` and ``systemd-analyze security --offline``.
+* systemd: ``systemd-analyze verify`` and ``systemd-analyze security --offline``;
+* the StatefulSet's and the unit's command lines start a real server that passes the probes.
 
 Each tool-backed test skips with the reason when its tool is missing (``make system-deps``
 installs promtool and Prometheus from Debian's ``prometheus`` package; the Makefile's venv gets
@@ -564,3 +565,78 @@ def test_systemd_analyze_verify_and_security(tmp_path):
     m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", r.stdout)
     assert m, r.stdout[-2000:] + r.stderr
     assert float(m[1]) <= 2.5, textwrap.shorten(r.stdout, 3000)
+
+
+# ------------------------------------------------------------- the command lines, for real
+
+
+def _start(args: list[str]) -> tuple[subprocess.Popen, str, str]:
+    """Starts `membrain server ARGS`; returns the process and its data and metrics addresses."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "membrain", "server", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(_pkg_parent())),
+    )
+    line = proc.stdout.readline() if proc.stdout else ""
+    m = re.match(r"MEMBRAIN SERVER READY tcp://(\S+) metrics=http://(\S+)", line)
+    if not m:
+        proc.kill()
+        raise AssertionError(f"no READY line: {line!r}")
+    return proc, m[1], m[2]
+
+
+def _local(args: list[str], **values: str) -> list[str]:
+    """The same options with local values: loopback, free ports, a small capacity."""
+    out = []
+    for a in args:
+        key = a.split("=", 1)[0]
+        out.append(f"{key}={values[key]}" if key in values else a)
+    return out
+
+
+@pytest.mark.parametrize("where", ["kubernetes", "systemd"])
+def test_shipped_command_lines_start_a_server_that_passes_its_probes(where, tmp_path):
+    """The StatefulSet's and the unit's own arguments (with loopback, free ports, a small
+    capacity and a local token file swapped in) start a server; the readiness probe's /healthz,
+    the liveness probe's TCP connect and an authenticated `membrain stats` all succeed."""
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    if where == "kubernetes":
+        (ctr,) = _k8s_docs()["StatefulSet"]["spec"]["template"]["spec"]["containers"]
+        assert ctr["command"] == ["membrain", "server"]
+        args = list(ctr["args"])
+    else:
+        kv = _unit_lines(UNIT)
+        (default,) = [v for k, v in kv if k == "Environment" and "MEMBRAIN_ARGS=" in v]
+        split = shlex.split(shlex.split(default)[0].split("=", 1)[1])
+        args = [f"{k}={v}" for k, v in zip(split[::2], split[1::2])]
+        args.append(f"--auth-token-file={token}")  # what the auth.conf drop-in adds
+    args = _local(
+        args,
+        **{
+            "--host": "127.0.0.1",
+            "--port": "0",
+            "--metrics-port": "0",
+            "--capacity": "32MiB",
+            "--auth-token-file": str(token),
+        },
+    )
+    assert "--auth-token-file=" + str(token) in args
+    proc, data, metrics = _start([*args, "--no-prefault"])
+    try:
+        with urllib.request.urlopen(f"http://{metrics}/healthz", timeout=5) as r:
+            assert r.status == 200 and r.read() == b"ok\n"
+        host, port = data.rsplit(":", 1)
+        socket.create_connection((host, int(port)), timeout=5).close()
+        r = _run(
+            [sys.executable, "-m", "membrain", "stats", f"tcp://{data}", "--token-file", str(token)]
+            + ["--interval", "0", "--json"],
+            env=dict(os.environ, PYTHONPATH=str(_pkg_parent())),
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert json.loads(r.stdout)["servers"][0]["capacity_bytes"] == 32 << 20
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0  # SIGTERM drains and exits 0, as the unit and the pod expect
