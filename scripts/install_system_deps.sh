@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Membrain's build, tests and benchmarks use, when they are
 # missing and we are allowed to: libucx-dev (UCX transport), redis-server/redis-tools and
-# iperf3 (transfer benchmark baselines), prometheus (promtool and the server, which
-# tests/test_deploy.py runs against deploy/). Without root or apt it only reports what is
+# iperf3 (transfer benchmark baselines), prometheus (promtool and the server) and strace, which
+# tests/test_deploy.py runs against deploy/. Without root or apt it only reports what is
 # missing; the build then leaves UCX out and the benchmarks and deploy checks skip those parts.
 set -u
 need=()
@@ -12,6 +12,7 @@ command -v redis-benchmark >/dev/null || need+=(redis-tools)
 command -v iperf3 >/dev/null || need+=(iperf3)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v promtool >/dev/null || need+=(prometheus)
+command -v strace >/dev/null || need+=(strace)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "installing Debian packages: ${need[*]}"

@@ -10,7 +10,8 @@ structurally everywhere.
 * Kubernetes: ``kubernetes-validate --strict`` (PyPI; it ships the API schemas, so it works
   offline) plus the fields that matter (probes, ports, annotations, memory limit > --capacity,
   token from a Secret);
-* systemd: ``systemd-analyze verify`` and ``systemd-analyze security --offline``;
+* systemd: ``systemd-analyze verify`` and ``systemd-analyze security --offline``; a real server
+  under strace stays within the unit's system-call filter and address families;
 * the StatefulSet's and the unit's command lines start a real server that passes the probes.
 
 Each tool-backed test skips with the reason when its tool is missing (``make system-deps``
@@ -640,3 +641,90 @@ def test_shipped_command_lines_start_a_server_that_passes_its_probes(where, tmp_
     finally:
         proc.terminate()
         assert proc.wait(30) == 0  # SIGTERM drains and exits 0, as the unit and the pod expect
+
+
+def _syscall_set(analyze: str, group: str) -> set[str]:
+    """The system calls a systemd filter group allows, nested groups expanded."""
+    out: set[str] = set()
+    todo, seen = [group], set()
+    while todo:
+        g = todo.pop()
+        if g in seen:
+            continue
+        seen.add(g)
+        r = _run([analyze, "syscall-filter", g])
+        assert r.returncode == 0, r.stderr
+        for line in r.stdout.splitlines()[1:]:
+            word = line.strip()
+            if not line.startswith((" ", "\t")) or not word or word.startswith("#"):
+                continue
+            if word.startswith("@"):
+                todo.append(word)
+            else:
+                out.add(word)
+    return out
+
+
+def test_server_stays_within_the_units_syscall_filter(tmp_path):
+    """The unit allows only @system-service system calls (anything else kills the process). A
+    real server, traced with strace through start-up, prefault, PUT/GET/EXISTS/LOOKUP_PREFIX/
+    DELETE/STATS/PING, the metrics endpoints and the SIGTERM drain, uses none outside it, and
+    only the socket families RestrictAddressFamilies= allows."""
+    strace = _tool("strace")
+    analyze = _tool("systemd-analyze")
+    unit = dict(_unit_lines(UNIT))
+    assert unit["SystemCallFilter"] == "@system-service"
+    allowed = _syscall_set(analyze, "@system-service")
+    families = set(unit["RestrictAddressFamilies"].split())
+
+    trace = tmp_path / "strace.out"
+    proc = subprocess.Popen(
+        [strace, "-f", "-qq", "-o", str(trace), sys.executable, "-m", "membrain", "server"]
+        + ["--port", "0", "--metrics-port", "0", "--capacity", "32MiB"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(_pkg_parent())),
+    )
+    line = proc.stdout.readline() if proc.stdout else ""
+    m = re.match(r"MEMBRAIN SERVER READY (tcp://\S+) metrics=(http://\S+)", line)
+    if not m:
+        proc.kill()
+        err = proc.stderr.read() if proc.stderr else ""
+        if "ptrace" in err or "Operation not permitted" in err:
+            pytest.skip(f"strace cannot trace here: {err.strip()[:200]}")
+        raise AssertionError(f"no READY line: {line!r} {err[-2000:]}")
+    try:
+        c = Client(m[1])
+        try:
+            keys = [f"k{i}" for i in range(8)]
+            c.put(keys, [os.urandom(100_000) for _ in keys])
+            c.get([*keys, "missing"])
+            c.exists(keys)
+            c.lookup_prefix(keys)
+            c.delete(keys[:2])
+            c.stats()
+            c.ping()
+        finally:
+            c.close()
+        for path in ("/healthz", "/metrics", "/stats"):
+            with urllib.request.urlopen(m[2] + path, timeout=10) as r:
+                r.read()
+    finally:
+        # strace's child is the server: SIGTERM it (the drain), and strace ends with it.
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        for pid in children:
+            os.kill(int(pid), 15)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""  # drained, exited 0
+    text = trace.read_text()
+    used = set(re.findall(r"^\d+ +([a-z_0-9]+)\(", text, re.M))
+    used |= set(re.findall(r"<\.\.\. ([a-z_0-9]+) resumed", text))
+    assert {"epoll_wait", "accept4", "sendmsg"} & used, "the trace missed the server's work"
+    assert not used - allowed, f"system calls outside @system-service: {sorted(used - allowed)}"
+    used_families = set(re.findall(r"socket\((AF_[A-Z0-9]+)", text))
+    assert used_families <= families, used_families - families
