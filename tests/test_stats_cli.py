@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -157,3 +158,35 @@ def test_metrics_stats_url_and_render():
     lines = text.splitlines()
     assert lines[1].startswith("tcp://a:1") and "down" in lines[1] and "(cannot connect)" in lines[1]
     assert lines[-1].startswith("TOTAL (1/2 up)")
+
+
+def test_restarted_server_gets_no_bogus_rates():
+    before = Sample(
+        0.0, {"uptime_s": 500.0, "hits": 900, "misses": 100, "bytes_in": 10**9, "requests": {"GET": 50}}
+    )
+    after = Sample(1.0, {"uptime_s": 0.5, "hits": 0, "misses": 0, "bytes_in": 100, "requests": {"GET": 0}})
+    row = make_row("tcp://a:1", after, before)
+    assert row.up and row.ops_per_s is None and row.in_bytes_per_s is None and row.hit_ratio is None
+
+
+def test_watch_ends_cleanly_on_ctrl_c(server_factory):
+    srv = server_factory(capacity="64MiB")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "membrain", "stats", srv.endpoint, "--watch", "0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=PKG_PARENT),
+    )
+    try:
+        assert proc.stdout is not None
+        line = "-"
+        while line and "SERVER" not in line:  # the first table is out: the loop is running
+            line = proc.stdout.readline()
+        assert line, "no table before EOF"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in err, err
