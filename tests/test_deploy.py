@@ -175,7 +175,7 @@ def vllm_core_names() -> set[str]:
 
 def _server_exposition(server_factory) -> tuple[object, str]:
     srv = server_factory(capacity="64MiB", metrics_port=0)
-    url = srv._handle.metrics_url
+    url = srv.metrics_url
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
         return srv, r.read().decode()
 
@@ -333,7 +333,7 @@ def test_real_prometheus_scrapes_server_and_answers_every_query(
     MembrainServerDown's expression selects it."""
     prometheus = _tool("prometheus")
     srv, _ = _server_exposition(server_factory)
-    metrics = srv._handle.metrics_url.removeprefix("http://")
+    metrics = srv.metrics_url.removeprefix("http://")
 
     _Exposition.body = (
         vllm_exposition + "".join(f'{n}{{engine="0",model_name="m"}} 100\n' for n in vllm_core_names)

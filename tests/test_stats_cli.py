@@ -116,7 +116,7 @@ def test_unreachable_server_is_down_without_traceback(server_factory):
 
 def test_watch_over_metrics_url(server_factory):
     srv = server_factory(capacity="64MiB", metrics_port=0)
-    url = srv._handle.metrics_url
+    url = srv.metrics_url
     assert url
     _traffic(srv.endpoint)
     r = _stats_cli("--metrics-url", url, "--watch", "0.3", "--count", "2", "--json")
