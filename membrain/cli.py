@@ -1,4 +1,4 @@
-"""The `membrain` command: `membrain server`, `membrain demo`, `membrain bench ...`.
+"""The `membrain` command: `membrain server`, `membrain stats`, `membrain demo`, `membrain bench ...`.
 
 Each subcommand lives in its own module and is imported only when used, so `membrain server`
 never pays for importing torch or vLLM.
@@ -12,6 +12,7 @@ import sys
 # subcommand -> (module with `main(argv) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "server": ("membrain.server.cli", "run a Membrain server (the remote tier)"),
+    "stats": ("membrain.stats_cli", "usage, hit ratio and traffic of running servers (--watch to follow)"),
     "demo": ("membrain.demo", "two fresh vLLM instances share a long prefix through Membrain"),
     "bench gather": ("membrain.bench.gather", "gather/scatter bandwidth vs. memcpy and torch"),
     "bench transfer": ("membrain.bench.transfer", "PUT/GET bandwidth vs. loopback TCP and Redis"),

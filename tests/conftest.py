@@ -1,8 +1,8 @@
 """Shared fixtures.
 
 ``server_factory(**opts)`` starts a real ``membrain server`` subprocess and returns a handle with
-``endpoint``, ``port``, ``kill()``, ``restart()`` (same port), ``pause()``/``resume()``
-(SIGSTOP/SIGCONT, a hung server). Tests import the installed ``membrain`` (make test installs it).
+``endpoint``, ``port``, ``metrics_url`` (with ``metrics_port=0``), ``kill()``, ``restart()`` (same
+port), ``pause()``/``resume()`` (SIGSTOP/SIGCONT, a hung server). Tests import the installed ``membrain`` (make test installs it).
 """
 
 from __future__ import annotations
@@ -49,6 +49,11 @@ class ServerProc:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    @property
+    def metrics_url(self) -> str | None:
+        """``http://127.0.0.1:PORT`` when started with ``metrics_port=0`` (or a port), else None."""
+        return self._handle.metrics_url
 
     def start(self) -> None:
         from membrain.server import spawn_server
