@@ -162,3 +162,47 @@ def test_remote_miss_after_lookup_is_a_load_error(pair):
     fc.data.clear()  # ... evicted before the load (eviction race)
     _meta, errs = _step(s, w, r, [0, 1, 2, 3, 4], 16)
     assert errs == {0, 1, 2, 3}
+
+
+@pytest.fixture
+def spans():
+    pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from membrain import tracing
+
+    exp = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exp))
+    tracing.configure(provider)
+    yield exp
+    tracing.configure(None)
+
+
+def test_spans_for_lookup_load_and_store(pair, spans):
+    fc = FakeClient()
+    s_a, w_a, _ = pair(remote=fc)
+    r = _req("r1", 18)
+    _admit(s_a, r, [0, 1, 2, 3, 4])
+    _step(s_a, w_a, r, [0, 1, 2, 3, 4], 0)
+    assert w_a._worker.remote.drain(5)
+    s_b, w_b, _ = pair(remote=fc)
+    r2 = _req("r2", 18)
+    assert _admit(s_b, r2, [20, 21, 22, 23, 24]) == 16
+    _step(s_b, w_b, r2, [20, 21, 22, 23, 24], 16)
+    got = [
+        (x.name, {k.removeprefix("membrain."): v for k, v in x.attributes.items()})
+        for x in spans.get_finished_spans()
+    ]
+    names = [n for n, _ in got]
+    assert (
+        names.count("membrain.lookup") == 2 and "membrain.store" in names and "membrain.store.remote" in names
+    )
+    lookups = [a for n, a in got if n == "membrain.lookup"]
+    assert lookups[0]["outcome"] == "miss" and lookups[1]["outcome"] == "hit"
+    load = next(a for n, a in got if n == "membrain.load")
+    assert load["outcome"] == "ok" and load["blocks.remote"] == 4 and load["bytes"] > 0
+    remote = next(a for n, a in got if n == "membrain.store.remote")
+    assert remote["outcome"] == "ok" and remote["blocks.remote"] == 4

@@ -16,6 +16,7 @@ from typing import Any
 
 from membrain import ops
 
+
 def _groups(kv_cache_config: Any) -> list[Any]:
     return list(getattr(kv_cache_config, "kv_cache_groups", None) or [])
 

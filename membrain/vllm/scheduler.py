@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from membrain import tracing
 from membrain.tiers.manager import LoadPlan, Match, TierManager
 from membrain.tiers.remote import RemoteTier
 from membrain.vllm import keys as mkeys
@@ -133,7 +134,10 @@ class MembrainScheduler:
         # until it is allocated or its cached prefix changes, not re-asked over the network.
         if st.match is None or st.match_key != key:
             hashes = self._hashes(request, max_blocks)
-            st.match = self.tiers.match(hashes, local, len(hashes))
+            headers = getattr(request, "trace_headers", None)
+            with tracing.lookup_span(request.request_id, len(hashes), trace_headers=headers) as span:
+                st.match = m = self.tiers.match(hashes, local, len(hashes))
+                span.set(local_blocks=m.local, host_blocks=m.host_blocks, remote_blocks=m.remote_blocks)
             st.match_key = key
         ext = (st.match.remote_end - local) * bs
         return max(0, ext), False

@@ -18,6 +18,7 @@ import logging
 import time
 from typing import Any
 
+from membrain import tracing
 from membrain.tiers.executor import TierExecutor
 from membrain.tiers.remote import RemoteTier
 from membrain.vllm import keys as mkeys
@@ -109,6 +110,7 @@ class MembrainWorker:
         self._failed_reqs = set()
         for rid, plan in meta.loads.items():
             t0 = time.perf_counter()
+            span = tracing.load_span(rid, len(plan.block_ids))
             failed: list[int]
             host_ok = remote_ok = 0
             if self.executor is None:
@@ -123,6 +125,12 @@ class MembrainWorker:
                     logger.exception("Membrain load for req %s failed", rid)
                     failed, reason = list(plan.block_ids), f"load error: {e}"
             bb = self.executor.block_bytes if self.executor is not None else 0
+            span.end(
+                host_blocks=host_ok,
+                remote_blocks=remote_ok,
+                failed_blocks=len(failed),
+                bytes=(host_ok + remote_ok) * bb,
+            )
             self._stats.add(
                 load_bytes_host=host_ok * bb,
                 load_bytes_remote=remote_ok * bb,
@@ -156,12 +164,29 @@ class MembrainWorker:
                 continue  # this step computed on top of a failed load: its KV must not be stored
             t0 = time.perf_counter()
             keys = [self._key(h) for h in plan.hashes]
+            span = tracing.store_span(rid, len(keys))
+            rspan = tracing.remote_store_span(rid, sum(plan.to_remote), parent=span)
+
+            def done(stored: int, failed: int, rspan: Any = rspan) -> None:
+                self._remote_done(stored, failed)
+                rspan.end(remote_blocks=stored, dropped_blocks=failed, bytes=stored * self._block_bytes())
+
             try:
-                res = self.executor.store(plan, keys, meta.host_capacity, self._remote_done)
+                res = self.executor.store(plan, keys, meta.host_capacity, done)
             except Exception:
                 logger.exception("Membrain store for req %s failed; its blocks are not cached", rid)
+                span.end(dropped_blocks=len(keys))
+                rspan.end(remote_blocks=0, dropped_blocks=sum(plan.to_remote))
                 continue
+            if res.remote_blocks == 0:
+                rspan.end(remote_blocks=0, dropped_blocks=sum(plan.to_remote))
             bb = self.executor.block_bytes
+            span.end(
+                host_blocks=res.host_blocks,
+                remote_blocks=res.remote_blocks,
+                dropped_blocks=res.dropped_blocks,
+                bytes=res.host_blocks * bb,
+            )
             self._stats.add(store_bytes_host=res.host_blocks * bb, store_dropped_blocks=res.dropped_blocks)
             if self.lead:
                 self._stats.add(
@@ -177,8 +202,11 @@ class MembrainWorker:
                 res.remote_blocks * self.block_size,
             )
 
+    def _block_bytes(self) -> int:
+        return self.executor.block_bytes if self.executor is not None else 0
+
     def _remote_done(self, stored: int, failed: int) -> None:
-        bb = self.executor.block_bytes if self.executor is not None else 0
+        bb = self._block_bytes()
         self._stats.add(store_bytes_remote=stored * bb, store_dropped_blocks=failed)
         if self.lead:
             self._stats.add(store_tokens_remote=stored * self.block_size)
