@@ -42,6 +42,7 @@ import pytest
 
 from membrain.client import Client
 from membrain.server.cli import build_parser as server_parser
+from membrain.utils.net import free_port
 from membrain.utils.sizes import parse_size
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,12 +114,6 @@ def _metric_names(expr: str) -> set[str]:
 
 
 # ------------------------------------------------------------------------ the real names
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sample_names(exposition: str) -> set[str]:
@@ -341,7 +336,7 @@ def test_real_prometheus_scrapes_server_and_answers_every_query(
     vllm_http = ThreadingHTTPServer(("127.0.0.1", 0), _Exposition)
     threading.Thread(target=vllm_http.serve_forever, daemon=True).start()
 
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     shutil.copy(RULES, tmp_path / RULES.name)
     config = {

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ import pytest
 import membrain
 from membrain.client import Client
 from membrain.stats_cli import Row, Sample, make_row, metrics_stats_url, render
+from membrain.utils.net import free_port
 
 PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(membrain.__file__)))
 
@@ -33,9 +33,7 @@ def _stats_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 def _dead_endpoint() -> str:
     # A port that was just free: connecting to it is refused at once.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    return f"tcp://127.0.0.1:{free_port()}"
 
 
 def _traffic(endpoint: str, token: str | None = None, n: int = 8) -> None:

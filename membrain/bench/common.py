@@ -7,7 +7,6 @@ import json
 import os
 import random
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -147,13 +146,6 @@ def plugin_site(dirpath: str | os.PathLike[str]) -> str:
     (di / "METADATA").write_text("Metadata-Version: 2.1\nName: membrain-vllm-plugin\nVersion: 0.1.0\n")
     (di / "entry_points.txt").write_text("[vllm.general_plugins]\nmembrain = membrain.vllm.plugin:register\n")
     return str(d)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_server(capacity: str, log_path: Path, port: int = 0) -> ServerProcess | None:

@@ -27,14 +27,9 @@ from typing import Any
 import numpy as np
 
 from membrain.bench.machine import machine_info, machine_tag
+from membrain.utils.net import free_port
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _pct(xs: list[float], p: float) -> float:
@@ -367,7 +362,7 @@ def loopback_limit(conns: int, seconds: float, write_bytes: int = MiB) -> dict[s
     """One-way TCP throughput on loopback with `conns` parallel streams: iperf3 when installed,
     else a Python socket pair (sendall/recv_into of 1 MiB writes)."""
     if shutil.which("iperf3"):
-        port = _free_port()
+        port = free_port()
         srv = subprocess.Popen(
             ["iperf3", "-s", "-1", "-p", str(port), "-B", "127.0.0.1"],
             stdout=subprocess.DEVNULL,
@@ -452,7 +447,7 @@ class Redis:
     """A throwaway redis-server (no persistence) on a free port."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="membrain-bench-redis-")
         self.proc = subprocess.Popen(
             [
