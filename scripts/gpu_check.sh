@@ -68,8 +68,11 @@ export py
 step sass-check 60 bash -o pipefail -c sass_check
 
 # 5. Tests that need no server (the layout tests build vLLM's views; they skip without vllm).
+# test_connector_contract runs the connector's worker path (store blocks, load them into other
+# block ids, compare bytes) on CUDA tensors vLLM lays out in every KVCacheLayout.
 tests=(tests/test_gather_cuda.py)
-for t in tests/test_gather_cpu.py tests/test_host_pool.py tests/test_native_info_and_checksum.py tests/test_ops*.py; do
+for t in tests/test_gather_cpu.py tests/test_host_pool.py tests/test_native_info_and_checksum.py \
+  tests/test_connector_contract.py tests/test_ops*.py; do
   [ -f "$t" ] && tests+=("$t")
 done
 step pytest 200 bash -o pipefail -c "cd '$here/tests' && '$py' -m pytest -c '$here/pyproject.toml' --rootdir '$here' -q -ra -p no:cacheprovider ${tests[*]//tests\//} --junitxml='$out/junit.xml' 2>&1 \
