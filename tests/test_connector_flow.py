@@ -4,6 +4,7 @@ The remote is the dict-backed fake client of test_tiers (unit tests only)."""
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace as NS
 
 import pytest
@@ -55,6 +56,34 @@ def _req(rid: str, n_tokens: int, tag: bytes = b"p"):
     )
 
 
+def _matched(s, req, ncomp: int = 0, timeout_s: float = 10.0):
+    """get_num_new_matched_tokens asked again every "step" while it answers None (a remote
+    lookup in flight), as vLLM's scheduler does."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        n, is_async = s.get_num_new_matched_tokens(req, ncomp)
+        if n is not None or time.monotonic() > deadline:
+            return n, is_async
+        time.sleep(0.001)
+
+
+def _finish_loads(w, rids: set[str], finished: set[str] | None = None, timeout_s: float = 10.0) -> set[int]:
+    """Steps the worker's completion calls (get_finished, then get_block_ids_with_load_errors,
+    vLLM's order) until every load of ``rids`` is reported; returns the failed blocks."""
+    errors: set[int] = set()
+    left = set(rids)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        _sending, recving = w.get_finished(finished or set())
+        finished = None
+        errors |= w.get_block_ids_with_load_errors()
+        left -= recving or set()
+        if not left:
+            return errors
+        assert time.monotonic() < deadline, f"loads of {left} never reported"
+        time.sleep(0.001)
+
+
 def _step(s, w, req, block_ids: list[int], ncomp: int):
     s._scheduler.kv_cache_manager = NS(get_block_ids=lambda rid: (block_ids,))
     so = NS(
@@ -65,15 +94,15 @@ def _step(s, w, req, block_ids: list[int], ncomp: int):
     meta = s.build_connector_meta(so)
     w.bind_connector_metadata(meta)
     w.start_load_kv(None)
-    errors = w.get_block_ids_with_load_errors()
+    errors = _finish_loads(w, set(meta.loads))
     w.wait_for_save()
     w.clear_connector_metadata()
     return meta, errors
 
 
 def _admit(s, req, block_ids):
-    n, is_async = s.get_num_new_matched_tokens(req, 0)
-    assert is_async is False
+    n, is_async = _matched(s, req)
+    assert is_async is (n > 0)  # every load is asynchronous
     s.update_state_after_alloc(req, NS(get_block_ids=lambda: (block_ids,)), n)
     return n
 

@@ -166,7 +166,10 @@ class MembrainConnector(KVConnectorBase_V1):
             self._work().wait_for_save(meta)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        return None, None
+        if self._worker is None:
+            return None, None
+        recving = self._worker.get_finished(finished_req_ids)
+        return None, recving or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors() if self._worker is not None else set()
@@ -193,5 +196,7 @@ class MembrainConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
-        elif self._scheduler is not None and self._scheduler.remote is not None:
-            self._scheduler.remote.close()
+        elif self._scheduler is not None:
+            self._scheduler.tiers.close()
+            if self._scheduler.remote is not None:
+                self._scheduler.remote.close()
