@@ -4,6 +4,7 @@ The remote is the dict-backed fake client of test_tiers (unit tests only)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from types import SimpleNamespace as NS
 
@@ -235,3 +236,183 @@ def test_spans_for_lookup_load_and_store(pair, spans):
     assert load["outcome"] == "ok" and load["blocks.remote"] == 4 and load["bytes"] > 0
     remote = next(a for n, a in got if n == "membrain.store.remote")
     assert remote["outcome"] == "ok" and remote["blocks.remote"] == 4
+
+
+# ---------------------------------------------------------------- never block the engine
+
+
+def _stored_remotely(pair, fc, n_tokens: int = 18):
+    """Instance A computes and stores a prompt into the fake remote; returns A's KV."""
+    s_a, w_a, kv_a = pair(remote=fc)
+    r = _req("a", n_tokens)
+    ids = list(range(n_tokens // BS + 1))
+    _admit(s_a, r, ids)
+    _step(s_a, w_a, r, ids, 0)
+    assert w_a._worker.remote.drain(5) and len(fc.data) == n_tokens // BS
+    return kv_a
+
+
+def _alloc(s, req, ids, n):
+    s.update_state_after_alloc(req, NS(get_block_ids=lambda: (ids,)), n)
+
+
+def _start(s, w, ids):
+    """A step that schedules nothing but carries the loads planned at allocation (vLLM's step
+    in which an async-loading request is admitted)."""
+    s._scheduler.kv_cache_manager = NS(get_block_ids=lambda rid: (ids,))
+    so = NS(
+        scheduled_new_reqs=[],
+        scheduled_cached_reqs=NS(req_ids=[], num_computed_tokens=[], resumed_req_ids=set()),
+        num_scheduled_tokens={},
+    )
+    meta = s.build_connector_meta(so)
+    w.bind_connector_metadata(meta)
+    w.start_load_kv(None)
+    w.wait_for_save()
+    return meta
+
+
+def test_async_lookup_answers_none_until_the_remote_answers(pair):
+    fc = FakeClient()
+    _stored_remotely(pair, fc)
+    s, _w, _kv = pair(remote=fc)
+    fc.gate = threading.Event()  # the remote is slow
+    r = _req("r", 18)
+    t0 = time.monotonic()
+    assert s.get_num_new_matched_tokens(r, 0) == (None, False)  # ask again
+    assert s.get_num_new_matched_tokens(r, 0) == (None, False)  # still in flight: one lookup
+    assert time.monotonic() - t0 < 0.5, "the scheduler waited on the network"
+    fc.gate.set()
+    assert _matched(s, r) == (16, True)
+    assert fc.lookups == 1 + 1  # A's own miss, then exactly one for r
+    # The answer is kept while the request waits; request_finished drops it.
+    assert s.get_num_new_matched_tokens(r, 0) == (16, True) and fc.lookups == 2
+    s.request_finished(r, [])
+    assert "r" not in s._scheduler._reqs
+    # No remote: immediate answers (a miss here; host hits are immediate too, see below).
+    s2, _w2, _ = pair()
+    assert s2.get_num_new_matched_tokens(_req("x", 18), 0) == (0, False)
+
+
+def test_host_hit_answers_at_once_even_with_a_slow_remote(pair):
+    fc = FakeClient()
+    s, w, _kv = pair(remote=fc)
+    r1 = _req("r1", 18)
+    _admit(s, r1, [0, 1, 2, 3, 4])
+    _step(s, w, r1, [0, 1, 2, 3, 4], 0)
+    fc.gate = threading.Event()
+    # Every block the request can load is in the host tier: no remote round trip.
+    assert s.get_num_new_matched_tokens(_req("r2", 18), 0) == (16, True)
+    fc.gate.set()
+
+
+def test_async_remote_load_completes_through_get_finished_byte_exact(pair):
+    fc = FakeClient()
+    kv_a = _stored_remotely(pair, fc)
+    s, w, kv = pair(remote=fc)
+    for name in kv:
+        kv[name][0:5] = kv_a[name][0:5]  # only to compare bytes below
+        kv[name][20:25].zero_()
+    r = _req("r", 18)
+    ids = [20, 21, 22, 23, 24]
+    assert _matched(s, r) == (16, True)
+    _alloc(s, r, ids, 16)
+    fc.gate = threading.Event()  # the fetch hangs until released
+    t0 = time.monotonic()
+    meta = _start(s, w, ids)
+    assert time.monotonic() - t0 < 0.5, "start_load_kv waited on the network"
+    assert meta.loads["r"].from_remote == [True] * 4
+    assert w.get_finished(set()) == (None, None) and not w.get_block_ids_with_load_errors()
+    fc.gate.set()
+    assert _finish_loads(w, {"r"}) == set()
+    assert _same(kv, [0, 1, 2, 3], [20, 21, 22, 23])
+    assert fc.timeouts[-1] == 2000  # 4 small blocks: the base deadline
+    stats = w.get_kv_connector_stats()
+    assert stats is not None and stats.data["load_tokens_remote"] == 16 and stats.data["loads"] == 1
+
+
+def test_host_tier_hits_load_asynchronously_too(pair):
+    s, w, kv = pair()
+    r1 = _req("r1", 18)
+    _admit(s, r1, [0, 1, 2, 3, 4])
+    _step(s, w, r1, [0, 1, 2, 3, 4], 0)
+    r2 = _req("r2", 18)
+    assert _matched(s, r2) == (16, True)
+    _alloc(s, r2, [10, 11, 12, 13, 14], 16)
+    meta = _start(s, w, [10, 11, 12, 13, 14])
+    assert meta.loads["r2"].from_remote == [False] * 4
+    assert _finish_loads(w, {"r2"}) == set()
+    assert _same(kv, [0, 1, 2, 3], [10, 11, 12, 13])
+
+
+def test_remote_miss_during_async_load_is_reported_with_the_completion(pair):
+    fc = FakeClient()
+    _stored_remotely(pair, fc)
+    s, w, _kv = pair(cpu_cache=0, remote=fc)
+    r = _req("r", 18)
+    assert _matched(s, r) == (16, True)
+    ids = [20, 21, 22, 23, 24]
+    _alloc(s, r, ids, 16)
+    del fc.data[w._worker._key(r.block_hashes[2])]  # evicted after the lookup
+    _start(s, w, ids)
+    # The failed block comes in the same (get_finished, get_block_ids_with_load_errors) pair
+    # that reports the request finished -- never after it.
+    deadline = time.monotonic() + 10
+    while True:
+        _, recving = w.get_finished(set())
+        errs = w.get_block_ids_with_load_errors()
+        if recving:
+            assert recving == {"r"} and errs == {22}
+            break
+        assert not errs and time.monotonic() < deadline
+        time.sleep(0.001)
+
+
+def test_abort_during_in_flight_load_releases_slots_and_is_reported(pair):
+    fc = FakeClient()
+    _stored_remotely(pair, fc)
+    s, w, kv = pair(cpu_cache=0, remote=fc)
+    r = _req("r", 18)
+    assert _matched(s, r) == (16, True)
+    ids = [20, 21, 22, 23, 24]
+    for t in kv.values():
+        t[20:25].zero_()
+    _alloc(s, r, ids, 16)
+    fc.gate = threading.Event()
+    _start(s, w, ids)
+    pool = w._worker.executor.store_.pool
+    # vLLM aborts the request while it waits in WAITING_FOR_REMOTE_KVS: the scheduler half
+    # keeps nothing and asks for no delayed free (vLLM itself waits for finished_recving) ...
+    assert s.request_finished(r, ids) == (False, None) and "r" not in s._scheduler._reqs
+    # ... and the workers learn it from finished_req_ids; the load is still in flight.
+    assert w.get_finished({"r"}) == (None, None)
+    fc.gate.set()
+    _finish_loads(w, {"r"})  # still reported, so vLLM frees the blocks
+    assert all(not t[20:24].any() for t in kv.values()), "an aborted load wrote into freed blocks"
+    assert w._worker.executor.loads_in_flight == 0
+    assert not w._worker.executor.store_  # nothing promoted or held
+    assert pool.free_slots == pool.num_slots, (pool.free_slots, pool.num_slots)
+
+
+def test_load_deadline_scales_with_the_bytes_asked(pair):
+    from membrain.tiers.remote import PER_MIB_MS, deadline_ms
+
+    assert deadline_ms(500, 0) == deadline_ms(500, 1 << 20) == 500
+    assert deadline_ms(500, (1 << 20) + 1) == 500 + PER_MIB_MS
+    assert deadline_ms(500, 64 << 20) == 500 + 63 * PER_MIB_MS
+    fc = FakeClient()
+    _stored_remotely(pair, fc)
+    s, w, _kv = pair(remote=fc)
+    w._worker.executor.fetch_chunk_blocks = 4
+    r = _req("r", 18)
+    assert _matched(s, r) == (16, True)
+    _alloc(s, r, [20, 21, 22, 23, 24], 16)
+    _start(s, w, [20, 21, 22, 23, 24])
+    _finish_loads(w, {"r"})
+    bb = w._worker.executor.block_bytes
+    assert fc.timeouts[-1] == deadline_ms(2000, 4 * bb)
+    # A long prefix gets the time its bytes need (stores too).
+    w._worker.remote.get_into([b"k"], [bytearray(4)], nbytes=64 << 20)
+    assert fc.timeouts[-1] == 2000 + 63 * PER_MIB_MS
+    w._worker.remote.put_async([b"k"], [b"v"], nbytes=16 << 20)
+    assert fc.timeouts[-1] == 2000 + 15 * PER_MIB_MS

@@ -347,40 +347,58 @@ class TierExecutor:
 
         if chunks:
             futs.append(submit(chunks[0]))
-        for n, chunk in enumerate(chunks):
-            if n + 1 < len(chunks):
-                futs.append(submit(chunks[n + 1]))  # the next fetch overlaps this scatter
-            bufs, oks = futs[n].result()
-            keep: list[tuple[bytes, Any]] = []
-            try:
-                for (j, i), buf, ok in zip(chunk, bufs, oks):
-                    b = j.plan.block_ids[i]
-                    res = j.result
-                    assert res is not None
-                    if ok and not j.error and not self._is_cancelled(j):
-                        try:
-                            ops.scatter_blocks(buf, self.kv, [b], stream=stream)
-                            j.landed.add(b)
-                            res.remote_blocks += 1
-                        except Exception as e:
-                            logger.exception("Membrain remote load for req %s failed", j.req_id)
-                            self._fail(j, f"load error: {e}")
-                            ok = False
-                    else:
-                        ok = False
-                        if b not in j.landed and b not in res.failed_block_ids:
-                            res.failed_block_ids.append(b)
+        taken = 0
+        try:
+            for n, chunk in enumerate(chunks):
+                if n + 1 < len(chunks):
+                    futs.append(submit(chunks[n + 1]))  # the next fetch overlaps this scatter
+                taken = n + 1
+                bufs, oks = futs[n].result()
+                self._land_chunk(chunk, bufs, oks, stream)
+        finally:
+            for f in futs[taken:]:  # fetched ahead but never scattered (an error above)
+                try:
+                    bufs, _ = f.result()
+                except Exception:
+                    continue
+                for buf in bufs:
                     if buf is not None and not isinstance(buf, bytearray):
-                        keep.append((j.keys[i], buf) if ok and j.plan.promote[i] else (b"", buf))
-            finally:
-                self._device_done()  # scatters done before any slot is reused or released
-                for k, buf in keep:
-                    if k and self._promote(k, buf):
-                        continue
-                    buf.release()
+                        buf.release()
         for j, _ in want:
             if j.error:
                 self._fail(j, j.error)
+
+    def _land_chunk(
+        self, chunk: list[tuple[LoadJob, int]], bufs: list[Any], oks: list[bool], stream: Any
+    ) -> None:
+        """Scatters a fetched chunk into its device blocks, then releases or promotes its slots."""
+        keep: list[tuple[bytes, Any]] = []
+        try:
+            for (j, i), buf, ok in zip(chunk, bufs, oks):
+                b = j.plan.block_ids[i]
+                res = j.result
+                assert res is not None
+                if ok and not j.error and not self._is_cancelled(j):
+                    try:
+                        ops.scatter_blocks(buf, self.kv, [b], stream=stream)
+                        j.landed.add(b)
+                        res.remote_blocks += 1
+                    except Exception as e:
+                        logger.exception("Membrain remote load for req %s failed", j.req_id)
+                        self._fail(j, f"load error: {e}")
+                        ok = False
+                else:
+                    ok = False
+                    if b not in j.landed and b not in res.failed_block_ids:
+                        res.failed_block_ids.append(b)
+                if buf is not None and not isinstance(buf, bytearray):
+                    keep.append((j.keys[i], buf) if ok and j.plan.promote[i] else (b"", buf))
+        finally:
+            self._device_done()  # scatters done before any slot is reused or released
+            for k, buf in keep:
+                if k and self._promote(k, buf):
+                    continue
+                buf.release()
 
     def _promote(self, key: bytes, slot: Any) -> bool:
         """Loader thread: the host tier keeps ``slot`` for ``key`` unless the promotion was
