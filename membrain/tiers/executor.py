@@ -65,26 +65,22 @@ class StoreResult:
 
 class TierExecutor:
     """Runs load and store plans for one worker's KV cache (``kv``, described by
-    :func:`membrain.ops.describe_kv_caches`). ``sync`` waits for the device work queued by
-    gathers/scatters (a CUDA stream synchronize; a no-op on CPU, where they are synchronous)."""
+    :func:`membrain.ops.describe_kv_caches`). The step thread never waits for the device or the
+    network: loads run on a loader thread (CUDA: on a side stream), stores are ordered on the
+    device with events (see :meth:`store`)."""
 
-    def __init__(
-        self,
-        kv: ops.PagedKV,
-        remote: RemoteTier | None,
-        max_inflight: int,
-        sync: Callable[[], None] = lambda: None,
-    ) -> None:
+    def __init__(self, kv: ops.PagedKV, remote: RemoteTier | None, max_inflight: int) -> None:
         self.kv = kv
         self.remote = remote
         self.max_inflight = max_inflight
-        self.sync = sync
         self.store_: HostStore | None = None
         self.block_bytes = kv.packed_nbytes(1)
         self.fetch_chunk_blocks = FETCH_CHUNK_BLOCKS
         self._loader: ThreadPoolExecutor | None = None
         self._fetcher: ThreadPoolExecutor | None = None
         self._side: Any = None  # CUDA side stream of the loads
+        self._shipper: ThreadPoolExecutor | None = None  # CUDA: remote puts after the gathers
+        self._last_store_fence: Any = None  # CUDA: event after the latest gathers
         self._jobs_lock = threading.Lock()
         self._done_jobs: list[LoadJob] = []
         self._inflight_jobs = 0
@@ -422,7 +418,15 @@ class TierExecutor:
     ) -> StoreResult:
         """Gathers the plan's blocks into host slots (the host tier keeps those the plan admits)
         and ships the remote ones without waiting; ``on_remote_done(stored, failed)`` runs when
-        the remote put completes. After this returns the device blocks are no longer read."""
+        the remote put completes.
+
+        CPU: the gathers are synchronous memcpys; after this returns the device blocks are no
+        longer read. CUDA: the gathers are queued on the step's stream after the forward and the
+        host never waits for them (no stream synchronize in the step); every later use of those
+        device blocks -- vLLM's next steps, frees, zeroing -- is queued on the same stream, so
+        it runs after the gathers. An event marks their end: the remote put waits for it on a
+        background thread, host-tier loads (side stream) wait for it on the device, and
+        evictions wait for it before a slot is handed out again."""
         store = self.host(host_capacity)
         host_slots: list[Any] = [None] * len(keys)
         hi = [i for i, f in enumerate(plan.to_host) if f]
@@ -433,10 +437,10 @@ class TierExecutor:
         res = StoreResult(host_blocks=sum(1 for i in hi if host_slots[i] is not None))
         to_remote = [i for i, f in enumerate(plan.to_remote) if f]
         if not to_remote:
-            self.sync()
+            self._store_fence()
             return res
         if self.remote is None or not self.remote.available:
-            self.sync()
+            self._store_fence()
             res.dropped_blocks = len(to_remote)
             return res
         rk: list[bytes] = []
@@ -453,7 +457,7 @@ class TierExecutor:
             rk.append(keys[i])
             rv.append(memoryview(h))
             handles.append(h)
-        self.sync()  # gathers complete before the bytes are shipped (CUDA)
+        fence = self._store_fence()
         if not rk:
             return res
 
@@ -464,7 +468,26 @@ class TierExecutor:
             if on_remote_done is not None:
                 on_remote_done(ok, len(results) - ok)
 
-        if self.remote.put_async(rk, rv, done, nbytes=len(rk) * self.block_bytes):
+        remote = self.remote
+        nbytes = len(rk) * self.block_bytes
+        if fence is not None:
+            # CUDA: ship once the gathers are done, without holding up the step.
+            def ship() -> None:
+                try:
+                    fence.synchronize()
+                    shipped = remote.put_async(rk, rv, done, nbytes=nbytes)
+                except Exception:
+                    logger.exception("Membrain: shipping stored blocks failed")
+                    shipped = False
+                if not shipped:
+                    done([False] * len(rk))
+
+            if self._shipper is None:
+                self._shipper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="membrain-ship")
+            self._shipper.submit(ship)
+            res.remote_blocks = len(rk)  # failures come back through on_remote_done
+            return res
+        if remote.put_async(rk, rv, done, nbytes=nbytes):
             res.remote_blocks = len(rk)
         else:
             res.dropped_blocks += len(rk)
@@ -472,11 +495,31 @@ class TierExecutor:
                 h.release()
         return res
 
+    def _store_fence(self) -> Any:
+        """CUDA: an event recorded on the step's stream after the gathers just queued (also kept
+        as the latest, see :meth:`_wait_stores`); None on CPU, where gathers are synchronous."""
+        if self.kv.device_type != "cuda":
+            return None
+        import torch
+
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.kv.device_index))
+        self._last_store_fence = ev
+        return ev
+
+    def _wait_stores(self) -> None:
+        """Host wait for the gathers queued so far (CUDA), before slots go back to the pool.
+        Normally long done by the next step; a no-op on CPU."""
+        if self._last_store_fence is not None:
+            self._last_store_fence.synchronize()
+            self._last_store_fence = None
+
     def evict_host(self, keys: Sequence[bytes]) -> None:
         """Drops ``keys`` from the host tier; a promotion of one of them still in flight is
         cancelled (the scheduler no longer counts it)."""
         store = self.store_
         if store is not None and keys:
+            self._wait_stores()
             with store.lock:
                 store.evict(keys)
                 for k in keys:
@@ -486,6 +529,7 @@ class TierExecutor:
         """Drops every block of the host tier (``reset_cache``)."""
         store = self.store_
         if store is not None:
+            self._wait_stores()
             with store.lock:
                 store.evict(store.keys())
                 self._promoting.clear()
@@ -493,6 +537,6 @@ class TierExecutor:
     def shutdown(self, timeout_s: float = 5.0) -> None:
         """Waits (bounded) for the loads in flight and stops the loader threads."""
         self.wait_loads(timeout_s)
-        for ex in (self._loader, self._fetcher):
+        for ex in (self._loader, self._fetcher, self._shipper):
             if ex is not None:
                 ex.shutdown(wait=False)

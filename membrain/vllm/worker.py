@@ -77,7 +77,7 @@ class MembrainWorker:
             self.unusable = f"unsupported KV cache tensors: {e}"
             logger.error("Membrain cannot use this worker's KV cache (%s): every load is a miss", e)
             return
-        self.executor = TierExecutor(kv, self.remote, self.settings.max_inflight, self._sync)
+        self.executor = TierExecutor(kv, self.remote, self.settings.max_inflight)
         self.unusable = None
         t = kv_caches[self.layer_names[0]]
         logger.info(
@@ -89,13 +89,6 @@ class MembrainWorker:
             kv.packed_nbytes(1),
             self.identity,
         )
-
-    def _sync(self) -> None:
-        kv = self.executor.kv if self.executor is not None else None
-        if kv is not None and kv.device_type == "cuda":
-            import torch
-
-            torch.cuda.current_stream(kv.device_index).synchronize()
 
     def _key(self, h: bytes) -> bytes:
         return mkeys.block_key(self.identity, h)
