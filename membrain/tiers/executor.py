@@ -49,6 +49,9 @@ class LoadJob:
     error: str = ""  # why blocks failed beyond plain misses ("" when only misses)
     seconds: float = 0.0  # from start to completion
     t0: float = 0.0
+    # Where the time went (seconds; the remote ones are the whole batch's, shared by its jobs):
+    # queued behind earlier loads, host-tier scatter, waiting for remote fetches, remote scatter.
+    times: dict[str, float] = field(default_factory=dict)
     host_idx: list[int] = field(default_factory=list)
     host_slots: list[Any] = field(default_factory=list)
     landed: set[int] = field(default_factory=set)
@@ -266,12 +269,16 @@ class TierExecutor:
             self._side.synchronize()
 
     def _run(self, jobs: Sequence[LoadJob]) -> None:
+        t_start = time.perf_counter()
+        for j in jobs:
+            j.times = {"queued": t_start - j.t0, "host": 0.0, "fetch_wait": 0.0, "scatter": 0.0}
         stream = self._device_stream()
         if stream is not None:
             for ev in {id(j.ready): j.ready for j in jobs if j.ready is not None}.values():
                 stream.wait_event(ev)
         # Host-tier blocks first (memory speed), per job.
         for j in jobs:
+            t_host = time.perf_counter()
             res = j.result
             assert res is not None
             if self._is_cancelled(j):
@@ -290,6 +297,7 @@ class TierExecutor:
                 logger.exception("Membrain host-tier load for req %s failed", j.req_id)
                 self._device_done()
                 self._fail(j, f"load error: {e}")
+            j.times["host"] = time.perf_counter() - t_host
         self._device_done()
         # Remote blocks of every job: one batch, fetched in chunks (pipelined with the scatter).
         want: list[tuple[LoadJob, int]] = [
@@ -303,7 +311,8 @@ class TierExecutor:
             if not j.error and self._is_cancelled(j):
                 self._fail(j, "request finished while loading")
         if want:
-            self._load_remote(want, stream)
+            batch = list({id(j): j for j, _ in want}.values())
+            self._load_remote(want, stream, batch)
 
     def _fetch(self, chunk: list[tuple[LoadJob, int]]) -> tuple[list[Any], list[bool]]:
         """Fetcher thread: one remote get of ``chunk`` into pool slots (pinned on CUDA;
@@ -328,7 +337,7 @@ class TierExecutor:
             oks[n] = ok
         return bufs, oks
 
-    def _load_remote(self, want: list[tuple[LoadJob, int]], stream: Any) -> None:
+    def _load_remote(self, want: list[tuple[LoadJob, int]], stream: Any, batch: list[LoadJob]) -> None:
         size = max(1, self.fetch_chunk_blocks)
         chunks = [want[c : c + size] for c in range(0, len(want), size)]
         fetcher = self._fetcher
@@ -349,8 +358,14 @@ class TierExecutor:
                 if n + 1 < len(chunks):
                     futs.append(submit(chunks[n + 1]))  # the next fetch overlaps this scatter
                 taken = n + 1
+                t = time.perf_counter()
                 bufs, oks = futs[n].result()
+                t_got = time.perf_counter()
                 self._land_chunk(chunk, bufs, oks, stream)
+                t_end = time.perf_counter()
+                for j in batch:
+                    j.times["fetch_wait"] += t_got - t
+                    j.times["scatter"] += t_end - t_got
         finally:
             for f in futs[taken:]:  # fetched ahead but never scattered (an error above)
                 try:

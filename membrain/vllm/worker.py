@@ -145,6 +145,22 @@ class MembrainWorker:
                 load_seconds=job.seconds,
                 loads=1,
             )
+        if self.lead and (host_ok or remote_ok):
+            t = job.times
+            logger.info(
+                "MEMBRAIN LOAD req=%s host=%d remote=%d failed=%d bytes=%d seconds=%.6f "
+                "queued=%.6f host_s=%.6f fetch_wait=%.6f scatter=%.6f",
+                job.req_id,
+                host_ok * self.block_size,
+                remote_ok * self.block_size,
+                len(failed) * self.block_size,
+                (host_ok + remote_ok) * bb,
+                job.seconds,
+                t.get("queued", 0.0),
+                t.get("host", 0.0),
+                t.get("fetch_wait", 0.0),
+                t.get("scatter", 0.0),
+            )
         if failed:
             self._failed.update(failed)
             if job.req_id not in self._aborted:
