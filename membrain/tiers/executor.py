@@ -147,6 +147,8 @@ class TierExecutor:
         """Jobs finished since the last call (their ``result`` set)."""
         with self._jobs_lock:
             out, self._done_jobs = self._done_jobs, []
+            for j in out:  # a cancel that raced with the completion
+                self._cancelled.discard(j.req_id)
         return out
 
     @property
