@@ -416,3 +416,57 @@ def test_load_deadline_scales_with_the_bytes_asked(pair):
     assert fc.timeouts[-1] == 2000 + 63 * PER_MIB_MS
     w._worker.remote.put_async([b"k"], [b"v"], nbytes=16 << 20)
     assert fc.timeouts[-1] == 2000 + 15 * PER_MIB_MS
+
+
+def test_loads_of_one_step_are_one_batched_fetch_in_pipelined_chunks(pair):
+    fc = FakeClient()
+    kv_a = _stored_remotely(pair, fc)
+    s, w, kv = pair(cpu_cache=0, remote=fc)
+    calls: list[int] = []
+    real = fc.get_into
+
+    def counting(keys, bufs, timeout_ms=None):
+        calls.append(len(keys))
+        return real(keys, bufs, timeout_ms)
+
+    fc.get_into = counting
+    for name in kv:
+        kv[name][0:5] = kv_a[name][0:5]
+        kv[name][10:20].zero_()
+    r1, r2 = _req("r1", 18), _req("r2", 18)  # the same prompt twice, admitted in one step
+    assert _matched(s, r1) == (16, True) and _matched(s, r2) == (16, True)
+    _alloc(s, r1, [10, 11, 12, 13, 14], 16)
+    _alloc(s, r2, [15, 16, 17, 18, 19], 16)
+    _start(s, w, [])
+    assert _finish_loads(w, {"r1", "r2"}) == set()
+    assert calls == [8], "both requests' blocks should travel in one fetch"
+    assert _same(kv, [0, 1, 2, 3, 0, 1, 2, 3], [10, 11, 12, 13, 15, 16, 17, 18])
+    # Smaller chunks: several fetches, each scatter overlapping the next fetch; same bytes.
+    calls.clear()
+    w._worker.executor.fetch_chunk_blocks = 3
+    for t in kv.values():
+        t[20:25].zero_()
+    r3 = _req("r3", 18)
+    assert _matched(s, r3) == (16, True)
+    _alloc(s, r3, [20, 21, 22, 23, 24], 16)
+    _start(s, w, [])
+    assert _finish_loads(w, {"r3"}) == set()
+    assert calls == [3, 1] and _same(kv, [0, 1, 2, 3], [20, 21, 22, 23])
+
+
+def test_eviction_during_a_load_cancels_its_promotion(pair):
+    fc = FakeClient()
+    _stored_remotely(pair, fc)
+    s, w, _kv = pair(remote=fc)
+    r = _req("r", 18)
+    assert _matched(s, r) == (16, True)
+    _alloc(s, r, [20, 21, 22, 23, 24], 16)
+    fc.gate = threading.Event()
+    meta = _start(s, w, [20, 21, 22, 23, 24])
+    assert meta.loads["r"].promote == [True] * 4
+    # The scheduler evicts one of them (a later step) before the load lands.
+    w._worker.executor.evict_host([w._worker._key(r.block_hashes[1])])
+    fc.gate.set()
+    assert _finish_loads(w, {"r"}) == set()
+    held = set(w._worker.executor.store_.keys())
+    assert held == {w._worker._key(r.block_hashes[i]) for i in (0, 2, 3)}
