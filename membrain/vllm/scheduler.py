@@ -263,11 +263,13 @@ class MembrainScheduler:
         return meta
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        # Stores gather into host slots within the step that computed the blocks, so the device
-        # blocks are never read after the request ends: free them now. A request that ends while
-        # its load is in flight (WAITING_FOR_REMOTE_KVS) keeps its blocks on vLLM's side until
-        # the workers report it in finished_recving (they always do); a load planned but not yet
-        # sent to the workers still goes out, so that report comes.
+        # Stores gather into host slots within the step that computed the blocks (CPU: done by
+        # then; CUDA: queued on the step's stream, so any reuse of the blocks is queued after
+        # them): the device blocks are never read after the request ends, free them now.
+        # A request that ends while its load is in flight (WAITING_FOR_REMOTE_KVS) keeps its
+        # blocks on vLLM's side until the workers report it in finished_recving (they always
+        # do); a load planned but not yet sent to the workers still goes out, so that report
+        # comes.
         self._reqs.pop(request.request_id, None)  # also drops a pending lookup's answer
         return False, None
 
