@@ -470,3 +470,60 @@ def test_eviction_during_a_load_cancels_its_promotion(pair):
     assert _finish_loads(w, {"r"}) == set()
     held = set(w._worker.executor.store_.keys())
     assert held == {w._worker._key(r.block_hashes[i]) for i in (0, 2, 3)}
+
+
+def test_async_lookup_answer_is_reconciled_with_host_tier_changes(pair):
+    """The remote answer is kept as the block range the remote holds: a host tier that gains
+    blocks meanwhile needs no new round trip; one that loses blocks below it asks again."""
+    from membrain.vllm.scheduler import _ReqState
+
+    fc = FakeClient()
+    _stored_remotely(pair, fc)
+    s, _w, _kv = pair(remote=fc)
+    sched = s._scheduler
+    r = _req("r", 18)
+    hashes = sched._hashes(r, 4)
+    st = _ReqState(r)
+    sched.tiers.host.discard(hashes)
+    assert sched._match(st, hashes, 0) is None  # lookup of [0, 4) started
+    st.lookup.result(5)
+    sched.tiers.host.admit(hashes[:2])  # the host tier gained blocks 0-1 meanwhile
+    m = sched._match(st, hashes, 0)
+    assert (m.local, m.host_end, m.remote_end) == (0, 2, 4) and fc.lookups == 2  # A's + this one
+    # The remote answer covers [2, 4) only after a lookup from 2 ...
+    st2 = _ReqState(r)
+    assert sched._match(st2, hashes, 0) is None and st2.lookup_from == 2
+    st2.lookup.result(5)
+    assert sched._match(st2, hashes, 0).remote_end == 4
+    # ... so when the host tier loses block 1 the gap [1, 2) is asked about, not assumed.
+    sched.tiers.host.discard(hashes[1:2])
+    st2.match = None
+    assert sched._match(st2, hashes, 0) is None and st2.lookup_from == 1
+    st2.lookup.result(5)
+    m = sched._match(st2, hashes, 0)
+    assert (m.host_end, m.remote_end) == (1, 4)
+
+
+def test_every_tp_rank_reports_its_own_completion(pair, monkeypatch):
+    """vLLM counts finished_recving per worker (KVOutputAggregator): each rank reports the
+    requests it loaded, whatever the others do -- also a rank that cannot load at all."""
+    s, w0, _kv = pair()
+    r1 = _req("r1", 18)
+    _admit(s, r1, [0, 1, 2, 3, 4])
+    _step(s, w0, r1, [0, 1, 2, 3, 4], 0)
+    r2 = _req("r2", 18)
+    assert _matched(s, r2) == (16, True)
+    _alloc(s, r2, [10, 11, 12, 13, 14], 16)
+    meta = _start(s, w0, [10, 11, 12, 13, 14])
+    import vllm.distributed.parallel_state as ps
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from membrain.vllm.connector import MembrainConnector
+
+    monkeypatch.setattr(ps, "get_tp_group", lambda: NS(rank_in_group=1))
+    w1 = MembrainConnector(s._vllm_config, KVConnectorRole.WORKER, s._kv_cache_config)
+    w1.register_kv_caches({})  # rank 1 cannot use its tensors: its load fails but still reports
+    w1.bind_connector_metadata(meta)
+    w1.start_load_kv(None)
+    assert _finish_loads(w0, {"r2"}) == set()
+    assert _finish_loads(w1, {"r2"}) == {10, 11, 12, 13}
