@@ -140,7 +140,7 @@ def test_leaves_last_token_when_prompt_is_block_aligned(pair):
     assert _admit(s, _req("r2", 16), [5, 6, 7, 8]) == 12
 
 
-def test_load_failure_reported_and_no_store_on_top(pair):
+def test_load_failure_reported(pair):
     s, w, _kv = pair()
     r1 = _req("r1", 26)
     ids1 = list(range(7))
@@ -152,7 +152,7 @@ def test_load_failure_reported_and_no_store_on_top(pair):
     ids2 = list(range(10, 17))
     n = _admit(s, r2, ids2)
     assert n == 24
-    _meta, errs = _step(s, w, r2, ids2, 0)  # scheduled from 0 to also plan stores after the load
+    _meta, errs = _step(s, w, r2, ids2, 24)
     assert errs == {12}
 
 

@@ -10,6 +10,11 @@ that runs in this process --
 
 Design decisions that show in vLLM's interface:
 
+* The engine never waits on the network: ``get_num_new_matched_tokens`` answers ``None`` ("ask
+  again") while a remote lookup runs in the background, every load is asynchronous (``(n,
+  True)``: the request waits in WAITING_FOR_REMOTE_KVS) and comes back through ``get_finished``
+  with its failed blocks in the same step's ``get_block_ids_with_load_errors``.
+
 * ``get_required_kvcache_layout`` is not declared: every layout vLLM 0.32 can resolve is moved
   at memory-copy speed (see :mod:`membrain.ops`), while forcing one (e.g. block-outermost
   ``BLNHC``) would override the attention backend's preference and breaks kernel-block splitting,
