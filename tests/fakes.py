@@ -13,9 +13,13 @@ class FakeClient:
         self.data: dict[bytes, bytes] = {}
         self.fail = fail
         self.lookups = 0
+        self.timeouts: list[int | None] = []  # timeout_ms of every get_into / put_async
+        self.gate: threading.Event | None = None  # when set, lookups and gets wait for it
 
     def lookup_prefix(self, keys):
         self.lookups += 1
+        if self.gate is not None:
+            self.gate.wait(10)
         if self.fail:
             raise ConnectionError("down")
         n = 0
@@ -25,7 +29,10 @@ class FakeClient:
             n += 1
         return n
 
-    def get_into(self, keys, bufs):
+    def get_into(self, keys, bufs, timeout_ms=None):
+        self.timeouts.append(timeout_ms)
+        if self.gate is not None:
+            self.gate.wait(10)
         if self.fail:
             raise TimeoutError("down")
         out = []
@@ -38,7 +45,8 @@ class FakeClient:
             out.append(True)
         return out
 
-    def put_async(self, keys, values):
+    def put_async(self, keys, values, timeout_ms=None):
+        self.timeouts.append(timeout_ms)
         f: Future = Future()
 
         def run():

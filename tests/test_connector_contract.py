@@ -10,6 +10,7 @@ interface (hit sources, KV events, delivery, stats counted once across ranks).
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace as NS
 from typing import Any
 
@@ -67,10 +68,38 @@ def _req(rid: str, n_tokens: int, bs: int, tag: bytes = b"p"):
 
 
 def _admit(s, req, block_ids: list[int]) -> int:
-    n, is_async = s.get_num_new_matched_tokens(req, 0)
-    assert is_async is False
+    n, is_async = _matched(s, req)
+    assert is_async is (n > 0)  # every load is asynchronous
     s.update_state_after_alloc(req, NS(get_block_ids=lambda: (block_ids,)), n)
     return n
+
+
+def _matched(s, req, ncomp: int = 0, timeout_s: float = 10.0):
+    """get_num_new_matched_tokens asked again every "step" while it answers None (a remote
+    lookup in flight), as vLLM's scheduler does."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        n, is_async = s.get_num_new_matched_tokens(req, ncomp)
+        if n is not None or time.monotonic() > deadline:
+            return n, is_async
+        time.sleep(0.001)
+
+
+def _finish_loads(w, rids: set[str], finished: set[str] | None = None, timeout_s: float = 10.0) -> set[int]:
+    """Steps the worker's completion calls (get_finished, then get_block_ids_with_load_errors,
+    vLLM's order) until every load of ``rids`` is reported; returns the failed blocks."""
+    errors: set[int] = set()
+    left = set(rids)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        _sending, recving = w.get_finished(finished or set())
+        finished = None
+        errors |= w.get_block_ids_with_load_errors()
+        left -= recving or set()
+        if not left:
+            return errors
+        assert time.monotonic() < deadline, f"loads of {left} never reported"
+        time.sleep(0.001)
 
 
 def _step(s, w, req, block_ids: list[int], ncomp: int):
@@ -83,7 +112,7 @@ def _step(s, w, req, block_ids: list[int], ncomp: int):
     meta = s.build_connector_meta(so)
     w.bind_connector_metadata(meta)
     w.start_load_kv(None)
-    errors = w.get_block_ids_with_load_errors()
+    errors = _finish_loads(w, set(meta.loads))
     w.wait_for_save()
     w.clear_connector_metadata()
     return meta, errors

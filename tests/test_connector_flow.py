@@ -4,6 +4,8 @@ The remote is the dict-backed fake client of test_tiers (unit tests only)."""
 
 from __future__ import annotations
 
+import threading
+import time
 from types import SimpleNamespace as NS
 
 import pytest
@@ -55,6 +57,34 @@ def _req(rid: str, n_tokens: int, tag: bytes = b"p"):
     )
 
 
+def _matched(s, req, ncomp: int = 0, timeout_s: float = 10.0):
+    """get_num_new_matched_tokens asked again every "step" while it answers None (a remote
+    lookup in flight), as vLLM's scheduler does."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        n, is_async = s.get_num_new_matched_tokens(req, ncomp)
+        if n is not None or time.monotonic() > deadline:
+            return n, is_async
+        time.sleep(0.001)
+
+
+def _finish_loads(w, rids: set[str], finished: set[str] | None = None, timeout_s: float = 10.0) -> set[int]:
+    """Steps the worker's completion calls (get_finished, then get_block_ids_with_load_errors,
+    vLLM's order) until every load of ``rids`` is reported; returns the failed blocks."""
+    errors: set[int] = set()
+    left = set(rids)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        _sending, recving = w.get_finished(finished or set())
+        finished = None
+        errors |= w.get_block_ids_with_load_errors()
+        left -= recving or set()
+        if not left:
+            return errors
+        assert time.monotonic() < deadline, f"loads of {left} never reported"
+        time.sleep(0.001)
+
+
 def _step(s, w, req, block_ids: list[int], ncomp: int):
     s._scheduler.kv_cache_manager = NS(get_block_ids=lambda rid: (block_ids,))
     so = NS(
@@ -65,15 +95,15 @@ def _step(s, w, req, block_ids: list[int], ncomp: int):
     meta = s.build_connector_meta(so)
     w.bind_connector_metadata(meta)
     w.start_load_kv(None)
-    errors = w.get_block_ids_with_load_errors()
+    errors = _finish_loads(w, set(meta.loads))
     w.wait_for_save()
     w.clear_connector_metadata()
     return meta, errors
 
 
 def _admit(s, req, block_ids):
-    n, is_async = s.get_num_new_matched_tokens(req, 0)
-    assert is_async is False
+    n, is_async = _matched(s, req)
+    assert is_async is (n > 0)  # every load is asynchronous
     s.update_state_after_alloc(req, NS(get_block_ids=lambda: (block_ids,)), n)
     return n
 
@@ -110,7 +140,7 @@ def test_leaves_last_token_when_prompt_is_block_aligned(pair):
     assert _admit(s, _req("r2", 16), [5, 6, 7, 8]) == 12
 
 
-def test_load_failure_reported_and_no_store_on_top(pair):
+def test_load_failure_reported(pair):
     s, w, _kv = pair()
     r1 = _req("r1", 26)
     ids1 = list(range(7))
@@ -122,7 +152,7 @@ def test_load_failure_reported_and_no_store_on_top(pair):
     ids2 = list(range(10, 17))
     n = _admit(s, r2, ids2)
     assert n == 24
-    _meta, errs = _step(s, w, r2, ids2, 0)  # scheduled from 0 to also plan stores after the load
+    _meta, errs = _step(s, w, r2, ids2, 24)
     assert errs == {12}
 
 
@@ -206,3 +236,294 @@ def test_spans_for_lookup_load_and_store(pair, spans):
     assert load["outcome"] == "ok" and load["blocks.remote"] == 4 and load["bytes"] > 0
     remote = next(a for n, a in got if n == "membrain.store.remote")
     assert remote["outcome"] == "ok" and remote["blocks.remote"] == 4
+
+
+# ---------------------------------------------------------------- never block the engine
+
+
+def _stored_remotely(pair, fc, n_tokens: int = 18):
+    """Instance A computes and stores a prompt into the fake remote; returns A's KV."""
+    s_a, w_a, kv_a = pair(remote=fc)
+    r = _req("a", n_tokens)
+    ids = list(range(n_tokens // BS + 1))
+    _admit(s_a, r, ids)
+    _step(s_a, w_a, r, ids, 0)
+    assert w_a._worker.remote.drain(5) and len(fc.data) == n_tokens // BS
+    return kv_a
+
+
+def _alloc(s, req, ids, n):
+    s.update_state_after_alloc(req, NS(get_block_ids=lambda: (ids,)), n)
+
+
+def _start(s, w, ids):
+    """A step that schedules nothing but carries the loads planned at allocation (vLLM's step
+    in which an async-loading request is admitted)."""
+    s._scheduler.kv_cache_manager = NS(get_block_ids=lambda rid: (ids,))
+    so = NS(
+        scheduled_new_reqs=[],
+        scheduled_cached_reqs=NS(req_ids=[], num_computed_tokens=[], resumed_req_ids=set()),
+        num_scheduled_tokens={},
+    )
+    meta = s.build_connector_meta(so)
+    w.bind_connector_metadata(meta)
+    w.start_load_kv(None)
+    w.wait_for_save()
+    return meta
+
+
+def test_async_lookup_answers_none_until_the_remote_answers(pair):
+    fc = FakeClient()
+    _stored_remotely(pair, fc)
+    s, _w, _kv = pair(remote=fc)
+    fc.gate = threading.Event()  # the remote is slow
+    r = _req("r", 18)
+    t0 = time.monotonic()
+    assert s.get_num_new_matched_tokens(r, 0) == (None, False)  # ask again
+    assert s.get_num_new_matched_tokens(r, 0) == (None, False)  # still in flight: one lookup
+    assert time.monotonic() - t0 < 0.5, "the scheduler waited on the network"
+    fc.gate.set()
+    assert _matched(s, r) == (16, True)
+    assert fc.lookups == 1 + 1  # A's own miss, then exactly one for r
+    # The answer is kept while the request waits; request_finished drops it.
+    assert s.get_num_new_matched_tokens(r, 0) == (16, True) and fc.lookups == 2
+    s.request_finished(r, [])
+    assert "r" not in s._scheduler._reqs
+    # No remote: immediate answers (a miss here; host hits are immediate too, see below).
+    s2, _w2, _ = pair()
+    assert s2.get_num_new_matched_tokens(_req("x", 18), 0) == (0, False)
+
+
+def test_host_hit_answers_at_once_even_with_a_slow_remote(pair):
+    fc = FakeClient()
+    s, w, _kv = pair(remote=fc)
+    r1 = _req("r1", 18)
+    _admit(s, r1, [0, 1, 2, 3, 4])
+    _step(s, w, r1, [0, 1, 2, 3, 4], 0)
+    fc.gate = threading.Event()
+    # Every block the request can load is in the host tier: no remote round trip.
+    assert s.get_num_new_matched_tokens(_req("r2", 18), 0) == (16, True)
+    fc.gate.set()
+
+
+def test_async_remote_load_completes_through_get_finished_byte_exact(pair):
+    fc = FakeClient()
+    kv_a = _stored_remotely(pair, fc)
+    s, w, kv = pair(remote=fc)
+    for name in kv:
+        kv[name][0:5] = kv_a[name][0:5]  # only to compare bytes below
+        kv[name][20:25].zero_()
+    r = _req("r", 18)
+    ids = [20, 21, 22, 23, 24]
+    assert _matched(s, r) == (16, True)
+    _alloc(s, r, ids, 16)
+    fc.gate = threading.Event()  # the fetch hangs until released
+    t0 = time.monotonic()
+    meta = _start(s, w, ids)
+    assert time.monotonic() - t0 < 0.5, "start_load_kv waited on the network"
+    assert meta.loads["r"].from_remote == [True] * 4
+    assert w.get_finished(set()) == (None, None) and not w.get_block_ids_with_load_errors()
+    fc.gate.set()
+    assert _finish_loads(w, {"r"}) == set()
+    assert _same(kv, [0, 1, 2, 3], [20, 21, 22, 23])
+    assert fc.timeouts[-1] == 2000  # 4 small blocks: the base deadline
+    stats = w.get_kv_connector_stats()
+    assert stats is not None and stats.data["load_tokens_remote"] == 16 and stats.data["loads"] == 1
+
+
+def test_host_tier_hits_load_asynchronously_too(pair):
+    s, w, kv = pair()
+    r1 = _req("r1", 18)
+    _admit(s, r1, [0, 1, 2, 3, 4])
+    _step(s, w, r1, [0, 1, 2, 3, 4], 0)
+    r2 = _req("r2", 18)
+    assert _matched(s, r2) == (16, True)
+    _alloc(s, r2, [10, 11, 12, 13, 14], 16)
+    meta = _start(s, w, [10, 11, 12, 13, 14])
+    assert meta.loads["r2"].from_remote == [False] * 4
+    assert _finish_loads(w, {"r2"}) == set()
+    assert _same(kv, [0, 1, 2, 3], [10, 11, 12, 13])
+
+
+def test_remote_miss_during_async_load_is_reported_with_the_completion(pair):
+    fc = FakeClient()
+    _stored_remotely(pair, fc)
+    s, w, _kv = pair(cpu_cache=0, remote=fc)
+    r = _req("r", 18)
+    assert _matched(s, r) == (16, True)
+    ids = [20, 21, 22, 23, 24]
+    _alloc(s, r, ids, 16)
+    del fc.data[w._worker._key(r.block_hashes[2])]  # evicted after the lookup
+    _start(s, w, ids)
+    # The failed block comes in the same (get_finished, get_block_ids_with_load_errors) pair
+    # that reports the request finished -- never after it.
+    deadline = time.monotonic() + 10
+    while True:
+        _, recving = w.get_finished(set())
+        errs = w.get_block_ids_with_load_errors()
+        if recving:
+            assert recving == {"r"} and errs == {22}
+            break
+        assert not errs and time.monotonic() < deadline
+        time.sleep(0.001)
+
+
+def test_abort_during_in_flight_load_releases_slots_and_is_reported(pair):
+    fc = FakeClient()
+    _stored_remotely(pair, fc)
+    s, w, kv = pair(cpu_cache=0, remote=fc)
+    r = _req("r", 18)
+    assert _matched(s, r) == (16, True)
+    ids = [20, 21, 22, 23, 24]
+    for t in kv.values():
+        t[20:25].zero_()
+    _alloc(s, r, ids, 16)
+    fc.gate = threading.Event()
+    _start(s, w, ids)
+    pool = w._worker.executor.store_.pool
+    # vLLM aborts the request while it waits in WAITING_FOR_REMOTE_KVS: the scheduler half
+    # keeps nothing and asks for no delayed free (vLLM itself waits for finished_recving) ...
+    assert s.request_finished(r, ids) == (False, None) and "r" not in s._scheduler._reqs
+    # ... and the workers learn it from finished_req_ids; the load is still in flight.
+    assert w.get_finished({"r"}) == (None, None)
+    fc.gate.set()
+    _finish_loads(w, {"r"})  # still reported, so vLLM frees the blocks
+    assert all(not t[20:24].any() for t in kv.values()), "an aborted load wrote into freed blocks"
+    assert w._worker.executor.loads_in_flight == 0
+    assert not w._worker.executor.store_  # nothing promoted or held
+    assert pool.free_slots == pool.num_slots, (pool.free_slots, pool.num_slots)
+
+
+def test_load_deadline_scales_with_the_bytes_asked(pair):
+    from membrain.tiers.remote import PER_MIB_MS, deadline_ms
+
+    assert deadline_ms(500, 0) == deadline_ms(500, 1 << 20) == 500
+    assert deadline_ms(500, (1 << 20) + 1) == 500 + PER_MIB_MS
+    assert deadline_ms(500, 64 << 20) == 500 + 63 * PER_MIB_MS
+    fc = FakeClient()
+    _stored_remotely(pair, fc)
+    s, w, _kv = pair(remote=fc)
+    w._worker.executor.fetch_chunk_blocks = 4
+    r = _req("r", 18)
+    assert _matched(s, r) == (16, True)
+    _alloc(s, r, [20, 21, 22, 23, 24], 16)
+    _start(s, w, [20, 21, 22, 23, 24])
+    _finish_loads(w, {"r"})
+    bb = w._worker.executor.block_bytes
+    assert fc.timeouts[-1] == deadline_ms(2000, 4 * bb)
+    # A long prefix gets the time its bytes need (stores too).
+    w._worker.remote.get_into([b"k"], [bytearray(4)], nbytes=64 << 20)
+    assert fc.timeouts[-1] == 2000 + 63 * PER_MIB_MS
+    w._worker.remote.put_async([b"k"], [b"v"], nbytes=16 << 20)
+    assert fc.timeouts[-1] == 2000 + 15 * PER_MIB_MS
+
+
+def test_loads_of_one_step_are_one_batched_fetch_in_pipelined_chunks(pair):
+    fc = FakeClient()
+    kv_a = _stored_remotely(pair, fc)
+    s, w, kv = pair(cpu_cache=0, remote=fc)
+    calls: list[int] = []
+    real = fc.get_into
+
+    def counting(keys, bufs, timeout_ms=None):
+        calls.append(len(keys))
+        return real(keys, bufs, timeout_ms)
+
+    fc.get_into = counting
+    for name in kv:
+        kv[name][0:5] = kv_a[name][0:5]
+        kv[name][10:20].zero_()
+    r1, r2 = _req("r1", 18), _req("r2", 18)  # the same prompt twice, admitted in one step
+    assert _matched(s, r1) == (16, True) and _matched(s, r2) == (16, True)
+    _alloc(s, r1, [10, 11, 12, 13, 14], 16)
+    _alloc(s, r2, [15, 16, 17, 18, 19], 16)
+    _start(s, w, [])
+    assert _finish_loads(w, {"r1", "r2"}) == set()
+    assert calls == [8], "both requests' blocks should travel in one fetch"
+    assert _same(kv, [0, 1, 2, 3, 0, 1, 2, 3], [10, 11, 12, 13, 15, 16, 17, 18])
+    # Smaller chunks: several fetches, each scatter overlapping the next fetch; same bytes.
+    calls.clear()
+    w._worker.executor.fetch_chunk_blocks = 3
+    for t in kv.values():
+        t[20:25].zero_()
+    r3 = _req("r3", 18)
+    assert _matched(s, r3) == (16, True)
+    _alloc(s, r3, [20, 21, 22, 23, 24], 16)
+    _start(s, w, [])
+    assert _finish_loads(w, {"r3"}) == set()
+    assert calls == [3, 1] and _same(kv, [0, 1, 2, 3], [20, 21, 22, 23])
+
+
+def test_eviction_during_a_load_cancels_its_promotion(pair):
+    fc = FakeClient()
+    _stored_remotely(pair, fc)
+    s, w, _kv = pair(remote=fc)
+    r = _req("r", 18)
+    assert _matched(s, r) == (16, True)
+    _alloc(s, r, [20, 21, 22, 23, 24], 16)
+    fc.gate = threading.Event()
+    meta = _start(s, w, [20, 21, 22, 23, 24])
+    assert meta.loads["r"].promote == [True] * 4
+    # The scheduler evicts one of them (a later step) before the load lands.
+    w._worker.executor.evict_host([w._worker._key(r.block_hashes[1])])
+    fc.gate.set()
+    assert _finish_loads(w, {"r"}) == set()
+    held = set(w._worker.executor.store_.keys())
+    assert held == {w._worker._key(r.block_hashes[i]) for i in (0, 2, 3)}
+
+
+def test_async_lookup_answer_is_reconciled_with_host_tier_changes(pair):
+    """The remote answer is kept as the block range the remote holds: a host tier that gains
+    blocks meanwhile needs no new round trip; one that loses blocks below it asks again."""
+    from membrain.vllm.scheduler import _ReqState
+
+    fc = FakeClient()
+    _stored_remotely(pair, fc)
+    s, _w, _kv = pair(remote=fc)
+    sched = s._scheduler
+    r = _req("r", 18)
+    hashes = sched._hashes(r, 4)
+    st = _ReqState(r)
+    sched.tiers.host.discard(hashes)
+    assert sched._match(st, hashes, 0) is None  # lookup of [0, 4) started
+    st.lookup.result(5)
+    sched.tiers.host.admit(hashes[:2])  # the host tier gained blocks 0-1 meanwhile
+    m = sched._match(st, hashes, 0)
+    assert (m.local, m.host_end, m.remote_end) == (0, 2, 4) and fc.lookups == 2  # A's + this one
+    # The remote answer covers [2, 4) only after a lookup from 2 ...
+    st2 = _ReqState(r)
+    assert sched._match(st2, hashes, 0) is None and st2.lookup_from == 2
+    st2.lookup.result(5)
+    assert sched._match(st2, hashes, 0).remote_end == 4
+    # ... so when the host tier loses block 1 the gap [1, 2) is asked about, not assumed.
+    sched.tiers.host.discard(hashes[1:2])
+    st2.match = None
+    assert sched._match(st2, hashes, 0) is None and st2.lookup_from == 1
+    st2.lookup.result(5)
+    m = sched._match(st2, hashes, 0)
+    assert (m.host_end, m.remote_end) == (1, 4)
+
+
+def test_every_tp_rank_reports_its_own_completion(pair, monkeypatch):
+    """vLLM counts finished_recving per worker (KVOutputAggregator): each rank reports the
+    requests it loaded, whatever the others do -- also a rank that cannot load at all."""
+    s, w0, _kv = pair()
+    r1 = _req("r1", 18)
+    _admit(s, r1, [0, 1, 2, 3, 4])
+    _step(s, w0, r1, [0, 1, 2, 3, 4], 0)
+    r2 = _req("r2", 18)
+    assert _matched(s, r2) == (16, True)
+    _alloc(s, r2, [10, 11, 12, 13, 14], 16)
+    meta = _start(s, w0, [10, 11, 12, 13, 14])
+    import vllm.distributed.parallel_state as ps
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from membrain.vllm.connector import MembrainConnector
+
+    monkeypatch.setattr(ps, "get_tp_group", lambda: NS(rank_in_group=1))
+    w1 = MembrainConnector(s._vllm_config, KVConnectorRole.WORKER, s._kv_cache_config)
+    w1.register_kv_caches({})  # rank 1 cannot use its tensors: its load fails but still reports
+    w1.bind_connector_metadata(meta)
+    w1.start_load_kv(None)
+    assert _finish_loads(w0, {"r2"}) == set()
+    assert _finish_loads(w1, {"r2"}) == {10, 11, 12, 13}

@@ -95,7 +95,7 @@ def test_host_store_roundtrip_and_remote_put_get():
 
 def test_remote_put_backpressure_drops_instead_of_waiting():
     class Slow(FakeClient):
-        def put_async(self, keys, values):
+        def put_async(self, keys, values, timeout_ms=None):
             return Future()  # never completes
 
     rt = RemoteTier(Slow(), max_inflight=2)

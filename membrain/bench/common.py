@@ -20,8 +20,11 @@ MODEL_SCRIPT = r"""
 import sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 torch.manual_seed(0)
+kv_heads = int(sys.argv[4]) if len(sys.argv) > 4 else 4
+head_dim = int(sys.argv[5]) if len(sys.argv) > 5 else int(sys.argv[2]) // 8
 cfg = LlamaConfig(vocab_size=1000, hidden_size=int(sys.argv[2]), intermediate_size=2 * int(sys.argv[2]),
-                  num_hidden_layers=int(sys.argv[3]), num_attention_heads=8, num_key_value_heads=4,
+                  num_hidden_layers=int(sys.argv[3]), num_attention_heads=max(8, kv_heads),
+                  num_key_value_heads=kv_heads, head_dim=head_dim,
                   max_position_embeddings=16384, initializer_range=0.2, torch_dtype="bfloat16",
                   tie_word_embeddings=False)
 LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(sys.argv[1])
@@ -29,14 +32,22 @@ LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(sys.argv[1])
 
 
 def ensure_model(
-    path: str | os.PathLike[str], hidden: int = 512, layers: int = 6, python: str = sys.executable
+    path: str | os.PathLike[str],
+    hidden: int = 512,
+    layers: int = 6,
+    python: str = sys.executable,
+    kv_heads: int = 4,
+    head_dim: int | None = None,
 ) -> str:
-    """A random-weight Llama (bf16, vocab 1000) at ``path``, generated once; no downloads."""
+    """A random-weight Llama (bf16, vocab 1000) at ``path``, generated once; no downloads.
+    ``kv_heads`` KV heads of ``head_dim`` (default hidden / 8) each: the KV bytes per token are
+    ``2 * layers * kv_heads * head_dim * 2``."""
     p = Path(path)
     if not (p / "config.json").exists() or not (p / "model.safetensors").exists():
         p.mkdir(parents=True, exist_ok=True)
+        hd = head_dim if head_dim is not None else hidden // 8
         subprocess.run(
-            [python, "-c", MODEL_SCRIPT, str(p), str(hidden), str(layers)],
+            [python, "-c", MODEL_SCRIPT, str(p), str(hidden), str(layers), str(kv_heads), str(hd)],
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -106,6 +117,26 @@ def run_instance(
 
 _HIT = re.compile(r"MEMBRAIN HIT req=(\S+) tokens=(\d+) local=(\d+) host=(\d+) remote=(\d+)")
 _STORE = re.compile(r"MEMBRAIN STORE req=(\S+) tokens=(\d+) host=(\d+) remote=(\d+)")
+
+
+_LOAD = re.compile(
+    r"MEMBRAIN LOAD req=(\S+) host=(\d+) remote=(\d+) failed=(\d+) bytes=(\d+) seconds=([\d.]+) "
+    r"queued=([\d.]+) host_s=([\d.]+) fetch_wait=([\d.]+) scatter=([\d.]+)"
+)
+
+
+def parse_loads(log: str) -> list[dict[str, Any]]:
+    """The worker's (lead rank) completed loads in log order: tokens per tier, bytes and where
+    the time went (``seconds`` in all; ``queued``, ``host_s``, ``fetch_wait``, ``scatter``)."""
+    keys = ("host", "remote", "failed", "bytes")
+    times = ("seconds", "queued", "host_s", "fetch_wait", "scatter")
+    out: list[dict[str, Any]] = []
+    for m in _LOAD.finditer(log):
+        d: dict[str, Any] = {"req": m.group(1)}
+        d.update({k: int(m.group(2 + i)) for i, k in enumerate(keys)})
+        d.update({k: float(m.group(6 + i)) for i, k in enumerate(times)})
+        out.append(d)
+    return out
 
 
 def parse_hits(log: str) -> dict[str, dict[str, int]]:

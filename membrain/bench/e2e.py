@@ -3,7 +3,13 @@ prefix cache) for several prompt lengths, on the current vLLM build.
 
 Instance A (Membrain on): each prompt cold, then again (local prefix-cache hit). Instance B, a
 fresh process with the same Membrain settings: each prompt once (served from the remote tier,
-its host tier being empty). TTFT = wall time of a ``max_tokens=1`` request.
+its host tier being empty). TTFT = wall time of a ``max_tokens=1`` request. For B each row also
+carries the worker's load (from its ``MEMBRAIN LOAD`` line): total seconds, queued, host-tier
+scatter, waiting on remote fetches, remote scatter, and the effective GB/s (bytes / seconds).
+
+Shapes (random-weight Llama, bf16): ``small`` hidden 512, 6 layers, 4 KV heads of 64 (6 KiB of
+KV per token); ``wide`` hidden 512, 16 layers, 8 KV heads of 128 (64 KiB per token), where moving
+KV is a larger share of the work.
 """
 
 from __future__ import annotations
@@ -19,6 +25,14 @@ from typing import Any
 from membrain.bench import common as C
 
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192)
+SHAPES: dict[str, dict[str, int]] = {
+    "small": {"hidden": 512, "layers": 6, "kv_heads": 4, "head_dim": 64},
+    "wide": {"hidden": 512, "layers": 16, "kv_heads": 8, "head_dim": 128},
+}
+
+
+def kv_bytes_per_token(shape: dict[str, int]) -> int:
+    return 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * 2  # K and V, bf16
 
 
 def run(
@@ -29,8 +43,13 @@ def run(
     hidden: int = 512,
     layers: int = 6,
     kv_bytes: int = 1 << 30,
+    kv_heads: int = 4,
+    head_dim: int = 64,
 ) -> dict[str, Any]:
-    model = C.ensure_model(model_dir, hidden, layers)
+    model = C.ensure_model(model_dir, hidden, layers, kv_heads=kv_heads, head_dim=head_dim)
+    per_token = kv_bytes_per_token({"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim})
+    # Room for every prompt at once, so the local-warm pass is a real prefix-cache hit.
+    kv_bytes = max(kv_bytes, int(1.5 * per_token * (sum(lengths) + 64 * len(lengths))))
     server = None
     if endpoint is None:
         server = C.start_server("4GiB", workdir / "server.log")
@@ -58,6 +77,7 @@ def run(
         if server is not None:
             server.stop()
     n = len(prompts)
+    loads = C.parse_loads(b["log"])
     rows = []
     for i, L in enumerate(lengths):
         cold, local, fresh = (
@@ -76,7 +96,27 @@ def run(
                 "tokens_match": a["results"][i]["tokens"] == b["results"][i]["tokens"],
             }
         )
-    return {"rows": rows, "hits_B": C.hit_totals(b["log"]), "model": {"hidden": hidden, "layers": layers}}
+        if i < len(loads):  # B's loads, one per prompt, in order
+            ld = loads[i]
+            rows[-1]["load"] = {
+                k: ld[k] for k in ("req", "remote", "host", "failed", "bytes", "seconds", "queued")
+            } | {
+                "host_scatter_s": ld["host_s"],
+                "fetch_wait_s": ld["fetch_wait"],
+                "scatter_s": ld["scatter"],
+                "gb_per_s": ld["bytes"] / ld["seconds"] / 1e9 if ld["seconds"] > 0 else 0.0,
+            }
+    return {
+        "rows": rows,
+        "hits_B": C.hit_totals(b["log"]),
+        "model": {
+            "hidden": hidden,
+            "layers": layers,
+            "kv_heads": kv_heads,
+            "head_dim": head_dim,
+            "kv_bytes_per_token": per_token,
+        },
+    }
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -106,22 +146,35 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)))
-    p.add_argument("--model-dir", default=os.path.expanduser("~/.cache/membrain/bench-model"))
+    p.add_argument("--shape", choices=sorted(SHAPES), default="small", help="model shape (see above)")
+    p.add_argument("--model-dir", default=None, help="default: ~/.cache/membrain/bench-model[-SHAPE]")
     p.add_argument("--endpoint", default=None, help="a running Membrain server (default: start one)")
     p.add_argument("--out", default="e2e_ttft")
     p.add_argument("--workdir", default=None)
     a = p.parse_args(argv)
     wd = Path(a.workdir or C.tmpdir("membrain-bench-"))
     wd.mkdir(parents=True, exist_ok=True)
-    res = run([int(x) for x in a.lengths.split(",")], a.model_dir, wd, a.endpoint)
+    shape = SHAPES[a.shape]
+    suffix = "" if a.shape == "small" else f"-{a.shape}"
+    model_dir = a.model_dir or os.path.expanduser(f"~/.cache/membrain/bench-model{suffix}")
+    res = run([int(x) for x in a.lengths.split(",")], model_dir, wd, a.endpoint, **shape)
+    res["shape"] = a.shape
     Path(a.out + ".json").write_text(json.dumps(res, indent=2))
     plot(res, Path(a.out + ".png"))
+    print(f"shape {a.shape}: {res['model']}")
     for r in res["rows"]:
         print(
             f"{r['prompt_tokens']:>6} tok  cold {r['cold_s']:7.2f}s  fresh-warm {r['fresh_warm_s']:6.2f}s  "
             f"local-warm {r['local_warm_s']:6.2f}s  speedup {r['speedup_fresh_vs_cold']:5.1f}x  "
             f"tokens {'=' if r['tokens_match'] else 'DIFFER'}"
         )
+        ld = r.get("load")
+        if ld:
+            print(
+                f"         load {ld['seconds'] * 1e3:8.1f} ms = queued {ld['queued'] * 1e3:.1f} + host "
+                f"{ld['host_scatter_s'] * 1e3:.1f} + fetch wait {ld['fetch_wait_s'] * 1e3:.1f} + scatter "
+                f"{ld['scatter_s'] * 1e3:.1f} ms; {ld['bytes'] / 2**20:.1f} MiB at {ld['gb_per_s']:.2f} GB/s"
+            )
     print(f"wrote {a.out}.json and {a.out}.png")
     return 0
 

@@ -10,8 +10,11 @@ report it to vLLM, which recomputes it: no outcome is silent.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from membrain import ops
@@ -23,6 +26,9 @@ logger = logging.getLogger("membrain.tiers.executor")
 
 # Slots kept beyond the host tier's capacity for staging remote transfers.
 HOST_HEADROOM_BLOCKS = 64
+# Blocks per remote fetch of a background load: the scatter of one chunk overlaps the fetch of
+# the next, and at most two chunks of staging slots are held at a time.
+FETCH_CHUNK_BLOCKS = 16
 
 
 @dataclass
@@ -30,6 +36,27 @@ class LoadResult:
     failed_block_ids: list[int]
     host_blocks: int = 0  # loaded from the host tier
     remote_blocks: int = 0  # loaded from the remote tier
+
+
+@dataclass
+class LoadJob:
+    """One request's load of a step: the plan, its keys, and (when done) its outcome."""
+
+    req_id: str
+    plan: LoadPlan
+    keys: list[bytes]
+    result: LoadResult | None = None
+    error: str = ""  # why blocks failed beyond plain misses ("" when only misses)
+    seconds: float = 0.0  # from start to completion
+    t0: float = 0.0
+    # Where the time went (seconds; the remote ones are the whole batch's, shared by its jobs):
+    # queued behind earlier loads, host-tier scatter, waiting for remote fetches, remote scatter.
+    times: dict[str, float] = field(default_factory=dict)
+    host_idx: list[int] = field(default_factory=list)
+    host_slots: list[Any] = field(default_factory=list)
+    landed: set[int] = field(default_factory=set)
+    ready: Any = None  # CUDA: event the side stream waits on before scattering
+    ctx: Any = None  # the caller's (e.g. a tracing span)
 
 
 @dataclass
@@ -41,22 +68,27 @@ class StoreResult:
 
 class TierExecutor:
     """Runs load and store plans for one worker's KV cache (``kv``, described by
-    :func:`membrain.ops.describe_kv_caches`). ``sync`` waits for the device work queued by
-    gathers/scatters (a CUDA stream synchronize; a no-op on CPU, where they are synchronous)."""
+    :func:`membrain.ops.describe_kv_caches`). The step thread never waits for the device or the
+    network: loads run on a loader thread (CUDA: on a side stream), stores are ordered on the
+    device with events (see :meth:`store`)."""
 
-    def __init__(
-        self,
-        kv: ops.PagedKV,
-        remote: RemoteTier | None,
-        max_inflight: int,
-        sync: Callable[[], None] = lambda: None,
-    ) -> None:
+    def __init__(self, kv: ops.PagedKV, remote: RemoteTier | None, max_inflight: int) -> None:
         self.kv = kv
         self.remote = remote
         self.max_inflight = max_inflight
-        self.sync = sync
         self.store_: HostStore | None = None
         self.block_bytes = kv.packed_nbytes(1)
+        self.fetch_chunk_blocks = FETCH_CHUNK_BLOCKS
+        self._loader: ThreadPoolExecutor | None = None
+        self._fetcher: ThreadPoolExecutor | None = None
+        self._side: Any = None  # CUDA side stream of the loads
+        self._shipper: ThreadPoolExecutor | None = None  # CUDA: remote puts after the gathers
+        self._last_store_fence: Any = None  # CUDA: event after the latest gathers
+        self._jobs_lock = threading.Lock()
+        self._done_jobs: list[LoadJob] = []
+        self._inflight_jobs = 0
+        self._cancelled: set[str] = set()
+        self._promoting: dict[bytes, int] = {}  # key -> loads that will promote it
 
     def host(self, capacity_blocks: int) -> HostStore | None:
         """The host tier's slots (``capacity_blocks`` from the scheduler) plus staging headroom
@@ -73,67 +105,324 @@ class TierExecutor:
     # ---------------------------------------------------------------- loads
 
     def load(self, plan: LoadPlan, keys: Sequence[bytes], host_capacity: int) -> LoadResult:
-        """Loads every block of ``plan`` (host tier first, then one batched remote fetch into
-        slots, scattered into the device blocks); promotes remote blocks the plan marks."""
-        store = self.host(host_capacity)
-        failed: list[int] = []
-        host_idx = [i for i, r in enumerate(plan.from_remote) if not r]
-        rem_idx = [i for i, r in enumerate(plan.from_remote) if r]
-        host_ok = 0
-        if host_idx:
-            oks = (
-                store.load(self.kv, [plan.block_ids[i] for i in host_idx], [keys[i] for i in host_idx])
-                if store is not None
-                else [False] * len(host_idx)
-            )
-            host_ok = sum(oks)
-            failed += [plan.block_ids[i] for i, ok in zip(host_idx, oks) if not ok]
-        remote_ok = 0
-        if rem_idx:
-            remote_ok = self._load_remote(plan, keys, rem_idx, store, failed)
-        return LoadResult(failed, host_ok, remote_ok)
+        """Loads every block of ``plan`` now (the synchronous form of :meth:`start_loads`)."""
+        job = LoadJob("", plan, list(keys))
+        self._prepare([job], host_capacity)
+        try:
+            self._run([job])
+        except Exception as e:
+            logger.exception("Membrain load failed")
+            self._fail(job, f"load error: {e}")
+        finally:
+            self._release_promotions([job])
+            self._cleanup(job)
+        assert job.result is not None
+        return job.result
 
-    def _load_remote(
-        self,
-        plan: LoadPlan,
-        keys: Sequence[bytes],
-        rem_idx: list[int],
-        store: HostStore | None,
-        failed: list[int],
-    ) -> int:
-        # Fetch into pool slots (pinned on CUDA); pageable scratch only on CPU.
+    def start_loads(self, jobs: Sequence[LoadJob], host_capacity: int) -> None:
+        """Starts the loads of one step in the background (one loader thread, jobs in order):
+        host-tier blocks are scattered from their slots, remote blocks of all jobs are fetched
+        in one batch, in chunks whose scatter overlaps the fetch of the next chunk, and promoted
+        where the plan says. Each job's outcome comes back through :meth:`poll_loads`; every
+        job comes back exactly once, also on errors (then with its blocks failed)."""
+        if not jobs:
+            return
+        jobs = list(jobs)
+        try:
+            self._prepare(jobs, host_capacity)
+        except Exception as e:
+            logger.exception("Membrain: preparing loads failed")
+            for j in jobs:
+                self._fail(j, f"load error: {e}")
+                self._finished(j)
+            return
+        if self._loader is None:
+            self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="membrain-load")
+            self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="membrain-fetch")
+        with self._jobs_lock:
+            self._inflight_jobs += len(jobs)
+        self._loader.submit(self._run_and_post, jobs)
+
+    def poll_loads(self) -> list[LoadJob]:
+        """Jobs finished since the last call (their ``result`` set)."""
+        with self._jobs_lock:
+            out, self._done_jobs = self._done_jobs, []
+            for j in out:  # a cancel that raced with the completion
+                self._cancelled.discard(j.req_id)
+        return out
+
+    @property
+    def loads_in_flight(self) -> int:
+        with self._jobs_lock:
+            return self._inflight_jobs
+
+    def cancel_load(self, req_id: str) -> None:
+        """The request ended: its blocks are no longer written (it still comes back through
+        :meth:`poll_loads`, with the skipped blocks failed)."""
+        with self._jobs_lock:
+            self._cancelled.add(req_id)
+
+    def wait_loads(self, timeout_s: float) -> bool:
+        """Waits for every started load (tests, shutdown); True when none is left."""
+        deadline = time.monotonic() + timeout_s
+        while self.loads_in_flight and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return self.loads_in_flight == 0
+
+    def _prepare(self, jobs: Sequence[LoadJob], host_capacity: int) -> None:
+        """Step thread: takes references to the host-tier slots the jobs read (a later eviction
+        cannot free them mid-load) and registers the promotions (an eviction before the load
+        lands cancels them, so the host tier never holds a key the scheduler dropped)."""
+        store = self.host(host_capacity)
+        ready = None
+        if self.kv.device_type == "cuda":
+            import torch
+
+            # The side stream starts after everything already queued on the step's stream.
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.kv.device_index))
+        for j in jobs:
+            j.ready = ready
+            plan = j.plan
+            j.result = LoadResult([])
+            j.t0 = time.perf_counter()
+            host_idx = [i for i, r in enumerate(plan.from_remote) if not r]
+            if store is None:
+                j.host_slots = [None] * len(host_idx)
+            else:
+                j.host_slots = store.share([j.keys[i] for i in host_idx])
+                with store.lock:
+                    for i, r in enumerate(plan.from_remote):
+                        if r and plan.promote[i]:
+                            self._promoting[j.keys[i]] = self._promoting.get(j.keys[i], 0) + 1
+            j.host_idx = host_idx
+
+    def _fail(self, j: LoadJob, reason: str) -> None:
+        res = j.result if j.result is not None else LoadResult([])
+        done = set(res.failed_block_ids)
+        res.failed_block_ids = list(res.failed_block_ids) + [
+            b for b in j.plan.block_ids if b not in done and b not in j.landed
+        ]
+        j.result = res
+        j.error = j.error or reason
+
+    def _cleanup(self, j: LoadJob) -> None:
+        j.seconds = time.perf_counter() - j.t0
+        for s in j.host_slots:
+            if s is not None:
+                s.release()
+        j.host_slots = []
+        j.ready = None
+
+    def _finished(self, j: LoadJob) -> None:
+        self._cleanup(j)
+        with self._jobs_lock:
+            self._done_jobs.append(j)
+
+    def _run_and_post(self, jobs: list[LoadJob]) -> None:
+        try:
+            self._run(jobs)
+        except Exception as e:  # a device or pool error: recompute, never a crash
+            logger.exception("Membrain background load failed")
+            for j in jobs:
+                self._fail(j, f"load error: {e}")
+        finally:
+            self._release_promotions(jobs)
+            for j in jobs:
+                self._finished(j)
+            with self._jobs_lock:
+                self._inflight_jobs -= len(jobs)
+                for j in jobs:
+                    self._cancelled.discard(j.req_id)
+
+    def _release_promotions(self, jobs: Sequence[LoadJob]) -> None:
+        store = self.store_
+        if store is None:
+            return
+        with store.lock:
+            for j in jobs:
+                for i, r in enumerate(j.plan.from_remote):
+                    if r and j.plan.promote[i]:
+                        k = j.keys[i]
+                        n = self._promoting.get(k, 0) - 1
+                        if n > 0:
+                            self._promoting[k] = n
+                        else:
+                            self._promoting.pop(k, None)
+
+    def _is_cancelled(self, j: LoadJob) -> bool:
+        with self._jobs_lock:
+            return j.req_id in self._cancelled
+
+    def _device_stream(self) -> Any:
+        """CUDA: the side stream loads scatter on (never the forward's stream)."""
+        if self.kv.device_type != "cuda":
+            return None
+        if self._side is None:
+            import torch
+
+            self._side = torch.cuda.Stream(device=self.kv.device_index)
+        return self._side
+
+    def _device_done(self) -> None:
+        """Waits for the scatters queued on the side stream (CUDA): after this the slots they
+        read may be reused and the blocks are complete. No-op on CPU (synchronous copies)."""
+        if self._side is not None:
+            self._side.synchronize()
+
+    def _run(self, jobs: Sequence[LoadJob]) -> None:
+        t_start = time.perf_counter()
+        for j in jobs:
+            j.times = {"queued": t_start - j.t0, "host": 0.0, "fetch_wait": 0.0, "scatter": 0.0}
+        stream = self._device_stream()
+        if stream is not None:
+            for ev in {id(j.ready): j.ready for j in jobs if j.ready is not None}.values():
+                stream.wait_event(ev)
+        # Host-tier blocks first (memory speed), per job.
+        for j in jobs:
+            t_host = time.perf_counter()
+            res = j.result
+            assert res is not None
+            if self._is_cancelled(j):
+                self._fail(j, "request finished while loading")
+                continue
+            try:
+                for i, slot in zip(j.host_idx, j.host_slots):
+                    b = j.plan.block_ids[i]
+                    if slot is None:
+                        res.failed_block_ids.append(b)
+                        continue
+                    ops.scatter_blocks(slot, self.kv, [b], stream=stream)
+                    j.landed.add(b)
+                    res.host_blocks += 1
+            except Exception as e:
+                logger.exception("Membrain host-tier load for req %s failed", j.req_id)
+                self._device_done()
+                self._fail(j, f"load error: {e}")
+            j.times["host"] = time.perf_counter() - t_host
+        self._device_done()
+        # Remote blocks of every job: one batch, fetched in chunks (pipelined with the scatter).
+        want: list[tuple[LoadJob, int]] = [
+            (j, i)
+            for j in jobs
+            if not j.error and not self._is_cancelled(j)
+            for i, r in enumerate(j.plan.from_remote)
+            if r
+        ]
+        for j in jobs:
+            if not j.error and self._is_cancelled(j):
+                self._fail(j, "request finished while loading")
+        if want:
+            batch = list({id(j): j for j, _ in want}.values())
+            self._load_remote(want, stream, batch)
+
+    def _fetch(self, chunk: list[tuple[LoadJob, int]]) -> tuple[list[Any], list[bool]]:
+        """Fetcher thread: one remote get of ``chunk`` into pool slots (pinned on CUDA;
+        pageable scratch only on CPU when the pool is short)."""
+        store = self.store_
         bufs: list[Any] = []
-        for _ in rem_idx:
+        for _ in chunk:
             slot: Any = store.acquire() if store is not None else None
             if slot is None and self.kv.device_type == "cpu":
                 slot = bytearray(self.block_bytes)
             bufs.append(slot)
-        want = [j for j, b in enumerate(bufs) if b is not None]
-        got = (
-            self.remote.get_into([keys[rem_idx[j]] for j in want], [bufs[j] for j in want])
-            if self.remote is not None
-            else [False] * len(want)
-        )
-        oks = [False] * len(rem_idx)
-        for j, ok in zip(want, got):
-            oks[j] = ok
+        want = [n for n, b in enumerate(bufs) if b is not None]
+        got: list[bool] = [False] * len(want)
+        if self.remote is not None and want:
+            got = self.remote.get_into(
+                [chunk[n][0].keys[chunk[n][1]] for n in want],
+                [bufs[n] for n in want],
+                nbytes=len(want) * self.block_bytes,
+            )
+        oks = [False] * len(chunk)
+        for n, ok in zip(want, got):
+            oks[n] = ok
+        return bufs, oks
+
+    def _load_remote(self, want: list[tuple[LoadJob, int]], stream: Any, batch: list[LoadJob]) -> None:
+        size = max(1, self.fetch_chunk_blocks)
+        chunks = [want[c : c + size] for c in range(0, len(want), size)]
+        fetcher = self._fetcher
+        futs: list[Future[tuple[list[Any], list[bool]]]] = []
+
+        def submit(c: list[tuple[LoadJob, int]]) -> Future[tuple[list[Any], list[bool]]]:
+            if fetcher is None:  # synchronous form (load())
+                f: Future[tuple[list[Any], list[bool]]] = Future()
+                f.set_result(self._fetch(c))
+                return f
+            return fetcher.submit(self._fetch, c)
+
+        if chunks:
+            futs.append(submit(chunks[0]))
+        taken = 0
+        try:
+            for n, chunk in enumerate(chunks):
+                if n + 1 < len(chunks):
+                    futs.append(submit(chunks[n + 1]))  # the next fetch overlaps this scatter
+                taken = n + 1
+                t = time.perf_counter()
+                bufs, oks = futs[n].result()
+                t_got = time.perf_counter()
+                self._land_chunk(chunk, bufs, oks, stream)
+                t_end = time.perf_counter()
+                for j in batch:
+                    j.times["fetch_wait"] += t_got - t
+                    j.times["scatter"] += t_end - t_got
+        finally:
+            for f in futs[taken:]:  # fetched ahead but never scattered (an error above)
+                try:
+                    bufs, _ = f.result()
+                except Exception:
+                    continue
+                for buf in bufs:
+                    if buf is not None and not isinstance(buf, bytearray):
+                        buf.release()
+        for j, _ in want:
+            if j.error:
+                self._fail(j, j.error)
+
+    def _land_chunk(
+        self, chunk: list[tuple[LoadJob, int]], bufs: list[Any], oks: list[bool], stream: Any
+    ) -> None:
+        """Scatters a fetched chunk into its device blocks, then releases or promotes its slots."""
         keep: list[tuple[bytes, Any]] = []
-        n_ok = 0
-        for i, buf, ok in zip(rem_idx, bufs, oks):
-            if ok:
-                ops.scatter_blocks(buf, self.kv, [plan.block_ids[i]])
-                n_ok += 1
-            else:
-                failed.append(plan.block_ids[i])
-            if buf is not None and not isinstance(buf, bytearray):
-                keep.append((keys[i], buf) if ok and plan.promote[i] else (b"", buf))
-        self.sync()  # scatters done before any slot is reused or released
-        for k, buf in keep:
-            if k and store is not None:
-                store.insert(k, buf)  # promotion into the host tier
-            else:
+        try:
+            for (j, i), buf, ok in zip(chunk, bufs, oks):
+                b = j.plan.block_ids[i]
+                res = j.result
+                assert res is not None
+                if ok and not j.error and not self._is_cancelled(j):
+                    try:
+                        ops.scatter_blocks(buf, self.kv, [b], stream=stream)
+                        j.landed.add(b)
+                        res.remote_blocks += 1
+                    except Exception as e:
+                        logger.exception("Membrain remote load for req %s failed", j.req_id)
+                        self._fail(j, f"load error: {e}")
+                        ok = False
+                else:
+                    ok = False
+                    if b not in j.landed and b not in res.failed_block_ids:
+                        res.failed_block_ids.append(b)
+                if buf is not None and not isinstance(buf, bytearray):
+                    keep.append((j.keys[i], buf) if ok and j.plan.promote[i] else (b"", buf))
+        finally:
+            self._device_done()  # scatters done before any slot is reused or released
+            for k, buf in keep:
+                if k and self._promote(k, buf):
+                    continue
                 buf.release()
-        return n_ok
+
+    def _promote(self, key: bytes, slot: Any) -> bool:
+        """Loader thread: the host tier keeps ``slot`` for ``key`` unless the promotion was
+        cancelled by an eviction (or the key is already held)."""
+        store = self.store_
+        if store is None:
+            return False
+        with store.lock:
+            if key not in self._promoting:
+                return False
+            return store.insert_if_absent(key, slot)
 
     # ---------------------------------------------------------------- stores
 
@@ -146,7 +435,15 @@ class TierExecutor:
     ) -> StoreResult:
         """Gathers the plan's blocks into host slots (the host tier keeps those the plan admits)
         and ships the remote ones without waiting; ``on_remote_done(stored, failed)`` runs when
-        the remote put completes. After this returns the device blocks are no longer read."""
+        the remote put completes.
+
+        CPU: the gathers are synchronous memcpys; after this returns the device blocks are no
+        longer read. CUDA: the gathers are queued on the step's stream after the forward and the
+        host never waits for them (no stream synchronize in the step); every later use of those
+        device blocks -- vLLM's next steps, frees, zeroing -- is queued on the same stream, so
+        it runs after the gathers. An event marks their end: the remote put waits for it on a
+        background thread, host-tier loads (side stream) wait for it on the device, and
+        evictions wait for it before a slot is handed out again."""
         store = self.host(host_capacity)
         host_slots: list[Any] = [None] * len(keys)
         hi = [i for i, f in enumerate(plan.to_host) if f]
@@ -157,21 +454,18 @@ class TierExecutor:
         res = StoreResult(host_blocks=sum(1 for i in hi if host_slots[i] is not None))
         to_remote = [i for i, f in enumerate(plan.to_remote) if f]
         if not to_remote:
-            self.sync()
+            self._store_fence()
             return res
         if self.remote is None or not self.remote.available:
-            self.sync()
+            self._store_fence()
             res.dropped_blocks = len(to_remote)
             return res
         rk: list[bytes] = []
         rv: list[memoryview] = []
         handles: list[Any] = []
         for i in to_remote:
-            s = store.get(keys[i]) if store is not None else None
-            h: Any
-            if s is not None:
-                h = s.share()
-            else:
+            h: Any = store.share([keys[i]])[0] if store is not None else None
+            if h is None:
                 h = store.acquire() if store is not None else None
                 if h is None:
                     res.dropped_blocks += 1
@@ -180,7 +474,7 @@ class TierExecutor:
             rk.append(keys[i])
             rv.append(memoryview(h))
             handles.append(h)
-        self.sync()  # gathers complete before the bytes are shipped (CUDA)
+        fence = self._store_fence()
         if not rk:
             return res
 
@@ -191,7 +485,26 @@ class TierExecutor:
             if on_remote_done is not None:
                 on_remote_done(ok, len(results) - ok)
 
-        if self.remote.put_async(rk, rv, done):
+        remote = self.remote
+        nbytes = len(rk) * self.block_bytes
+        if fence is not None:
+            # CUDA: ship once the gathers are done, without holding up the step.
+            def ship() -> None:
+                try:
+                    fence.synchronize()
+                    shipped = remote.put_async(rk, rv, done, nbytes=nbytes)
+                except Exception:
+                    logger.exception("Membrain: shipping stored blocks failed")
+                    shipped = False
+                if not shipped:
+                    done([False] * len(rk))
+
+            if self._shipper is None:
+                self._shipper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="membrain-ship")
+            self._shipper.submit(ship)
+            res.remote_blocks = len(rk)  # failures come back through on_remote_done
+            return res
+        if remote.put_async(rk, rv, done, nbytes=nbytes):
             res.remote_blocks = len(rk)
         else:
             res.dropped_blocks += len(rk)
@@ -199,11 +512,48 @@ class TierExecutor:
                 h.release()
         return res
 
+    def _store_fence(self) -> Any:
+        """CUDA: an event recorded on the step's stream after the gathers just queued (also kept
+        as the latest, see :meth:`_wait_stores`); None on CPU, where gathers are synchronous."""
+        if self.kv.device_type != "cuda":
+            return None
+        import torch
+
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.kv.device_index))
+        self._last_store_fence = ev
+        return ev
+
+    def _wait_stores(self) -> None:
+        """Host wait for the gathers queued so far (CUDA), before slots go back to the pool.
+        Normally long done by the next step; a no-op on CPU."""
+        if self._last_store_fence is not None:
+            self._last_store_fence.synchronize()
+            self._last_store_fence = None
+
     def evict_host(self, keys: Sequence[bytes]) -> None:
-        if self.store_ is not None and keys:
-            self.store_.evict(keys)
+        """Drops ``keys`` from the host tier; a promotion of one of them still in flight is
+        cancelled (the scheduler no longer counts it)."""
+        store = self.store_
+        if store is not None and keys:
+            self._wait_stores()
+            with store.lock:
+                store.evict(keys)
+                for k in keys:
+                    self._promoting.pop(k, None)
 
     def clear_host(self) -> None:
         """Drops every block of the host tier (``reset_cache``)."""
-        if self.store_ is not None:
-            self.store_.evict(list(self.store_.keys()))
+        store = self.store_
+        if store is not None:
+            self._wait_stores()
+            with store.lock:
+                store.evict(store.keys())
+                self._promoting.clear()
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        """Waits (bounded) for the loads in flight and stops the loader threads."""
+        self.wait_loads(timeout_s)
+        for ex in (self._loader, self._fetcher, self._shipper):
+            if ex is not None:
+                ex.shutdown(wait=False)

@@ -9,6 +9,7 @@ gather) the worker's load of that block fails and is reported, which makes vLLM 
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
@@ -77,13 +78,18 @@ class HostIndex:
 
 
 class HostStore:
-    """Worker-side holder of packed blocks: key -> Slot of one HostPool."""
+    """Worker-side holder of packed blocks: key -> Slot of one HostPool.
+
+    The index is shared by the step thread (stores, evictions) and the background loader
+    (shared references for loads, promotions): every change holds ``lock``. A slot handed out
+    with :meth:`share` stays valid after its key is evicted until the holder releases it."""
 
     def __init__(self, slot_bytes: int, capacity_blocks: int, headroom: int, pin: bool) -> None:
         self.capacity = capacity_blocks
         n = max(1, capacity_blocks + headroom)
         self.pool = HostPool(slot_bytes, n, pin=pin, huge_pages=False)
         self._slots: dict[bytes, Slot] = {}
+        self.lock = threading.RLock()
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -92,53 +98,78 @@ class HostStore:
         return key in self._slots
 
     def keys(self) -> list[bytes]:
-        return list(self._slots)
+        with self.lock:
+            return list(self._slots)
 
     def get(self, key: bytes) -> Slot | None:
-        return self._slots.get(key)
+        with self.lock:
+            return self._slots.get(key)
+
+    def share(self, keys: Sequence[bytes]) -> list[Slot | None]:
+        """A new reference to each held key's slot (None where not held); release each."""
+        with self.lock:
+            out: list[Slot | None] = []
+            for k in keys:
+                s = self._slots.get(k)
+                out.append(s.share() if s is not None else None)
+            return out
 
     def evict(self, keys: Iterable[bytes]) -> None:
-        for k in keys:
-            slot = self._slots.pop(k, None)
-            if slot is not None:
-                slot.release()
+        with self.lock:
+            for k in keys:
+                slot = self._slots.pop(k, None)
+                if slot is not None:
+                    slot.release()
 
     def acquire(self) -> Slot | None:
         return self.pool.acquire()
 
     def insert(self, key: bytes, slot: Slot) -> None:
-        old = self._slots.pop(key, None)
-        if old is not None:
-            old.release()
-        self._slots[key] = slot
+        with self.lock:
+            old = self._slots.pop(key, None)
+            if old is not None:
+                old.release()
+            self._slots[key] = slot
+
+    def insert_if_absent(self, key: bytes, slot: Slot) -> bool:
+        """Holds ``slot`` for ``key`` unless the key is already held (then the caller keeps
+        ``slot``); a held slot is never replaced from the loader thread, so a reference taken
+        with :meth:`get` on the step thread stays valid."""
+        with self.lock:
+            if key in self._slots:
+                return False
+            self._slots[key] = slot
+            return True
 
     def store(self, kv: ops.PagedKV, block_ids: Sequence[int], keys: Sequence[bytes]) -> list[Slot | None]:
         """Gathers each block into its own slot (synchronously); returns the slots (None where
         no slot was free)."""
         out: list[Slot | None] = []
         for b, k in zip(block_ids, keys):
-            slot = self._slots.get(k)
+            slot = self.get(k)
             if slot is None:
                 slot = self.pool.acquire()
                 if slot is None:
                     out.append(None)
                     continue
                 ops.gather_blocks(kv, [b], slot)
-                self._slots[k] = slot
+                self.insert(k, slot)
             out.append(slot)
         return out
 
     def load(self, kv: ops.PagedKV, block_ids: Sequence[int], keys: Sequence[bytes]) -> list[bool]:
         """Scatters held blocks into ``block_ids``; False where the key is not held."""
         ok: list[bool] = []
-        for b, k in zip(block_ids, keys):
-            slot = self._slots.get(k)
+        for b, slot in zip(block_ids, self.share(keys)):
             if slot is None:
                 ok.append(False)
                 continue
-            ops.scatter_blocks(slot, kv, [b])
+            try:
+                ops.scatter_blocks(slot, kv, [b])
+            finally:
+                slot.release()
             ok.append(True)
         return ok
 
     def close(self) -> None:
-        self.evict(list(self._slots))
+        self.evict(self.keys())

@@ -6,6 +6,7 @@ and what the host tier evicts. Works on vLLM block hashes; keys are made by the 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from membrain.tiers.host import HostIndex
@@ -54,6 +55,35 @@ class TierManager:
         self.remote = remote
         self.key_of = key_of
         self._pending_evict: dict[bytes, None] = {}
+        self._lookups: ThreadPoolExecutor | None = None
+
+    def host_end(self, hashes: Sequence[bytes], local_blocks: int, max_blocks: int) -> int:
+        """Where the host tier's run of blocks after ``local_blocks`` ends (at most
+        ``max_blocks``); immediate (scheduler memory only)."""
+        max_blocks = min(max_blocks, len(hashes))
+        if max_blocks <= local_blocks:
+            return local_blocks
+        return local_blocks + self.host.prefix_hits(hashes[local_blocks:max_blocks])
+
+    def needs_remote(self, host_end: int, max_blocks: int) -> bool:
+        """Whether the remote tier must be asked beyond ``host_end`` (it is on, reachable --
+        an open breaker answers "miss" at once -- and the host tier did not cover it all)."""
+        return self.remote is not None and host_end < max_blocks and self.remote.available
+
+    def lookup_async(self, hashes: Sequence[bytes], start: int, end: int) -> Future[int]:
+        """Starts the remote lookup of blocks ``[start, end)`` on a small background pool;
+        the future's result is how many of them, from ``start`` on, the remote tier holds
+        (never raises: a failed lookup is 0)."""
+        assert self.remote is not None
+        if self._lookups is None:
+            self._lookups = ThreadPoolExecutor(max_workers=4, thread_name_prefix="membrain-lookup")
+        keys = [self.key_of(h) for h in hashes[start:end]]
+        remote = self.remote
+        return self._lookups.submit(remote.lookup_prefix, keys)
+
+    def close(self) -> None:
+        if self._lookups is not None:
+            self._lookups.shutdown(wait=False, cancel_futures=True)
 
     def match(self, hashes: Sequence[bytes], local_blocks: int, max_blocks: int) -> Match:
         """Looks beyond vLLM's own hit: host first, then one batched remote round trip."""

@@ -18,6 +18,18 @@ from membrain.client.breaker import CircuitBreaker
 
 logger = logging.getLogger("membrain.tiers.remote")
 
+# Data deadlines scale with the bytes moved: ``timeout_ms`` covers the round trip and the first
+# MiB, every further MiB adds PER_MIB_MS (8 ms/MiB: a floor of ~125 MiB/s, far below any link
+# Membrain runs on), so a long prefix never fails only because it is long.
+PER_MIB_MS = 8
+
+
+def deadline_ms(timeout_ms: int, nbytes: int) -> int:
+    """The deadline of a transfer of ``nbytes``: ``timeout_ms + PER_MIB_MS`` per MiB beyond the
+    first (rounded up)."""
+    extra_mib = max(0, -(-int(nbytes) // 2**20) - 1)
+    return int(timeout_ms) + PER_MIB_MS * extra_mib
+
 
 def make_client(settings: Any) -> Any | None:
     """A real ``membrain.Client`` for :class:`~membrain.vllm.config.MembrainSettings` (endpoints,
@@ -98,10 +110,15 @@ class RemoteTier:
         n = self._call("lookup", lambda: int(self.client.lookup_prefix(list(keys))), 0)
         return max(0, min(int(n), len(keys)))
 
-    def get_into(self, keys: Sequence[bytes], buffers: Sequence[Any]) -> list[bool]:
+    def get_into(self, keys: Sequence[bytes], buffers: Sequence[Any], nbytes: int = 0) -> list[bool]:
+        """Fetches ``keys`` into ``buffers``; ``nbytes`` (the bytes asked for) scales the
+        deadline (:func:`deadline_ms`)."""
         if not keys:
             return []
-        res = self._call("get", lambda: list(self.client.get_into(list(keys), list(buffers))), None)
+        ms = deadline_ms(self.timeout_ms, nbytes)
+        res = self._call(
+            "get", lambda: list(self.client.get_into(list(keys), list(buffers), timeout_ms=ms)), None
+        )
         if res is None or len(res) != len(keys):
             return [False] * len(keys)
         return [bool(r) for r in res]
@@ -111,10 +128,15 @@ class RemoteTier:
         return self._inflight
 
     def put_async(
-        self, keys: Sequence[bytes], values: Sequence[Any], done: Callable[[list[bool]], None] | None = None
+        self,
+        keys: Sequence[bytes],
+        values: Sequence[Any],
+        done: Callable[[list[bool]], None] | None = None,
+        nbytes: int = 0,
     ) -> bool:
         """Ships ``values`` without waiting; ``done(results)`` runs when finished (also on
-        error, with all False). Returns False (and does nothing) when too many are in flight."""
+        error, with all False). Returns False (and does nothing) when too many are in flight.
+        ``nbytes`` scales the deadline (:func:`deadline_ms`)."""
         n = len(keys)
         if n == 0:
             return True
@@ -148,7 +170,8 @@ class RemoteTier:
                 done(res)
 
         try:
-            fut = self.client.put_async(list(keys), list(values))
+            ms = deadline_ms(self.timeout_ms, nbytes)
+            fut = self.client.put_async(list(keys), list(values), timeout_ms=ms)
         except Exception as e:
             finish(None, e)
             return True

@@ -10,6 +10,11 @@ that runs in this process --
 
 Design decisions that show in vLLM's interface:
 
+* The engine never waits on the network: ``get_num_new_matched_tokens`` answers ``None`` ("ask
+  again") while a remote lookup runs in the background, every load is asynchronous (``(n,
+  True)``: the request waits in WAITING_FOR_REMOTE_KVS) and comes back through ``get_finished``
+  with its failed blocks in the same step's ``get_block_ids_with_load_errors``.
+
 * ``get_required_kvcache_layout`` is not declared: every layout vLLM 0.32 can resolve is moved
   at memory-copy speed (see :mod:`membrain.ops`), while forcing one (e.g. block-outermost
   ``BLNHC``) would override the attention backend's preference and breaks kernel-block splitting,
@@ -166,7 +171,10 @@ class MembrainConnector(KVConnectorBase_V1):
             self._work().wait_for_save(meta)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        return None, None
+        if self._worker is None:
+            return None, None
+        recving = self._worker.get_finished(finished_req_ids)
+        return None, recving or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors() if self._worker is not None else set()
@@ -193,5 +201,7 @@ class MembrainConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
-        elif self._scheduler is not None and self._scheduler.remote is not None:
-            self._scheduler.remote.close()
+        elif self._scheduler is not None:
+            self._scheduler.tiers.close()
+            if self._scheduler.remote is not None:
+                self._scheduler.remote.close()

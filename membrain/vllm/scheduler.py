@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,11 @@ class _ReqState:
     match_key: tuple[int, int] = (-1, -1)
     host_tokens: int = 0  # external tokens planned from the host tier
     remote_tokens: int = 0  # ... and from the remote tier
+    # Remote lookups run in the background: the one in flight (and the block it starts at),
+    # then its answer as the block range [start, end) the remote tier holds.
+    lookup: Future[int] | None = None
+    lookup_from: int = -1
+    remote_known: tuple[int, int] | None = None
 
 
 class MembrainScheduler:
@@ -122,7 +128,14 @@ class MembrainScheduler:
 
     # ---------------------------------------------------------------- matching
 
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        """vLLM's question "how many more prompt tokens can you load?", answered without
+        waiting on the network: host-tier and no-remote answers are immediate; when the remote
+        tier must be asked the lookup runs in the background and the answer is ``None`` ("ask
+        again next step") until it is in. A positive answer is always an asynchronous load
+        (the request waits in WAITING_FOR_REMOTE_KVS until the workers report it)."""
         if not self.enabled:
             return 0, False
         bs = self.block_size
@@ -134,13 +147,38 @@ class MembrainScheduler:
         # until it is allocated or its cached prefix changes, not re-asked over the network.
         if st.match is None or st.match_key != key:
             hashes = self._hashes(request, max_blocks)
+            m = self._match(st, hashes, local)
+            if m is None:
+                return None, False
             headers = getattr(request, "trace_headers", None)
             with tracing.lookup_span(request.request_id, len(hashes), trace_headers=headers) as span:
-                st.match = m = self.tiers.match(hashes, local, len(hashes))
                 span.set(local_blocks=m.local, host_blocks=m.host_blocks, remote_blocks=m.remote_blocks)
-            st.match_key = key
-        ext = (st.match.remote_end - local) * bs
-        return max(0, ext), False
+            st.match, st.match_key = m, key
+        ext = max(0, (st.match.remote_end - local) * bs)
+        return ext, ext > 0
+
+    def _match(self, st: _ReqState, hashes: list[bytes], local: int) -> Match | None:
+        """The request's match, or None while the remote lookup it needs is in flight."""
+        max_blocks = len(hashes)
+        host_end = self.tiers.host_end(hashes, local, max_blocks)
+        if not self.tiers.needs_remote(host_end, max_blocks):
+            return Match(local, max(local, host_end), max(local, host_end))
+        if st.remote_known is None and st.lookup is not None and st.lookup.done():
+            try:
+                n = int(st.lookup.result())
+            except Exception:  # RemoteTier never raises; a cancelled future is a miss
+                n = 0
+            st.remote_known, st.lookup = (st.lookup_from, st.lookup_from + n), None
+        known = st.remote_known
+        if known is not None and known[0] <= host_end:
+            # The remote holds [start, end) contiguously, so it also holds [host_end, end).
+            return Match(local, host_end, max(host_end, min(known[1], max_blocks)))
+        if known is not None:
+            st.remote_known = None  # the host tier lost blocks meanwhile: a gap to ask about
+        if st.lookup is None:
+            st.lookup_from = host_end
+            st.lookup = self.tiers.lookup_async(hashes, host_end, max_blocks)
+        return None
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -149,6 +187,7 @@ class MembrainScheduler:
             return
         st = self._state(request)
         m, st.match = st.match, None
+        st.remote_known, st.lookup = None, None  # a later admission (preemption) asks afresh
         st.host_tokens = st.remote_tokens = 0
         if num_external_tokens <= 0 or m is None:
             return
@@ -224,10 +263,14 @@ class MembrainScheduler:
         return meta
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        # Stores gather into host slots within the step that computed the blocks, so the device
-        # blocks are never read after the request ends: free them now.
-        self._reqs.pop(request.request_id, None)
-        self._pending_loads.pop(request.request_id, None)
+        # Stores gather into host slots within the step that computed the blocks (CPU: done by
+        # then; CUDA: queued on the step's stream, so any reuse of the blocks is queued after
+        # them): the device blocks are never read after the request ends, free them now.
+        # A request that ends while its load is in flight (WAITING_FOR_REMOTE_KVS) keeps its
+        # blocks on vLLM's side until the workers report it in finished_recving (they always
+        # do); a load planned but not yet sent to the workers still goes out, so that report
+        # comes.
+        self._reqs.pop(request.request_id, None)  # also drops a pending lookup's answer
         return False, None
 
     def take_events(self) -> list[Any]:
@@ -243,6 +286,6 @@ class MembrainScheduler:
         self._clear_host = True
         self._events.cleared()
         for st in self._reqs.values():
-            st.match = None
+            st.match, st.remote_known, st.lookup = None, None, None
         logger.info("Membrain cache reset: new key epoch %s, identity %s", self.epoch, self.identity)
         return True

@@ -2,13 +2,16 @@
 
 Each step the worker runs the scheduler's plans on its own KV cache through a
 :class:`~membrain.tiers.executor.TierExecutor` (the data movement lives in the tiers). Loads are
-synchronous in ``start_load_kv`` (vLLM calls it before the forward when a step has loads); stores
-gather the step's newly full blocks into host slots in ``wait_for_save`` -- after that the device
+asynchronous: ``start_load_kv`` hands the step's loads to the executor's loader thread and
+returns; the requests wait in vLLM's WAITING_FOR_REMOTE_KVS until ``get_finished`` reports them
+(``finished_recving``), each TP x PP rank for itself (vLLM waits for all ranks). Stores gather
+the step's newly full blocks into host slots in ``wait_for_save`` -- after that the device
 blocks are free -- and ship them to the remote tier in the background.
 
 Never silent: every block of a load plan either lands or is reported through
-``get_block_ids_with_load_errors`` -- also when this worker cannot serve loads at all (its KV
-tensors could not be described, the host tier could not be created, a device error) -- and with
+``get_block_ids_with_load_errors`` no later than the step whose ``get_finished`` reports the
+request -- also when this worker cannot serve loads at all (its KV tensors could not be
+described, the host tier could not be created, a device error) -- and with
 ``kv_load_failure_policy="recompute"`` vLLM recomputes those blocks.
 """
 
@@ -19,7 +22,7 @@ import time
 from typing import Any
 
 from membrain import tracing
-from membrain.tiers.executor import TierExecutor
+from membrain.tiers.executor import LoadJob, LoadResult, TierExecutor
 from membrain.tiers.remote import RemoteTier
 from membrain.vllm import keys as mkeys
 from membrain.vllm import kv_format
@@ -55,7 +58,9 @@ class MembrainWorker:
         self.executor: TierExecutor | None = None
         self.unusable: str | None = "register_kv_caches was not called"
         self._failed: set[int] = set()
-        self._failed_reqs: set[str] = set()
+        self._loading: set[str] = set()  # requests whose load was started and not reported
+        self._aborted: set[str] = set()  # ... of those, the ones vLLM finished meanwhile
+        self._sync_done: list[LoadJob] = []  # loads that could not start (reported as failed)
         self._stats = StatsRecorder()
 
     # ---------------------------------------------------------------- set-up
@@ -72,7 +77,7 @@ class MembrainWorker:
             self.unusable = f"unsupported KV cache tensors: {e}"
             logger.error("Membrain cannot use this worker's KV cache (%s): every load is a miss", e)
             return
-        self.executor = TierExecutor(kv, self.remote, self.settings.max_inflight, self._sync)
+        self.executor = TierExecutor(kv, self.remote, self.settings.max_inflight)
         self.unusable = None
         t = kv_caches[self.layer_names[0]]
         logger.info(
@@ -84,13 +89,6 @@ class MembrainWorker:
             kv.packed_nbytes(1),
             self.identity,
         )
-
-    def _sync(self) -> None:
-        kv = self.executor.kv if self.executor is not None else None
-        if kv is not None and kv.device_type == "cuda":
-            import torch
-
-            torch.cuda.current_stream(kv.device_index).synchronize()
 
     def _key(self, h: bytes) -> bytes:
         return mkeys.block_key(self.identity, h)
@@ -106,62 +104,100 @@ class MembrainWorker:
     # ---------------------------------------------------------------- per step
 
     def start_load_kv(self, meta: MembrainMetadata) -> None:
+        """Starts the step's loads in the background (all requests, one batch); never waits.
+        Each comes back through :meth:`get_finished` with its failed blocks."""
         self._adopt(meta)
-        self._failed_reqs = set()
+        jobs: list[LoadJob] = []
         for rid, plan in meta.loads.items():
-            t0 = time.perf_counter()
-            span = tracing.load_span(rid, len(plan.block_ids))
-            failed: list[int]
-            host_ok = remote_ok = 0
+            job = LoadJob(rid, plan, [self._key(h) for h in plan.hashes])
+            job.ctx = tracing.load_span(rid, len(plan.block_ids))
+            self._loading.add(rid)
             if self.executor is None:
-                failed = list(plan.block_ids)
-                reason = self.unusable
+                job.result = LoadResult(list(plan.block_ids))
+                job.error = self.unusable or "worker cannot load"
+                self._sync_done.append(job)
             else:
-                try:
-                    res = self.executor.load(plan, [self._key(h) for h in plan.hashes], meta.host_capacity)
-                    failed, host_ok, remote_ok = res.failed_block_ids, res.host_blocks, res.remote_blocks
-                    reason = "blocks missing from their tier"
-                except Exception as e:  # a device or pool error: recompute, never a crash
-                    logger.exception("Membrain load for req %s failed", rid)
-                    failed, reason = list(plan.block_ids), f"load error: {e}"
-            bb = self.executor.block_bytes if self.executor is not None else 0
-            span.end(
-                host_blocks=host_ok,
-                remote_blocks=remote_ok,
-                failed_blocks=len(failed),
-                bytes=(host_ok + remote_ok) * bb,
-            )
-            self._stats.add(
-                load_bytes_host=host_ok * bb,
-                load_bytes_remote=remote_ok * bb,
-                load_failed_blocks=len(failed),
-            )
-            if self.lead:
-                self._stats.add(
-                    load_tokens_host=host_ok * self.block_size,
-                    load_tokens_remote=remote_ok * self.block_size,
-                    load_seconds=time.perf_counter() - t0,
-                    loads=1,
-                )
-            if failed:
-                self._failed.update(failed)
-                self._failed_reqs.add(rid)
-                logger.warning(
-                    "Membrain load for req %s: %d of %d blocks failed (%s); vLLM recomputes them",
-                    rid,
-                    len(failed),
-                    len(plan.block_ids),
-                    reason,
-                )
+                jobs.append(job)
+        if jobs and self.executor is not None:
+            self.executor.start_loads(jobs, meta.host_capacity)
         if self.executor is not None and meta.evict:
             self.executor.evict_host([self._key(h) for h in meta.evict])
+
+    def _load_done(self, job: LoadJob) -> None:
+        res = job.result if job.result is not None else LoadResult(list(job.plan.block_ids))
+        failed, host_ok, remote_ok = res.failed_block_ids, res.host_blocks, res.remote_blocks
+        bb = self._block_bytes()
+        job.ctx.end(
+            host_blocks=host_ok,
+            remote_blocks=remote_ok,
+            failed_blocks=len(failed),
+            bytes=(host_ok + remote_ok) * bb,
+        )
+        self._stats.add(
+            load_bytes_host=host_ok * bb,
+            load_bytes_remote=remote_ok * bb,
+            load_failed_blocks=len(failed),
+        )
+        if self.lead:
+            self._stats.add(
+                load_tokens_host=host_ok * self.block_size,
+                load_tokens_remote=remote_ok * self.block_size,
+                load_seconds=job.seconds,
+                loads=1,
+            )
+        if self.lead and (host_ok or remote_ok):
+            t = job.times
+            logger.info(
+                "MEMBRAIN LOAD req=%s host=%d remote=%d failed=%d bytes=%d seconds=%.6f "
+                "queued=%.6f host_s=%.6f fetch_wait=%.6f scatter=%.6f",
+                job.req_id,
+                host_ok * self.block_size,
+                remote_ok * self.block_size,
+                len(failed) * self.block_size,
+                (host_ok + remote_ok) * bb,
+                job.seconds,
+                t.get("queued", 0.0),
+                t.get("host", 0.0),
+                t.get("fetch_wait", 0.0),
+                t.get("scatter", 0.0),
+            )
+        if failed:
+            self._failed.update(failed)
+            if job.req_id not in self._aborted:
+                logger.warning(
+                    "Membrain load for req %s: %d of %d blocks failed (%s); vLLM recomputes them",
+                    job.req_id,
+                    len(failed),
+                    len(job.plan.block_ids),
+                    job.error or "blocks missing from their tier",
+                )
+
+    def get_finished(self, finished_req_ids: set[str]) -> set[str]:
+        """Requests whose load completed (landed, failed or cancelled) since the last call;
+        their failed blocks are reported by the next :meth:`take_load_errors` (vLLM calls it
+        right after, for the same step's output), so they are never later than the request's
+        ``finished_recving``. A request that ended while loading (``finished_req_ids``) stops
+        being written but is still reported, so vLLM frees its blocks."""
+        for rid in finished_req_ids:
+            if rid in self._loading:
+                self._aborted.add(rid)
+                if self.executor is not None:
+                    self.executor.cancel_load(rid)
+        done, self._sync_done = self._sync_done, []
+        if self.executor is not None:
+            done += self.executor.poll_loads()
+        out: set[str] = set()
+        for job in done:
+            self._load_done(job)
+            self._loading.discard(job.req_id)
+            self._aborted.discard(job.req_id)
+            out.add(job.req_id)
+        return out
 
     def wait_for_save(self, meta: MembrainMetadata) -> None:
         if self.executor is None:
             return
         for rid, plan in meta.stores.items():
-            if rid in self._failed_reqs:
-                continue  # this step computed on top of a failed load: its KV must not be stored
             t0 = time.perf_counter()
             keys = [self._key(h) for h in plan.hashes]
             span = tracing.store_span(rid, len(keys))
@@ -221,6 +257,8 @@ class MembrainWorker:
         return self._stats.take()
 
     def shutdown(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(2 * self.settings.timeout_ms / 1000.0)
         if self.remote is not None:
             # Let stores already shipped finish (bounded), so an instance that exits right after
             # its last request still leaves its blocks for the next one.
