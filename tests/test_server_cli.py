@@ -78,8 +78,35 @@ def test_help_documents_every_option():
 )
 def test_bad_options_fail_clearly(args, needle):
     r = _run_cli(*args)
-    assert r.returncode != 0
+    assert r.returncode == 2
     assert needle in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("flag", ["--idle-timeout", "--ttl"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e10"])
+def test_non_finite_or_huge_seconds_are_refused(flag, value):
+    # Each became int64 nanoseconds through an undefined float-to-int cast and was accepted.
+    r = _run_cli(f"{flag}={value}", "--port", "0", "--metrics-port", "-1")
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert flag in r.stderr and ("finite" in r.stderr or "maximum" in r.stderr or ">= 0" in r.stderr), (
+        r.stderr
+    )
+
+
+def test_in_process_server_refuses_non_finite_seconds():
+    from membrain.server import Server
+
+    for kw in ({"idle_timeout": float("nan")}, {"idle_timeout": 1e10}, {"ttl": float("inf")}):
+        with pytest.raises(ValueError, match="finite number of seconds"):
+            Server(port=0, capacity="1MiB", prefault=False, **kw)
+
+
+def test_token_file_not_utf8_exits_2_with_a_message(tmp_path):
+    tok = tmp_path / "token"
+    tok.write_bytes(b"\xff\xfe secret \x80")
+    r = _run_cli("--auth-token-file", str(tok), "--port", "0", "--metrics-port", "-1")
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "not UTF-8" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_spawn_metrics_and_sigterm(tmp_path):

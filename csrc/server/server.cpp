@@ -3,6 +3,7 @@
 #include <netdb.h>
 
 #include <cerrno>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <stdexcept>
@@ -14,14 +15,21 @@
 namespace membrain::server {
 
 namespace {
+constexpr double kMaxSeconds = 365.0 * 24 * 3600;  // one year; far below int64 nanoseconds' range
+
 ServerConfig validated(ServerConfig c) {
   auto bad = [](const std::string& what) { throw std::invalid_argument(what); };
   if (c.capacity_bytes < (64ull << 10))
     bad("capacity " + std::to_string(c.capacity_bytes) + " bytes is below the 64 KiB minimum");
   if (c.threads < 1 || c.threads > 256) bad("threads " + std::to_string(c.threads) + " must be in 1..256");
   if (c.max_connections < 1) bad("max_connections " + std::to_string(c.max_connections) + " must be >= 1");
-  if (c.idle_timeout_s < 0) bad("idle_timeout " + std::to_string(c.idle_timeout_s) + " must be >= 0");
-  if (c.ttl_s < 0) bad("ttl " + std::to_string(c.ttl_s) + " must be >= 0");
+  // Both become int64 nanoseconds: NaN, infinities and huge values would make that cast undefined.
+  auto seconds_ok = [](double s) { return std::isfinite(s) && s >= 0 && s <= kMaxSeconds; };
+  if (!seconds_ok(c.idle_timeout_s))
+    bad("idle_timeout " + std::to_string(c.idle_timeout_s) +
+        " must be a finite number of seconds in 0..31536000");
+  if (!seconds_ok(c.ttl_s))
+    bad("ttl " + std::to_string(c.ttl_s) + " must be a finite number of seconds in 0..31536000");
   if (c.slab_bytes && (c.slab_bytes < 4096 || (c.slab_bytes & (c.slab_bytes - 1))))
     bad("slab_bytes " + std::to_string(c.slab_bytes) + " must be a power of two >= 4096");
   if (c.socket_buffer_bytes < 0) bad("socket_buffer_bytes must be >= 0");

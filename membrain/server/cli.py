@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -43,13 +44,21 @@ def _port(allow_off: bool):
     return parse
 
 
-def _nonneg_float(text: str) -> float:
+# Timeouts and TTLs become int64 nanoseconds in C++: a bound keeps that conversion defined.
+MAX_SECONDS = 365 * 24 * 3600.0
+
+
+def _seconds(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds")
     if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} must be >= 0")
+        raise argparse.ArgumentTypeError(f"{v:g} must be >= 0")
+    if v > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{v:g} s is over the maximum of {MAX_SECONDS:g} s (one year)")
     return v
 
 
@@ -108,13 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--idle-timeout",
-        type=_nonneg_float,
+        type=_seconds,
         default=60.0,
         help="seconds; closes a connection idle this long, or whose frame or reply takes longer; 0 = never",
     )
     p.add_argument(
         "--ttl",
-        type=_nonneg_float,
+        type=_seconds,
         default=0.0,
         help="seconds an object lives after it is written; 0 = forever",
     )
@@ -135,14 +144,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _fail(message: str) -> SystemExit:
+    """A start-up error: the message on stderr and exit status 2 (like argparse's own errors)."""
+    print(f"membrain server: error: {message}", file=sys.stderr)
+    return SystemExit(2)
+
+
 def _read_token(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
             token = f.read().strip()
     except OSError as e:
-        raise SystemExit(f"membrain server: cannot read --auth-token-file {path!r}: {e.strerror}") from None
+        raise _fail(f"cannot read --auth-token-file {path!r}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise _fail(f"--auth-token-file {path!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not token:
-        raise SystemExit(f"membrain server: --auth-token-file {path!r} is empty")
+        raise _fail(f"--auth-token-file {path!r} is empty")
     return token
 
 
