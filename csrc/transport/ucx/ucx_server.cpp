@@ -45,7 +45,15 @@ using server::ObjectRef;
 constexpr uint32_t kMaxTokenBytes = 4096;
 constexpr std::size_t kMaxQueuedFrames = 256;         // per connection, before it is refused
 constexpr std::size_t kMaxQueuedBytes = 64ull << 20;  // eager bytes held per connection
-constexpr int64_t kCloseGraceMs = 2000;               // flush-close budget before forcing
+// Before HELLO has succeeded (auth on) a peer may queue only a HELLO's worth: a few frames and
+// bytes, so an unauthenticated client cannot make the server hold 64 MiB of its messages.
+constexpr std::size_t kMaxPreAuthFrames = 4;
+constexpr std::size_t kMaxPreAuthBytes = 64 << 10;
+// PUT values the server will not store (NO_SPACE, TOO_LARGE, BAD_REQUEST items) are received
+// into this one shared buffer, reused as many times as the value needs (an iov of repeated
+// entries): what is allocated never depends on a length the peer declared.
+constexpr std::size_t kDrainBytes = 1 << 20;
+constexpr int64_t kCloseGraceMs = 2000;  // flush-close budget before forcing
 
 struct Inbound {
   std::vector<uint8_t> header;  // AM header (copied out of the callback)
@@ -74,10 +82,11 @@ struct Active {
   Header hdr;
   Inbound in;
   std::vector<uint8_t> payload;  // non-PUT payload
+  std::vector<uint8_t> keys;     // split PUT: the AM header (table and keys), kept until every value came
   std::vector<PutItem> items;    // PUT
-  std::vector<uint8_t> scratch;  // PUT values that will not be stored
   std::vector<ucp_dt_iov_t> iov;
-  std::vector<std::size_t> expect;  // split PUT: items whose value AMs are awaited, in order
+  std::deque<std::vector<ucp_dt_iov_t>> value_iov;  // split PUT: iovs of values received into the drain
+  std::vector<std::size_t> expect;                  // split PUT: items whose value AMs are awaited, in order
   std::size_t next = 0;
 
   bool settled() const {
@@ -108,6 +117,7 @@ struct Conn {
   std::deque<Inbound> inbox;
   std::size_t inbox_bytes = 0;
   std::size_t inbox_frames = 0;  // request frames queued (value AMs are bounded by their frame)
+  bool overflow = false;         // queued more than allowed (pre-auth bound): refuse and close
   std::unique_ptr<Active> active;
   int sends = 0;         // replies not yet completed
   bool closing = false;  // an error reply is queued: close once it is sent
@@ -191,6 +201,12 @@ class Impl final : public UcxServer {
       if (it != self->conns_.end() && !it->second->closing && !it->second->dead) c = it->second.get();
     }
     if (!c) {  // no way to answer (no reply endpoint) or a connection being closed: drop it
+      if (rndv || persistent) self->stray_.push_back(data);
+      return (rndv || persistent) ? UCS_INPROGRESS : UCS_OK;
+    }
+    if (!c->authed && (c->inbox_frames >= kMaxPreAuthFrames || c->inbox_bytes + len > kMaxPreAuthBytes)) {
+      // Not authenticated yet: nothing more is held for this peer (service() closes it).
+      c->overflow = true;
       if (rndv || persistent) self->stray_.push_back(data);
       return (rndv || persistent) ? UCS_INPROGRESS : UCS_OK;
     }
@@ -284,8 +300,8 @@ class Impl final : public UcxServer {
         did = true;
       }
       if (!c.closing && !c.dead &&
-          (c.inbox_frames > kMaxQueuedFrames || c.inbox.size() > kMaxQueuedFrames + 2 * limits_.max_batch ||
-           c.inbox_bytes > kMaxQueuedBytes)) {
+          (c.overflow || c.inbox_frames > kMaxQueuedFrames ||
+           c.inbox.size() > kMaxQueuedFrames + 2 * limits_.max_batch || c.inbox_bytes > kMaxQueuedBytes)) {
         refuse(c, Header{}, Status::kTooLarge);  // a peer pipelining without bounds
       }
       const auto now = Clock::now();
@@ -318,7 +334,10 @@ class Impl final : public UcxServer {
   }
 
   void accept(ucp_conn_request_h req) {
-    if (conns_.size() >= static_cast<std::size_t>(ctx_.config.max_connections)) {
+    // One count for TCP and UCX together (--max-connections bounds the server, not a transport).
+    const uint64_t cur = ctx_.counters.connections_current.fetch_add(1, std::memory_order_relaxed);
+    if (cur >= static_cast<uint64_t>(ctx_.config.max_connections)) {
+      ctx_.counters.connections_current.fetch_sub(1, std::memory_order_relaxed);
       Counters::inc(ctx_.counters.connections_rejected);
       ucp_listener_reject(listener_->get(), req);
       return;
@@ -335,6 +354,7 @@ class Impl final : public UcxServer {
       // UCX has already released the connection request when ucp_ep_create fails with it
       // (e.g. the client gave up mid-wireup); rejecting it again was a use-after-free that
       // crashed the server inside uct_listener_reject.
+      ctx_.counters.connections_current.fetch_sub(1, std::memory_order_relaxed);
       Counters::inc(ctx_.counters.connections_rejected);
       return;
     }
@@ -350,7 +370,6 @@ class Impl final : public UcxServer {
     else
       c->flush_req = fr;
     conns_.emplace(ep, std::move(c));
-    ctx_.counters.connections_current.fetch_add(1, std::memory_order_relaxed);
     Counters::inc(ctx_.counters.connections_total);
   }
 
@@ -536,30 +555,25 @@ class Impl final : public UcxServer {
       release(in);
       return refuse(c, h, Status::kBadRequest);
     }
-    uint64_t drop_max = 0;
-    for (auto& it : a->items) {
-      if (it.status == static_cast<uint8_t>(Status::kOk)) {
-        Status why = Status::kNoSpace;
-        const std::string_view key(reinterpret_cast<const char*>(in.header.data() + it.key_off), it.key_len);
-        it.obj = ctx_.storage.reserve(c.ns, key, it.value_len, it.checksum, &why);
-        if (!it.obj) {
-          it.status = static_cast<uint8_t>(why);
-          Counters::inc(ctx_.counters.no_space);
-        }
-      }
-      if (!it.obj) drop_max = std::max(drop_max, it.value_len);
-    }
     if (split) {
-      a->scratch.resize(drop_max);
+      // Values come one AM each: each is reserved when its AM arrives (take_value), so a frame
+      // that declares values and never sends them makes the server evict nothing. Empty
+      // values send no AM and are reserved now.
+      a->keys.assign(in.header.begin(), in.header.end());
       for (std::size_t i = 0; i < a->items.size(); ++i) {
-        if (a->items[i].value_len) a->expect.push_back(i);
+        if (a->items[i].value_len)
+          a->expect.push_back(i);
+        else
+          reserve_item(c, a->items[i], a->keys.data());
       }
-      a->all_issued = false;
+      a->all_issued = a->expect.empty();
       release(in);  // no data of its own (it may still be a UCX-held buffer)
       c.active = std::move(a);
       ++actives_;
       return;
     }
+    // One AM carries every value: they are here (eager) or posted by the peer (rendezvous).
+    for (auto& it : a->items) reserve_item(c, it, in.header.data());
     if (!in.rndv) {  // eager: the values are here already
       const uint8_t* src = static_cast<const uint8_t*>(in.data);
       for (auto& it : a->items) {
@@ -572,15 +586,37 @@ class Impl final : public UcxServer {
       return;
     }
     // Rendezvous: one scatter receive straight into the reserved chunks; values that will
-    // not be stored land in a scratch buffer (reused: their bytes are discarded).
-    a->scratch.resize(drop_max);
+    // not be stored land in the drain buffer (reused: their bytes are discarded).
     std::vector<ucp_dt_iov_t> iov;
     for (auto& it : a->items) {
       if (it.value_len == 0) continue;
-      iov.push_back({it.obj ? it.obj->data() : a->scratch.data(), it.value_len});
+      if (it.obj)
+        iov.push_back({it.obj->data(), it.value_len});
+      else
+        append_drain(&iov, it.value_len);
     }
     a->in = std::move(in);
     receive(c, std::move(a), std::move(iov));
+  }
+
+  // Reserves storage for a PUT item whose status is still OK; on failure the item takes the
+  // reason (its bytes are then received into the drain buffer and dropped).
+  void reserve_item(Conn& c, PutItem& it, const uint8_t* header) {
+    if (it.status != static_cast<uint8_t>(Status::kOk) || it.obj) return;
+    Status why = Status::kNoSpace;
+    const std::string_view key(reinterpret_cast<const char*>(header + it.key_off), it.key_len);
+    it.obj = ctx_.storage.reserve(c.ns, key, it.value_len, it.checksum, &why);
+    if (!it.obj) {
+      it.status = static_cast<uint8_t>(why);
+      Counters::inc(ctx_.counters.no_space);
+    }
+  }
+
+  // Entries covering `len` bytes, each pointing at (at most all of) the shared drain buffer.
+  void append_drain(std::vector<ucp_dt_iov_t>* iov, uint64_t len) {
+    if (!drain_) drain_.reset(new uint8_t[kDrainBytes]);
+    for (; len > 0; len -= std::min<uint64_t>(len, kDrainBytes))
+      iov->push_back({drain_.get(), static_cast<std::size_t>(std::min<uint64_t>(len, kDrainBytes))});
   }
 
   void receive(Conn& c, std::unique_ptr<Active> a, std::vector<ucp_dt_iov_t> iov) {
@@ -634,9 +670,10 @@ class Impl final : public UcxServer {
     }
     ++a.next;
     if (a.next == a.expect.size()) a.all_issued = true;
-    uint8_t* dst = it->obj ? it->obj->data() : a.scratch.data();
+    PutItem& item = a.items[a.expect[a.next - 1]];
+    reserve_item(c, item, a.keys.data());  // the value is here (eager) or posted (rendezvous)
     if (!in.rndv) {
-      std::memcpy(dst, in.data, in.len);
+      if (item.obj) std::memcpy(item.obj->data(), in.data, in.len);  // a dropped value is not copied
       release(in);
       return;
     }
@@ -646,11 +683,23 @@ class Impl final : public UcxServer {
     p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_DATATYPE;
     p.cb.recv_am = &Completion::on_recv;
     p.user_data = done;
-    p.datatype = ucp_dt_make_contig(1);
+    void* buf;
+    std::size_t count;
+    if (item.obj) {
+      p.datatype = ucp_dt_make_contig(1);
+      buf = item.obj->data();
+      count = item.value_len;
+    } else {
+      a.value_iov.emplace_back();
+      append_drain(&a.value_iov.back(), item.value_len);
+      p.datatype = ucp_dt_make_iov();
+      buf = a.value_iov.back().data();
+      count = a.value_iov.back().size();
+    }
     void* desc = in.data;
     in.rndv = false;
     in.data = nullptr;
-    ucs_status_ptr_t r = ucp_am_recv_data_nbx(worker_->get(), desc, dst, it->value_len, &p);
+    ucs_status_ptr_t r = ucp_am_recv_data_nbx(worker_->get(), desc, buf, count, &p);
     if (UCS_PTR_IS_ERR(r)) {
       done->done = true;
       done->status = UCS_PTR_STATUS(r);
@@ -869,6 +918,7 @@ class Impl final : public UcxServer {
   // Records UCX may still complete into are declared before the worker, so the worker
   // (destroyed first) has cancelled them by the time they go.
   std::list<std::unique_ptr<SendOp>> sends_;
+  std::unique_ptr<uint8_t[]> drain_;  // kDrainBytes, allocated on first use (see kDrainBytes)
   std::unordered_map<ucp_ep_h, std::unique_ptr<Conn>> conns_;
   std::list<std::unique_ptr<Conn>> zombies_;  // closed, waiting for an in-flight receive to end
   std::unique_ptr<Worker> worker_;
