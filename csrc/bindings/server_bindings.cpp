@@ -23,6 +23,8 @@ py::dict stats_dict(const StatsSnapshot& s) {
   d["prefaulted_bytes"] = s.prefaulted_bytes;
   d["allocated_bytes"] = s.storage.allocated_bytes;
   d["chunk_bytes"] = s.storage.chunk_bytes;
+  d["meta_bytes"] = s.storage.meta_bytes;
+  d["meta_slab_bytes"] = s.storage.meta_slab_bytes;
   d["items"] = s.storage.items;
   d["hits"] = s.storage.hits;
   d["misses"] = s.storage.misses;

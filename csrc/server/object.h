@@ -23,15 +23,20 @@ struct EvictionHook {
 };
 
 struct Object {
+  // `meta_bytes` is the bookkeeping this object was charged (SlabAllocator::charge_meta); it is
+  // returned with the chunk when the object goes.
   Object(SlabAllocator* alloc, SlabAllocator::Chunk chunk, std::string index_key, uint64_t value_len,
-         uint64_t checksum)
+         uint64_t checksum, uint64_t meta_bytes = 0)
       : alloc(alloc),
         chunk(chunk),
         index_key(std::move(index_key)),
         value_len(value_len),
-        checksum(checksum) {}
+        checksum(checksum),
+        meta_bytes(meta_bytes) {}
   ~Object() {
-    if (alloc) alloc->free(chunk);
+    if (!alloc) return;
+    alloc->free(chunk);
+    if (meta_bytes) alloc->uncharge_meta(meta_bytes);
   }
   Object(const Object&) = delete;
   Object& operator=(const Object&) = delete;
@@ -44,6 +49,7 @@ struct Object {
   std::string index_key;  // namespace + '\0' + key (namespaces never contain NUL)
   uint64_t value_len;
   uint64_t checksum;           // XXH3-64 of the value, verified on receipt, returned on GET
+  uint64_t meta_bytes;         // bookkeeping charged against capacity for this object
   int64_t expires_at_ns = 0;   // steady clock; 0 = never
   bool indexed = false;        // visible in the index (guarded by the storage lock)
   EvictionHook hook;           // guarded by the storage lock

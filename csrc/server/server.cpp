@@ -194,7 +194,7 @@ std::string Server::stats_json() const {
       "\"bytes_in\":%llu,\"bytes_out\":%llu,\"protocol_errors\":%llu,\"auth_failures\":%llu,\"timeouts\":%"
       "llu,"
       "\"checksum_failures\":%llu,\"no_space\":%llu,\"put_bytes_buffered\":%llu,\"slab_reassignments\":%llu,"
-      "\"slab_bytes\":%llu,\"prefaulted_bytes\":%llu,\"uptime_s\":%.3f,\"requests\":",
+      "\"slab_bytes\":%llu,\"meta_bytes\":%llu,\"meta_slab_bytes\":%llu,\"prefaulted_bytes\":%llu,\"uptime_s\":%.3f,\"requests\":",
       (unsigned long long)s.storage.stored_bytes, (unsigned long long)s.storage.capacity_bytes,
       (unsigned long long)s.storage.allocated_bytes, (unsigned long long)s.storage.items,
       (unsigned long long)s.storage.hits, (unsigned long long)s.storage.misses,
@@ -206,7 +206,8 @@ std::string Server::stats_json() const {
       (unsigned long long)s.protocol_errors, (unsigned long long)s.auth_failures,
       (unsigned long long)s.timeouts, (unsigned long long)s.checksum_failures, (unsigned long long)s.no_space,
       (unsigned long long)s.put_bytes_buffered, (unsigned long long)s.storage.slab_reassignments,
-      (unsigned long long)s.slab_bytes, (unsigned long long)s.prefaulted_bytes, s.uptime_s);
+      (unsigned long long)s.slab_bytes, (unsigned long long)s.storage.meta_bytes,
+      (unsigned long long)s.storage.meta_slab_bytes, (unsigned long long)s.prefaulted_bytes, s.uptime_s);
   return std::string(buf) + req + "}";
 }
 

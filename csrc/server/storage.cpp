@@ -26,9 +26,13 @@ Storage::~Storage() {
 }
 
 std::size_t Storage::per_object_overhead_bytes() {
-  // Object + shared_ptr control block (make_shared: one allocation) + hash node + key string
-  // header + bucket pointer. Key bytes beyond the SSO buffer come on top.
-  return sizeof(Object) + 16 + sizeof(Index::value_type) + 2 * sizeof(void*) + sizeof(void*);
+  // Object + shared_ptr control block (make_shared: one allocation), the hash node (next
+  // pointer, key string + shared_ptr, cached hash), each with malloc's 8-byte header and 16-byte
+  // rounding, and up to two bucket pointers (the table doubles at load factor 1). Key bytes
+  // beyond the string's inline buffer come on top (item_charge_bytes).
+  auto malloced = [](std::size_t n) { return (n + 8 + 15) & ~std::size_t{15}; };
+  return malloced(sizeof(Object) + 16) +
+         malloced(sizeof(void*) + sizeof(Index::value_type) + sizeof(std::size_t)) + 2 * sizeof(void*);
 }
 
 void Storage::make_index_key(std::string_view ns, std::string_view key, std::string* out) {
@@ -112,56 +116,77 @@ Object* Storage::find_live_locked(std::string_view ns, std::string_view key, int
   return it->second.get();
 }
 
+uint64_t Storage::item_charge_bytes(std::size_t index_key_len) {
+  // The fixed part (Object + control block, hash node, buckets, malloc headers) plus both copies
+  // of the index key (the Object's and the hash node's) when they outgrow the string's inline
+  // buffer: the key's bytes, its NUL and malloc's rounding.
+  const uint64_t heap_key = index_key_len > kInlineKeyBytes ? ((index_key_len + 1 + 8 + 15) & ~uint64_t{15}) : 0;
+  return per_object_overhead_bytes() + 2 * heap_key;
+}
+
+bool Storage::make_room_locked(bool need_chunk, uint32_t klass) {
+  // Evicts something so that a chunk of class `klass` (need_chunk) or bookkeeping room (a
+  // free slab to lend, or charged bytes returned) may come free. False when nothing is left.
+  //
+  // Evicting within the class frees a chunk of the right size with one eviction, but if that
+  // were the only rule a class would stay at the slabs it got first: a cache full of old 1 MiB
+  // values would make a new 16 KiB working set evict its own newest objects forever (slab
+  // calcification). So age decides: when the policy's global victim belongs to another class
+  // (it is less recent than this class's own victim), we empty the slab that victim lives in
+  // and take that slab instead. If the slab cannot be emptied (pinned or pending chunks in it),
+  // fall back to evicting within the class. Values needing slab runs, and bookkeeping, evict
+  // the global victim (bookkeeping: its whole slab when it can) until enough comes free.
+  const bool small = need_chunk && klass != alloc_.large_class();
+  Object* own = small ? policy_->victim_in_class(klass) : nullptr;
+  Object* any = policy_->victim_any();
+  Object* v = own ? own : any;
+  if (any && (!need_chunk || (small && any->size_class() != klass))) {
+    if (!any->data()) {
+      v = any;  // an empty value holds no chunk, but it is older: evict it and look again
+    } else if (reclaim_slab_locked(any->chunk.slab)) {
+      if (need_chunk) ++slab_reassignments_;
+      return true;  // the slab is back in the free pool (unless another thread raced us to it)
+    } else if (!need_chunk) {
+      v = any;
+    }
+  }
+  if (!v) return false;  // nothing left to evict: the rest is pending or pinned
+  remove_locked(index_.find(v->index_key));
+  ++evictions_;
+  return true;
+}
+
 ObjectRef Storage::reserve(std::string_view ns, std::string_view key, uint64_t len, uint64_t checksum,
-                           proto::Status* why) {
+                           proto::Status* why, bool may_evict) {
   std::string ikey;
   make_index_key(ns, key, &ikey);
-  if (len == 0) {
-    // Empty values take no chunk; class 0 keeps them on an ordinary LRU list.
-    SlabAllocator::Chunk none;
-    none.klass = 0;
-    return std::make_shared<Object>(&alloc_, none, std::move(ikey), 0, checksum);
-  }
   if (len > alloc_.max_allocation()) {
     *why = proto::Status::kTooLarge;
     return nullptr;
   }
-  auto chunk = alloc_.allocate(len);
-  if (!chunk) {
-    const uint32_t klass = alloc_.class_of(len);
+  const uint64_t meta = item_charge_bytes(ikey.size());
+  bool charged = alloc_.charge_meta(meta);
+  std::optional<SlabAllocator::Chunk> chunk;
+  if (len) chunk = alloc_.allocate(len);
+  if ((!charged || (len && !chunk)) && may_evict) {
+    const uint32_t klass = len ? alloc_.class_of(len) : 0;
     std::lock_guard<std::mutex> lock(mu_);
-    // Evict until the allocator can serve us. Evicting within the same class frees a chunk of
-    // the right size with one eviction, but if that were the only rule a class would stay at
-    // the slabs it got first: a cache full of old 1 MiB values would make a new 16 KiB working
-    // set evict its own newest objects forever (slab calcification). So age decides: when the
-    // policy's global victim belongs to another class (it is less recent than this class's own
-    // victim), we empty the slab that victim lives in and take that slab instead. If the slab
-    // cannot be emptied (pinned or pending chunks in it), fall back to evicting within the
-    // class. Values needing slab runs keep evicting the global victim until a run comes free.
-    const bool small = klass != alloc_.large_class();
-    while (!(chunk = alloc_.allocate(len))) {
-      Object* own = small ? policy_->victim_in_class(klass) : nullptr;
-      Object* any = policy_->victim_any();
-      Object* v = own ? own : any;
-      if (small && any && any->size_class() != klass) {
-        if (!any->data()) {
-          v = any;  // an empty value holds no chunk, but it is older: evict it and look again
-        } else if (reclaim_slab_locked(any->chunk.slab)) {
-          ++slab_reassignments_;
-          continue;  // the slab is back in the free pool (unless another thread raced us to it)
-        }
-      }
-      if (!v) break;  // nothing left to evict: the rest is pending or pinned
-      auto it = index_.find(v->index_key);
-      remove_locked(it);
-      ++evictions_;
+    for (;;) {
+      if (!charged) charged = alloc_.charge_meta(meta);
+      if (len && !chunk) chunk = alloc_.allocate(len);
+      if (charged && (!len || chunk)) break;
+      if (!make_room_locked(len && !chunk, klass)) break;
     }
   }
-  if (!chunk) {
+  if (!charged || (len && !chunk)) {
+    if (charged) alloc_.uncharge_meta(meta);
+    if (chunk) alloc_.free(*chunk);
     *why = proto::Status::kNoSpace;
     return nullptr;
   }
-  return std::make_shared<Object>(&alloc_, *chunk, std::move(ikey), len, checksum);
+  SlabAllocator::Chunk none;
+  none.klass = 0;  // empty values take no chunk; class 0 keeps them on an ordinary LRU list
+  return std::make_shared<Object>(&alloc_, chunk ? *chunk : none, std::move(ikey), len, checksum, meta);
 }
 
 void Storage::publish(const ObjectRef& obj) {
@@ -295,10 +320,11 @@ StorageStats Storage::stats() const {
   s.capacity_bytes = alloc_.capacity();
   s.allocated_bytes = alloc_.slab_bytes_in_use();
   s.chunk_bytes = alloc_.chunk_bytes_in_use();
-  s.fragmentation = s.allocated_bytes
-                        ? double(s.allocated_bytes - std::min(s.allocated_bytes, s.stored_bytes)) /
-                              double(s.allocated_bytes)
-                        : 0.0;
+  s.meta_bytes = alloc_.meta_bytes();
+  s.meta_slab_bytes = alloc_.meta_slabs() * alloc_.slab_bytes();
+  const uint64_t value_slabs = s.allocated_bytes - std::min(s.allocated_bytes, s.meta_slab_bytes);
+  s.fragmentation =
+      value_slabs ? double(value_slabs - std::min(value_slabs, s.stored_bytes)) / double(value_slabs) : 0.0;
   return s;
 }
 

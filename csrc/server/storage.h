@@ -30,10 +30,12 @@ struct StorageStats {
   uint64_t stored_bytes = 0;     // sum of visible value lengths
   uint64_t allocated_bytes = 0;  // slabs in use (visible, pending, and evicted-but-pinned values)
   uint64_t chunk_bytes = 0;      // chunks handed out
+  uint64_t meta_bytes = 0;       // bookkeeping charged against capacity (per-object overhead + keys)
+  uint64_t meta_slab_bytes = 0;  // slabs lent to that bookkeeping (their pages released)
   uint64_t items = 0;
   uint64_t hits = 0, misses = 0, evictions = 0, expired = 0, puts = 0, deletes = 0;
   uint64_t slab_reassignments = 0;  // slabs emptied by eviction and handed to another class
-  double fragmentation = 0.0;       // (allocated - stored) / allocated
+  double fragmentation = 0.0;       // (value slabs - stored) / value slabs (meta slabs not counted)
 };
 
 class Storage {
@@ -49,8 +51,10 @@ class Storage {
 
   // Room for a value of `len` bytes, not yet visible. nullptr with *why = NO_SPACE (nothing
   // more can be evicted, e.g. everything left is pinned) or TOO_LARGE (larger than capacity).
+  // Every object is also charged its bookkeeping (item_charge_bytes) against capacity. With
+  // may_evict false nothing is evicted: the reservation succeeds only in free space.
   ObjectRef reserve(std::string_view ns, std::string_view key, uint64_t len, uint64_t checksum,
-                    proto::Status* why);
+                    proto::Status* why, bool may_evict = true);
   // Makes a fully received and verified object visible, replacing any older version.
   void publish(const ObjectRef& obj);
 
@@ -72,9 +76,13 @@ class Storage {
   uint64_t prefaulted_bytes() const { return alloc_.prefaulted_bytes(); }
   // Bytes of bookkeeping per visible object beyond its key (for docs/server.md).
   static std::size_t per_object_overhead_bytes();
+  // What one object is charged against capacity besides its value: the fixed overhead plus the
+  // heap copies of its index key (namespace + NUL + key).
+  static uint64_t item_charge_bytes(std::size_t index_key_len);
 
  private:
   using Index = std::unordered_map<std::string, ObjectRef>;
+  static constexpr std::size_t kInlineKeyBytes = 15;  // std::string's inline buffer (libstdc++)
   static void make_index_key(std::string_view ns, std::string_view key, std::string* out);
   int64_t now_ns() const;
   bool expired_locked(const Object* o, int64_t now) const;
@@ -90,6 +98,8 @@ class Storage {
   // (evicting nothing) when that would not empty it: an object is pinned by a reader, or the
   // slab holds chunks the index cannot see (pending PUTs, evicted values still pinned).
   bool reclaim_slab_locked(uint32_t slab);
+  // One eviction step of reserve(): see storage.cpp.
+  bool make_room_locked(bool need_chunk, uint32_t klass);
 
   SlabAllocator alloc_;
   std::unique_ptr<EvictionPolicy> policy_;
