@@ -3,15 +3,9 @@ clients do: many tiny or empty values, PUTs that declare values and never send t
 
 from __future__ import annotations
 
-import os
-import socket
-import struct
-import time
-
 import pytest
-from wire import OK, WireClient, header, put_frame
+from wire import OK, WireClient
 
-from membrain import checksum64
 from membrain.server import spawn_server
 
 MiB = 1 << 20
@@ -38,7 +32,8 @@ def test_tiny_and_empty_values_stay_within_capacity(sizes):
             n, batch = 600_000, 1024
             for start in range(0, n, batch):
                 items = [
-                    (b"key-%08d" % i, b"v" * sizes[i % len(sizes)]) for i in range(start, min(n, start + batch))
+                    (b"key-%08d" % i, b"v" * sizes[i % len(sizes)])
+                    for i in range(start, min(n, start + batch))
                 ]
                 assert c.put(items) == [OK] * len(items)
             grown = rss_mib(srv.pid) - base

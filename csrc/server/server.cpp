@@ -194,7 +194,8 @@ std::string Server::stats_json() const {
       "\"bytes_in\":%llu,\"bytes_out\":%llu,\"protocol_errors\":%llu,\"auth_failures\":%llu,\"timeouts\":%"
       "llu,"
       "\"checksum_failures\":%llu,\"no_space\":%llu,\"put_bytes_buffered\":%llu,\"slab_reassignments\":%llu,"
-      "\"slab_bytes\":%llu,\"meta_bytes\":%llu,\"meta_slab_bytes\":%llu,\"prefaulted_bytes\":%llu,\"uptime_s\":%.3f,\"requests\":",
+      "\"slab_bytes\":%llu,\"meta_bytes\":%llu,\"meta_slab_bytes\":%llu,\"prefaulted_bytes\":%llu,\"uptime_"
+      "s\":%.3f,\"requests\":",
       (unsigned long long)s.storage.stored_bytes, (unsigned long long)s.storage.capacity_bytes,
       (unsigned long long)s.storage.allocated_bytes, (unsigned long long)s.storage.items,
       (unsigned long long)s.storage.hits, (unsigned long long)s.storage.misses,

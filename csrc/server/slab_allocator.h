@@ -118,7 +118,7 @@ class SlabAllocator {
   uint64_t slabs_in_use_ = 0;
   uint64_t chunk_bytes_in_use_ = 0;
   std::atomic<uint64_t> prefaulted_bytes_{0};
-  uint64_t meta_bytes_ = 0;            // bookkeeping charged
+  uint64_t meta_bytes_ = 0;           // bookkeeping charged
   std::vector<uint32_t> meta_slabs_;  // slabs lent to it (klass == kMetaClass)
 };
 

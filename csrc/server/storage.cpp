@@ -120,7 +120,8 @@ uint64_t Storage::item_charge_bytes(std::size_t index_key_len) {
   // The fixed part (Object + control block, hash node, buckets, malloc headers) plus both copies
   // of the index key (the Object's and the hash node's) when they outgrow the string's inline
   // buffer: the key's bytes, its NUL and malloc's rounding.
-  const uint64_t heap_key = index_key_len > kInlineKeyBytes ? ((index_key_len + 1 + 8 + 15) & ~uint64_t{15}) : 0;
+  const uint64_t heap_key =
+      index_key_len > kInlineKeyBytes ? ((index_key_len + 1 + 8 + 15) & ~uint64_t{15}) : 0;
   return per_object_overhead_bytes() + 2 * heap_key;
 }
 
