@@ -50,6 +50,8 @@ py::dict stats_dict(const StatsSnapshot& s) {
   d["timeouts"] = s.timeouts;
   d["checksum_failures"] = s.checksum_failures;
   d["put_bytes_buffered"] = s.put_bytes_buffered;
+  d["pending_put_bytes"] = s.pending_put_bytes;
+  d["put_land_waits"] = s.put_land_waits;
   d["no_space"] = s.no_space;
   d["slab_bytes"] = s.slab_bytes;
   d["per_object_overhead_bytes"] = s.per_object_overhead_bytes;
@@ -64,7 +66,8 @@ void register_server(py::module_& m) {
       .def(py::init([](std::string host, int port, uint64_t capacity, int threads, int max_connections,
                        double idle_timeout, double ttl, std::string auth_token, uint64_t slab_bytes,
                        int socket_buffer_bytes, uint32_t max_batch, uint32_t max_key_len,
-                       uint64_t max_value_bytes, uint64_t max_payload_bytes, bool prefault, int ucx_port) {
+                       uint64_t max_value_bytes, uint64_t max_payload_bytes, bool prefault, int ucx_port,
+                       uint64_t max_pending_put_bytes, uint64_t max_pending_put_bytes_per_connection) {
              if (port < 0 || port > 65535)
                throw std::invalid_argument("port " + std::to_string(port) + " must be in 0..65535");
              ServerConfig c;
@@ -87,6 +90,8 @@ void register_server(py::module_& m) {
                throw std::invalid_argument("ucx_port " + std::to_string(ucx_port) +
                                            " must be -1 (off) or 0..65535");
              c.ucx_port = ucx_port;
+             c.max_pending_put_bytes = max_pending_put_bytes;
+             c.max_pending_put_bytes_per_connection = max_pending_put_bytes_per_connection;
              return std::make_unique<Server>(std::move(c));
            }),
            py::arg("host") = "127.0.0.1", py::arg("port") = 9201, py::arg("capacity") = 256ull << 20,
@@ -94,7 +99,8 @@ void register_server(py::module_& m) {
            py::arg("ttl") = 0.0, py::arg("auth_token") = "", py::arg("slab_bytes") = 0,
            py::arg("socket_buffer_bytes") = 4 << 20, py::arg("max_batch") = 1024,
            py::arg("max_key_len") = 128, py::arg("max_value_bytes") = 256ull << 20,
-           py::arg("max_payload_bytes") = 1ull << 30, py::arg("prefault") = true, py::arg("ucx_port") = -1)
+           py::arg("max_payload_bytes") = 1ull << 30, py::arg("prefault") = true, py::arg("ucx_port") = -1,
+           py::arg("max_pending_put_bytes") = 0, py::arg("max_pending_put_bytes_per_connection") = 0)
       .def(
           "start",
           [](Server& s) {
@@ -115,6 +121,10 @@ void register_server(py::module_& m) {
       .def_property_readonly("running", &Server::running)
       .def_property_readonly("max_value_bytes",
                              [](const Server& s) { return s.config().limits.max_value_bytes; })
+      .def_property_readonly("max_pending_put_bytes",
+                             [](const Server& s) { return s.config().max_pending_put_bytes; })
+      .def_property_readonly("max_pending_put_bytes_per_connection",
+                             [](const Server& s) { return s.config().max_pending_put_bytes_per_connection; })
       .def(
           "stats", [](const Server& s) { return stats_dict(s.stats()); },
           "Counters and storage figures as a dict.")

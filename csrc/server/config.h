@@ -22,6 +22,12 @@ struct ServerConfig {
   bool prefault = true;                    // back the storage region with memory in the background at start
   int socket_buffer_bytes = 4 << 20;       // SO_RCVBUF (listener, inherited) and SO_SNDBUF; 0 = autotuning
   uint64_t output_backlog_bytes = 8ull << 20;  // stop reading a connection while this much reply is queued
+  // PUT value bytes reserved in storage but not yet received (declared, not arrived): bounded
+  // per connection and in total, so clients that declare values and stall cannot make the
+  // server evict or hold more than this. 0 = default: per connection max_value_bytes, in total
+  // max(max_value_bytes, capacity / 4).
+  uint64_t max_pending_put_bytes = 0;
+  uint64_t max_pending_put_bytes_per_connection = 0;
   proto::Limits limits;
 };
 

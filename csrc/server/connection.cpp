@@ -4,6 +4,9 @@
 #include <cerrno>
 #include <cstring>
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 
 #include "common/checksum.h"
@@ -34,6 +37,7 @@ Connection::Connection(UniqueFd fd, ServerContext& ctx, int64_t now_ns)
       last_activity_ns_(now_ns) {}
 
 Connection::~Connection() {
+  release_pending();
   ctx_.counters.connections_current.fetch_sub(1, std::memory_order_relaxed);
 }
 
@@ -47,7 +51,7 @@ bool Connection::can_consume() const {
 bool Connection::wants_read() const {
   if (done_) return false;
   if (phase_ == Phase::kLinger) return true;
-  return can_consume();
+  return can_consume() && !waiting_budget_;
 }
 
 void Connection::compact() {
@@ -93,7 +97,7 @@ void Connection::pump(int64_t now) {
   while (can_consume()) {
     const Step s = step();
     if (s == Step::kProgress) continue;
-    if (s == Step::kStop) break;
+    if (s == Step::kStop || s == Step::kWait) break;
     if (budget == 0) break;
     // Need bytes from the socket. Large PUT values are received in place (receive_in_place()).
     ssize_t n;
@@ -101,7 +105,10 @@ void Connection::pump(int64_t now) {
     if (direct) {
       const uint64_t want = std::min<uint64_t>(items_[item_].value_len - value_have_, budget);
       n = ::recv(fd_.get(), pending_->data() + value_have_, want, 0);
-      if (n > 0) value_have_ += static_cast<uint64_t>(n);
+      if (n > 0) {
+        value_have_ += static_cast<uint64_t>(n);
+        account_received();
+      }
     } else {
       if (in_w_ == kInputBufferBytes) compact();
       n = ::recv(fd_.get(), in_.get() + in_w_, std::min(kInputBufferBytes - in_w_, buffered_read_limit()), 0);
@@ -332,21 +339,129 @@ void Connection::finish_put_table() {
   phase_ = Phase::kPutKeys;
 }
 
+// Nothing is evicted for bytes that have not arrived. A value is first offered free space
+// (no eviction) within the pending-bytes budget; failing that, it waits until its bytes have
+// landed - all of a small value in the input buffer, or as much of a large one as the socket
+// can hold (a quarter of SO_RCVBUF) in the kernel's receive queue, woken by SO_RCVLOWAT - and
+// only then may storage evict for it. What is reserved but not yet received counts against
+// --max-pending-put-bytes(-per-connection); a value that can never fit that budget is
+// NO_SPACE (drained), one that could later waits for it.
+Connection::Step Connection::reserve_value() {
+  PutItem& it = items_[item_];
+  const uint64_t rest = it.value_len - value_have_;
+  const uint64_t in_buf = std::min<uint64_t>(buffered(), rest);
+  const std::string_view key(reinterpret_cast<const char*>(payload_.data() + it.key_off), it.key_len);
+  Status why = Status::kNoSpace;
+  if (!tried_free_space_) {
+    tried_free_space_ = true;
+    if (admit_pending(rest - in_buf)) {
+      pending_ = ctx_.storage.reserve(ns_, key, it.value_len, it.checksum, &why, /*may_evict=*/false);
+      if (pending_) {
+        pending_unreceived_ = rest - in_buf;
+        return Step::kProgress;
+      }
+      ctx_.counters.pending_put_bytes.fetch_sub(rest - in_buf, std::memory_order_relaxed);
+    }
+  }
+  uint64_t landed = in_buf;
+  if (it.value_len < kDirectRecvMin) {
+    // Small: it fits the input buffer, so wait there for all of it.
+    if (landed < rest) return Step::kNeedBytes;
+  } else if (landed < rest) {
+    int queued = 0;
+    if (::ioctl(fd_.get(), FIONREAD, &queued) == 0 && queued > 0) landed += static_cast<uint64_t>(queued);
+    int rcvbuf = 0;
+    socklen_t sl = sizeof rcvbuf;
+    ::getsockopt(fd_.get(), SOL_SOCKET, SO_RCVBUF, &rcvbuf, &sl);
+    const uint64_t window = std::max<uint64_t>(4096, static_cast<uint64_t>(std::max(rcvbuf, 0)) / 4);
+    const uint64_t need = std::min(rest, window);
+    if (landed < need) {
+      if (peer_closed()) {  // the rest can never arrive (its FIN raises EPOLLIN, which would spin)
+        peer_eof_ = true;
+        if (out_.empty()) close_now();
+        return Step::kStop;
+      }
+      if (rcvlowat_ == 1) Counters::inc(ctx_.counters.put_land_waits);
+      set_rcvlowat(static_cast<int>(need - in_buf));
+      return Step::kWait;
+    }
+    landed = std::min(landed, rest);
+  }
+  set_rcvlowat(1);
+  const uint64_t unlanded = rest - landed;
+  if (!admit_pending(unlanded)) {
+    if (unlanded > ctx_.config.max_pending_put_bytes_per_connection ||
+        unlanded > ctx_.config.max_pending_put_bytes) {
+      it.status = static_cast<uint8_t>(Status::kNoSpace);  // can never fit the budget: drained
+      Counters::inc(ctx_.counters.no_space);
+      return Step::kProgress;
+    }
+    waiting_budget_ = true;  // others hold the budget: retried on the timer
+    return Step::kWait;
+  }
+  waiting_budget_ = false;
+  pending_ = ctx_.storage.reserve(ns_, key, it.value_len, it.checksum, &why);
+  if (!pending_) {
+    ctx_.counters.pending_put_bytes.fetch_sub(unlanded, std::memory_order_relaxed);
+    it.status = static_cast<uint8_t>(why);
+    Counters::inc(ctx_.counters.no_space);
+    return Step::kProgress;
+  }
+  pending_unreceived_ = unlanded;
+  return Step::kProgress;
+}
+
+bool Connection::admit_pending(uint64_t unlanded) {
+  if (unlanded == 0) return true;
+  if (unlanded > ctx_.config.max_pending_put_bytes_per_connection) return false;
+  auto& total = ctx_.counters.pending_put_bytes;
+  uint64_t cur = total.load(std::memory_order_relaxed);
+  do {
+    if (cur + unlanded > ctx_.config.max_pending_put_bytes) return false;
+  } while (!total.compare_exchange_weak(cur, cur + unlanded, std::memory_order_relaxed));
+  return true;
+}
+
+void Connection::account_received() {
+  const uint64_t rest = items_[item_].value_len - value_have_;
+  if (pending_unreceived_ > rest) {
+    ctx_.counters.pending_put_bytes.fetch_sub(pending_unreceived_ - rest, std::memory_order_relaxed);
+    pending_unreceived_ = rest;
+  }
+}
+
+void Connection::release_pending() {
+  if (pending_unreceived_)
+    ctx_.counters.pending_put_bytes.fetch_sub(pending_unreceived_, std::memory_order_relaxed);
+  pending_unreceived_ = 0;
+  pending_.reset();  // an unpublished chunk goes straight back to the allocator
+}
+
+bool Connection::peer_closed() const {
+  tcp_info ti{};
+  socklen_t sl = sizeof ti;
+  if (::getsockopt(fd_.get(), IPPROTO_TCP, TCP_INFO, &ti, &sl) != 0) return true;
+  return ti.tcpi_state != TCP_ESTABLISHED;
+}
+
+void Connection::set_rcvlowat(int bytes) {
+  bytes = std::max(bytes, 1);
+  if (bytes == rcvlowat_) return;
+  ::setsockopt(fd_.get(), SOL_SOCKET, SO_RCVLOWAT, &bytes, sizeof bytes);
+  rcvlowat_ = bytes;
+}
+
 Connection::Step Connection::step_put_value() {
   while (item_ < items_.size()) {
     PutItem& it = items_[item_];
     if (!value_started_) {
       value_started_ = true;
       value_have_ = 0;
-      if (it.status == static_cast<uint8_t>(Status::kOk)) {
-        Status why = Status::kNoSpace;
-        const std::string_view key(reinterpret_cast<const char*>(payload_.data() + it.key_off), it.key_len);
-        pending_ = ctx_.storage.reserve(ns_, key, it.value_len, it.checksum, &why);
-        if (!pending_) {
-          it.status = static_cast<uint8_t>(why);
-          Counters::inc(ctx_.counters.no_space);
-        }
-      }
+      tried_free_space_ = false;
+    }
+    if (it.status == static_cast<uint8_t>(Status::kOk) && !pending_) {
+      const Step s = reserve_value();
+      if (s != Step::kProgress) return s;
     }
     const uint64_t remaining = it.value_len - value_have_;
     if (remaining > 0) {
@@ -358,6 +473,7 @@ Connection::Step Connection::step_put_value() {
       }
       in_r_ += n;
       value_have_ += n;
+      if (pending_) account_received();
       if (value_have_ < it.value_len) return Step::kNeedBytes;
     }
     if (pending_) {
@@ -367,7 +483,7 @@ Connection::Step Connection::step_put_value() {
         it.status = static_cast<uint8_t>(Status::kChecksumMismatch);
         Counters::inc(ctx_.counters.checksum_failures);
       }
-      pending_.reset();  // an unpublished chunk goes straight back to the allocator
+      release_pending();
     }
     ++item_;
     value_started_ = false;
@@ -423,7 +539,8 @@ void Connection::protocol_error(Status st, const char* /*why: counted, not logge
   if (st != Status::kUnauthorized) Counters::inc(ctx_.counters.protocol_errors);
   queue_reply(hdr_.opcode ? hdr_.opcode : 0, 0, st, {});
   closing_ = true;
-  pending_.reset();
+  release_pending();
+  waiting_budget_ = false;
   phase_ = Phase::kHeader;
 }
 
@@ -498,6 +615,11 @@ void Connection::enter_linger(int64_t now) {
 
 void Connection::on_timer(int64_t now) {
   if (done_) return;
+  if (waiting_budget_ && phase_ == Phase::kPutValue) {
+    pump(now);  // the pending-bytes budget may have come free
+    if (!done_ && !out_.empty()) flush(now);
+    if (done_) return;
+  }
   if (phase_ == Phase::kLinger) {
     if (now - linger_since_ns_ > kLingerNs) close_now();
     return;

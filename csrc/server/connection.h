@@ -49,19 +49,21 @@ class Connection {
   // Socket events. After either, check done() and wants_*().
   void on_readable(int64_t now);
   void on_writable(int64_t now);
-  void on_timer(int64_t now);  // idle / slow-frame / slow-reader / linger deadlines
+  void on_timer(int64_t now);  // idle / slow-frame / slow-reader / linger deadlines; budget waits
   // Server shutdown: finish the frame being received and the queued replies, then close.
   void begin_drain();
   // The socket reported an error or hang-up and nothing is left to send.
   void hang_up() { done_ = true; }
 
   bool done() const { return done_; }
-  bool wants_read() const;
+  bool wants_read() const;  // false while a PUT value waits for the pending-bytes budget
   bool wants_write() const { return !out_.empty(); }
 
  private:
   enum class Phase { kHeader, kPayload, kPutTable, kPutKeys, kPutValue, kLinger };
-  enum class Step { kProgress, kNeedBytes, kStop };
+  // kWait: the current PUT value waits for its bytes to arrive (SO_RCVLOWAT wakes us) or for
+  // the pending-bytes budget (rechecked on the timer); nothing is read meanwhile.
+  enum class Step { kProgress, kNeedBytes, kWait, kStop };
 
   struct PutItem {
     uint16_t key_len;
@@ -83,6 +85,12 @@ class Connection {
   Step step_header();
   Step fill_payload();  // copies buffered bytes into payload_ until payload_need_
   Step step_put_value();
+  Step reserve_value();                   // storage for items_[item_], evicting only for landed bytes
+  bool admit_pending(uint64_t unlanded);  // takes budget for reserved-but-unreceived bytes
+  void account_received();                // shrinks pending_unreceived_ as value bytes arrive
+  void release_pending();                 // drops pending_ and its budget
+  void set_rcvlowat(int bytes);
+  bool peer_closed() const;  // the peer sent FIN (or the socket is no longer established)
   void start_frame();
   void execute();  // a complete non-PUT request is in payload_
   void finish_put_table();
@@ -131,7 +139,11 @@ class Connection {
   std::size_t item_ = 0;
   bool value_started_ = false;
   uint64_t value_have_ = 0;
-  ObjectRef pending_;  // storage chunk the current value is being received into
+  ObjectRef pending_;                // storage chunk the current value is being received into
+  uint64_t pending_unreceived_ = 0;  // of pending_'s bytes, those counted in counters.pending_put_bytes
+  bool tried_free_space_ = false;    // this value already tried storage without eviction
+  bool waiting_budget_ = false;      // kWait for the pending-bytes budget (not for bytes)
+  int rcvlowat_ = 1;                 // SO_RCVLOWAT now set on the socket
 
   std::deque<OutMsg> out_;
   uint64_t out_bytes_ = 0;

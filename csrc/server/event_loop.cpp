@@ -114,7 +114,10 @@ void EventLoop::on_tick(int64_t now) {
   std::vector<int> dead;
   for (auto& [fd, e] : conns_) {
     e.conn->on_timer(now);
-    if (e.conn->done()) dead.push_back(fd);
+    if (e.conn->done())
+      dead.push_back(fd);
+    else
+      update_interest(*e.conn);  // a PUT waiting for the pending-bytes budget may read again
   }
   for (int fd : dead) close_connection(fd);
 }

@@ -56,6 +56,10 @@ Server::Server(ServerConfig config)
       ctx_{config_, storage_, counters_, nullptr} {
   // A value can never be larger than the region that has to hold it.
   config_.limits.max_value_bytes = std::min<uint64_t>(config_.limits.max_value_bytes, storage_.capacity());
+  if (config_.max_pending_put_bytes_per_connection == 0)
+    config_.max_pending_put_bytes_per_connection = config_.limits.max_value_bytes;
+  if (config_.max_pending_put_bytes == 0)
+    config_.max_pending_put_bytes = std::max(config_.limits.max_value_bytes, storage_.capacity() / 4);
   ctx_.stats_json = [this] { return stats_json(); };
 }
 
@@ -170,6 +174,8 @@ StatsSnapshot Server::stats() const {
   s.checksum_failures = Counters::get(counters_.checksum_failures);
   s.no_space = Counters::get(counters_.no_space);
   s.put_bytes_buffered = Counters::get(counters_.put_bytes_buffered);
+  s.pending_put_bytes = Counters::get(counters_.pending_put_bytes);
+  s.put_land_waits = Counters::get(counters_.put_land_waits);
   s.slab_bytes = storage_.slab_bytes();
   s.per_object_overhead_bytes = Storage::per_object_overhead_bytes();
   s.per_connection_bytes = sizeof(Connection) + Connection::kInputBufferBytes;
@@ -193,7 +199,8 @@ std::string Server::stats_json() const {
       "\"connections\":%llu,\"connections_total\":%llu,\"connections_rejected\":%llu,\"fragmentation\":%.6f,"
       "\"bytes_in\":%llu,\"bytes_out\":%llu,\"protocol_errors\":%llu,\"auth_failures\":%llu,\"timeouts\":%"
       "llu,"
-      "\"checksum_failures\":%llu,\"no_space\":%llu,\"put_bytes_buffered\":%llu,\"slab_reassignments\":%llu,"
+      "\"checksum_failures\":%llu,\"no_space\":%llu,\"put_bytes_buffered\":%llu,\"pending_put_bytes\":%llu,"
+      "\"put_land_waits\":%llu,\"slab_reassignments\":%llu,"
       "\"slab_bytes\":%llu,\"meta_bytes\":%llu,\"meta_slab_bytes\":%llu,\"prefaulted_bytes\":%llu,\"uptime_"
       "s\":%.3f,\"requests\":",
       (unsigned long long)s.storage.stored_bytes, (unsigned long long)s.storage.capacity_bytes,
@@ -206,7 +213,8 @@ std::string Server::stats_json() const {
       s.storage.fragmentation, (unsigned long long)s.bytes_in, (unsigned long long)s.bytes_out,
       (unsigned long long)s.protocol_errors, (unsigned long long)s.auth_failures,
       (unsigned long long)s.timeouts, (unsigned long long)s.checksum_failures, (unsigned long long)s.no_space,
-      (unsigned long long)s.put_bytes_buffered, (unsigned long long)s.storage.slab_reassignments,
+      (unsigned long long)s.put_bytes_buffered, (unsigned long long)s.pending_put_bytes,
+      (unsigned long long)s.put_land_waits, (unsigned long long)s.storage.slab_reassignments,
       (unsigned long long)s.slab_bytes, (unsigned long long)s.storage.meta_bytes,
       (unsigned long long)s.storage.meta_slab_bytes, (unsigned long long)s.prefaulted_bytes, s.uptime_s);
   return std::string(buf) + req + "}";

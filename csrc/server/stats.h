@@ -24,6 +24,10 @@ struct Counters {
   // PUT value bytes copied out of the input buffer rather than received straight into their
   // slot: each such byte costs a second copy, so a large-value stream should keep this small.
   std::atomic<uint64_t> put_bytes_buffered{0};
+  // Gauge: PUT value bytes reserved in storage and not yet received (--max-pending-put-bytes).
+  std::atomic<uint64_t> pending_put_bytes{0};
+  // PUT values that waited for their bytes to arrive before storage would evict for them.
+  std::atomic<uint64_t> put_land_waits{0};
 
   static void inc(std::atomic<uint64_t>& c, uint64_t n = 1) { c.fetch_add(n, std::memory_order_relaxed); }
   static uint64_t get(const std::atomic<uint64_t>& c) { return c.load(std::memory_order_relaxed); }

@@ -52,6 +52,8 @@ class Server:
         max_payload_bytes: int | str = 1 << 30,
         prefault: bool = True,
         ucx_port: int | None = None,
+        max_pending_put_bytes: int | str = 0,
+        max_pending_put_bytes_per_connection: int | str = 0,
     ) -> None:
         from membrain import _native
 
@@ -73,6 +75,8 @@ class Server:
             max_payload_bytes=parse_size(max_payload_bytes),
             prefault=bool(prefault),
             ucx_port=-1 if ucx_port is None else int(ucx_port),
+            max_pending_put_bytes=parse_size(max_pending_put_bytes),
+            max_pending_put_bytes_per_connection=parse_size(max_pending_put_bytes_per_connection),
         )
         self.host = host
 

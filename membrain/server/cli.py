@@ -128,6 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds an object lives after it is written; 0 = forever",
     )
     p.add_argument(
+        "--max-pending-put-bytes",
+        type=_size,
+        default=0,
+        help="PUT value bytes reserved but not yet received, all connections together (the server "
+        "evicts only for bytes that arrived; this bounds what clients that declare values and stall "
+        "can hold); 0 = max(max value size, capacity/4)",
+    )
+    p.add_argument(
+        "--max-pending-put-bytes-per-connection",
+        type=_size,
+        default=0,
+        help="the same bound for one connection; 0 = the max value size (min(256MiB, capacity))",
+    )
+    p.add_argument(
         "--auth-token-file",
         default=None,
         help="file holding a shared secret; clients must HELLO with it before anything else",
@@ -184,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             auth_token=token,
             prefault=not args.no_prefault,
             ucx_port=None if args.ucx_port < 0 else args.ucx_port,
+            max_pending_put_bytes=args.max_pending_put_bytes,
+            max_pending_put_bytes_per_connection=args.max_pending_put_bytes_per_connection,
         )
         server.start()
     except (ValueError, RuntimeError, OSError) as e:
