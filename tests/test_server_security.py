@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import resource
 import socket
+import subprocess
+import sys
+import textwrap
 import time
 
 from server_fixtures import make_server  # noqa: F401
@@ -109,3 +114,97 @@ def test_slow_loris_frame_deadline(make_server):
     assert closed and time.time() - t0 < 3.5
     with WireClient(s.port) as c:
         assert c.ping(b"ok") == b"ok"
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+_EMFILE_CHILD = textwrap.dedent("""
+    import os, resource, sys, time
+    from membrain.server import Server
+    s = Server(port=0, capacity="1MiB", prefault=False, threads=1, max_connections=1000).start()
+    # Only a few descriptors left: connections beyond them make accept() fail with EMFILE.
+    n_open = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n_open + 6, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    print(s.port, flush=True)
+    sys.stdin.readline()
+    print(s.stats()["accept_pauses"], s.stats()["connections_rejected"], flush=True)
+""")
+
+
+def test_out_of_fds_pauses_accepting_and_sheds_queued_clients():
+    # accept4() failing with EMFILE left the level-triggered listener ready: the worker spun at
+    # 100 % CPU and the clients queued behind it hung until fds came back.
+    child = subprocess.Popen(
+        [sys.executable, "-c", _EMFILE_CHILD],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+    )
+    socks = []
+    try:
+        port = int(child.stdout.readline())
+        for _ in range(30):
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        time.sleep(0.3)
+        cpu0 = _cpu_seconds(child.pid)
+        time.sleep(1.0)
+        used = _cpu_seconds(child.pid) - cpu0
+        assert used < 0.3, f"server used {used:.2f} s of CPU in 1 s while out of fds"
+        # Every client either is served or learns at once that it was not: none hangs.
+        hung = 0
+        for s in socks:
+            s.settimeout(3)
+            try:
+                s.sendall(header(PING, 1))
+                data = s.recv(100)
+                assert data == b"" or len(data) >= 40
+            except (ConnectionResetError, BrokenPipeError):
+                pass
+            except TimeoutError:
+                hung += 1
+        assert hung == 0, f"{hung} clients hung"
+        for s in socks:
+            s.close()
+        socks.clear()
+        time.sleep(0.5)
+        with WireClient(port) as c:  # fds are back: served again
+            assert c.ping(b"back") == b"back"
+        child.stdin.write("\n")
+        child.stdin.flush()
+        pauses, rejected = map(int, child.stdout.readline().split())
+        assert pauses >= 1 and rejected >= 1
+    finally:
+        for s in socks:
+            s.close()
+        child.kill()
+        child.wait()
+
+
+def test_max_connections_fitted_to_the_open_files_limit():
+    def limit_fds():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, 300))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "membrain", "server", "--port", "0", "--metrics-port", "-1", "--no-prefault"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=limit_fds,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+    )
+    try:
+        assert proc.stdout.readline().startswith("MEMBRAIN SERVER READY")
+        with open(f"/proc/{proc.pid}/limits") as f:
+            line = next(ln for ln in f if ln.startswith("Max open files"))
+        assert line.split()[3:5] == ["300", "300"], line  # soft raised to hard
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+    assert "--max-connections 1024 lowered to" in err and "RLIMIT_NOFILE soft 300, hard 300" in err, err
+    kept = int(err.split("lowered to ")[1].split()[0])
+    assert 1 <= kept < 300

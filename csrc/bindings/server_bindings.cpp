@@ -45,6 +45,7 @@ py::dict stats_dict(const StatsSnapshot& s) {
   d["connections"] = s.connections;
   d["connections_total"] = s.connections_total;
   d["connections_rejected"] = s.connections_rejected;
+  d["accept_pauses"] = s.accept_pauses;
   d["protocol_errors"] = s.protocol_errors;
   d["auth_failures"] = s.auth_failures;
   d["timeouts"] = s.timeouts;
@@ -121,6 +122,10 @@ void register_server(py::module_& m) {
       .def_property_readonly("running", &Server::running)
       .def_property_readonly("max_value_bytes",
                              [](const Server& s) { return s.config().limits.max_value_bytes; })
+      .def_property_readonly("max_connections", [](const Server& s) { return s.config().max_connections; })
+      .def_property_readonly("requested_max_connections", &Server::requested_max_connections)
+      .def_property_readonly("fd_limit", &Server::fd_limit, "RLIMIT_NOFILE soft limit after start()")
+      .def_property_readonly("fd_limit_hard", &Server::fd_limit_hard)
       .def_property_readonly("max_pending_put_bytes",
                              [](const Server& s) { return s.config().max_pending_put_bytes; })
       .def_property_readonly("max_pending_put_bytes_per_connection",

@@ -1,5 +1,6 @@
 #include "server/server.h"
 
+#include <dirent.h>
 #include <netdb.h>
 
 #include <cerrno>
@@ -10,6 +11,7 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 
 namespace membrain::server {
@@ -67,8 +69,37 @@ Server::~Server() {
   stop(0);
 }
 
+void Server::fit_connections_to_fd_limit() {
+  // Raise the soft RLIMIT_NOFILE to the hard one, then make sure every allowed connection can
+  // have its fd: besides connections the process needs fds for what is open now (interpreter,
+  // extension, storage), per worker an epoll, an eventfd and a spare, the metrics server's
+  // connections and UCX's own (kFdReserve covers those).
+  constexpr uint64_t kFdReserve = 128;
+  rlimit rl{};
+  if (::getrlimit(RLIMIT_NOFILE, &rl) != 0) return;
+  fd_limit_hard_ = rl.rlim_max;
+  if (rl.rlim_cur < rl.rlim_max) {
+    rlimit want = rl;
+    want.rlim_cur = rl.rlim_max;
+    if (::setrlimit(RLIMIT_NOFILE, &want) == 0) rl = want;
+  }
+  fd_limit_ = rl.rlim_cur;
+  if (rl.rlim_cur == RLIM_INFINITY) return;
+  uint64_t open_now = 0;
+  if (DIR* d = ::opendir("/proc/self/fd")) {
+    while (::readdir(d)) ++open_now;
+    ::closedir(d);
+  }
+  const uint64_t reserve = open_now + 3ull * config_.threads + kFdReserve;
+  const uint64_t avail = rl.rlim_cur > reserve ? rl.rlim_cur - reserve : 1;
+  requested_max_connections_ = config_.max_connections;
+  if (static_cast<uint64_t>(config_.max_connections) > avail)
+    config_.max_connections = static_cast<int>(avail);
+}
+
 uint16_t Server::start() {
   if (running_.load()) return port_;
+  fit_connections_to_fd_limit();
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
@@ -168,6 +199,7 @@ StatsSnapshot Server::stats() const {
   s.connections = Counters::get(counters_.connections_current);
   s.connections_total = Counters::get(counters_.connections_total);
   s.connections_rejected = Counters::get(counters_.connections_rejected);
+  s.accept_pauses = Counters::get(counters_.accept_pauses);
   s.protocol_errors = Counters::get(counters_.protocol_errors);
   s.auth_failures = Counters::get(counters_.auth_failures);
   s.timeouts = Counters::get(counters_.timeouts);
@@ -196,7 +228,8 @@ std::string Server::stats_json() const {
       buf, sizeof buf,
       "{\"used_bytes\":%llu,\"capacity_bytes\":%llu,\"allocated_bytes\":%llu,\"items\":%llu,\"hits\":%llu,"
       "\"misses\":%llu,\"evictions\":%llu,\"expired\":%llu,\"puts\":%llu,\"gets\":%llu,\"deletes\":%llu,"
-      "\"connections\":%llu,\"connections_total\":%llu,\"connections_rejected\":%llu,\"fragmentation\":%.6f,"
+      "\"connections\":%llu,\"connections_total\":%llu,\"connections_rejected\":%llu,\"accept_pauses\":%llu,"
+      "\"fragmentation\":%.6f,"
       "\"bytes_in\":%llu,\"bytes_out\":%llu,\"protocol_errors\":%llu,\"auth_failures\":%llu,\"timeouts\":%"
       "llu,"
       "\"checksum_failures\":%llu,\"no_space\":%llu,\"put_bytes_buffered\":%llu,\"pending_put_bytes\":%llu,"
@@ -210,9 +243,10 @@ std::string Server::stats_json() const {
       (unsigned long long)s.storage.puts, (unsigned long long)s.requests[static_cast<int>(proto::Op::kGet)],
       (unsigned long long)s.storage.deletes, (unsigned long long)s.connections,
       (unsigned long long)s.connections_total, (unsigned long long)s.connections_rejected,
-      s.storage.fragmentation, (unsigned long long)s.bytes_in, (unsigned long long)s.bytes_out,
-      (unsigned long long)s.protocol_errors, (unsigned long long)s.auth_failures,
-      (unsigned long long)s.timeouts, (unsigned long long)s.checksum_failures, (unsigned long long)s.no_space,
+      (unsigned long long)s.accept_pauses, s.storage.fragmentation, (unsigned long long)s.bytes_in,
+      (unsigned long long)s.bytes_out, (unsigned long long)s.protocol_errors,
+      (unsigned long long)s.auth_failures, (unsigned long long)s.timeouts,
+      (unsigned long long)s.checksum_failures, (unsigned long long)s.no_space,
       (unsigned long long)s.put_bytes_buffered, (unsigned long long)s.pending_put_bytes,
       (unsigned long long)s.put_land_waits, (unsigned long long)s.storage.slab_reassignments,
       (unsigned long long)s.slab_bytes, (unsigned long long)s.storage.meta_bytes,

@@ -26,7 +26,7 @@ struct StatsSnapshot {
   StorageStats storage;
   uint64_t requests[kNumOps] = {};
   uint64_t bytes_in = 0, bytes_out = 0;
-  uint64_t connections = 0, connections_total = 0, connections_rejected = 0;
+  uint64_t connections = 0, connections_total = 0, connections_rejected = 0, accept_pauses = 0;
   uint64_t protocol_errors = 0, auth_failures = 0, timeouts = 0, checksum_failures = 0, no_space = 0,
            put_bytes_buffered = 0, pending_put_bytes = 0, put_land_waits = 0;
   uint64_t slab_bytes = 0;
@@ -52,12 +52,18 @@ class Server {
   // The UCX listener's port (config.ucx_port >= 0), 0 when UCX is off.
   uint16_t ucx_port() const { return ucx_ ? ucx_->port() : 0; }
   const ServerConfig& config() const { return config_; }
+  // RLIMIT_NOFILE as start() left it (soft raised to hard) and --max-connections as asked;
+  // config().max_connections is what was kept after fitting it to the fd limit.
+  uint64_t fd_limit() const { return fd_limit_; }
+  uint64_t fd_limit_hard() const { return fd_limit_hard_; }
+  int requested_max_connections() const { return requested_max_connections_; }
 
   StatsSnapshot stats() const;
   std::string stats_json() const;
 
  private:
   void housekeeping();
+  void fit_connections_to_fd_limit();
 
   ServerConfig config_;
   Storage storage_;
@@ -75,6 +81,8 @@ class Server {
   bool hk_stop_ = false;
   std::atomic<bool> running_{false};
   int64_t started_ns_ = 0;
+  uint64_t fd_limit_ = 0, fd_limit_hard_ = 0;
+  int requested_max_connections_ = 0;
 };
 
 }  // namespace membrain::server

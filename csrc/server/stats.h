@@ -15,7 +15,8 @@ struct Counters {
   std::atomic<uint64_t> bytes_out{0};
   std::atomic<uint64_t> connections_current{0};
   std::atomic<uint64_t> connections_total{0};
-  std::atomic<uint64_t> connections_rejected{0};  // over --max-connections
+  std::atomic<uint64_t> connections_rejected{0};  // over --max-connections, or shed out of fds
+  std::atomic<uint64_t> accept_pauses{0};         // accept() ran out of file descriptors
   std::atomic<uint64_t> protocol_errors{0};       // frame-level BAD_REQUEST/TOO_LARGE/version
   std::atomic<uint64_t> auth_failures{0};
   std::atomic<uint64_t> timeouts{0};           // idle, slow frame or slow reader

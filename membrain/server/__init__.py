@@ -111,6 +111,16 @@ class Server:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"ucx://{host}:{self.ucx_port}" if self.ucx_port else None
 
+    @property
+    def max_connections(self) -> int:
+        """--max-connections as kept after start() fitted it to RLIMIT_NOFILE."""
+        return int(self._native.max_connections)
+
+    @property
+    def fd_limit(self) -> tuple[int, int]:
+        """(soft, hard) RLIMIT_NOFILE after start() raised the soft limit to the hard one."""
+        return int(self._native.fd_limit), int(self._native.fd_limit_hard)
+
     def stats(self) -> dict[str, Any]:
         return dict(self._native.stats())
 

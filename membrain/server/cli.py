@@ -232,6 +232,17 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    soft, hard = server.fd_limit
+    if server.max_connections < args.max_connections:
+        log.warning(
+            "--max-connections %d lowered to %d to fit the open-files limit (RLIMIT_NOFILE soft %d, hard %d)",
+            args.max_connections,
+            server.max_connections,
+            soft,
+            hard,
+        )
+    else:
+        log.info("open-files limit: RLIMIT_NOFILE soft %d (raised to the hard limit %d)", soft, hard)
     st = server.stats()
     log.info(
         "serving %s: capacity %s (slabs of %s), %d threads, max %d connections, idle timeout %gs, ttl %s, auth %s",
@@ -239,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         format_size(st["capacity_bytes"]),
         format_size(st["slab_bytes"]),
         args.threads,
-        args.max_connections,
+        server.max_connections,
         args.idle_timeout,
         f"{args.ttl:g}s" if args.ttl else "off",
         "on" if token else "off",

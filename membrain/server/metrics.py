@@ -37,6 +37,7 @@ _COUNTERS = [
         "membrain_connections_rejected",
         "connections closed at once for --max-connections",
     ),
+    ("accept_pauses", "membrain_accept_pauses", "times accepting paused because file descriptors ran out"),
     ("protocol_errors", "membrain_protocol_errors", "frames rejected as malformed or over a limit"),
     ("auth_failures", "membrain_auth_failures", "requests refused for missing or wrong token"),
     ("timeouts", "membrain_timeouts", "connections closed for idleness, a slow frame or a slow reader"),
