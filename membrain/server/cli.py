@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="HTTP port for /healthz, /metrics (Prometheus) and /stats (JSON); 0 = free port, -1 = off",
     )
     p.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address the metrics HTTP server listens on (loopback by default, whatever --host is); "
+        "with --auth-token-file, /metrics and /stats require 'Authorization: Bearer <token>'",
+    )
+    p.add_argument(
         "--ucx-port",
         type=_port(True),
         default=-1,
@@ -211,11 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from membrain.server.metrics import MetricsServer
 
-            metrics = MetricsServer(server.stats, host=args.host, port=args.metrics_port).start()
+            metrics = MetricsServer(
+                server.stats, host=args.metrics_host, port=args.metrics_port, token=token
+            ).start()
         except OSError as e:
             log.error(
                 "cannot serve metrics on %s:%d: %s (use --metrics-port 0 for a free port, -1 to disable)",
-                args.host,
+                args.metrics_host,
                 args.metrics_port,
                 e,
             )

@@ -1,11 +1,18 @@
 """HTTP side channel for operators: ``/healthz``, ``/metrics`` (Prometheus text) and ``/stats``
 (JSON). Runs in a Python thread and only ever reads the C++ counters - it is never on the data
 path, so a slow scraper cannot slow a GET.
+
+Bounded: at most ``max_connections`` connections are served at once (more are closed at once),
+each with a socket timeout, so idle or slow HTTP clients cannot pile up threads and file
+descriptors. With a token, ``/metrics`` and ``/stats`` require ``Authorization: Bearer <token>``
+(Prometheus' ``authorization`` / ``bearer_token`` scrape settings); ``/healthz`` stays open.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -89,16 +96,76 @@ class _Collector:
         yield req
 
 
-class MetricsServer:
-    """Serves the three endpoints on (host, port); port 0 picks a free one."""
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """One thread per connection, but at most `max_connections` of them: the rest are closed
+    as soon as they are accepted."""
 
-    def __init__(self, stats: StatsFn, host: str = "127.0.0.1", port: int = 9202) -> None:
+    daemon_threads = True
+
+    def __init__(self, addr: tuple[str, int], handler: type, max_connections: int) -> None:
+        if ":" in addr[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(addr, handler)
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.rejected = 0
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.rejected += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class MetricsServer:
+    """Serves the three endpoints on (host, port); port 0 picks a free one.
+
+    `token`: when set, /metrics and /stats answer 401 without ``Authorization: Bearer <token>``.
+    `max_connections` connections are served at once; `timeout` seconds bound each socket
+    operation (an idle or stalled client is dropped after it).
+    """
+
+    def __init__(
+        self,
+        stats: StatsFn,
+        host: str = "127.0.0.1",
+        port: int = 9202,
+        token: str | None = None,
+        max_connections: int = 16,
+        timeout: float = 5.0,
+    ) -> None:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collector(stats))
+        expected = f"Bearer {token}".encode() if token else None
 
         class Handler(BaseHTTPRequestHandler):
+            def authorized(self) -> bool:
+                if expected is None:
+                    return True
+                got = (self.headers.get("Authorization") or "").strip().encode()
+                return hmac.compare_digest(got, expected)
+
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
+                if path in ("/metrics", "/stats") and not self.authorized():
+                    body = b"unauthorized: send Authorization: Bearer <token>\n"
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Bearer realm="membrain"')
+                    self.send_header("Content-Type", "text/plain")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 if path == "/healthz":
                     body, ctype, code = b"ok\n", "text/plain; charset=utf-8", 200
                 elif path == "/metrics":
@@ -124,8 +191,8 @@ class MetricsServer:
             def log_message(self, *args: Any) -> None:  # scrapes are not worth a log line each
                 pass
 
-        self._httpd = ThreadingHTTPServer((host, port), Handler)
-        self._httpd.daemon_threads = True
+        Handler.timeout = timeout  # socket timeout for every read and write of a connection
+        self._httpd = _BoundedHTTPServer((host, port), Handler, max_connections)
         self.host = host
         self.port = int(self._httpd.server_address[1])
         self._thread = threading.Thread(
