@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 
+import pytest
 from server_fixtures import make_server  # noqa: F401
 from wire import GET, OK, PING, UNAUTHORIZED, WireClient, header, keys_frame
 
@@ -208,3 +209,57 @@ def test_max_connections_fitted_to_the_open_files_limit():
     assert "--max-connections 1024 lowered to" in err and "RLIMIT_NOFILE soft 300, hard 300" in err, err
     kept = int(err.split("lowered to ")[1].split()[0])
     assert 1 <= kept < 300
+
+
+def test_unread_replies_past_the_limit_close_the_connection(make_server):
+    # A client that pipelines GETs and never reads pinned their values until the slow-reader
+    # timeout; past --max-reply-bytes-per-connection it is closed (the pins go with it).
+    s = make_server(capacity="64MiB", max_reply_bytes_per_connection=4 << 20, socket_buffer_bytes=65536)
+    with WireClient(s.port) as w:
+        assert w.put([(b"v%d" % i, os.urandom(1 << 20)) for i in range(8)]) == [OK] * 8
+    c = WireClient(s.port)
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    c.send(keys_frame(GET, [b"v%d" % i for i in range(8)], rid=1))  # 8 MiB reply, never read
+    time.sleep(0.5)
+    c.expect_closed(timeout=5)
+    c.close()
+    assert s.stats()["reply_limit_closes"] == 1
+    with WireClient(s.port) as d:  # small replies are unaffected
+        assert d.get([b"v0"])[0] is not None
+
+
+def test_unauthenticated_connection_has_a_deadline(make_server):
+    s = make_server(auth_token="s3cret", auth_timeout=0.5, idle_timeout=60)
+    with WireClient(s.port) as idle, WireClient(s.port) as good:
+        assert good.hello(b"default", b"s3cret").status == OK
+        t0 = time.time()
+        idle.expect_closed(timeout=5)  # never said HELLO: closed after the deadline, not 60 s
+        assert 0.4 < time.time() - t0 < 3
+        time.sleep(0.6)
+        assert good.ping(b"x") == b"x"  # authenticated connections are not affected
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
+def test_protected_mode_refuses_non_loopback_without_token(host, tmp_path):
+    def cli(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "membrain", "server", "--port", "0", "--no-prefault", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+        )
+
+    r = cli("--host", host, "--metrics-port", "-1")
+    assert r.returncode == 2 and "without authentication" in r.stderr and "--insecure" in r.stderr, r.stderr
+    r = cli("--metrics-host", host, "--metrics-port", "0")
+    assert r.returncode == 2 and "--metrics-host" in r.stderr, r.stderr
+    # With --insecure, or with a token, it starts.
+    from membrain.server import spawn_server
+
+    srv = spawn_server(host=host, extra_args=["--insecure", "--no-prefault"])
+    assert srv.stop() == 0
+    tok = tmp_path / "t"
+    tok.write_text("x")
+    srv = spawn_server(host=host, extra_args=["--auth-token-file", str(tok), "--no-prefault"])
+    assert srv.stop() == 0

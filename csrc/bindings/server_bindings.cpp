@@ -49,6 +49,7 @@ py::dict stats_dict(const StatsSnapshot& s) {
   d["protocol_errors"] = s.protocol_errors;
   d["auth_failures"] = s.auth_failures;
   d["timeouts"] = s.timeouts;
+  d["reply_limit_closes"] = s.reply_limit_closes;
   d["checksum_failures"] = s.checksum_failures;
   d["put_bytes_buffered"] = s.put_bytes_buffered;
   d["pending_put_bytes"] = s.pending_put_bytes;
@@ -68,7 +69,8 @@ void register_server(py::module_& m) {
                        double idle_timeout, double ttl, std::string auth_token, uint64_t slab_bytes,
                        int socket_buffer_bytes, uint32_t max_batch, uint32_t max_key_len,
                        uint64_t max_value_bytes, uint64_t max_payload_bytes, bool prefault, int ucx_port,
-                       uint64_t max_pending_put_bytes, uint64_t max_pending_put_bytes_per_connection) {
+                       uint64_t max_pending_put_bytes, uint64_t max_pending_put_bytes_per_connection,
+                       uint64_t max_reply_bytes_per_connection, double auth_timeout) {
              if (port < 0 || port > 65535)
                throw std::invalid_argument("port " + std::to_string(port) + " must be in 0..65535");
              ServerConfig c;
@@ -93,6 +95,8 @@ void register_server(py::module_& m) {
              c.ucx_port = ucx_port;
              c.max_pending_put_bytes = max_pending_put_bytes;
              c.max_pending_put_bytes_per_connection = max_pending_put_bytes_per_connection;
+             c.max_reply_bytes_per_connection = max_reply_bytes_per_connection;
+             c.auth_timeout_s = auth_timeout;
              return std::make_unique<Server>(std::move(c));
            }),
            py::arg("host") = "127.0.0.1", py::arg("port") = 9201, py::arg("capacity") = 256ull << 20,
@@ -101,7 +105,8 @@ void register_server(py::module_& m) {
            py::arg("socket_buffer_bytes") = 4 << 20, py::arg("max_batch") = 1024,
            py::arg("max_key_len") = 128, py::arg("max_value_bytes") = 256ull << 20,
            py::arg("max_payload_bytes") = 1ull << 30, py::arg("prefault") = true, py::arg("ucx_port") = -1,
-           py::arg("max_pending_put_bytes") = 0, py::arg("max_pending_put_bytes_per_connection") = 0)
+           py::arg("max_pending_put_bytes") = 0, py::arg("max_pending_put_bytes_per_connection") = 0,
+           py::arg("max_reply_bytes_per_connection") = 1ull << 30, py::arg("auth_timeout") = 10.0)
       .def(
           "start",
           [](Server& s) {

@@ -34,7 +34,8 @@ Connection::Connection(UniqueFd fd, ServerContext& ctx, int64_t now_ns)
       limits_(ctx.config.limits),
       authed_(ctx.config.auth_token.empty()),
       in_(new uint8_t[kInputBufferBytes]),  // not value-initialised: see kInputBufferBytes
-      last_activity_ns_(now_ns) {}
+      last_activity_ns_(now_ns),
+      accepted_ns_(now_ns) {}
 
 Connection::~Connection() {
   release_pending();
@@ -533,6 +534,12 @@ void Connection::queue_reply(uint8_t op, uint32_t count, Status st, std::vector<
   if (out_.empty()) out_progress_ns_ = last_activity_ns_;
   out_bytes_ += proto::kHeaderBytes + payload;
   out_.push_back(std::move(m));
+  if (out_bytes_ > ctx_.config.max_reply_bytes_per_connection) {
+    // A client that does not read its replies may not pin more than this: close it (the
+    // replies and their pins go with the connection).
+    Counters::inc(ctx_.counters.reply_limit_closes);
+    close_now();
+  }
 }
 
 void Connection::protocol_error(Status st, const char* /*why: counted, not logged per frame*/) {
@@ -622,6 +629,14 @@ void Connection::on_timer(int64_t now) {
   }
   if (phase_ == Phase::kLinger) {
     if (now - linger_since_ns_ > kLingerNs) close_now();
+    return;
+  }
+  const int64_t auth_limit = static_cast<int64_t>(ctx_.config.auth_timeout_s * 1e9);
+  if (!authed_ && auth_limit > 0 && now - accepted_ns_ > auth_limit) {
+    // Auth on and no successful HELLO yet: unauthenticated peers do not get to hold a slot.
+    Counters::inc(ctx_.counters.timeouts);
+    Counters::inc(ctx_.counters.auth_failures);
+    close_now();
     return;
   }
   const int64_t limit = static_cast<int64_t>(ctx_.config.idle_timeout_s * 1e9);

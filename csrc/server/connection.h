@@ -149,6 +149,7 @@ class Connection {
   uint64_t out_bytes_ = 0;
 
   int64_t last_activity_ns_;
+  int64_t accepted_ns_;          // for the authentication deadline
   int64_t frame_since_ns_ = 0;   // first byte of the frame being received; 0 = between frames
   int64_t out_progress_ns_ = 0;  // last time a queued reply finished (or the queue became non-empty)
   int64_t linger_since_ns_ = 0;

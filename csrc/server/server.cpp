@@ -30,6 +30,10 @@ ServerConfig validated(ServerConfig c) {
   if (!seconds_ok(c.idle_timeout_s))
     bad("idle_timeout " + std::to_string(c.idle_timeout_s) +
         " must be a finite number of seconds in 0..31536000");
+  if (!seconds_ok(c.auth_timeout_s))
+    bad("auth_timeout " + std::to_string(c.auth_timeout_s) +
+        " must be a finite number of seconds in 0..31536000");
+  if (c.max_reply_bytes_per_connection == 0) bad("max_reply_bytes_per_connection must be > 0");
   if (!seconds_ok(c.ttl_s))
     bad("ttl " + std::to_string(c.ttl_s) + " must be a finite number of seconds in 0..31536000");
   if (c.slab_bytes && (c.slab_bytes < 4096 || (c.slab_bytes & (c.slab_bytes - 1))))
@@ -203,6 +207,7 @@ StatsSnapshot Server::stats() const {
   s.protocol_errors = Counters::get(counters_.protocol_errors);
   s.auth_failures = Counters::get(counters_.auth_failures);
   s.timeouts = Counters::get(counters_.timeouts);
+  s.reply_limit_closes = Counters::get(counters_.reply_limit_closes);
   s.checksum_failures = Counters::get(counters_.checksum_failures);
   s.no_space = Counters::get(counters_.no_space);
   s.put_bytes_buffered = Counters::get(counters_.put_bytes_buffered);
@@ -230,7 +235,8 @@ std::string Server::stats_json() const {
       "\"misses\":%llu,\"evictions\":%llu,\"expired\":%llu,\"puts\":%llu,\"gets\":%llu,\"deletes\":%llu,"
       "\"connections\":%llu,\"connections_total\":%llu,\"connections_rejected\":%llu,\"accept_pauses\":%llu,"
       "\"fragmentation\":%.6f,"
-      "\"bytes_in\":%llu,\"bytes_out\":%llu,\"protocol_errors\":%llu,\"auth_failures\":%llu,\"timeouts\":%"
+      "\"bytes_in\":%llu,\"bytes_out\":%llu,\"protocol_errors\":%llu,\"auth_failures\":%llu,\"reply_limit_"
+      "closes\":%llu,\"timeouts\":%"
       "llu,"
       "\"checksum_failures\":%llu,\"no_space\":%llu,\"put_bytes_buffered\":%llu,\"pending_put_bytes\":%llu,"
       "\"put_land_waits\":%llu,\"slab_reassignments\":%llu,"
@@ -245,8 +251,8 @@ std::string Server::stats_json() const {
       (unsigned long long)s.connections_total, (unsigned long long)s.connections_rejected,
       (unsigned long long)s.accept_pauses, s.storage.fragmentation, (unsigned long long)s.bytes_in,
       (unsigned long long)s.bytes_out, (unsigned long long)s.protocol_errors,
-      (unsigned long long)s.auth_failures, (unsigned long long)s.timeouts,
-      (unsigned long long)s.checksum_failures, (unsigned long long)s.no_space,
+      (unsigned long long)s.auth_failures, (unsigned long long)s.reply_limit_closes,
+      (unsigned long long)s.timeouts, (unsigned long long)s.checksum_failures, (unsigned long long)s.no_space,
       (unsigned long long)s.put_bytes_buffered, (unsigned long long)s.pending_put_bytes,
       (unsigned long long)s.put_land_waits, (unsigned long long)s.storage.slab_reassignments,
       (unsigned long long)s.slab_bytes, (unsigned long long)s.storage.meta_bytes,

@@ -27,8 +27,9 @@ struct StatsSnapshot {
   uint64_t requests[kNumOps] = {};
   uint64_t bytes_in = 0, bytes_out = 0;
   uint64_t connections = 0, connections_total = 0, connections_rejected = 0, accept_pauses = 0;
-  uint64_t protocol_errors = 0, auth_failures = 0, timeouts = 0, checksum_failures = 0, no_space = 0,
-           put_bytes_buffered = 0, pending_put_bytes = 0, put_land_waits = 0;
+  uint64_t protocol_errors = 0, auth_failures = 0, timeouts = 0, reply_limit_closes = 0,
+           checksum_failures = 0, no_space = 0, put_bytes_buffered = 0, pending_put_bytes = 0,
+           put_land_waits = 0;
   uint64_t slab_bytes = 0;
   uint64_t prefaulted_bytes = 0;  // storage backed by memory so far (see --no-prefault)
   uint64_t per_object_overhead_bytes = 0;

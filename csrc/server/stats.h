@@ -19,7 +19,9 @@ struct Counters {
   std::atomic<uint64_t> accept_pauses{0};         // accept() ran out of file descriptors
   std::atomic<uint64_t> protocol_errors{0};       // frame-level BAD_REQUEST/TOO_LARGE/version
   std::atomic<uint64_t> auth_failures{0};
-  std::atomic<uint64_t> timeouts{0};           // idle, slow frame or slow reader
+  std::atomic<uint64_t> timeouts{0};
+  std::atomic<uint64_t> reply_limit_closes{
+      0};  // closed past --max-reply-bytes-per-connection           // idle, slow frame or slow reader
   std::atomic<uint64_t> checksum_failures{0};  // PUT values whose bytes did not match
   std::atomic<uint64_t> no_space{0};           // PUT values refused for capacity
   // PUT value bytes copied out of the input buffer rather than received straight into their

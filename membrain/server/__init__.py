@@ -54,6 +54,8 @@ class Server:
         ucx_port: int | None = None,
         max_pending_put_bytes: int | str = 0,
         max_pending_put_bytes_per_connection: int | str = 0,
+        max_reply_bytes_per_connection: int | str = 1 << 30,
+        auth_timeout: float = 10.0,
     ) -> None:
         from membrain import _native
 
@@ -77,6 +79,8 @@ class Server:
             ucx_port=-1 if ucx_port is None else int(ucx_port),
             max_pending_put_bytes=parse_size(max_pending_put_bytes),
             max_pending_put_bytes_per_connection=parse_size(max_pending_put_bytes_per_connection),
+            max_reply_bytes_per_connection=parse_size(max_reply_bytes_per_connection),
+            auth_timeout=float(auth_timeout),
         )
         self.host = host
 

@@ -11,10 +11,12 @@ replies, close) and exits 0.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 
@@ -148,6 +150,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="the same bound for one connection; 0 = the max value size (min(256MiB, capacity))",
     )
     p.add_argument(
+        "--max-reply-bytes-per-connection",
+        type=_size,
+        default="1GiB",
+        help="reply bytes (GET values stay pinned until sent) one connection may leave unread; "
+        "past it the connection is closed (like Redis' client-output-buffer-limit)",
+    )
+    p.add_argument(
+        "--auth-timeout",
+        type=_seconds,
+        default=10.0,
+        help="with --auth-token-file: seconds a new connection has to authenticate (HELLO) before "
+        "it is closed; 0 = no deadline",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow listening on a non-loopback address (--host, --metrics-host) without "
+        "--auth-token-file; refused otherwise (protected mode)",
+    )
+    p.add_argument(
         "--auth-token-file",
         default=None,
         help="file holding a shared secret; clients must HELLO with it before anything else",
@@ -162,6 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr log level"
     )
     return p
+
+
+def _is_loopback(host: str) -> bool:
+    """True when every address `host` resolves to is a loopback one ("" = all interfaces: no)."""
+    if not host:
+        return False
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False  # the server reports the resolution error itself
+    try:
+        return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+    except ValueError:
+        return False
 
 
 def _fail(message: str) -> SystemExit:
@@ -189,6 +225,22 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     token = _read_token(args.auth_token_file) if args.auth_token_file else None
+    if token is None and not args.insecure:
+        # Protected mode (as Redis): no token, so anyone who can reach the port owns the data.
+        metrics_on = args.metrics_port >= 0
+        for opt, host in (
+            ("--host", args.host),
+            ("--metrics-host", args.metrics_host if metrics_on else None),
+        ):
+            if host is not None and not _is_loopback(host):
+                log.error(
+                    "refusing to listen on %s (%s) without authentication: anyone who can reach it could "
+                    "read and overwrite every value. Give --auth-token-file, listen on a loopback address, "
+                    "or pass --insecure to run unprotected anyway",
+                    host,
+                    opt,
+                )
+                return 2
 
     from membrain.server import Server  # imports the native extension
 
@@ -206,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             ucx_port=None if args.ucx_port < 0 else args.ucx_port,
             max_pending_put_bytes=args.max_pending_put_bytes,
             max_pending_put_bytes_per_connection=args.max_pending_put_bytes_per_connection,
+            max_reply_bytes_per_connection=args.max_reply_bytes_per_connection,
+            auth_timeout=args.auth_timeout,
         )
         server.start()
     except (ValueError, RuntimeError, OSError) as e:

@@ -119,15 +119,17 @@ struct Conn {
   std::size_t inbox_frames = 0;  // request frames queued (value AMs are bounded by their frame)
   bool overflow = false;         // queued more than allowed (pre-auth bound): refuse and close
   std::unique_ptr<Active> active;
-  int sends = 0;         // replies not yet completed
-  bool closing = false;  // an error reply is queued: close once it is sent
-  bool dead = false;     // the peer is gone: force-close
+  int sends = 0;            // replies not yet completed
+  uint64_t send_bytes = 0;  // their bytes (pinned values included): --max-reply-bytes-per-connection
+  bool closing = false;     // an error reply is queued: close once it is sent
+  bool dead = false;        // the peer is gone: force-close
   // Wireup: until the flush posted at accept has completed, replies go eagerly (no
   // rendezvous), see Endpoint::flush for the UCX assertion this avoids.
   void* flush_req = nullptr;
   bool settled = false;
   Clock::time_point closing_since{};
   Clock::time_point last_activity = Clock::now();
+  Clock::time_point accepted = Clock::now();  // for the authentication deadline
 };
 
 struct SendOp {
@@ -137,6 +139,7 @@ struct SendOp {
   std::vector<uint8_t> body;
   std::vector<ObjectRef> pins;
   std::vector<ucp_dt_iov_t> iov;
+  uint64_t bytes = 0;  // header + data, counted in Conn::send_bytes until completed
 };
 
 class Impl final : public UcxServer {
@@ -305,6 +308,11 @@ class Impl final : public UcxServer {
         refuse(c, Header{}, Status::kTooLarge);  // a peer pipelining without bounds
       }
       const auto now = Clock::now();
+      if (!c.dead && !c.authed && auth_ns_ > 0 && now - c.accepted > std::chrono::nanoseconds(auth_ns_)) {
+        Counters::inc(ctx_.counters.timeouts);  // auth on and no successful HELLO in time
+        Counters::inc(ctx_.counters.auth_failures);
+        c.dead = true;
+      }
       if (!c.dead && idle_ns_ > 0 && now - c.last_activity > std::chrono::nanoseconds(idle_ns_)) {
         // Idle (or a transfer stuck) past idle_timeout: with UCP_ERR_HANDLING_MODE_NONE this
         // is also how a vanished client is noticed.
@@ -843,6 +851,13 @@ class Impl final : public UcxServer {
     }
     if (ret == nullptr) return;  // completed in place; `s` (and its pins) go now
     s->done.req = ret;
+    s->bytes = s->header.size();
+    for (const auto& v : s->iov) s->bytes += v.length;
+    c.send_bytes += s->bytes;
+    if (c.send_bytes > ctx_.config.max_reply_bytes_per_connection && !c.dead) {
+      Counters::inc(ctx_.counters.reply_limit_closes);  // a peer that does not take its replies
+      c.dead = true;
+    }
     ++c.sends;
     sends_.push_back(std::move(s));
   }
@@ -852,6 +867,7 @@ class Impl final : public UcxServer {
     auto it = conns_.find(s.ep);
     if (it == conns_.end()) return;
     --it->second->sends;
+    it->second->send_bytes -= s.bytes;
     it->second->last_activity = Clock::now();
     if (s.done.status != UCS_OK) it->second->dead = true;
   }
@@ -929,6 +945,7 @@ class Impl final : public UcxServer {
   std::vector<void*> closing_;
   std::size_t actives_ = 0;
   int64_t idle_ns_ = static_cast<int64_t>(ctx_.config.idle_timeout_s * 1e9);
+  int64_t auth_ns_ = static_cast<int64_t>(ctx_.config.auth_timeout_s * 1e9);
   // MEMBRAIN_UCX_SERVER_SPIN=1: keep polling while transfers are in flight instead of sleeping
   // on the event fd (lower latency when cores are plentiful; contention on small machines).
   bool spin_ = [] {
