@@ -263,3 +263,75 @@ def test_protected_mode_refuses_non_loopback_without_token(host, tmp_path):
     tok.write_text("x")
     srv = spawn_server(host=host, extra_args=["--auth-token-file", str(tok), "--no-prefault"])
     assert srv.stop() == 0
+
+
+def test_per_namespace_tokens(make_server):
+    s = make_server(tokens={"tok-a": ["tenant-a", "shared-*"], "tok-b": ["tenant-b"], "admin": ["*"]})
+    with WireClient(s.port) as a:
+        assert a.hello(b"tenant-a", b"tok-a").status == OK
+        assert a.put([(b"k", b"A" * 100)]) == [OK]
+        assert a.hello(b"shared-x", b"tok-a").status == OK  # a pattern match
+        assert a.put([(b"k", b"S" * 10)]) == [OK]
+    for ns, tok in ((b"tenant-b", b"tok-a"), (b"tenant-a", b"tok-b"), (b"shared", b"tok-a"), (b"x", b"nope")):
+        with WireClient(s.port) as c:  # a valid token only reaches its own namespaces
+            assert c.hello(ns, tok).status == UNAUTHORIZED, (ns, tok)
+            c.expect_closed()
+    with WireClient(s.port) as b:
+        assert b.hello(b"tenant-b", b"tok-b").status == OK
+        b.put([(b"k1", b"B" * 7), (b"k2", b"")])
+        assert b.get([b"k"]) == [None]  # tenant-a's key is not visible here
+        st = b.stats()  # a scoped token sees its namespace only
+        assert st["namespace"] == "tenant-b" and st["items"] == 2 and st["used_bytes"] == 7
+        assert st["misses"] == 1 and st["puts"] == 2 and "bytes_in" not in st
+    with WireClient(s.port) as adm:
+        assert adm.hello(b"tenant-a", b"admin").status == OK
+        st = adm.stats()  # everything
+        assert st["items"] == 4 and "bytes_in" in st
+    per_ns = s.namespace_stats()
+    assert {k: v["items"] for k, v in per_ns.items()} == {"tenant-a": 1, "shared-x": 1, "tenant-b": 2}
+
+
+def test_token_file_maps_tokens_to_namespaces(tmp_path):
+    import json
+    import urllib.error
+    import urllib.request
+
+    from membrain.server import spawn_server
+
+    tok = tmp_path / "tokens.json"
+    tok.write_text(json.dumps({"tokens": {"tok-a": ["tenant-a"], "admin": ["*"]}}))
+    srv = spawn_server(metrics_port=0, extra_args=["--auth-token-file", str(tok), "--no-prefault"])
+    try:
+        with WireClient(srv.port) as c:
+            assert c.hello(b"tenant-a", b"tok-a").status == OK
+            assert c.put([(b"k", b"v" * 10)]) == [OK]
+        with WireClient(srv.port) as c:
+            assert c.hello(b"tenant-b", b"tok-a").status == UNAUTHORIZED
+
+        def get(path, token):
+            req = urllib.request.Request(srv.metrics_url + path, headers={"Authorization": f"Bearer {token}"})
+            return urllib.request.urlopen(req, timeout=5)
+
+        import json as js
+
+        mine = js.loads(get("/stats", "tok-a").read())
+        assert mine == {"namespaces": {"tenant-a": mine["namespaces"]["tenant-a"]}}
+        assert mine["namespaces"]["tenant-a"]["items"] == 1
+        with pytest.raises(urllib.error.HTTPError) as e:
+            get("/metrics", "tok-a")
+        assert e.value.code == 403
+        assert "items" in js.loads(get("/stats", "admin").read())
+        assert get("/metrics", "admin").status == 200
+    finally:
+        assert srv.stop() == 0
+    bad = tmp_path / "bad.json"
+    for text in ('{"tokens": {"t": []}}', '{"tokens": [1]}', "{not json"):
+        bad.write_text(text)
+        r = subprocess.run(
+            [sys.executable, "-m", "membrain", "server", "--port", "0", "--auth-token-file", str(bad)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+        )
+        assert r.returncode == 2 and "--auth-token-file" in r.stderr and "Traceback" not in r.stderr, r.stderr

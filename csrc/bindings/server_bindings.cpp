@@ -70,7 +70,8 @@ void register_server(py::module_& m) {
                        int socket_buffer_bytes, uint32_t max_batch, uint32_t max_key_len,
                        uint64_t max_value_bytes, uint64_t max_payload_bytes, bool prefault, int ucx_port,
                        uint64_t max_pending_put_bytes, uint64_t max_pending_put_bytes_per_connection,
-                       uint64_t max_reply_bytes_per_connection, double auth_timeout) {
+                       uint64_t max_reply_bytes_per_connection, double auth_timeout,
+                       std::vector<std::pair<std::string, std::vector<std::string>>> tokens) {
              if (port < 0 || port > 65535)
                throw std::invalid_argument("port " + std::to_string(port) + " must be in 0..65535");
              ServerConfig c;
@@ -97,6 +98,7 @@ void register_server(py::module_& m) {
              c.max_pending_put_bytes_per_connection = max_pending_put_bytes_per_connection;
              c.max_reply_bytes_per_connection = max_reply_bytes_per_connection;
              c.auth_timeout_s = auth_timeout;
+             for (auto& [tok, pats] : tokens) c.tokens.push_back({std::move(tok), std::move(pats)});
              return std::make_unique<Server>(std::move(c));
            }),
            py::arg("host") = "127.0.0.1", py::arg("port") = 9201, py::arg("capacity") = 256ull << 20,
@@ -106,7 +108,8 @@ void register_server(py::module_& m) {
            py::arg("max_key_len") = 128, py::arg("max_value_bytes") = 256ull << 20,
            py::arg("max_payload_bytes") = 1ull << 30, py::arg("prefault") = true, py::arg("ucx_port") = -1,
            py::arg("max_pending_put_bytes") = 0, py::arg("max_pending_put_bytes_per_connection") = 0,
-           py::arg("max_reply_bytes_per_connection") = 1ull << 30, py::arg("auth_timeout") = 10.0)
+           py::arg("max_reply_bytes_per_connection") = 1ull << 30, py::arg("auth_timeout") = 10.0,
+           py::arg("tokens") = std::vector<std::pair<std::string, std::vector<std::string>>>{})
       .def(
           "start",
           [](Server& s) {
@@ -138,7 +141,28 @@ void register_server(py::module_& m) {
       .def(
           "stats", [](const Server& s) { return stats_dict(s.stats()); },
           "Counters and storage figures as a dict.")
-      .def("stats_json", &Server::stats_json);
+      .def("stats_json", &Server::stats_json)
+      .def(
+          "namespace_stats",
+          [](const Server& s) {
+            py::dict out;
+            for (const auto& [ns, n] : s.namespace_stats()) {
+              py::dict d;
+              d["namespace"] = ns;
+              d["used_bytes"] = n.bytes;
+              d["items"] = n.items;
+              d["hits"] = n.hits;
+              d["misses"] = n.misses;
+              d["gets"] = n.gets;
+              d["puts"] = n.puts;
+              d["deletes"] = n.deletes;
+              d["evictions"] = n.evictions;
+              d["expired"] = n.expired;
+              out[py::str(ns)] = d;
+            }
+            return out;
+          },
+          "Per-namespace figures of the namespaces holding objects.");
 }
 
 }  // namespace membrain::bindings

@@ -32,7 +32,7 @@ Connection::Connection(UniqueFd fd, ServerContext& ctx, int64_t now_ns)
     : fd_(std::move(fd)),
       ctx_(ctx),
       limits_(ctx.config.limits),
-      authed_(ctx.config.auth_token.empty()),
+      authed_(!ctx.config.auth_enabled()),
       in_(new uint8_t[kInputBufferBytes]),  // not value-initialised: see kInputBufferBytes
       last_activity_ns_(now_ns),
       accepted_ns_(now_ns) {}
@@ -510,7 +510,7 @@ void Connection::finish_put() {
 void Connection::execute() {
   phase_ = Phase::kHeader;
   frame_since_ns_ = 0;
-  Reply r = execute_request(ctx_, hdr_, payload_.data(), payload_.size(), &ns_, &authed_);
+  Reply r = execute_request(ctx_, hdr_, payload_.data(), payload_.size(), &ns_, &authed_, &grant_);
   release_frame_buffers();  // the reply no longer refers to payload_
   if (r.close) return protocol_error(r.status, "request refused");
   queue_reply(hdr_.opcode, r.count, r.status, std::move(r.body), std::move(r.pins));

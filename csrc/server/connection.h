@@ -31,6 +31,7 @@ struct ServerContext {
   Storage& storage;
   Counters& counters;
   std::function<std::string()> stats_json;
+  std::function<std::string(std::string_view)> namespace_stats_json;  // STATS for a scoped token
 };
 
 class Connection {
@@ -122,6 +123,7 @@ class Connection {
   bool peer_eof_ = false;
   bool done_ = false;
   std::string ns_ = "default";
+  const TokenGrant* grant_ = nullptr;  // the token this connection authenticated with (auth on)
 
   std::unique_ptr<uint8_t[]> in_;
   std::size_t in_r_ = 0, in_w_ = 0;

@@ -3,6 +3,7 @@
 #include <dirent.h>
 #include <netdb.h>
 
+#include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -42,8 +43,17 @@ ServerConfig validated(ServerConfig c) {
   if (c.limits.max_key_len < 1 || c.limits.max_key_len > 65535)
     bad("max_key_len " + std::to_string(c.limits.max_key_len) + " must be in 1..65535");
   if (c.limits.max_batch < 1) bad("max_batch must be >= 1");
-  if (c.auth_token.size() > 4096)
-    bad("auth token is " + std::to_string(c.auth_token.size()) + " bytes, max 4096");
+  if (!c.auth_token.empty()) c.tokens.insert(c.tokens.begin(), TokenGrant{c.auth_token, {"*"}});
+  for (const TokenGrant& g : c.tokens) {
+    if (g.token.empty() || g.token.size() > 4096)
+      bad("auth token is " + std::to_string(g.token.size()) + " bytes, must be 1..4096");
+    if (g.namespaces.empty()) bad("a token must open at least one namespace pattern");
+    for (const std::string& p : g.namespaces) {
+      bool ok = !p.empty() && p.size() <= c.limits.max_namespace_len;
+      for (char ch : p) ok = ok && (std::isalnum(static_cast<unsigned char>(ch)) || std::strchr("._-*?", ch));
+      if (!ok) bad("namespace pattern '" + p + "' must be 1..64 of [A-Za-z0-9._-] and the wildcards * ?");
+    }
+  }
   return c;
 }
 
@@ -59,7 +69,7 @@ Storage::Options storage_options(const ServerConfig& c) {
 Server::Server(ServerConfig config)
     : config_(validated(std::move(config))),
       storage_(storage_options(config_)),
-      ctx_{config_, storage_, counters_, nullptr} {
+      ctx_{config_, storage_, counters_, nullptr, nullptr} {
   // A value can never be larger than the region that has to hold it.
   config_.limits.max_value_bytes = std::min<uint64_t>(config_.limits.max_value_bytes, storage_.capacity());
   if (config_.max_pending_put_bytes_per_connection == 0)
@@ -67,6 +77,7 @@ Server::Server(ServerConfig config)
   if (config_.max_pending_put_bytes == 0)
     config_.max_pending_put_bytes = std::max(config_.limits.max_value_bytes, storage_.capacity() / 4);
   ctx_.stats_json = [this] { return stats_json(); };
+  ctx_.namespace_stats_json = [this](std::string_view ns) { return namespace_stats_json(ns); };
 }
 
 Server::~Server() {
@@ -218,6 +229,56 @@ StatsSnapshot Server::stats() const {
   s.per_connection_bytes = sizeof(Connection) + Connection::kInputBufferBytes;
   s.uptime_s = started_ns_ ? double(monotonic_ns() - started_ns_) / 1e9 : 0.0;
   return s;
+}
+
+std::string Server::namespace_stats_json(std::string_view ns) const {
+  // What a tenant limited to some namespaces sees: its own figures, the protocol's fields with
+  // server-wide ones (connections, fragmentation) left at zero.
+  const NamespaceStats n = storage_.namespace_stats(ns);
+  char buf[768];
+  std::snprintf(buf, sizeof buf,
+                "{\"namespace\":\"%.*s\",\"used_bytes\":%llu,\"capacity_bytes\":%llu,\"items\":%llu,"
+                "\"hits\":%llu,\"misses\":%llu,\"evictions\":%llu,\"expired\":%llu,\"puts\":%llu,"
+                "\"gets\":%llu,\"deletes\":%llu,\"connections\":0,\"fragmentation\":0}",
+                static_cast<int>(ns.size()), ns.data(), (unsigned long long)n.bytes,
+                (unsigned long long)storage_.capacity(), (unsigned long long)n.items,
+                (unsigned long long)n.hits, (unsigned long long)n.misses, (unsigned long long)n.evictions,
+                (unsigned long long)n.expired, (unsigned long long)n.puts, (unsigned long long)n.gets,
+                (unsigned long long)n.deletes);
+  return buf;
+}
+
+bool TokenGrant::all() const {
+  for (const std::string& p : namespaces)
+    if (p == "*") return true;
+  return false;
+}
+
+bool TokenGrant::allows(std::string_view ns) const {
+  for (const std::string& p : namespaces)
+    if (glob_match(p, ns)) return true;
+  return false;
+}
+
+bool glob_match(std::string_view p, std::string_view s) {
+  // Iterative wildcard match with one backtrack point (the last '*'): linear in practice.
+  std::size_t pi = 0, si = 0, star = std::string_view::npos, mark = 0;
+  while (si < s.size()) {
+    if (pi < p.size() && (p[pi] == '?' || p[pi] == s[si])) {
+      ++pi;
+      ++si;
+    } else if (pi < p.size() && p[pi] == '*') {
+      star = pi++;
+      mark = si;
+    } else if (star != std::string_view::npos) {
+      pi = star + 1;
+      si = ++mark;
+    } else {
+      return false;
+    }
+  }
+  while (pi < p.size() && p[pi] == '*') ++pi;
+  return pi == p.size();
 }
 
 std::string Server::stats_json() const {

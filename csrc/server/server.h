@@ -61,6 +61,10 @@ class Server {
 
   StatsSnapshot stats() const;
   std::string stats_json() const;
+  std::string namespace_stats_json(std::string_view ns) const;
+  std::vector<std::pair<std::string, NamespaceStats>> namespace_stats() const {
+    return storage_.all_namespace_stats();
+  }
 
  private:
   void housekeeping();

@@ -8,6 +8,7 @@ namespace membrain::server {
 namespace {
 // Reused per thread so a lookup builds its index key without a heap allocation.
 thread_local std::string t_key;
+thread_local std::string t_ns;
 }  // namespace
 
 Storage::Storage(const Options& o)
@@ -92,8 +93,31 @@ void Storage::slab_unlink_locked(Object* o) {
   o->slab_prev = o->slab_next = nullptr;
 }
 
-void Storage::remove_locked(Index::iterator it) {
+NamespaceStats* Storage::ns_locked(std::string_view ns, bool create) {
+  t_ns.assign(ns.data(), ns.size());
+  auto it = namespaces_.find(t_ns);
+  if (it != namespaces_.end()) return &it->second;
+  if (!create) return nullptr;
+  return &namespaces_.emplace(t_ns, NamespaceStats{}).first->second;
+}
+
+void Storage::ns_unlink_locked(Object* o, uint64_t NamespaceStats::* counter) {
+  // `counter` (evictions, expired, deletes, or none) is counted for the object's namespace.
+  NamespaceStats* n = o->ns;
+  if (!n) return;
+  o->ns = nullptr;
+  if (counter) ++(n->*counter);
+  --n->items;
+  n->bytes -= o->value_len;
+  if (n->items == 0) {
+    const std::string_view key(o->index_key);
+    namespaces_.erase(std::string(key.substr(0, key.find('\0'))));
+  }
+}
+
+void Storage::remove_locked(Index::iterator it, uint64_t NamespaceStats::* counter) {
   Object* o = it->second.get();
+  ns_unlink_locked(o, counter);
   policy_->on_remove(o);
   exp_unlink_locked(o);
   slab_unlink_locked(o);
@@ -108,7 +132,7 @@ Object* Storage::find_live_locked(std::string_view ns, std::string_view key, int
   auto it = index_.find(t_key);
   if (it == index_.end()) return nullptr;
   if (expired_locked(it->second.get(), now)) {
-    remove_locked(it);
+    remove_locked(it, &NamespaceStats::expired);
     ++expired_;
     return nullptr;
   }
@@ -152,7 +176,7 @@ bool Storage::make_room_locked(bool need_chunk, uint32_t klass) {
     }
   }
   if (!v) return false;  // nothing left to evict: the rest is pending or pinned
-  remove_locked(index_.find(v->index_key));
+  remove_locked(index_.find(v->index_key), &NamespaceStats::evictions);
   ++evictions_;
   return true;
 }
@@ -195,9 +219,16 @@ void Storage::publish(const ObjectRef& obj) {
   std::lock_guard<std::mutex> lock(mu_);
   const int64_t now = now_ns();
   obj->expires_at_ns = ttl_ns_ > 0 ? now + ttl_ns_ : 0;
+  const std::string_view ikey(obj->index_key);
+  NamespaceStats* ns = ns_locked(ikey.substr(0, ikey.find('\0')), /*create=*/true);
+  ++ns->items;  // before the old version leaves, so the entry is not dropped and remade
+  ns->bytes += obj->value_len;
+  ++ns->puts;
+  obj->ns = ns;
   auto [it, inserted] = index_.try_emplace(obj->index_key, obj);
   if (!inserted) {
     Object* prev = it->second.get();
+    ns_unlink_locked(prev, nullptr);
     policy_->on_remove(prev);
     exp_unlink_locked(prev);
     slab_unlink_locked(prev);
@@ -220,17 +251,24 @@ void Storage::get_many(std::string_view ns, const std::vector<std::string_view>&
   out->reserve(keys.size());
   std::lock_guard<std::mutex> lock(mu_);
   const int64_t now = now_ns();
+  uint64_t hits = 0;
   for (auto k : keys) {
     Index::iterator it;
     Object* o = find_live_locked(ns, k, now, &it);
     if (!o) {
-      ++misses_;
       out->emplace_back();
       continue;
     }
-    ++hits_;
+    ++hits;
     policy_->on_access(o);
     out->push_back(it->second);  // the pin
+  }
+  hits_ += hits;
+  misses_ += keys.size() - hits;
+  if (NamespaceStats* n = ns_locked(ns, false)) {  // after the loop: expiry may have dropped it
+    n->hits += hits;
+    n->misses += keys.size() - hits;
+    ++n->gets;
   }
 }
 
@@ -264,7 +302,7 @@ uint32_t Storage::erase_many(std::string_view ns, const std::vector<std::string_
     Index::iterator it;
     if (!find_live_locked(ns, k, now, &it)) continue;
     dropped.push_back(it->second);
-    remove_locked(it);
+    remove_locked(it, &NamespaceStats::deletes);
     ++n;
   }
   deletes_ += n;
@@ -278,7 +316,7 @@ std::size_t Storage::sweep_expired(std::size_t max_items) {
   std::size_t n = 0;
   while (exp_head_ && n < max_items && expired_locked(exp_head_, now)) {
     auto it = index_.find(exp_head_->index_key);
-    remove_locked(it);
+    remove_locked(it, &NamespaceStats::expired);
     ++expired_;
     ++n;
   }
@@ -298,10 +336,21 @@ bool Storage::reclaim_slab_locked(uint32_t slab) {
   // Chunks the index cannot see (pending PUTs, evicted values still pinned) keep the slab busy.
   if (victims.empty() || alloc_.chunks_used(slab) != victims.size()) return false;
   for (auto it : victims) {  // erasing one unordered_map node leaves the other iterators valid
-    remove_locked(it);
+    remove_locked(it, &NamespaceStats::evictions);
     ++evictions_;
   }
   return true;
+}
+
+NamespaceStats Storage::namespace_stats(std::string_view ns) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = namespaces_.find(std::string(ns));
+  return it == namespaces_.end() ? NamespaceStats{} : it->second;
+}
+
+std::vector<std::pair<std::string, NamespaceStats>> Storage::all_namespace_stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return {namespaces_.begin(), namespaces_.end()};
 }
 
 StorageStats Storage::stats() const {

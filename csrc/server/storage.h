@@ -70,6 +70,10 @@ class Storage {
   std::size_t sweep_expired(std::size_t max_items);
 
   StorageStats stats() const;
+  // The figures of namespace `ns` (all zero when it holds nothing).
+  NamespaceStats namespace_stats(std::string_view ns) const;
+  // Namespaces holding objects, with their figures.
+  std::vector<std::pair<std::string, NamespaceStats>> all_namespace_stats() const;
   uint64_t capacity() const { return alloc_.capacity(); }
   uint64_t slab_bytes() const { return alloc_.slab_bytes(); }
   void prefault(const std::atomic<bool>& stop) { alloc_.prefault(stop); }
@@ -87,7 +91,8 @@ class Storage {
   int64_t now_ns() const;
   bool expired_locked(const Object* o, int64_t now) const;
   // Unindexes `it`; the bytes are freed when the last pin drops (possibly right here).
-  void remove_locked(Index::iterator it);
+  // `counter`: the namespace figure this removal counts in (evictions, expired, deletes).
+  void remove_locked(Index::iterator it, uint64_t NamespaceStats::* counter = nullptr);
   // Looks up a key, dropping it if expired. nullptr on miss.
   Object* find_live_locked(std::string_view ns, std::string_view key, int64_t now, Index::iterator* where);
   void exp_link_locked(Object* o);
@@ -110,6 +115,11 @@ class Storage {
   Object* exp_head_ = nullptr;  // oldest write first: with one global TTL this is expiry order
   Object* exp_tail_ = nullptr;
   std::vector<Object*> slab_heads_;  // per slab: its visible objects (Object::slab_next)
+  // Per namespace, while it holds objects (an entry goes with its last object, so there are
+  // never more entries than objects). Node-based: Object::ns pointers stay valid.
+  std::unordered_map<std::string, NamespaceStats> namespaces_;
+  NamespaceStats* ns_locked(std::string_view ns, bool create);
+  void ns_unlink_locked(Object* o, uint64_t NamespaceStats::* counter);
   uint64_t stored_bytes_ = 0;
   uint64_t hits_ = 0, misses_ = 0, evictions_ = 0, expired_ = 0, puts_ = 0, deletes_ = 0;
   uint64_t slab_reassignments_ = 0;

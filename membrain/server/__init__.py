@@ -56,7 +56,10 @@ class Server:
         max_pending_put_bytes_per_connection: int | str = 0,
         max_reply_bytes_per_connection: int | str = 1 << 30,
         auth_timeout: float = 10.0,
+        tokens: dict[str, list[str]] | None = None,
     ) -> None:
+        """`tokens` maps tokens to the namespace patterns each opens (glob: ``*``, ``?``); a
+        token with ``"*"`` reaches everything. `auth_token` is one token for every namespace."""
         from membrain import _native
 
         token = auth_token.decode() if isinstance(auth_token, bytes) else (auth_token or "")
@@ -81,6 +84,7 @@ class Server:
             max_pending_put_bytes_per_connection=parse_size(max_pending_put_bytes_per_connection),
             max_reply_bytes_per_connection=parse_size(max_reply_bytes_per_connection),
             auth_timeout=float(auth_timeout),
+            tokens=[(t, list(p)) for t, p in (tokens or {}).items()],
         )
         self.host = host
 
@@ -127,6 +131,10 @@ class Server:
 
     def stats(self) -> dict[str, Any]:
         return dict(self._native.stats())
+
+    def namespace_stats(self) -> dict[str, dict[str, Any]]:
+        """Per-namespace figures (items, used_bytes, hits, ...) of the namespaces holding objects."""
+        return {k: dict(v) for k, v in self._native.namespace_stats().items()}
 
     def __enter__(self) -> Server:
         return self.start()

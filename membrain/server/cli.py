@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -206,7 +207,13 @@ def _fail(message: str) -> SystemExit:
     return SystemExit(2)
 
 
-def _read_token(path: str) -> str:
+def _read_token(path: str) -> dict[str, list[str]]:
+    """The token file: either one token (the whole file, whitespace-stripped), good for every
+    namespace, or - when it starts with ``{`` - a JSON object mapping tokens to the namespace
+    patterns they open (glob: ``*``, ``?``)::
+
+        {"tokens": {"tenant-a-secret": ["tenant-a", "tenant-a-*"], "admin-secret": ["*"]}}
+    """
     try:
         with open(path, encoding="utf-8") as f:
             token = f.read().strip()
@@ -216,7 +223,33 @@ def _read_token(path: str) -> str:
         raise _fail(f"--auth-token-file {path!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not token:
         raise _fail(f"--auth-token-file {path!r} is empty")
-    return token
+    if not token.startswith("{"):
+        return {token: ["*"]}
+    try:
+        doc = json.loads(token)
+    except ValueError as e:
+        raise _fail(f"--auth-token-file {path!r} starts with '{{' but is not valid JSON: {e}") from None
+    table = doc.get("tokens") if isinstance(doc, dict) else None
+    if not isinstance(table, dict) or not table:
+        raise _fail(
+            f'--auth-token-file {path!r}: expected {{"tokens": {{"<token>": ["<namespace pattern>", ...]}}}}'
+        )
+    out: dict[str, list[str]] = {}
+    for tok, pats in table.items():
+        if isinstance(pats, str):
+            pats = [pats]
+        if (
+            not tok
+            or not isinstance(pats, list)
+            or not pats
+            or not all(isinstance(p, str) and p for p in pats)
+        ):
+            raise _fail(
+                f"--auth-token-file {path!r}: each token must be non-empty and open a non-empty list "
+                "of namespace patterns"
+            )
+        out[tok] = pats
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             max_connections=args.max_connections,
             idle_timeout=args.idle_timeout,
             ttl=args.ttl,
-            auth_token=token,
+            tokens=token,
             prefault=not args.no_prefault,
             ucx_port=None if args.ucx_port < 0 else args.ucx_port,
             max_pending_put_bytes=args.max_pending_put_bytes,
@@ -272,7 +305,11 @@ def main(argv: list[str] | None = None) -> int:
             from membrain.server.metrics import MetricsServer
 
             metrics = MetricsServer(
-                server.stats, host=args.metrics_host, port=args.metrics_port, token=token
+                server.stats,
+                host=args.metrics_host,
+                port=args.metrics_port,
+                tokens=token,
+                namespace_stats=server.namespace_stats,
             ).start()
         except OSError as e:
             log.error(

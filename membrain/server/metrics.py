@@ -6,10 +6,13 @@ Bounded: at most ``max_connections`` connections are served at once (more are cl
 each with a socket timeout, so idle or slow HTTP clients cannot pile up threads and file
 descriptors. With a token, ``/metrics`` and ``/stats`` require ``Authorization: Bearer <token>``
 (Prometheus' ``authorization`` / ``bearer_token`` scrape settings); ``/healthz`` stays open.
+A token limited to some namespaces sees only those in ``/stats`` (``{"namespaces": {...}}``) and
+gets 403 from ``/metrics`` (server-wide figures).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hmac
 import json
 import socket
@@ -143,29 +146,54 @@ class MetricsServer:
         token: str | None = None,
         max_connections: int = 16,
         timeout: float = 5.0,
+        tokens: dict[str, list[str]] | None = None,
+        namespace_stats: Callable[[], dict[str, dict[str, Any]]] | None = None,
     ) -> None:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collector(stats))
-        expected = f"Bearer {token}".encode() if token else None
+        grants = dict(tokens or {})
+        if token:
+            grants[token] = ["*"]
+        expected = [(f"Bearer {t}".encode(), pats) for t, pats in grants.items()]
 
         class Handler(BaseHTTPRequestHandler):
-            def authorized(self) -> bool:
-                if expected is None:
-                    return True
+            def grant(self) -> list[str] | None:
+                """Namespace patterns the request's token opens (["*"] when auth is off)."""
+                if not expected:
+                    return ["*"]
                 got = (self.headers.get("Authorization") or "").strip().encode()
-                return hmac.compare_digest(got, expected)
+                found = None
+                for want, pats in expected:  # every token compared: timing does not tell which
+                    if hmac.compare_digest(got, want) and found is None:
+                        found = pats
+                return found
+
+            def reply(self, code: int, body: bytes, ctype: str = "text/plain") -> None:
+                self.send_response(code)
+                if code == 401:
+                    self.send_header("WWW-Authenticate", 'Bearer realm="membrain"')
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
-                if path in ("/metrics", "/stats") and not self.authorized():
-                    body = b"unauthorized: send Authorization: Bearer <token>\n"
-                    self.send_response(401)
-                    self.send_header("WWW-Authenticate", 'Bearer realm="membrain"')
-                    self.send_header("Content-Type", "text/plain")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                    return
+                pats = self.grant() if path in ("/metrics", "/stats") else ["*"]
+                if pats is None:
+                    return self.reply(401, b"unauthorized: send Authorization: Bearer <token>\n")
+                if "*" not in pats:
+                    if path == "/metrics":
+                        return self.reply(403, b"forbidden: this token sees its namespaces only, in /stats\n")
+                    per_ns = namespace_stats() if namespace_stats else {}
+                    mine = {
+                        ns: v for ns, v in per_ns.items() if any(fnmatch.fnmatchcase(ns, p) for p in pats)
+                    }
+                    return self.reply(
+                        200,
+                        json.dumps({"namespaces": mine}, sort_keys=True).encode() + b"\n",
+                        "application/json",
+                    )
                 if path == "/healthz":
                     body, ctype, code = b"ok\n", "text/plain; charset=utf-8", 200
                 elif path == "/metrics":
@@ -182,11 +210,7 @@ class MetricsServer:
                     )
                 else:
                     body, ctype, code = b"not found: try /healthz, /metrics or /stats\n", "text/plain", 404
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.reply(code, body, ctype)
 
             def log_message(self, *args: Any) -> None:  # scrapes are not worth a log line each
                 pass

@@ -114,6 +114,7 @@ struct Conn {
   ucp_ep_h ep = nullptr;
   std::string ns = "default";
   bool authed = false;
+  const server::TokenGrant* grant = nullptr;
   std::deque<Inbound> inbox;
   std::size_t inbox_bytes = 0;
   std::size_t inbox_frames = 0;  // request frames queued (value AMs are bounded by their frame)
@@ -368,7 +369,7 @@ class Impl final : public UcxServer {
     }
     auto c = std::make_unique<Conn>();
     c->ep = ep;
-    c->authed = ctx_.config.auth_token.empty();
+    c->authed = !ctx_.config.auth_enabled();
     ucp_request_param_t fp{};
     ucs_status_ptr_t fr = ucp_ep_flush_nbx(ep, &fp);
     if (fr == nullptr)
@@ -513,7 +514,7 @@ class Impl final : public UcxServer {
   }
 
   void execute(Conn& c, const Header& h, const uint8_t* p, std::size_t len) {
-    server::Reply r = server::execute_request(ctx_, h, p, len, &c.ns, &c.authed);
+    server::Reply r = server::execute_request(ctx_, h, p, len, &c.ns, &c.authed, &c.grant);
     if (r.close) return refuse(c, h, r.status);
     send_reply(c, h, std::move(r));
   }
