@@ -18,10 +18,10 @@
 
 #include <sys/uio.h>
 
+#include "common/unique_fd.h"
 #include "server/config.h"
 #include "server/stats.h"
 #include "server/storage.h"
-#include "server/unique_fd.h"
 #include "transport/protocol.h"
 
 namespace membrain::server {

@@ -9,8 +9,8 @@
 #include <thread>
 #include <unordered_map>
 
+#include "common/unique_fd.h"
 #include "server/connection.h"
-#include "server/unique_fd.h"
 
 namespace membrain::server {
 

@@ -1,7 +1,7 @@
 // Transport-independent execution of one complete protocol request (everything but PUT, whose
 // values stream into storage and so stay with each transport): HELLO/auth, PING, STATS, GET,
 // EXISTS, LOOKUP_PREFIX, DELETE. Shared by the TCP connection (server/connection.cpp) and the
-// UCX listener (transport/ucx/ucx_server.cpp) so both answer identically.
+// UCX listener (server/ucx/ucx_listener.cpp) so both answer identically.
 #pragma once
 #include <cstddef>
 #include <cstdint>

@@ -155,7 +155,7 @@ uint16_t Server::start() {
   if (!listen_) throw std::runtime_error("cannot listen on " + config_.host + ":" + port_s + ": " + last_err);
   if (config_.ucx_port >= 0) {
     // Same storage, same request processing; its own progress thread (transport/ucx).
-    ucx_ = ucx::UcxServer::start(ctx_, config_.host, static_cast<uint16_t>(config_.ucx_port));
+    ucx_ = UcxListener::start(ctx_, config_.host, static_cast<uint16_t>(config_.ucx_port));
   }
   started_ns_ = monotonic_ns();
   for (int i = 0; i < config_.threads; ++i)

@@ -12,13 +12,13 @@
 #include <thread>
 #include <vector>
 
+#include "common/unique_fd.h"
 #include "server/config.h"
 #include "server/connection.h"
 #include "server/event_loop.h"
 #include "server/stats.h"
 #include "server/storage.h"
-#include "server/unique_fd.h"
-#include "transport/ucx/ucx_server.h"
+#include "server/ucx_listener.h"
 
 namespace membrain::server {
 
@@ -77,7 +77,7 @@ class Server {
   UniqueFd listen_;
   uint16_t port_ = 0;
   std::vector<std::unique_ptr<EventLoop>> loops_;
-  std::unique_ptr<ucx::UcxServer> ucx_;  // declared after storage_: stopped before it goes
+  std::unique_ptr<UcxListener> ucx_;  // declared after storage_: stopped before it goes
   std::thread housekeeper_;
   std::thread prefaulter_;
   std::atomic<bool> prefault_stop_{false};

@@ -9,7 +9,7 @@
 // Each connection handles one frame at a time, in arrival order, so replies keep request order
 // and a GET sees the PUTs sent before it. The thread spins on ucp_worker_progress only while
 // transfers are in flight; otherwise it arms the worker and sleeps on its event fd.
-#include "transport/ucx/ucx_server.h"
+#include "server/ucx_listener.h"
 
 #include <unistd.h>
 
@@ -28,19 +28,15 @@
 #include "server/request.h"
 #include "transport/ucx/ucx_core.h"
 
-namespace membrain::ucx {
-
-bool compiled() {
-  return true;
-}
+namespace membrain::server {
 
 namespace {
+
+using namespace membrain::ucx;  // UCP plumbing shared with the client (transport/ucx/ucx_core.h)
 
 using proto::Header;
 using proto::Op;
 using proto::Status;
-using server::Counters;
-using server::ObjectRef;
 
 constexpr uint32_t kMaxTokenBytes = 4096;
 constexpr std::size_t kMaxQueuedFrames = 256;         // per connection, before it is refused
@@ -114,7 +110,7 @@ struct Conn {
   ucp_ep_h ep = nullptr;
   std::string ns = "default";
   bool authed = false;
-  const server::TokenGrant* grant = nullptr;
+  const TokenGrant* grant = nullptr;
   std::deque<Inbound> inbox;
   std::size_t inbox_bytes = 0;
   std::size_t inbox_frames = 0;  // request frames queued (value AMs are bounded by their frame)
@@ -143,10 +139,9 @@ struct SendOp {
   uint64_t bytes = 0;  // header + data, counted in Conn::send_bytes until completed
 };
 
-class Impl final : public UcxServer {
+class Impl final : public UcxListener {
  public:
-  Impl(server::ServerContext& ctx, const std::string& host, uint16_t port)
-      : ctx_(ctx), limits_(ctx.config.limits) {
+  Impl(ServerContext& ctx, const std::string& host, uint16_t port) : ctx_(ctx), limits_(ctx.config.limits) {
     try {
       uctx_ = Context::create("membrain-server", /*server=*/true);
       worker_ = std::make_unique<Worker>(uctx_);
@@ -420,7 +415,7 @@ class Impl final : public UcxServer {
   // A frame-level refusal: reply with `st` and close after it is sent.
   void refuse(Conn& c, const Header& h, Status st) {
     if (st != Status::kUnauthorized) Counters::inc(ctx_.counters.protocol_errors);
-    server::Reply r;
+    Reply r;
     r.status = st;
     send_reply(c, h, std::move(r));
     c.closing = true;
@@ -514,7 +509,7 @@ class Impl final : public UcxServer {
   }
 
   void execute(Conn& c, const Header& h, const uint8_t* p, std::size_t len) {
-    server::Reply r = server::execute_request(ctx_, h, p, len, &c.ns, &c.authed, &c.grant);
+    Reply r = execute_request(ctx_, h, p, len, &c.ns, &c.authed, &c.grant);
     if (r.close) return refuse(c, h, r.status);
     send_reply(c, h, std::move(r));
   }
@@ -749,13 +744,13 @@ class Impl final : public UcxServer {
       }
       body[i] = it.status;
     }
-    server::Reply r;
+    Reply r;
     r.count = static_cast<uint32_t>(body.size());
     r.body = std::move(body);
     send_reply(c, a.hdr, std::move(r));
   }
 
-  void send_reply(Conn& c, const Header& req, server::Reply r) {
+  void send_reply(Conn& c, const Header& req, Reply r) {
     auto s = std::make_unique<SendOp>();
     s->ep = c.ep;
     Header h;
@@ -929,7 +924,7 @@ class Impl final : public UcxServer {
     zombies_.clear();
   }
 
-  server::ServerContext& ctx_;
+  ServerContext& ctx_;
   const proto::Limits& limits_;
   std::shared_ptr<Context> uctx_;
   // Records UCX may still complete into are declared before the worker, so the worker
@@ -961,9 +956,8 @@ class Impl final : public UcxServer {
 
 }  // namespace
 
-std::unique_ptr<UcxServer> UcxServer::start(server::ServerContext& ctx, const std::string& host,
-                                            uint16_t port) {
+std::unique_ptr<UcxListener> UcxListener::start(ServerContext& ctx, const std::string& host, uint16_t port) {
   return std::make_unique<Impl>(ctx, host, port);
 }
 
-}  // namespace membrain::ucx
+}  // namespace membrain::server
