@@ -9,8 +9,8 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 
-#include "common/checksum.h"
 #include "server/request.h"
+#include "server/session.h"
 
 namespace membrain::server {
 
@@ -24,7 +24,6 @@ constexpr std::size_t kDirectRecvMin = 16 << 10;  // smaller values go through t
 // Read-ahead past a frame header, before its table says where large values begin: room for a
 // few pipelined small requests in one recv, while a PUT frame's first value loses at most this.
 constexpr std::size_t kHeaderReadAhead = 4 << 10;
-constexpr uint32_t kMaxTokenBytes = 4096;
 
 }  // namespace
 
@@ -77,7 +76,9 @@ void Connection::on_readable(int64_t now) {
       return;
     }
   }
+  woke_readable_ = true;
   pump(now);
+  woke_readable_ = false;
   if (!done_ && !out_.empty()) flush(now);
 }
 
@@ -102,10 +103,10 @@ void Connection::pump(int64_t now) {
     if (budget == 0) break;
     // Need bytes from the socket. Large PUT values are received in place (receive_in_place()).
     ssize_t n;
-    const bool direct = phase_ == Phase::kPutValue && pending_ && buffered() == 0 && receive_in_place();
+    const bool direct = phase_ == Phase::kPutValue && pending() && buffered() == 0 && receive_in_place();
     if (direct) {
-      const uint64_t want = std::min<uint64_t>(items_[item_].value_len - value_have_, budget);
-      n = ::recv(fd_.get(), pending_->data() + value_have_, want, 0);
+      const uint64_t want = std::min<uint64_t>(put_.items()[item_].value_len - value_have_, budget);
+      n = ::recv(fd_.get(), pending()->data() + value_have_, want, 0);
       if (n > 0) {
         value_have_ += static_cast<uint64_t>(n);
         account_received();
@@ -150,11 +151,11 @@ void Connection::pump(int64_t now) {
 
 bool Connection::frame_ends_in_small_values() const {
   // ...and no large value lies between the current one and the end of the frame.
-  return small_tail_begin_ < items_.size() && item_ + 1 >= small_tail_begin_;
+  return small_tail_begin_ < put_.items().size() && item_ + 1 >= small_tail_begin_;
 }
 
 std::size_t Connection::value_read_limit() const {
-  const uint64_t rest = items_[item_].value_len - value_have_ + small_run_bytes_[item_ + 1];
+  const uint64_t rest = put_.items()[item_].value_len - value_have_ + small_run_bytes_[item_ + 1];
   const uint64_t ahead = frame_ends_in_small_values() ? kInputBufferBytes : 0;
   return static_cast<std::size_t>(std::min<uint64_t>(rest + ahead, kInputBufferBytes));
 }
@@ -162,8 +163,8 @@ std::size_t Connection::value_read_limit() const {
 bool Connection::receive_in_place() const {
   // A large value always (even its last few bytes: one recv either way, no copy); a small one
   // when a buffered read would stop at its end anyway.
-  return items_[item_].value_len >= kDirectRecvMin ||
-         value_read_limit() <= items_[item_].value_len - value_have_;
+  return put_.items()[item_].value_len >= kDirectRecvMin ||
+         value_read_limit() <= put_.items()[item_].value_len - value_have_;
 }
 
 std::size_t Connection::buffered_read_limit() const {
@@ -237,53 +238,18 @@ Connection::Step Connection::step_header() {
 }
 
 void Connection::start_frame() {
-  const uint8_t op = hdr_.opcode;
-  if (!proto::is_request_op(op)) {
-    Counters::inc(ctx_.counters.requests[0]);
-    protocol_error(Status::kBadRequest, "unknown opcode");
+  const Status st = check_request_frame(ctx_, hdr_, authed_);  // opcode, auth, per-op limits
+  if (st != Status::kOk) return protocol_error(st, "frame refused");
+  if (hdr_.opcode == static_cast<uint8_t>(Op::kPut)) {
+    payload_.resize(std::size_t{hdr_.count} * proto::kPutItemBytes);
+    payload_have_ = 0;
+    payload_need_ = payload_.size();
+    phase_ = Phase::kPutTable;
     return;
   }
-  Counters::inc(ctx_.counters.requests[op]);
-  if (!authed_ && op != static_cast<uint8_t>(Op::kHello)) {
-    Counters::inc(ctx_.counters.auth_failures);
-    protocol_error(Status::kUnauthorized, "not authenticated");
-    return;
-  }
-  const uint64_t len = hdr_.payload_len;
-  const uint32_t count = hdr_.count;
-  if (len > limits_.max_payload_bytes)
-    return protocol_error(Status::kTooLarge, "payload_len over max_payload_bytes");
-  switch (static_cast<Op>(op)) {
-    case Op::kHello:
-      if (len > 4 + limits_.max_namespace_len + kMaxTokenBytes)
-        return protocol_error(Status::kTooLarge, "HELLO too long");
-      break;
-    case Op::kPing:
-      if (len > limits_.max_ping_bytes) return protocol_error(Status::kTooLarge, "PING payload over limit");
-      break;
-    case Op::kStats:
-      if (len != 0) return protocol_error(Status::kBadRequest, "STATS takes no payload");
-      break;
-    case Op::kPut:
-      if (count > limits_.max_batch) return protocol_error(Status::kTooLarge, "count over max_batch");
-      if (len < uint64_t{count} * proto::kPutItemBytes)
-        return protocol_error(Status::kBadRequest, "PUT payload shorter than its table");
-      payload_.resize(std::size_t{count} * proto::kPutItemBytes);
-      payload_have_ = 0;
-      payload_need_ = payload_.size();
-      phase_ = Phase::kPutTable;
-      return;
-    default:  // key-list requests
-      if (count > limits_.max_batch) return protocol_error(Status::kTooLarge, "count over max_batch");
-      if (len > uint64_t{count} * (2 + limits_.max_key_len))
-        return protocol_error(Status::kTooLarge, "key list longer than count keys can be");
-      if (len < uint64_t{count} * 3)
-        return protocol_error(Status::kBadRequest, "key list shorter than count keys");
-      break;
-  }
-  payload_.resize(len);  // bounded above: at most max_batch * 130 bytes or a few KiB
+  payload_.resize(hdr_.payload_len);  // bounded by check_request_frame: a key list or a few KiB
   payload_have_ = 0;
-  payload_need_ = len;
+  payload_need_ = hdr_.payload_len;
   phase_ = Phase::kPayload;
 }
 
@@ -299,43 +265,19 @@ Connection::Step Connection::fill_payload() {
 }
 
 void Connection::finish_put_table() {
-  const uint32_t count = hdr_.count;
-  items_.clear();
-  items_.reserve(count);
-  // Everything is validated before any storage is reserved; the sum is computed without
-  // overflow by checking each term against what is left of payload_len.
-  uint64_t left = hdr_.payload_len - uint64_t{count} * proto::kPutItemBytes;
-  uint64_t keys_total = 0;
-  for (uint32_t i = 0; i < count; ++i) {
-    const uint8_t* e = payload_.data() + std::size_t{i} * proto::kPutItemBytes;
-    PutItem it{};
-    it.key_len = proto::get_u16(e);
-    it.value_len = proto::get_u64(e + 8);
-    it.checksum = proto::get_u64(e + 16);
-    it.status = static_cast<uint8_t>(Status::kOk);
-    if (it.key_len > limits_.max_key_len)
-      return protocol_error(Status::kTooLarge, "PUT key over max_key_len");
-    if (it.key_len == 0 || proto::get_u16(e + 2) != 0 || proto::get_u32(e + 4) != 0)
-      it.status = static_cast<uint8_t>(Status::kBadRequest);
-    else if (it.value_len > limits_.max_value_bytes)
-      it.status = static_cast<uint8_t>(Status::kTooLarge);
-    if (it.key_len > left) return protocol_error(Status::kBadRequest, "PUT lengths exceed payload_len");
-    left -= it.key_len;
-    if (it.value_len > left) return protocol_error(Status::kBadRequest, "PUT lengths exceed payload_len");
-    left -= it.value_len;
-    it.key_off = std::size_t{count} * proto::kPutItemBytes + keys_total;
-    keys_total += it.key_len;
-    items_.push_back(it);
-  }
-  if (left != 0) return protocol_error(Status::kBadRequest, "PUT payload_len does not match its table");
-  small_run_bytes_.assign(items_.size() + 1, 0);
-  small_tail_begin_ = items_.size();
-  for (std::size_t i = items_.size(); i-- > 0;) {
-    const bool small = items_[i].value_len < kDirectRecvMin;
-    small_run_bytes_[i] = small ? items_[i].value_len + small_run_bytes_[i + 1] : 0;
+  // Everything is validated before any storage is reserved (server/session.h).
+  const std::size_t table = std::size_t{hdr_.count} * proto::kPutItemBytes;
+  const Status st = put_.parse(hdr_, payload_.data(), table, limits_);
+  if (st != Status::kOk) return protocol_error(st, "PUT table refused");
+  const auto& items = put_.items();
+  small_run_bytes_.assign(items.size() + 1, 0);
+  small_tail_begin_ = items.size();
+  for (std::size_t i = items.size(); i-- > 0;) {
+    const bool small = items[i].value_len < kDirectRecvMin;
+    small_run_bytes_[i] = small ? items[i].value_len + small_run_bytes_[i + 1] : 0;
     if (small && small_tail_begin_ == i + 1) small_tail_begin_ = i;
   }
-  payload_.resize(payload_.size() + keys_total);
+  payload_.resize(table + put_.keys_bytes());
   payload_need_ = payload_.size();
   phase_ = Phase::kPutKeys;
 }
@@ -348,16 +290,13 @@ void Connection::finish_put_table() {
 // --max-pending-put-bytes(-per-connection); a value that can never fit that budget is
 // NO_SPACE (drained), one that could later waits for it.
 Connection::Step Connection::reserve_value() {
-  PutItem& it = items_[item_];
+  PutItem& it = put_.items()[item_];
   const uint64_t rest = it.value_len - value_have_;
   const uint64_t in_buf = std::min<uint64_t>(buffered(), rest);
-  const std::string_view key(reinterpret_cast<const char*>(payload_.data() + it.key_off), it.key_len);
-  Status why = Status::kNoSpace;
   if (!tried_free_space_) {
     tried_free_space_ = true;
     if (admit_pending(rest - in_buf)) {
-      pending_ = ctx_.storage.reserve(ns_, key, it.value_len, it.checksum, &why, /*may_evict=*/false);
-      if (pending_) {
+      if (put_.reserve(ctx_, ns_, item_, payload_.data(), /*may_evict=*/false)) {
         pending_unreceived_ = rest - in_buf;
         return Step::kProgress;
       }
@@ -376,7 +315,10 @@ Connection::Step Connection::reserve_value() {
     ::getsockopt(fd_.get(), SOL_SOCKET, SO_RCVBUF, &rcvbuf, &sl);
     const uint64_t window = std::max<uint64_t>(4096, static_cast<uint64_t>(std::max(rcvbuf, 0)) / 4);
     const uint64_t need = std::min(rest, window);
-    if (landed < need) {
+    // Woken by EPOLLIN while SO_RCVLOWAT was set: the kernel found the queue at the low-water
+    // mark or its window (nearly) closed - either way, all that can land now has.
+    const bool full = woke_readable_ && rcvlowat_ > 1 && landed > in_buf;
+    if (landed < need && !full) {
       if (peer_closed()) {  // the rest can never arrive (its FIN raises EPOLLIN, which would spin)
         peer_eof_ = true;
         if (out_.empty()) close_now();
@@ -393,19 +335,15 @@ Connection::Step Connection::reserve_value() {
   if (!admit_pending(unlanded)) {
     if (unlanded > ctx_.config.max_pending_put_bytes_per_connection ||
         unlanded > ctx_.config.max_pending_put_bytes) {
-      it.status = static_cast<uint8_t>(Status::kNoSpace);  // can never fit the budget: drained
-      Counters::inc(ctx_.counters.no_space);
+      put_.refuse(ctx_, item_);  // can never fit the budget: drained
       return Step::kProgress;
     }
     waiting_budget_ = true;  // others hold the budget: retried on the timer
     return Step::kWait;
   }
   waiting_budget_ = false;
-  pending_ = ctx_.storage.reserve(ns_, key, it.value_len, it.checksum, &why);
-  if (!pending_) {
+  if (!put_.reserve(ctx_, ns_, item_, payload_.data())) {
     ctx_.counters.pending_put_bytes.fetch_sub(unlanded, std::memory_order_relaxed);
-    it.status = static_cast<uint8_t>(why);
-    Counters::inc(ctx_.counters.no_space);
     return Step::kProgress;
   }
   pending_unreceived_ = unlanded;
@@ -424,7 +362,7 @@ bool Connection::admit_pending(uint64_t unlanded) {
 }
 
 void Connection::account_received() {
-  const uint64_t rest = items_[item_].value_len - value_have_;
+  const uint64_t rest = put_.items()[item_].value_len - value_have_;
   if (pending_unreceived_ > rest) {
     ctx_.counters.pending_put_bytes.fetch_sub(pending_unreceived_ - rest, std::memory_order_relaxed);
     pending_unreceived_ = rest;
@@ -435,7 +373,7 @@ void Connection::release_pending() {
   if (pending_unreceived_)
     ctx_.counters.pending_put_bytes.fetch_sub(pending_unreceived_, std::memory_order_relaxed);
   pending_unreceived_ = 0;
-  pending_.reset();  // an unpublished chunk goes straight back to the allocator
+  put_.abandon();  // unpublished chunks go straight back to the allocator
 }
 
 bool Connection::peer_closed() const {
@@ -453,14 +391,14 @@ void Connection::set_rcvlowat(int bytes) {
 }
 
 Connection::Step Connection::step_put_value() {
-  while (item_ < items_.size()) {
-    PutItem& it = items_[item_];
+  while (item_ < put_.items().size()) {
+    PutItem& it = put_.items()[item_];
     if (!value_started_) {
       value_started_ = true;
       value_have_ = 0;
       tried_free_space_ = false;
     }
-    if (it.status == static_cast<uint8_t>(Status::kOk) && !pending_) {
+    if (it.status == static_cast<uint8_t>(Status::kOk) && !pending()) {
       const Step s = reserve_value();
       if (s != Step::kProgress) return s;
     }
@@ -468,24 +406,16 @@ Connection::Step Connection::step_put_value() {
     if (remaining > 0) {
       const std::size_t n = static_cast<std::size_t>(std::min<uint64_t>(remaining, buffered()));
       if (n == 0) return Step::kNeedBytes;
-      if (pending_) {
-        std::memcpy(pending_->data() + value_have_, in_.get() + in_r_, n);  // small values and read-ahead
+      if (pending()) {
+        std::memcpy(pending()->data() + value_have_, in_.get() + in_r_, n);  // small values and read-ahead
         Counters::inc(ctx_.counters.put_bytes_buffered, n);
       }
       in_r_ += n;
       value_have_ += n;
-      if (pending_) account_received();
+      if (pending()) account_received();
       if (value_have_ < it.value_len) return Step::kNeedBytes;
     }
-    if (pending_) {
-      if (checksum64(pending_->data(), it.value_len) == it.checksum) {
-        ctx_.storage.publish(pending_);
-      } else {
-        it.status = static_cast<uint8_t>(Status::kChecksumMismatch);
-        Counters::inc(ctx_.counters.checksum_failures);
-      }
-      release_pending();
-    }
+    put_.landed(ctx_, item_);  // verify and publish (or drop)
     ++item_;
     value_started_ = false;
   }
@@ -500,9 +430,7 @@ void Connection::release_frame_buffers() {
 
 void Connection::finish_put() {
   release_frame_buffers();
-  std::vector<uint8_t> body(items_.size());
-  for (std::size_t i = 0; i < items_.size(); ++i) body[i] = items_[i].status;
-  queue_reply(hdr_.opcode, static_cast<uint32_t>(items_.size()), Status::kOk, std::move(body));
+  queue_reply(hdr_.opcode, static_cast<uint32_t>(put_.items().size()), Status::kOk, put_.reply_body());
   phase_ = Phase::kHeader;
   frame_since_ns_ = 0;
 }
@@ -520,12 +448,9 @@ void Connection::queue_reply(uint8_t op, uint32_t count, Status st, std::vector<
                              std::vector<ObjectRef> pins) {
   uint64_t payload = body.size();
   for (const auto& o : pins) payload += o->value_len;
-  proto::Header h;
-  h.opcode = static_cast<uint8_t>(op | proto::kReplyBit);
-  h.request_id = hdr_.request_id;
-  h.count = count;
-  h.status = static_cast<uint32_t>(st);
-  h.payload_len = payload;
+  proto::Header req = hdr_;
+  req.opcode = op;
+  const proto::Header h = reply_header(req, count, st, payload);
   OutMsg m;
   m.head.resize(proto::kHeaderBytes + body.size());
   proto::encode_header(h, m.head.data());

@@ -20,19 +20,13 @@
 
 #include "common/unique_fd.h"
 #include "server/config.h"
+#include "server/context.h"
+#include "server/session.h"
 #include "server/stats.h"
 #include "server/storage.h"
 #include "transport/protocol.h"
 
 namespace membrain::server {
-
-struct ServerContext {
-  const ServerConfig& config;
-  Storage& storage;
-  Counters& counters;
-  std::function<std::string()> stats_json;
-  std::function<std::string(std::string_view)> namespace_stats_json;  // STATS for a scoped token
-};
 
 class Connection {
  public:
@@ -66,13 +60,6 @@ class Connection {
   // the pending-bytes budget (rechecked on the timer); nothing is read meanwhile.
   enum class Step { kProgress, kNeedBytes, kWait, kStop };
 
-  struct PutItem {
-    uint16_t key_len;
-    uint8_t status;  // proto::Status
-    uint64_t value_len;
-    uint64_t checksum;
-    std::size_t key_off;  // into payload_
-  };
   struct OutMsg {
     std::vector<uint8_t> head;    // header + reply table
     std::vector<ObjectRef> pins;  // values sent after head, in order
@@ -89,7 +76,7 @@ class Connection {
   Step reserve_value();                   // storage for items_[item_], evicting only for landed bytes
   bool admit_pending(uint64_t unlanded);  // takes budget for reserved-but-unreceived bytes
   void account_received();                // shrinks pending_unreceived_ as value bytes arrive
-  void release_pending();                 // drops pending_ and its budget
+  void release_pending();                 // drops the frame's reservations and their budget
   void set_rcvlowat(int bytes);
   bool peer_closed() const;  // the peer sent FIN (or the socket is no longer established)
   void start_frame();
@@ -132,7 +119,7 @@ class Connection {
   std::vector<uint8_t> payload_;
   std::size_t payload_have_ = 0, payload_need_ = 0;
 
-  std::vector<PutItem> items_;
+  PutFrame put_;  // the PUT frame being received (server/session.h)
   // Per PUT frame, for reads that stop where a large value begins: small_run_bytes_[i] is the
   // size of the run of values under kDirectRecvMin starting at item i (0 at a large one, and at
   // the end), small_tail_begin_ the first item of the frame's trailing run of small values.
@@ -141,11 +128,17 @@ class Connection {
   std::size_t item_ = 0;
   bool value_started_ = false;
   uint64_t value_have_ = 0;
-  ObjectRef pending_;                // storage chunk the current value is being received into
-  uint64_t pending_unreceived_ = 0;  // of pending_'s bytes, those counted in counters.pending_put_bytes
+  // Storage chunk the current PUT value is being received into (nullptr: none, drained).
+  Object* pending() const {
+    return phase_ == Phase::kPutValue && item_ < put_.items().size() ? put_.items()[item_].obj.get()
+                                                                     : nullptr;
+  }
+  uint64_t pending_unreceived_ = 0;  // of pending()'s bytes, those counted in counters.pending_put_bytes
   bool tried_free_space_ = false;    // this value already tried storage without eviction
   bool waiting_budget_ = false;      // kWait for the pending-bytes budget (not for bytes)
-  int rcvlowat_ = 1;                 // SO_RCVLOWAT now set on the socket
+  int rcvlowat_ = 1;
+  bool woke_readable_ =
+      false;  // pump() runs for an EPOLLIN wake-up                 // SO_RCVLOWAT now set on the socket
 
   std::deque<OutMsg> out_;
   uint64_t out_bytes_ = 0;

@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "server/connection.h"
+#include "server/context.h"
 #include "transport/protocol.h"
 
 namespace membrain::server {

@@ -24,8 +24,8 @@
 
 #include <sys/eventfd.h>
 
-#include "common/checksum.h"
 #include "server/request.h"
+#include "server/session.h"
 #include "transport/ucx/ucx_core.h"
 
 namespace membrain::server {
@@ -38,7 +38,6 @@ using proto::Header;
 using proto::Op;
 using proto::Status;
 
-constexpr uint32_t kMaxTokenBytes = 4096;
 constexpr std::size_t kMaxQueuedFrames = 256;         // per connection, before it is refused
 constexpr std::size_t kMaxQueuedBytes = 64ull << 20;  // eager bytes held per connection
 // Before HELLO has succeeded (auth on) a peer may queue only a HELLO's worth: a few frames and
@@ -61,15 +60,6 @@ struct Inbound {
   std::vector<uint8_t> copy;
 };
 
-struct PutItem {
-  uint16_t key_len = 0;
-  uint8_t status = 0;
-  uint64_t value_len = 0;
-  uint64_t checksum = 0;
-  std::size_t key_off = 0;  // into the AM header
-  ObjectRef obj;            // reserved storage chunk, not yet visible
-};
-
 // The frame whose data is being received by rendezvous (one receive, or one per value of a
 // split PUT whose values arrive as separate value AMs).
 struct Active {
@@ -79,7 +69,7 @@ struct Active {
   Inbound in;
   std::vector<uint8_t> payload;  // non-PUT payload
   std::vector<uint8_t> keys;     // split PUT: the AM header (table and keys), kept until every value came
-  std::vector<PutItem> items;    // PUT
+  PutFrame put;                  // PUT (server/session.h)
   std::vector<ucp_dt_iov_t> iov;
   std::deque<std::vector<ucp_dt_iov_t>> value_iov;  // split PUT: iovs of values received into the drain
   std::vector<std::size_t> expect;                  // split PUT: items whose value AMs are awaited, in order
@@ -446,18 +436,7 @@ class Impl final : public UcxListener {
     }
     Counters::inc(ctx_.counters.bytes_in, in.header.size() + in.len);
     const uint8_t op = h.opcode;
-    if (!proto::is_request_op(op)) {
-      Counters::inc(ctx_.counters.requests[0]);
-      release(in);
-      return refuse(c, h, Status::kBadRequest);
-    }
-    Counters::inc(ctx_.counters.requests[op]);
-    if (!c.authed && op != static_cast<uint8_t>(Op::kHello)) {
-      Counters::inc(ctx_.counters.auth_failures);
-      release(in);
-      return refuse(c, h, Status::kUnauthorized);
-    }
-    const Status st = check_limits(h);
+    const Status st = check_request_frame(ctx_, h, c.authed);  // opcode, auth, per-op limits
     if (st != Status::kOk) {
       release(in);
       return refuse(c, h, st);
@@ -486,28 +465,6 @@ class Impl final : public UcxListener {
     receive(c, std::move(a), std::move(iov));
   }
 
-  // Same per-op bounds as the TCP parser (server/connection.cpp start_frame).
-  Status check_limits(const Header& h) const {
-    const uint64_t len = h.payload_len;
-    const uint32_t count = h.count;
-    if (len > limits_.max_payload_bytes) return Status::kTooLarge;
-    switch (static_cast<Op>(h.opcode)) {
-      case Op::kHello:
-        return len > 4 + limits_.max_namespace_len + kMaxTokenBytes ? Status::kTooLarge : Status::kOk;
-      case Op::kPing:
-        return len > limits_.max_ping_bytes ? Status::kTooLarge : Status::kOk;
-      case Op::kStats:
-        return len != 0 ? Status::kBadRequest : Status::kOk;
-      case Op::kPut:
-        if (count > limits_.max_batch) return Status::kTooLarge;
-        return len < uint64_t{count} * proto::kPutItemBytes ? Status::kBadRequest : Status::kOk;
-      default:
-        if (count > limits_.max_batch) return Status::kTooLarge;
-        if (len > uint64_t{count} * (2 + limits_.max_key_len)) return Status::kTooLarge;
-        return len < uint64_t{count} * 3 ? Status::kBadRequest : Status::kOk;
-    }
-  }
-
   void execute(Conn& c, const Header& h, const uint8_t* p, std::size_t len) {
     Reply r = execute_request(ctx_, h, p, len, &c.ns, &c.authed, &c.grant);
     if (r.close) return refuse(c, h, r.status);
@@ -523,39 +480,18 @@ class Impl final : public UcxListener {
       release(in);
       return refuse(c, h, Status::kBadRequest);
     }
-    const uint8_t* base = in.header.data() + proto::kHeaderBytes;
     auto a = std::make_unique<Active>();
     a->hdr = h;
-    a->items.resize(count);
-    uint64_t keys_total = 0, values_total = 0, left = h.payload_len - table;
-    for (uint32_t i = 0; i < count; ++i) {
-      const uint8_t* e = base + std::size_t{i} * proto::kPutItemBytes;
-      PutItem& it = a->items[i];
-      it.key_len = proto::get_u16(e);
-      it.value_len = proto::get_u64(e + 8);
-      it.checksum = proto::get_u64(e + 16);
-      it.status = static_cast<uint8_t>(Status::kOk);
-      if (it.key_len > limits_.max_key_len) {
-        release(in);
-        return refuse(c, h, Status::kTooLarge);
-      }
-      if (it.key_len == 0 || proto::get_u16(e + 2) != 0 || proto::get_u32(e + 4) != 0) {
-        it.status = static_cast<uint8_t>(Status::kBadRequest);
-      } else if (it.value_len > limits_.max_value_bytes) {
-        it.status = static_cast<uint8_t>(Status::kTooLarge);
-      }
-      if (it.key_len > left || it.value_len > left - it.key_len) {
-        release(in);
-        return refuse(c, h, Status::kBadRequest);
-      }
-      left -= it.key_len + it.value_len;
-      it.key_off = proto::kHeaderBytes + table + keys_total;
-      keys_total += it.key_len;
-      values_total += it.value_len;
+    const Status st =
+        a->put.parse(h, in.header.data() + proto::kHeaderBytes, proto::kHeaderBytes + table, limits_);
+    if (st != Status::kOk) {
+      release(in);
+      return refuse(c, h, st);
     }
+    const uint64_t keys_total = a->put.keys_bytes(), values_total = a->put.values_bytes();
     // The keys travel in the AM header, the values (exactly) in the AM data.
     const bool split = in.len == 0 && values_total > 0;  // the values follow as value AMs
-    if (left != 0 || table + keys_total != ext || (!split && values_total != in.len)) {
+    if (table + keys_total != ext || (!split && values_total != in.len)) {
       release(in);
       return refuse(c, h, Status::kBadRequest);
     }
@@ -564,11 +500,11 @@ class Impl final : public UcxListener {
       // that declares values and never sends them makes the server evict nothing. Empty
       // values send no AM and are reserved now.
       a->keys.assign(in.header.begin(), in.header.end());
-      for (std::size_t i = 0; i < a->items.size(); ++i) {
-        if (a->items[i].value_len)
+      for (std::size_t i = 0; i < a->put.items().size(); ++i) {
+        if (a->put.items()[i].value_len)
           a->expect.push_back(i);
         else
-          reserve_item(c, a->items[i], a->keys.data());
+          a->put.reserve(ctx_, c.ns, i, a->keys.data());
       }
       a->all_issued = a->expect.empty();
       release(in);  // no data of its own (it may still be a UCX-held buffer)
@@ -577,10 +513,10 @@ class Impl final : public UcxListener {
       return;
     }
     // One AM carries every value: they are here (eager) or posted by the peer (rendezvous).
-    for (auto& it : a->items) reserve_item(c, it, in.header.data());
+    for (std::size_t i = 0; i < a->put.items().size(); ++i) a->put.reserve(ctx_, c.ns, i, in.header.data());
     if (!in.rndv) {  // eager: the values are here already
       const uint8_t* src = static_cast<const uint8_t*>(in.data);
-      for (auto& it : a->items) {
+      for (auto& it : a->put.items()) {
         if (it.obj && it.value_len) std::memcpy(it.obj->data(), src, it.value_len);
         src += it.value_len;
       }
@@ -592,7 +528,7 @@ class Impl final : public UcxListener {
     // Rendezvous: one scatter receive straight into the reserved chunks; values that will
     // not be stored land in the drain buffer (reused: their bytes are discarded).
     std::vector<ucp_dt_iov_t> iov;
-    for (auto& it : a->items) {
+    for (auto& it : a->put.items()) {
       if (it.value_len == 0) continue;
       if (it.obj)
         iov.push_back({it.obj->data(), it.value_len});
@@ -601,19 +537,6 @@ class Impl final : public UcxListener {
     }
     a->in = std::move(in);
     receive(c, std::move(a), std::move(iov));
-  }
-
-  // Reserves storage for a PUT item whose status is still OK; on failure the item takes the
-  // reason (its bytes are then received into the drain buffer and dropped).
-  void reserve_item(Conn& c, PutItem& it, const uint8_t* header) {
-    if (it.status != static_cast<uint8_t>(Status::kOk) || it.obj) return;
-    Status why = Status::kNoSpace;
-    const std::string_view key(reinterpret_cast<const char*>(header + it.key_off), it.key_len);
-    it.obj = ctx_.storage.reserve(c.ns, key, it.value_len, it.checksum, &why);
-    if (!it.obj) {
-      it.status = static_cast<uint8_t>(why);
-      Counters::inc(ctx_.counters.no_space);
-    }
   }
 
   // Entries covering `len` bytes, each pointing at (at most all of) the shared drain buffer.
@@ -663,7 +586,7 @@ class Impl final : public UcxListener {
   // The next value AM of the split PUT in c.active: received straight into its chunk.
   void take_value(Conn& c, Inbound in) {
     Active& a = *c.active;
-    const PutItem* it = a.next < a.expect.size() ? &a.items[a.expect[a.next]] : nullptr;
+    const PutItem* it = a.next < a.expect.size() ? &a.put.items()[a.expect[a.next]] : nullptr;
     const bool ok = it && in.is_value && in.header.size() == kValueHeaderBytes &&
                     proto::get_u64(in.header.data()) == a.hdr.request_id &&
                     proto::get_u32(in.header.data() + 8) == a.expect[a.next] && in.len == it->value_len;
@@ -674,8 +597,9 @@ class Impl final : public UcxListener {
     }
     ++a.next;
     if (a.next == a.expect.size()) a.all_issued = true;
-    PutItem& item = a.items[a.expect[a.next - 1]];
-    reserve_item(c, item, a.keys.data());  // the value is here (eager) or posted (rendezvous)
+    PutItem& item = a.put.items()[a.expect[a.next - 1]];
+    a.put.reserve(ctx_, c.ns, a.expect[a.next - 1],
+                  a.keys.data());  // the value is here (eager) or posted (rendezvous)
     if (!in.rndv) {
       if (item.obj) std::memcpy(item.obj->data(), in.data, in.len);  // a dropped value is not copied
       release(in);
@@ -730,37 +654,19 @@ class Impl final : public UcxListener {
   }
 
   void finish_put(Conn& c, Active& a) {
-    std::vector<uint8_t> body(a.items.size());
-    for (std::size_t i = 0; i < a.items.size(); ++i) {
-      PutItem& it = a.items[i];
-      if (it.obj) {
-        if (checksum64(it.obj->data(), it.value_len) == it.checksum) {
-          ctx_.storage.publish(it.obj);
-        } else {
-          it.status = static_cast<uint8_t>(Status::kChecksumMismatch);
-          Counters::inc(ctx_.counters.checksum_failures);
-        }
-        it.obj.reset();
-      }
-      body[i] = it.status;
-    }
+    for (std::size_t i = 0; i < a.put.items().size(); ++i) a.put.landed(ctx_, i);  // verify, publish
     Reply r;
-    r.count = static_cast<uint32_t>(body.size());
-    r.body = std::move(body);
+    r.count = static_cast<uint32_t>(a.put.items().size());
+    r.body = a.put.reply_body();
     send_reply(c, a.hdr, std::move(r));
   }
 
   void send_reply(Conn& c, const Header& req, Reply r) {
     auto s = std::make_unique<SendOp>();
     s->ep = c.ep;
-    Header h;
-    h.opcode = static_cast<uint8_t>(req.opcode | proto::kReplyBit);
-    h.request_id = req.request_id;
-    h.count = r.count;
-    h.status = static_cast<uint32_t>(r.status);
     uint64_t values = 0;
     for (const auto& o : r.pins) values += o->value_len;
-    h.payload_len = r.body.size() + values;
+    const Header h = reply_header(req, r.count, r.status, r.body.size() + values);
     const bool is_get = req.opcode == static_cast<uint8_t>(Op::kGet) && r.status == Status::kOk;
     // GET: the item table rides in the AM header so the client can place the values before
     // receiving them; everything else: the body is the AM data.
