@@ -219,7 +219,9 @@ bool SlabAllocator::charge_meta(uint64_t bytes) {
 void SlabAllocator::uncharge_meta(uint64_t bytes) {
   std::lock_guard<std::mutex> lock(mutex_);
   meta_bytes_ -= std::min(bytes, meta_bytes_);
-  while (!meta_slabs_.empty() && meta_bytes_ + slab_bytes_ <= (meta_slabs_.size() - 1) * slab_bytes_) {
+  // Keep what the charge needs plus one slab of slack (none once nothing is charged).
+  const uint64_t needed = (meta_bytes_ + slab_bytes_ - 1) / slab_bytes_;
+  while (meta_slabs_.size() > (needed ? needed + 1 : 0)) {
     const uint32_t s = meta_slabs_.back();
     meta_slabs_.pop_back();
     release_slab_locked(s, 1);

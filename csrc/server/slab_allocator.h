@@ -62,8 +62,8 @@ class SlabAllocator {
   // Charges `bytes` of bookkeeping against capacity. False when the meta slabs are full and no
   // free slab is left to lend (the caller evicts and tries again); never evicts.
   bool charge_meta(uint64_t bytes);
-  // Returns a charge; a meta slab goes back to the free pool once a whole slab is unused (one
-  // slab of slack, so a cache hovering at a boundary does not lend and return a slab each time).
+  // Returns a charge; meta slabs go back to the free pool beyond one slab of slack (so a cache
+  // hovering at a boundary does not lend and return a slab each time), all once nothing is charged.
   void uncharge_meta(uint64_t bytes);
   uint64_t meta_bytes() const;
   uint64_t meta_slabs() const;
