@@ -11,7 +11,7 @@
 namespace membrain::server {
 
 uint64_t SlabAllocator::auto_slab_bytes(uint64_t capacity) {
-  uint64_t target = capacity / 64;
+  uint64_t target = capacity / 256;
   uint64_t s = 64ull << 10;
   while (s * 2 <= target && s < (4ull << 20)) s *= 2;
   return s;
@@ -225,6 +225,25 @@ void SlabAllocator::uncharge_meta(uint64_t bytes) {
     const uint32_t s = meta_slabs_.back();
     meta_slabs_.pop_back();
     release_slab_locked(s, 1);
+  }
+}
+
+void SlabAllocator::snapshot(std::vector<SlabState>* out) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  out->assign(slabs_.size(), SlabState{});
+  for (uint32_t i = 0; i < slabs_.size(); ++i) {
+    const Slab& s = slabs_[i];
+    SlabState& o = (*out)[i];
+    if (o.run_first != kNoClass) continue;  // inside a run seen already
+    o.klass = s.klass;
+    o.used = s.used;
+    if (s.run > 0) {
+      for (uint32_t j = 0; j < s.run && i + j < slabs_.size(); ++j) {
+        (*out)[i + j].klass = s.klass;
+        (*out)[i + j].run_first = i;
+      }
+      (*out)[i].used = s.used;
+    }
   }
 }
 

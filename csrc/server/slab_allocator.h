@@ -68,6 +68,15 @@ class SlabAllocator {
   uint64_t meta_bytes() const;
   uint64_t meta_slabs() const;
 
+  // Per slab, for choosing what to evict: its class (kNoClass free, kMetaClass lent to
+  // bookkeeping, large_class() for runs), chunks handed out, and for a run's slabs the first one.
+  struct SlabState {
+    uint32_t klass = kNoClass;
+    uint32_t used = 0;
+    uint32_t run_first = kNoClass;  // runs: the slab the run starts at
+  };
+  void snapshot(std::vector<SlabState>* out) const;
+
   // Size class a value of `bytes` would use (large_class() for slab runs).
   uint32_t class_of(uint64_t bytes) const;
   uint32_t num_classes() const { return static_cast<uint32_t>(class_sizes_.size()) + 1; }

@@ -16,7 +16,8 @@ Storage::Storage(const Options& o)
              o.slab_bytes ? o.slab_bytes : SlabAllocator::auto_slab_bytes(o.capacity_bytes)),
       policy_(make_eviction_policy(o.policy, alloc_.num_classes())),
       ttl_ns_(static_cast<int64_t>(o.ttl_s * 1e9)),
-      slab_heads_(alloc_.num_slabs(), nullptr) {}
+      slab_heads_(alloc_.num_slabs(), nullptr),
+      slab_stamp_(alloc_.num_slabs(), 0) {}
 
 Storage::~Storage() {
   // Objects still pinned elsewhere would outlive the allocator; the server joins every worker
@@ -83,12 +84,26 @@ void Storage::slab_link_locked(Object* o) {
   head = o;
 }
 
+void Storage::slab_touch_locked(const Object* o) {
+  if (!o->data()) return;
+  const uint32_t s = o->chunk.slab;
+  const uint64_t stamp = o->hook.stamp;
+  if (stamp <= slab_stamp_[s]) return;
+  if (slab_stamp_[s]) slab_order_.erase({slab_stamp_[s], s});
+  slab_stamp_[s] = stamp;
+  slab_order_.insert({stamp, s});
+}
+
 void Storage::slab_unlink_locked(Object* o) {
   if (!o->data()) return;
   if (o->slab_prev)
     o->slab_prev->slab_next = o->slab_next;
   else
     slab_heads_[o->chunk.slab] = o->slab_next;
+  if (!slab_heads_[o->chunk.slab] && slab_stamp_[o->chunk.slab]) {  // its last visible object
+    slab_order_.erase({slab_stamp_[o->chunk.slab], o->chunk.slab});
+    slab_stamp_[o->chunk.slab] = 0;
+  }
   if (o->slab_next) o->slab_next->slab_prev = o->slab_prev;
   o->slab_prev = o->slab_next = nullptr;
 }
@@ -149,36 +164,101 @@ uint64_t Storage::item_charge_bytes(std::size_t index_key_len) {
   return per_object_overhead_bytes() + 2 * heap_key;
 }
 
-bool Storage::make_room_locked(bool need_chunk, uint32_t klass) {
-  // Evicts something so that a chunk of class `klass` (need_chunk) or bookkeeping room (a
-  // free slab to lend, or charged bytes returned) may come free. False when nothing is left.
+bool Storage::make_room_locked(bool need_chunk, uint32_t klass, uint32_t run_slabs) {
+  // Evicts something so that a chunk of class `klass` (need_chunk), a run of `run_slabs`
+  // contiguous slabs, or bookkeeping room (a free slab to lend, or charged bytes returned) may
+  // come free. False when nothing is left to evict.
   //
-  // Evicting within the class frees a chunk of the right size with one eviction, but if that
-  // were the only rule a class would stay at the slabs it got first: a cache full of old 1 MiB
-  // values would make a new 16 KiB working set evict its own newest objects forever (slab
-  // calcification). So age decides: when the policy's global victim belongs to another class
-  // (it is less recent than this class's own victim), we empty the slab that victim lives in
-  // and take that slab instead. If the slab cannot be emptied (pinned or pending chunks in it),
-  // fall back to evicting within the class. Values needing slab runs, and bookkeeping, evict
-  // the global victim (bookkeeping: its whole slab when it can) until enough comes free.
-  const bool small = need_chunk && klass != alloc_.large_class();
-  Object* own = small ? policy_->victim_in_class(klass) : nullptr;
-  Object* any = policy_->victim_any();
-  Object* v = own ? own : any;
-  if (any && (!need_chunk || (small && any->size_class() != klass))) {
-    if (!any->data()) {
-      v = any;  // an empty value holds no chunk, but it is older: evict it and look again
-    } else if (reclaim_slab_locked(any->chunk.slab)) {
-      if (need_chunk) ++slab_reassignments_;
-      return true;  // the slab is back in the free pool (unless another thread raced us to it)
-    } else if (!need_chunk) {
-      v = any;
+  // Recency decides across size classes, at slab granularity: room comes from the slab whose
+  // newest object is the oldest (slab_order_), emptied whole and handed to whichever class (or
+  // run, or bookkeeping) needs it. Evicting one object at a time within the needing class would
+  // let classes keep the slabs they got first (slab calcification: old 1 MiB values making a
+  // new 16 KiB working set evict its own newest objects) and, for runs, evict objects whose
+  // slabs never come free. Empty values hold no slab; they go first when they are older than
+  // every slab, and so does the needing class's least recent object (one eviction, the right
+  // chunk size, exact LRU within the class). A slab with a pinned object or a chunk the index cannot see (a
+  // PUT being received, an evicted value still pinned) is skipped; when no slab can be emptied the least
+  // recent object is evicted alone (its chunk frees room in its class).
+  Object* lru = policy_->victim_any();
+  const uint64_t oldest_slab = slab_order_.empty() ? UINT64_MAX : slab_order_.begin()->first;
+  if (lru && !lru->data() && lru->hook.stamp <= oldest_slab) {
+    remove_locked(index_.find(lru->index_key), &NamespaceStats::evictions);
+    ++evictions_;
+    return true;
+  }
+  if (need_chunk && run_slabs == 0) {
+    // The class's own least recent object, when it is older than every slab's newest: evicting
+    // it frees a chunk of the right size and is exactly LRU.
+    Object* own = policy_->victim_in_class(klass);
+    if (own && own->hook.stamp <= oldest_slab) {
+      remove_locked(index_.find(own->index_key), &NamespaceStats::evictions);
+      ++evictions_;
+      return true;
     }
   }
-  if (!v) return false;  // nothing left to evict: the rest is pending or pinned
-  remove_locked(index_.find(v->index_key), &NamespaceStats::evictions);
+  if (run_slabs > 0) {
+    if (reclaim_window_locked(run_slabs)) return true;
+  } else {
+    for (const auto& [stamp, slab] : slab_order_) {
+      const uint32_t was = slab_heads_[slab] ? slab_heads_[slab]->size_class() : klass;
+      if (reclaim_slab_locked(slab)) {  // invalidates the iteration: return at once
+        if (need_chunk && was != klass) ++slab_reassignments_;
+        return true;
+      }
+    }
+  }
+  if (!lru) return false;  // nothing left to evict: the rest is pending or pinned
+  remove_locked(index_.find(lru->index_key), &NamespaceStats::evictions);
   ++evictions_;
   return true;
+}
+
+bool Storage::reclaim_window_locked(uint32_t n) {
+  std::vector<SlabAllocator::SlabState> st;
+  alloc_.snapshot(&st);
+  const uint32_t total = static_cast<uint32_t>(st.size());
+  if (n == 0 || n > total) return false;
+  // Cost of a slab: 0 free, its recency when it holds only visible objects, "never" otherwise
+  // (bookkeeping, pending or pinned chunks). A run's slabs cost the run's recency.
+  constexpr uint64_t kNever = UINT64_MAX;
+  std::vector<uint64_t> cost(total, kNever);
+  for (uint32_t i = 0; i < total; ++i) {
+    if (st[i].klass == SlabAllocator::kNoClass) {
+      cost[i] = 0;
+      continue;
+    }
+    if (st[i].klass == SlabAllocator::kMetaClass) continue;
+    const uint32_t head = st[i].run_first != SlabAllocator::kNoClass ? st[i].run_first : i;
+    if (slab_heads_[head] && slab_stamp_[head]) cost[i] = slab_stamp_[head];
+  }
+  for (int attempt = 0; attempt < 8; ++attempt) {
+    // The window whose newest slab is the oldest (a monotonic deque would be O(n); windows are
+    // short, so the plain scan is fine).
+    uint64_t best = kNever;
+    uint32_t best_at = 0;
+    for (uint32_t i = 0; i + n <= total; ++i) {
+      uint64_t w = 0;
+      for (uint32_t j = 0; j < n && w != kNever; ++j) w = std::max(w, cost[i + j]);
+      if (w < best) {
+        best = w;
+        best_at = i;
+      }
+    }
+    if (best == kNever) return false;
+    bool ok = true;
+    for (uint32_t j = 0; j < n && ok; ++j) {
+      const uint32_t i = best_at + j;
+      if (cost[i] == 0) continue;
+      const uint32_t head = st[i].run_first != SlabAllocator::kNoClass ? st[i].run_first : i;
+      if (!slab_heads_[head]) continue;  // emptied with an earlier slab of the same run
+      if (!reclaim_slab_locked(head)) {
+        cost[i] = kNever;  // pinned or pending: look for another window
+        ok = false;
+      }
+    }
+    if (ok) return true;
+  }
+  return false;
 }
 
 ObjectRef Storage::reserve(std::string_view ns, std::string_view key, uint64_t len, uint64_t checksum,
@@ -195,12 +275,16 @@ ObjectRef Storage::reserve(std::string_view ns, std::string_view key, uint64_t l
   if (len) chunk = alloc_.allocate(len);
   if ((!charged || (len && !chunk)) && may_evict) {
     const uint32_t klass = len ? alloc_.class_of(len) : 0;
+    const uint32_t run = klass == alloc_.large_class()
+                             ? static_cast<uint32_t>((len + alloc_.slab_bytes() - 1) / alloc_.slab_bytes())
+                             : 0;
     std::lock_guard<std::mutex> lock(mu_);
     for (;;) {
       if (!charged) charged = alloc_.charge_meta(meta);
       if (len && !chunk) chunk = alloc_.allocate(len);
       if (charged && (!len || chunk)) break;
-      if (!make_room_locked(len && !chunk, klass)) break;
+      const bool need_chunk = len && !chunk;
+      if (!make_room_locked(need_chunk, klass, need_chunk ? run : 0)) break;
     }
   }
   if (!charged || (len && !chunk)) {
@@ -242,6 +326,7 @@ void Storage::publish(const ObjectRef& obj) {
   policy_->on_insert(obj.get());
   exp_link_locked(obj.get());
   slab_link_locked(obj.get());
+  slab_touch_locked(obj.get());
   ++puts_;
 }
 
@@ -261,6 +346,7 @@ void Storage::get_many(std::string_view ns, const std::vector<std::string_view>&
     }
     ++hits;
     policy_->on_access(o);
+    slab_touch_locked(o);
     out->push_back(it->second);  // the pin
   }
   hits_ += hits;

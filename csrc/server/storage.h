@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -103,8 +104,15 @@ class Storage {
   // (evicting nothing) when that would not empty it: an object is pinned by a reader, or the
   // slab holds chunks the index cannot see (pending PUTs, evicted values still pinned).
   bool reclaim_slab_locked(uint32_t slab);
-  // One eviction step of reserve(): see storage.cpp.
-  bool make_room_locked(bool need_chunk, uint32_t klass);
+  // One eviction step of reserve(): see storage.cpp. `run_slabs` > 0: a run of that many
+  // contiguous slabs is needed.
+  bool make_room_locked(bool need_chunk, uint32_t klass, uint32_t run_slabs);
+  // Empties the n contiguous slabs whose newest object is the oldest (free slabs count as
+  // oldest); false when no such window can be emptied.
+  bool reclaim_window_locked(uint32_t n);
+  // A slab's recency is that of its newest visible object (slab_stamp_); slab_order_ keeps
+  // slabs holding objects by it, oldest first.
+  void slab_touch_locked(const Object* o);
 
   SlabAllocator alloc_;
   std::unique_ptr<EvictionPolicy> policy_;
@@ -114,7 +122,9 @@ class Storage {
   Index index_;
   Object* exp_head_ = nullptr;  // oldest write first: with one global TTL this is expiry order
   Object* exp_tail_ = nullptr;
-  std::vector<Object*> slab_heads_;  // per slab: its visible objects (Object::slab_next)
+  std::vector<Object*> slab_heads_;   // per slab: its visible objects (Object::slab_next)
+  std::vector<uint64_t> slab_stamp_;  // per slab: newest policy stamp of its objects (0 = none)
+  std::set<std::pair<uint64_t, uint32_t>> slab_order_;
   // Per namespace, while it holds objects (an entry goes with its last object, so there are
   // never more entries than objects). Node-based: Object::ns pointers stay valid.
   std::unordered_map<std::string, NamespaceStats> namespaces_;
