@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -62,6 +64,9 @@ def test_help_documents_every_option():
         "--ttl",
         "--auth-token-file",
         "--log-level",
+        "--metrics-host",
+        "--max-pending-put-bytes",
+        "--max-pending-put-bytes-per-connection",
     ):
         assert opt in r.stdout, opt
 
@@ -78,8 +83,35 @@ def test_help_documents_every_option():
 )
 def test_bad_options_fail_clearly(args, needle):
     r = _run_cli(*args)
-    assert r.returncode != 0
+    assert r.returncode == 2
     assert needle in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("flag", ["--idle-timeout", "--ttl"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e10"])
+def test_non_finite_or_huge_seconds_are_refused(flag, value):
+    # Each became int64 nanoseconds through an undefined float-to-int cast and was accepted.
+    r = _run_cli(f"{flag}={value}", "--port", "0", "--metrics-port", "-1")
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert flag in r.stderr and ("finite" in r.stderr or "maximum" in r.stderr or ">= 0" in r.stderr), (
+        r.stderr
+    )
+
+
+def test_in_process_server_refuses_non_finite_seconds():
+    from membrain.server import Server
+
+    for kw in ({"idle_timeout": float("nan")}, {"idle_timeout": 1e10}, {"ttl": float("inf")}):
+        with pytest.raises(ValueError, match="finite number of seconds"):
+            Server(port=0, capacity="1MiB", prefault=False, **kw)
+
+
+def test_token_file_not_utf8_exits_2_with_a_message(tmp_path):
+    tok = tmp_path / "token"
+    tok.write_bytes(b"\xff\xfe secret \x80")
+    r = _run_cli("--auth-token-file", str(tok), "--port", "0", "--metrics-port", "-1")
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "not UTF-8" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_spawn_metrics_and_sigterm(tmp_path):
@@ -140,3 +172,68 @@ def test_port_in_use_fails(tmp_path):
         assert r.returncode == 2 and "cannot listen" in r.stderr
     finally:
         srv.stop()
+
+
+def _proc_status(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(field)
+
+
+def test_idle_metrics_connections_are_bounded():
+    # Each HTTP connection held a thread and an fd with no timeout: 253 idle connections to
+    # /stats took the data plane down. Now at most 16 are served, each for at most 5 s idle.
+    srv = spawn_server(
+        capacity="8MiB", metrics_port=0, extra_args=["--no-prefault", "--log-level", "WARNING"]
+    )
+    host, port = srv.metrics_url.removeprefix("http://").rsplit(":", 1)
+    idle = []
+    try:
+        threads_before = _proc_status(srv.pid, "Threads")
+        fds_before = len(os.listdir(f"/proc/{srv.pid}/fd"))
+        for _ in range(300):
+            idle.append(socket.create_connection((host, int(port)), timeout=5))
+        time.sleep(0.5)
+        assert _proc_status(srv.pid, "Threads") <= threads_before + 20
+        assert len(os.listdir(f"/proc/{srv.pid}/fd")) <= fds_before + 20
+        with WireClient(srv.port) as c:  # the data plane is unaffected
+            assert c.put([(b"k", b"v")]) == [OK] and c.get([b"k"]) == [b"v"]
+        deadline = time.monotonic() + 15  # the idle ones time out; metrics answer again
+        while True:
+            try:
+                assert urllib.request.urlopen(srv.metrics_url + "/healthz", timeout=2).read() == b"ok\n"
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "metrics never came back"
+                time.sleep(0.5)
+    finally:
+        for s in idle:
+            s.close()
+        assert srv.stop() == 0
+
+
+def test_metrics_require_the_token_and_listen_on_loopback(tmp_path):
+    tok = tmp_path / "token"
+    tok.write_text("hunter2\n")
+    srv = spawn_server(
+        host="0.0.0.0",
+        metrics_port=0,
+        extra_args=["--auth-token-file", str(tok), "--no-prefault", "--log-level", "WARNING"],
+    )
+    try:
+        assert srv.metrics_url.startswith("http://127.0.0.1:")  # --metrics-host, not --host
+        assert urllib.request.urlopen(srv.metrics_url + "/healthz", timeout=5).read() == b"ok\n"
+        for path in ("/metrics", "/stats"):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(srv.metrics_url + path, timeout=5)
+            assert e.value.code == 401
+            for bad in ("Bearer hunter", "hunter2", "Basic aHVudGVyMg=="):
+                req = urllib.request.Request(srv.metrics_url + path, headers={"Authorization": bad})
+                with pytest.raises(urllib.error.HTTPError):
+                    urllib.request.urlopen(req, timeout=5)
+            req = urllib.request.Request(srv.metrics_url + path, headers={"Authorization": "Bearer hunter2"})
+            assert urllib.request.urlopen(req, timeout=5).status == 200
+    finally:
+        assert srv.stop() == 0

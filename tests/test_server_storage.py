@@ -25,7 +25,8 @@ def test_stored_bytes_never_exceed_capacity(make_server):
 
 
 def test_lru_order(make_server):
-    s = make_server(capacity="4MiB", slab_bytes=1 << 20)
+    # 5 slabs: the objects' bookkeeping is charged against capacity and borrows one whole slab.
+    s = make_server(capacity="5MiB", slab_bytes=1 << 20)
     val = b"v" * (256 << 10)  # 16 fit
     with WireClient(s.port) as c:
         for i in range(16):
@@ -172,3 +173,41 @@ def test_no_prefault_leaves_memory_lazy(make_server):
     s = make_server(capacity="64MiB", prefault=False)
     time.sleep(0.3)
     assert s.stats()["prefaulted_bytes"] == 0
+
+
+def test_mixed_sizes_fill_capacity_and_evict_by_recency(make_server):
+    # Values of 1 B, 4 KiB, 64 KiB, 1 MiB and 3,000,001 B mixed into 256 MiB: 40 of 215 items were
+    # already evicted at 75 % of capacity (3 MB values took a 4 MiB slab each, and every class
+    # held a part-filled 4 MiB slab). Now nothing is evicted before 90 % of capacity holds live
+    # bytes, and what goes is the least recent, whatever its size.
+    import random
+
+    s = make_server(capacity="256MiB", prefault=False, threads=1)
+    cap = s.stats()["capacity_bytes"]
+    sizes = [1, 4096, 65536, 1 << 20, 3_000_001]
+    blobs = {n: os.urandom(n) for n in sizes}
+    rng = random.Random(7)
+    written: list[tuple[bytes, int]] = []
+    first_eviction_live = None
+    with WireClient(s.port) as c:
+        while sum(n for _, n in written) < 2 * cap:
+            n = rng.choice(sizes)
+            key = b"m%d" % len(written)
+            assert c.put([(key, blobs[n])]) == [OK]
+            written.append((key, n))
+            if first_eviction_live is None and s.stats()["evictions"]:
+                first_eviction_live = (sum(m for _, m in written[:-1]), s.stats()["used_bytes"])
+        assert first_eviction_live is not None
+        before, _ = first_eviction_live
+        assert before >= 0.9 * cap, f"first eviction with {before / cap:.1%} of capacity live"
+        # Recency: everything written in the last 70 % of capacity is still there.
+        recent, total = [], 0
+        for key, n in reversed(written):
+            total += n
+            if total > 0.7 * cap:
+                break
+            recent.append(key)
+        got = c.exists(recent)
+        assert got == [OK] * len(recent), f"{got.count(OK)} of {len(recent)} recent items present"
+        st = s.stats()
+        assert st["used_bytes"] >= 0.85 * cap and st["allocated_bytes"] <= cap

@@ -256,3 +256,71 @@ def test_hostile_frames_close_the_connection_server_keeps_serving(srv, case):
     d = _ucx(srv)
     assert d.put([b"after"], [b"ok"]) == [0] and d.get([b"after"]) == [b"ok"]
     assert d.stats()["protocol_errors"] >= 1
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_values_not_stored_never_allocate_their_declared_length(tls):
+    # A PUT item the server will not store (here TOO_LARGE: over max_value_bytes = capacity) was
+    # received into a scratch buffer of the peer's declared length: one 512 MiB declaration took
+    # the server from ~34 to ~546 MiB of RSS before a byte of it arrived.
+    srv = _spawn(tls, extra=("--capacity", "32MiB", "--no-prefault"))
+    try:
+        before = _rss_mib(srv.pid)
+        c = _ucx(srv, timeout_ms=3000)
+        # Split form (no AM data: the value would follow as its own AM, which never comes).
+        table = struct.pack("<HHIQQ", 1, 0, 0, 512 * MiB, 0) + b"k"
+        with pytest.raises((ConnectionError, TimeoutError, RuntimeError)):
+            c._raw_call(_hdr(2, 7, 1, 24 + 1 + 512 * MiB) + table, b"", timeout_ms=1500)
+        # One AM carrying a value the server drops: received through a bounded buffer.
+        d = _ucx(srv, timeout_ms=10000)
+        big = os.urandom(48 * MiB)
+        table = struct.pack("<HHIQQ", 1, 0, 0, len(big), 0) + b"x"
+        reply = d._raw_call(_hdr(2, 8, 1, 24 + 1 + len(big)) + table, big)
+        assert _status(reply) == 0 and reply[40] == _native.STATUS_TOO_LARGE
+        grown = _rss_mib(srv.pid) - before
+        assert grown < 24, f"server RSS grew by {grown:.0f} MiB"
+        assert d.put([b"after"], [b"ok"]) == [0] and d.get([b"after"]) == [b"ok"]
+    finally:
+        srv.kill()
+
+
+def test_max_connections_counts_tcp_and_ucx_together(tls):
+    # Each transport kept its own count: 4 TCP and 4 UCX connections were all served at a
+    # limit of 4.
+    from wire import WireClient
+
+    srv = _spawn(tls, extra=("--max-connections", "4"))
+    held = []
+    try:
+        for _ in range(4):
+            w = WireClient(srv.port)
+            assert w.ping(b"x") == b"x"
+            held.append(w)
+        with pytest.raises((ConnectionError, TimeoutError, RuntimeError)):
+            u = _ucx(srv, timeout_ms=2000)
+            for _ in range(20):  # rejected at accept; the client may only notice on use
+                u.ping(timeout_ms=500)
+                time.sleep(0.05)
+        held.pop().close()
+        deadline = time.monotonic() + 5
+        while True:  # the freed slot serves a UCX client
+            try:
+                u = _ucx(srv, timeout_ms=2000)
+                assert u.ping() < 5
+                break
+            except (ConnectionError, TimeoutError, RuntimeError):
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        st = u.stats()
+        assert st["connections"] <= 4 and st["connections_rejected"] >= 1
+    finally:
+        for w in held:
+            w.close()
+        srv.kill()

@@ -23,6 +23,8 @@ py::dict stats_dict(const StatsSnapshot& s) {
   d["prefaulted_bytes"] = s.prefaulted_bytes;
   d["allocated_bytes"] = s.storage.allocated_bytes;
   d["chunk_bytes"] = s.storage.chunk_bytes;
+  d["meta_bytes"] = s.storage.meta_bytes;
+  d["meta_slab_bytes"] = s.storage.meta_slab_bytes;
   d["items"] = s.storage.items;
   d["hits"] = s.storage.hits;
   d["misses"] = s.storage.misses;
@@ -43,11 +45,15 @@ py::dict stats_dict(const StatsSnapshot& s) {
   d["connections"] = s.connections;
   d["connections_total"] = s.connections_total;
   d["connections_rejected"] = s.connections_rejected;
+  d["accept_pauses"] = s.accept_pauses;
   d["protocol_errors"] = s.protocol_errors;
   d["auth_failures"] = s.auth_failures;
   d["timeouts"] = s.timeouts;
+  d["reply_limit_closes"] = s.reply_limit_closes;
   d["checksum_failures"] = s.checksum_failures;
   d["put_bytes_buffered"] = s.put_bytes_buffered;
+  d["pending_put_bytes"] = s.pending_put_bytes;
+  d["put_land_waits"] = s.put_land_waits;
   d["no_space"] = s.no_space;
   d["slab_bytes"] = s.slab_bytes;
   d["per_object_overhead_bytes"] = s.per_object_overhead_bytes;
@@ -62,7 +68,10 @@ void register_server(py::module_& m) {
       .def(py::init([](std::string host, int port, uint64_t capacity, int threads, int max_connections,
                        double idle_timeout, double ttl, std::string auth_token, uint64_t slab_bytes,
                        int socket_buffer_bytes, uint32_t max_batch, uint32_t max_key_len,
-                       uint64_t max_value_bytes, uint64_t max_payload_bytes, bool prefault, int ucx_port) {
+                       uint64_t max_value_bytes, uint64_t max_payload_bytes, bool prefault, int ucx_port,
+                       uint64_t max_pending_put_bytes, uint64_t max_pending_put_bytes_per_connection,
+                       uint64_t max_reply_bytes_per_connection, double auth_timeout,
+                       std::vector<std::pair<std::string, std::vector<std::string>>> tokens) {
              if (port < 0 || port > 65535)
                throw std::invalid_argument("port " + std::to_string(port) + " must be in 0..65535");
              ServerConfig c;
@@ -85,6 +94,11 @@ void register_server(py::module_& m) {
                throw std::invalid_argument("ucx_port " + std::to_string(ucx_port) +
                                            " must be -1 (off) or 0..65535");
              c.ucx_port = ucx_port;
+             c.max_pending_put_bytes = max_pending_put_bytes;
+             c.max_pending_put_bytes_per_connection = max_pending_put_bytes_per_connection;
+             c.max_reply_bytes_per_connection = max_reply_bytes_per_connection;
+             c.auth_timeout_s = auth_timeout;
+             for (auto& [tok, pats] : tokens) c.tokens.push_back({std::move(tok), std::move(pats)});
              return std::make_unique<Server>(std::move(c));
            }),
            py::arg("host") = "127.0.0.1", py::arg("port") = 9201, py::arg("capacity") = 256ull << 20,
@@ -92,7 +106,10 @@ void register_server(py::module_& m) {
            py::arg("ttl") = 0.0, py::arg("auth_token") = "", py::arg("slab_bytes") = 0,
            py::arg("socket_buffer_bytes") = 4 << 20, py::arg("max_batch") = 1024,
            py::arg("max_key_len") = 128, py::arg("max_value_bytes") = 256ull << 20,
-           py::arg("max_payload_bytes") = 1ull << 30, py::arg("prefault") = true, py::arg("ucx_port") = -1)
+           py::arg("max_payload_bytes") = 1ull << 30, py::arg("prefault") = true, py::arg("ucx_port") = -1,
+           py::arg("max_pending_put_bytes") = 0, py::arg("max_pending_put_bytes_per_connection") = 0,
+           py::arg("max_reply_bytes_per_connection") = 1ull << 30, py::arg("auth_timeout") = 10.0,
+           py::arg("tokens") = std::vector<std::pair<std::string, std::vector<std::string>>>{})
       .def(
           "start",
           [](Server& s) {
@@ -113,10 +130,39 @@ void register_server(py::module_& m) {
       .def_property_readonly("running", &Server::running)
       .def_property_readonly("max_value_bytes",
                              [](const Server& s) { return s.config().limits.max_value_bytes; })
+      .def_property_readonly("max_connections", [](const Server& s) { return s.config().max_connections; })
+      .def_property_readonly("requested_max_connections", &Server::requested_max_connections)
+      .def_property_readonly("fd_limit", &Server::fd_limit, "RLIMIT_NOFILE soft limit after start()")
+      .def_property_readonly("fd_limit_hard", &Server::fd_limit_hard)
+      .def_property_readonly("max_pending_put_bytes",
+                             [](const Server& s) { return s.config().max_pending_put_bytes; })
+      .def_property_readonly("max_pending_put_bytes_per_connection",
+                             [](const Server& s) { return s.config().max_pending_put_bytes_per_connection; })
       .def(
           "stats", [](const Server& s) { return stats_dict(s.stats()); },
           "Counters and storage figures as a dict.")
-      .def("stats_json", &Server::stats_json);
+      .def("stats_json", &Server::stats_json)
+      .def(
+          "namespace_stats",
+          [](const Server& s) {
+            py::dict out;
+            for (const auto& [ns, n] : s.namespace_stats()) {
+              py::dict d;
+              d["namespace"] = ns;
+              d["used_bytes"] = n.bytes;
+              d["items"] = n.items;
+              d["hits"] = n.hits;
+              d["misses"] = n.misses;
+              d["gets"] = n.gets;
+              d["puts"] = n.puts;
+              d["deletes"] = n.deletes;
+              d["evictions"] = n.evictions;
+              d["expired"] = n.expired;
+              out[py::str(ns)] = d;
+            }
+            return out;
+          },
+          "Per-namespace figures of the namespaces holding objects.");
 }
 
 }  // namespace membrain::bindings

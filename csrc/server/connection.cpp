@@ -4,10 +4,13 @@
 #include <cerrno>
 #include <cstring>
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 
-#include "common/checksum.h"
 #include "server/request.h"
+#include "server/session.h"
 
 namespace membrain::server {
 
@@ -21,7 +24,6 @@ constexpr std::size_t kDirectRecvMin = 16 << 10;  // smaller values go through t
 // Read-ahead past a frame header, before its table says where large values begin: room for a
 // few pipelined small requests in one recv, while a PUT frame's first value loses at most this.
 constexpr std::size_t kHeaderReadAhead = 4 << 10;
-constexpr uint32_t kMaxTokenBytes = 4096;
 
 }  // namespace
 
@@ -29,11 +31,13 @@ Connection::Connection(UniqueFd fd, ServerContext& ctx, int64_t now_ns)
     : fd_(std::move(fd)),
       ctx_(ctx),
       limits_(ctx.config.limits),
-      authed_(ctx.config.auth_token.empty()),
+      authed_(!ctx.config.auth_enabled()),
       in_(new uint8_t[kInputBufferBytes]),  // not value-initialised: see kInputBufferBytes
-      last_activity_ns_(now_ns) {}
+      last_activity_ns_(now_ns),
+      accepted_ns_(now_ns) {}
 
 Connection::~Connection() {
+  release_pending();
   ctx_.counters.connections_current.fetch_sub(1, std::memory_order_relaxed);
 }
 
@@ -47,7 +51,7 @@ bool Connection::can_consume() const {
 bool Connection::wants_read() const {
   if (done_) return false;
   if (phase_ == Phase::kLinger) return true;
-  return can_consume();
+  return can_consume() && !waiting_budget_;
 }
 
 void Connection::compact() {
@@ -72,7 +76,9 @@ void Connection::on_readable(int64_t now) {
       return;
     }
   }
+  woke_readable_ = true;
   pump(now);
+  woke_readable_ = false;
   if (!done_ && !out_.empty()) flush(now);
 }
 
@@ -93,15 +99,18 @@ void Connection::pump(int64_t now) {
   while (can_consume()) {
     const Step s = step();
     if (s == Step::kProgress) continue;
-    if (s == Step::kStop) break;
+    if (s == Step::kStop || s == Step::kWait) break;
     if (budget == 0) break;
     // Need bytes from the socket. Large PUT values are received in place (receive_in_place()).
     ssize_t n;
-    const bool direct = phase_ == Phase::kPutValue && pending_ && buffered() == 0 && receive_in_place();
+    const bool direct = phase_ == Phase::kPutValue && pending() && buffered() == 0 && receive_in_place();
     if (direct) {
-      const uint64_t want = std::min<uint64_t>(items_[item_].value_len - value_have_, budget);
-      n = ::recv(fd_.get(), pending_->data() + value_have_, want, 0);
-      if (n > 0) value_have_ += static_cast<uint64_t>(n);
+      const uint64_t want = std::min<uint64_t>(put_.items()[item_].value_len - value_have_, budget);
+      n = ::recv(fd_.get(), pending()->data() + value_have_, want, 0);
+      if (n > 0) {
+        value_have_ += static_cast<uint64_t>(n);
+        account_received();
+      }
     } else {
       if (in_w_ == kInputBufferBytes) compact();
       n = ::recv(fd_.get(), in_.get() + in_w_, std::min(kInputBufferBytes - in_w_, buffered_read_limit()), 0);
@@ -142,11 +151,11 @@ void Connection::pump(int64_t now) {
 
 bool Connection::frame_ends_in_small_values() const {
   // ...and no large value lies between the current one and the end of the frame.
-  return small_tail_begin_ < items_.size() && item_ + 1 >= small_tail_begin_;
+  return small_tail_begin_ < put_.items().size() && item_ + 1 >= small_tail_begin_;
 }
 
 std::size_t Connection::value_read_limit() const {
-  const uint64_t rest = items_[item_].value_len - value_have_ + small_run_bytes_[item_ + 1];
+  const uint64_t rest = put_.items()[item_].value_len - value_have_ + small_run_bytes_[item_ + 1];
   const uint64_t ahead = frame_ends_in_small_values() ? kInputBufferBytes : 0;
   return static_cast<std::size_t>(std::min<uint64_t>(rest + ahead, kInputBufferBytes));
 }
@@ -154,8 +163,8 @@ std::size_t Connection::value_read_limit() const {
 bool Connection::receive_in_place() const {
   // A large value always (even its last few bytes: one recv either way, no copy); a small one
   // when a buffered read would stop at its end anyway.
-  return items_[item_].value_len >= kDirectRecvMin ||
-         value_read_limit() <= items_[item_].value_len - value_have_;
+  return put_.items()[item_].value_len >= kDirectRecvMin ||
+         value_read_limit() <= put_.items()[item_].value_len - value_have_;
 }
 
 std::size_t Connection::buffered_read_limit() const {
@@ -229,53 +238,18 @@ Connection::Step Connection::step_header() {
 }
 
 void Connection::start_frame() {
-  const uint8_t op = hdr_.opcode;
-  if (!proto::is_request_op(op)) {
-    Counters::inc(ctx_.counters.requests[0]);
-    protocol_error(Status::kBadRequest, "unknown opcode");
+  const Status st = check_request_frame(ctx_, hdr_, authed_);  // opcode, auth, per-op limits
+  if (st != Status::kOk) return protocol_error(st, "frame refused");
+  if (hdr_.opcode == static_cast<uint8_t>(Op::kPut)) {
+    payload_.resize(std::size_t{hdr_.count} * proto::kPutItemBytes);
+    payload_have_ = 0;
+    payload_need_ = payload_.size();
+    phase_ = Phase::kPutTable;
     return;
   }
-  Counters::inc(ctx_.counters.requests[op]);
-  if (!authed_ && op != static_cast<uint8_t>(Op::kHello)) {
-    Counters::inc(ctx_.counters.auth_failures);
-    protocol_error(Status::kUnauthorized, "not authenticated");
-    return;
-  }
-  const uint64_t len = hdr_.payload_len;
-  const uint32_t count = hdr_.count;
-  if (len > limits_.max_payload_bytes)
-    return protocol_error(Status::kTooLarge, "payload_len over max_payload_bytes");
-  switch (static_cast<Op>(op)) {
-    case Op::kHello:
-      if (len > 4 + limits_.max_namespace_len + kMaxTokenBytes)
-        return protocol_error(Status::kTooLarge, "HELLO too long");
-      break;
-    case Op::kPing:
-      if (len > limits_.max_ping_bytes) return protocol_error(Status::kTooLarge, "PING payload over limit");
-      break;
-    case Op::kStats:
-      if (len != 0) return protocol_error(Status::kBadRequest, "STATS takes no payload");
-      break;
-    case Op::kPut:
-      if (count > limits_.max_batch) return protocol_error(Status::kTooLarge, "count over max_batch");
-      if (len < uint64_t{count} * proto::kPutItemBytes)
-        return protocol_error(Status::kBadRequest, "PUT payload shorter than its table");
-      payload_.resize(std::size_t{count} * proto::kPutItemBytes);
-      payload_have_ = 0;
-      payload_need_ = payload_.size();
-      phase_ = Phase::kPutTable;
-      return;
-    default:  // key-list requests
-      if (count > limits_.max_batch) return protocol_error(Status::kTooLarge, "count over max_batch");
-      if (len > uint64_t{count} * (2 + limits_.max_key_len))
-        return protocol_error(Status::kTooLarge, "key list longer than count keys can be");
-      if (len < uint64_t{count} * 3)
-        return protocol_error(Status::kBadRequest, "key list shorter than count keys");
-      break;
-  }
-  payload_.resize(len);  // bounded above: at most max_batch * 130 bytes or a few KiB
+  payload_.resize(hdr_.payload_len);  // bounded by check_request_frame: a key list or a few KiB
   payload_have_ = 0;
-  payload_need_ = len;
+  payload_need_ = hdr_.payload_len;
   phase_ = Phase::kPayload;
 }
 
@@ -291,84 +265,157 @@ Connection::Step Connection::fill_payload() {
 }
 
 void Connection::finish_put_table() {
-  const uint32_t count = hdr_.count;
-  items_.clear();
-  items_.reserve(count);
-  // Everything is validated before any storage is reserved; the sum is computed without
-  // overflow by checking each term against what is left of payload_len.
-  uint64_t left = hdr_.payload_len - uint64_t{count} * proto::kPutItemBytes;
-  uint64_t keys_total = 0;
-  for (uint32_t i = 0; i < count; ++i) {
-    const uint8_t* e = payload_.data() + std::size_t{i} * proto::kPutItemBytes;
-    PutItem it{};
-    it.key_len = proto::get_u16(e);
-    it.value_len = proto::get_u64(e + 8);
-    it.checksum = proto::get_u64(e + 16);
-    it.status = static_cast<uint8_t>(Status::kOk);
-    if (it.key_len > limits_.max_key_len)
-      return protocol_error(Status::kTooLarge, "PUT key over max_key_len");
-    if (it.key_len == 0 || proto::get_u16(e + 2) != 0 || proto::get_u32(e + 4) != 0)
-      it.status = static_cast<uint8_t>(Status::kBadRequest);
-    else if (it.value_len > limits_.max_value_bytes)
-      it.status = static_cast<uint8_t>(Status::kTooLarge);
-    if (it.key_len > left) return protocol_error(Status::kBadRequest, "PUT lengths exceed payload_len");
-    left -= it.key_len;
-    if (it.value_len > left) return protocol_error(Status::kBadRequest, "PUT lengths exceed payload_len");
-    left -= it.value_len;
-    it.key_off = std::size_t{count} * proto::kPutItemBytes + keys_total;
-    keys_total += it.key_len;
-    items_.push_back(it);
-  }
-  if (left != 0) return protocol_error(Status::kBadRequest, "PUT payload_len does not match its table");
-  small_run_bytes_.assign(items_.size() + 1, 0);
-  small_tail_begin_ = items_.size();
-  for (std::size_t i = items_.size(); i-- > 0;) {
-    const bool small = items_[i].value_len < kDirectRecvMin;
-    small_run_bytes_[i] = small ? items_[i].value_len + small_run_bytes_[i + 1] : 0;
+  // Everything is validated before any storage is reserved (server/session.h).
+  const std::size_t table = std::size_t{hdr_.count} * proto::kPutItemBytes;
+  const Status st = put_.parse(hdr_, payload_.data(), table, limits_);
+  if (st != Status::kOk) return protocol_error(st, "PUT table refused");
+  const auto& items = put_.items();
+  small_run_bytes_.assign(items.size() + 1, 0);
+  small_tail_begin_ = items.size();
+  for (std::size_t i = items.size(); i-- > 0;) {
+    const bool small = items[i].value_len < kDirectRecvMin;
+    small_run_bytes_[i] = small ? items[i].value_len + small_run_bytes_[i + 1] : 0;
     if (small && small_tail_begin_ == i + 1) small_tail_begin_ = i;
   }
-  payload_.resize(payload_.size() + keys_total);
+  payload_.resize(table + put_.keys_bytes());
   payload_need_ = payload_.size();
   phase_ = Phase::kPutKeys;
 }
 
+// Nothing is evicted for bytes that have not arrived. A value is first offered free space
+// (no eviction) within the pending-bytes budget; failing that, it waits until its bytes have
+// landed - all of a small value in the input buffer, or as much of a large one as the socket
+// can hold (a quarter of SO_RCVBUF) in the kernel's receive queue, woken by SO_RCVLOWAT - and
+// only then may storage evict for it. What is reserved but not yet received counts against
+// --max-pending-put-bytes(-per-connection); a value that can never fit that budget is
+// NO_SPACE (drained), one that could later waits for it.
+Connection::Step Connection::reserve_value() {
+  PutItem& it = put_.items()[item_];
+  const uint64_t rest = it.value_len - value_have_;
+  const uint64_t in_buf = std::min<uint64_t>(buffered(), rest);
+  if (!tried_free_space_) {
+    tried_free_space_ = true;
+    if (admit_pending(rest - in_buf)) {
+      if (put_.reserve(ctx_, ns_, item_, payload_.data(), /*may_evict=*/false)) {
+        pending_unreceived_ = rest - in_buf;
+        return Step::kProgress;
+      }
+      ctx_.counters.pending_put_bytes.fetch_sub(rest - in_buf, std::memory_order_relaxed);
+    }
+  }
+  uint64_t landed = in_buf;
+  if (it.value_len < kDirectRecvMin) {
+    // Small: it fits the input buffer, so wait there for all of it.
+    if (landed < rest) return Step::kNeedBytes;
+  } else if (landed < rest) {
+    int queued = 0;
+    if (::ioctl(fd_.get(), FIONREAD, &queued) == 0 && queued > 0) landed += static_cast<uint64_t>(queued);
+    int rcvbuf = 0;
+    socklen_t sl = sizeof rcvbuf;
+    ::getsockopt(fd_.get(), SOL_SOCKET, SO_RCVBUF, &rcvbuf, &sl);
+    const uint64_t window = std::max<uint64_t>(4096, static_cast<uint64_t>(std::max(rcvbuf, 0)) / 4);
+    const uint64_t need = std::min(rest, window);
+    // Woken by EPOLLIN while SO_RCVLOWAT was set: the kernel found the queue at the low-water
+    // mark or its window (nearly) closed - either way, all that can land now has.
+    const bool full = woke_readable_ && rcvlowat_ > 1 && landed > in_buf;
+    if (landed < need && !full) {
+      if (peer_closed()) {  // the rest can never arrive (its FIN raises EPOLLIN, which would spin)
+        peer_eof_ = true;
+        if (out_.empty()) close_now();
+        return Step::kStop;
+      }
+      if (rcvlowat_ == 1) Counters::inc(ctx_.counters.put_land_waits);
+      set_rcvlowat(static_cast<int>(need - in_buf));
+      return Step::kWait;
+    }
+    landed = std::min(landed, rest);
+  }
+  set_rcvlowat(1);
+  const uint64_t unlanded = rest - landed;
+  if (!admit_pending(unlanded)) {
+    if (unlanded > ctx_.config.max_pending_put_bytes_per_connection ||
+        unlanded > ctx_.config.max_pending_put_bytes) {
+      put_.refuse(ctx_, item_);  // can never fit the budget: drained
+      return Step::kProgress;
+    }
+    waiting_budget_ = true;  // others hold the budget: retried on the timer
+    return Step::kWait;
+  }
+  waiting_budget_ = false;
+  if (!put_.reserve(ctx_, ns_, item_, payload_.data())) {
+    ctx_.counters.pending_put_bytes.fetch_sub(unlanded, std::memory_order_relaxed);
+    return Step::kProgress;
+  }
+  pending_unreceived_ = unlanded;
+  return Step::kProgress;
+}
+
+bool Connection::admit_pending(uint64_t unlanded) {
+  if (unlanded == 0) return true;
+  if (unlanded > ctx_.config.max_pending_put_bytes_per_connection) return false;
+  auto& total = ctx_.counters.pending_put_bytes;
+  uint64_t cur = total.load(std::memory_order_relaxed);
+  do {
+    if (cur + unlanded > ctx_.config.max_pending_put_bytes) return false;
+  } while (!total.compare_exchange_weak(cur, cur + unlanded, std::memory_order_relaxed));
+  return true;
+}
+
+void Connection::account_received() {
+  const uint64_t rest = put_.items()[item_].value_len - value_have_;
+  if (pending_unreceived_ > rest) {
+    ctx_.counters.pending_put_bytes.fetch_sub(pending_unreceived_ - rest, std::memory_order_relaxed);
+    pending_unreceived_ = rest;
+  }
+}
+
+void Connection::release_pending() {
+  if (pending_unreceived_)
+    ctx_.counters.pending_put_bytes.fetch_sub(pending_unreceived_, std::memory_order_relaxed);
+  pending_unreceived_ = 0;
+  put_.abandon();  // unpublished chunks go straight back to the allocator
+}
+
+bool Connection::peer_closed() const {
+  tcp_info ti{};
+  socklen_t sl = sizeof ti;
+  if (::getsockopt(fd_.get(), IPPROTO_TCP, TCP_INFO, &ti, &sl) != 0) return true;
+  return ti.tcpi_state != TCP_ESTABLISHED;
+}
+
+void Connection::set_rcvlowat(int bytes) {
+  bytes = std::max(bytes, 1);
+  if (bytes == rcvlowat_) return;
+  ::setsockopt(fd_.get(), SOL_SOCKET, SO_RCVLOWAT, &bytes, sizeof bytes);
+  rcvlowat_ = bytes;
+}
+
 Connection::Step Connection::step_put_value() {
-  while (item_ < items_.size()) {
-    PutItem& it = items_[item_];
+  while (item_ < put_.items().size()) {
+    PutItem& it = put_.items()[item_];
     if (!value_started_) {
       value_started_ = true;
       value_have_ = 0;
-      if (it.status == static_cast<uint8_t>(Status::kOk)) {
-        Status why = Status::kNoSpace;
-        const std::string_view key(reinterpret_cast<const char*>(payload_.data() + it.key_off), it.key_len);
-        pending_ = ctx_.storage.reserve(ns_, key, it.value_len, it.checksum, &why);
-        if (!pending_) {
-          it.status = static_cast<uint8_t>(why);
-          Counters::inc(ctx_.counters.no_space);
-        }
-      }
+      tried_free_space_ = false;
+    }
+    if (it.status == static_cast<uint8_t>(Status::kOk) && !pending()) {
+      const Step s = reserve_value();
+      if (s != Step::kProgress) return s;
     }
     const uint64_t remaining = it.value_len - value_have_;
     if (remaining > 0) {
       const std::size_t n = static_cast<std::size_t>(std::min<uint64_t>(remaining, buffered()));
       if (n == 0) return Step::kNeedBytes;
-      if (pending_) {
-        std::memcpy(pending_->data() + value_have_, in_.get() + in_r_, n);  // small values and read-ahead
+      if (pending()) {
+        std::memcpy(pending()->data() + value_have_, in_.get() + in_r_, n);  // small values and read-ahead
         Counters::inc(ctx_.counters.put_bytes_buffered, n);
       }
       in_r_ += n;
       value_have_ += n;
+      if (pending()) account_received();
       if (value_have_ < it.value_len) return Step::kNeedBytes;
     }
-    if (pending_) {
-      if (checksum64(pending_->data(), it.value_len) == it.checksum) {
-        ctx_.storage.publish(pending_);
-      } else {
-        it.status = static_cast<uint8_t>(Status::kChecksumMismatch);
-        Counters::inc(ctx_.counters.checksum_failures);
-      }
-      pending_.reset();  // an unpublished chunk goes straight back to the allocator
-    }
+    put_.landed(ctx_, item_);  // verify and publish (or drop)
     ++item_;
     value_started_ = false;
   }
@@ -383,9 +430,7 @@ void Connection::release_frame_buffers() {
 
 void Connection::finish_put() {
   release_frame_buffers();
-  std::vector<uint8_t> body(items_.size());
-  for (std::size_t i = 0; i < items_.size(); ++i) body[i] = items_[i].status;
-  queue_reply(hdr_.opcode, static_cast<uint32_t>(items_.size()), Status::kOk, std::move(body));
+  queue_reply(hdr_.opcode, static_cast<uint32_t>(put_.items().size()), Status::kOk, put_.reply_body());
   phase_ = Phase::kHeader;
   frame_since_ns_ = 0;
 }
@@ -393,7 +438,7 @@ void Connection::finish_put() {
 void Connection::execute() {
   phase_ = Phase::kHeader;
   frame_since_ns_ = 0;
-  Reply r = execute_request(ctx_, hdr_, payload_.data(), payload_.size(), &ns_, &authed_);
+  Reply r = execute_request(ctx_, hdr_, payload_.data(), payload_.size(), &ns_, &authed_, &grant_);
   release_frame_buffers();  // the reply no longer refers to payload_
   if (r.close) return protocol_error(r.status, "request refused");
   queue_reply(hdr_.opcode, r.count, r.status, std::move(r.body), std::move(r.pins));
@@ -403,12 +448,9 @@ void Connection::queue_reply(uint8_t op, uint32_t count, Status st, std::vector<
                              std::vector<ObjectRef> pins) {
   uint64_t payload = body.size();
   for (const auto& o : pins) payload += o->value_len;
-  proto::Header h;
-  h.opcode = static_cast<uint8_t>(op | proto::kReplyBit);
-  h.request_id = hdr_.request_id;
-  h.count = count;
-  h.status = static_cast<uint32_t>(st);
-  h.payload_len = payload;
+  proto::Header req = hdr_;
+  req.opcode = op;
+  const proto::Header h = reply_header(req, count, st, payload);
   OutMsg m;
   m.head.resize(proto::kHeaderBytes + body.size());
   proto::encode_header(h, m.head.data());
@@ -417,13 +459,20 @@ void Connection::queue_reply(uint8_t op, uint32_t count, Status st, std::vector<
   if (out_.empty()) out_progress_ns_ = last_activity_ns_;
   out_bytes_ += proto::kHeaderBytes + payload;
   out_.push_back(std::move(m));
+  if (out_bytes_ > ctx_.config.max_reply_bytes_per_connection) {
+    // A client that does not read its replies may not pin more than this: close it (the
+    // replies and their pins go with the connection).
+    Counters::inc(ctx_.counters.reply_limit_closes);
+    close_now();
+  }
 }
 
 void Connection::protocol_error(Status st, const char* /*why: counted, not logged per frame*/) {
   if (st != Status::kUnauthorized) Counters::inc(ctx_.counters.protocol_errors);
   queue_reply(hdr_.opcode ? hdr_.opcode : 0, 0, st, {});
   closing_ = true;
-  pending_.reset();
+  release_pending();
+  waiting_budget_ = false;
   phase_ = Phase::kHeader;
 }
 
@@ -498,8 +547,21 @@ void Connection::enter_linger(int64_t now) {
 
 void Connection::on_timer(int64_t now) {
   if (done_) return;
+  if (waiting_budget_ && phase_ == Phase::kPutValue) {
+    pump(now);  // the pending-bytes budget may have come free
+    if (!done_ && !out_.empty()) flush(now);
+    if (done_) return;
+  }
   if (phase_ == Phase::kLinger) {
     if (now - linger_since_ns_ > kLingerNs) close_now();
+    return;
+  }
+  const int64_t auth_limit = static_cast<int64_t>(ctx_.config.auth_timeout_s * 1e9);
+  if (!authed_ && auth_limit > 0 && now - accepted_ns_ > auth_limit) {
+    // Auth on and no successful HELLO yet: unauthenticated peers do not get to hold a slot.
+    Counters::inc(ctx_.counters.timeouts);
+    Counters::inc(ctx_.counters.auth_failures);
+    close_now();
     return;
   }
   const int64_t limit = static_cast<int64_t>(ctx_.config.idle_timeout_s * 1e9);

@@ -1,5 +1,7 @@
 #include "server/event_loop.h"
 
+#include <fcntl.h>
+
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -22,8 +24,9 @@ int64_t monotonic_ns() {
 }
 
 namespace {
-constexpr int kTickMs = 50;  // timeouts are checked this often
-}
+constexpr int kTickMs = 50;              // timeouts are checked this often
+constexpr int64_t kAcceptPauseMs = 100;  // listener out of epoll after running out of fds
+}  // namespace
 
 EventLoop::EventLoop(ServerContext& ctx, int listen_fd) : ctx_(ctx), listen_fd_(listen_fd) {
   epoll_.reset(::epoll_create1(EPOLL_CLOEXEC));
@@ -39,6 +42,31 @@ EventLoop::EventLoop(ServerContext& ctx, int listen_fd) : ctx_(ctx), listen_fd_(
   ev.data.fd = listen_fd_;
   if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, listen_fd_, &ev) != 0)
     throw std::runtime_error(std::string("epoll_ctl(listen): ") + std::strerror(errno));
+  spare_.reset(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+}
+
+void EventLoop::pause_accepting(int64_t now) {
+  // Shed what is queued: each spare fd given up lets one accept() through, closed at once.
+  for (int i = 0; i < 64 && spare_; ++i) {
+    spare_.reset();
+    UniqueFd shed(::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC));
+    const bool got = static_cast<bool>(shed);
+    shed.reset();
+    spare_.reset(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+    if (!got) break;
+    Counters::inc(ctx_.counters.connections_rejected);
+  }
+  Counters::inc(ctx_.counters.accept_pauses);
+  if (accept_paused_until_ == 0) ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, listen_fd_, nullptr);
+  accept_paused_until_ = now + kAcceptPauseMs * 1'000'000LL;
+}
+
+void EventLoop::resume_accepting(int64_t now) {
+  if (accept_paused_until_ == 0 || now < accept_paused_until_ || draining_) return;
+  epoll_event ev{};
+  ev.events = EPOLLIN | EPOLLEXCLUSIVE;
+  ev.data.fd = listen_fd_;
+  if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, listen_fd_, &ev) == 0) accept_paused_until_ = 0;
 }
 
 EventLoop::~EventLoop() {
@@ -84,7 +112,11 @@ void EventLoop::close_connection(int fd) {
 void EventLoop::accept_ready(int64_t now) {
   for (int i = 0; i < 64; ++i) {
     UniqueFd fd(::accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC));
-    if (!fd) return;  // EAGAIN (another worker took it), or a transient error such as EMFILE
+    if (!fd) {
+      if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO) continue;
+      if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) pause_accepting(now);
+      return;  // EAGAIN: another worker took it
+    }
     const uint64_t cur = ctx_.counters.connections_current.fetch_add(1, std::memory_order_relaxed);
     if (cur >= static_cast<uint64_t>(ctx_.config.max_connections)) {
       // Over the limit: accepted only to be closed, so the peer learns at once.
@@ -114,7 +146,10 @@ void EventLoop::on_tick(int64_t now) {
   std::vector<int> dead;
   for (auto& [fd, e] : conns_) {
     e.conn->on_timer(now);
-    if (e.conn->done()) dead.push_back(fd);
+    if (e.conn->done())
+      dead.push_back(fd);
+    else
+      update_interest(*e.conn);  // a PUT waiting for the pending-bytes budget may read again
   }
   for (int fd : dead) close_connection(fd);
 }
@@ -127,7 +162,7 @@ void EventLoop::run() {
     const int64_t now = monotonic_ns();
     if (stop_.load() && !draining_) {
       draining_ = true;
-      ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, listen_fd_, nullptr);
+      if (accept_paused_until_ == 0) ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, listen_fd_, nullptr);
       std::vector<int> dead;
       for (auto& [fd, e] : conns_) {
         e.conn->begin_drain();
@@ -163,6 +198,7 @@ void EventLoop::run() {
         update_interest(c);
     }
     if (now >= next_tick) {
+      resume_accepting(now);
       on_tick(now);
       next_tick = now + kTickMs * 1'000'000LL;
     }

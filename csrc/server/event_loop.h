@@ -9,8 +9,8 @@
 #include <thread>
 #include <unordered_map>
 
+#include "common/unique_fd.h"
 #include "server/connection.h"
-#include "server/unique_fd.h"
 
 namespace membrain::server {
 
@@ -32,6 +32,11 @@ class EventLoop {
   void update_interest(Connection& c);
   void close_connection(int fd);
   void on_tick(int64_t now);
+  // Out of file descriptors (EMFILE/ENFILE/...): sheds the queued clients with the spare fd
+  // (accept and close, so they learn at once instead of hanging in the backlog) and takes the
+  // listener out of this loop's epoll for kAcceptPauseMs (level-triggered, it would spin).
+  void pause_accepting(int64_t now);
+  void resume_accepting(int64_t now);
 
   ServerContext& ctx_;
   int listen_fd_;
@@ -41,6 +46,8 @@ class EventLoop {
   std::atomic<bool> stop_{false};
   std::atomic<int64_t> drain_deadline_ns_{0};
   bool draining_ = false;
+  UniqueFd spare_;                   // /dev/null, given up to accept-and-close when fds run out
+  int64_t accept_paused_until_ = 0;  // 0 = the listener is in this loop's epoll
   struct Entry {
     std::unique_ptr<Connection> conn;
     uint32_t events = 0;  // current epoll interest

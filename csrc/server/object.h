@@ -13,6 +13,12 @@ namespace membrain::server {
 
 struct Object;
 
+// Figures of one namespace (what a tenant limited to it may see), kept while it holds objects.
+struct NamespaceStats {
+  uint64_t items = 0, bytes = 0;
+  uint64_t hits = 0, misses = 0, gets = 0, puts = 0, deletes = 0, evictions = 0, expired = 0;
+};
+
 // Per-object state an EvictionPolicy may use (intrusive list links plus a recency/frequency
 // stamp), so policies need no side table and no allocation per access.
 struct EvictionHook {
@@ -23,15 +29,20 @@ struct EvictionHook {
 };
 
 struct Object {
+  // `meta_bytes` is the bookkeeping this object was charged (SlabAllocator::charge_meta); it is
+  // returned with the chunk when the object goes.
   Object(SlabAllocator* alloc, SlabAllocator::Chunk chunk, std::string index_key, uint64_t value_len,
-         uint64_t checksum)
+         uint64_t checksum, uint64_t meta_bytes = 0)
       : alloc(alloc),
         chunk(chunk),
         index_key(std::move(index_key)),
         value_len(value_len),
-        checksum(checksum) {}
+        checksum(checksum),
+        meta_bytes(meta_bytes) {}
   ~Object() {
-    if (alloc) alloc->free(chunk);
+    if (!alloc) return;
+    alloc->free(chunk);
+    if (meta_bytes) alloc->uncharge_meta(meta_bytes);
   }
   Object(const Object&) = delete;
   Object& operator=(const Object&) = delete;
@@ -43,11 +54,13 @@ struct Object {
   SlabAllocator::Chunk chunk;
   std::string index_key;  // namespace + '\0' + key (namespaces never contain NUL)
   uint64_t value_len;
-  uint64_t checksum;           // XXH3-64 of the value, verified on receipt, returned on GET
-  int64_t expires_at_ns = 0;   // steady clock; 0 = never
-  bool indexed = false;        // visible in the index (guarded by the storage lock)
-  EvictionHook hook;           // guarded by the storage lock
-  Object* exp_prev = nullptr;  // expiry FIFO, guarded by the storage lock
+  uint64_t checksum;             // XXH3-64 of the value, verified on receipt, returned on GET
+  uint64_t meta_bytes;           // bookkeeping charged against capacity for this object
+  int64_t expires_at_ns = 0;     // steady clock; 0 = never
+  bool indexed = false;          // visible in the index (guarded by the storage lock)
+  EvictionHook hook;             // guarded by the storage lock
+  NamespaceStats* ns = nullptr;  // while indexed, guarded by the storage lock
+  Object* exp_prev = nullptr;    // expiry FIFO, guarded by the storage lock
   Object* exp_next = nullptr;
   // Visible objects of the same slab (first slab for runs), guarded by the storage lock, so
   // Storage can evict a whole slab when it gives the slab to another size class.

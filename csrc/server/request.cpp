@@ -36,7 +36,7 @@ Reply reply(uint32_t count, Status st, std::vector<uint8_t> body, std::vector<Ob
 }  // namespace
 
 Reply execute_request(ServerContext& ctx, const proto::Header& hdr, const uint8_t* p, std::size_t len,
-                      std::string* ns_, bool* authed_) {
+                      std::string* ns_, bool* authed_, const TokenGrant** grant_) {
   const Op op = static_cast<Op>(hdr.opcode);
   const proto::Limits& limits_ = ctx.config.limits;
   switch (op) {
@@ -45,12 +45,23 @@ Reply execute_request(ServerContext& ctx, const proto::Header& hdr, const uint8_
       const uint16_t ns_len = proto::get_u16(p), tok_len = proto::get_u16(p + 2);
       if (std::size_t{4} + ns_len + tok_len != len) return refuse(Status::kBadRequest);
       const std::string_view ns(reinterpret_cast<const char*>(p + 4), ns_len);
-      if (!ctx.config.auth_token.empty() &&
-          !equal_constant_time(p + 4 + ns_len, tok_len, ctx.config.auth_token)) {
+      const TokenGrant* grant = nullptr;
+      if (ctx.config.auth_enabled()) {
+        // Every token is compared (constant time each), so timing does not tell which matched.
+        for (const TokenGrant& g : ctx.config.tokens) {
+          if (equal_constant_time(p + 4 + ns_len, tok_len, g.token) && !grant) grant = &g;
+        }
+        if (!grant) {
+          Counters::inc(ctx.counters.auth_failures);
+          return refuse(Status::kUnauthorized);
+        }
+      }
+      if (!proto::valid_namespace(ns, limits_)) return refuse(Status::kBadRequest);
+      if (grant && !grant->allows(ns)) {  // a valid token, but not for this namespace
         Counters::inc(ctx.counters.auth_failures);
         return refuse(Status::kUnauthorized);
       }
-      if (!proto::valid_namespace(ns, limits_)) return refuse(Status::kBadRequest);
+      *grant_ = grant;
       *authed_ = true;
       ns_->assign(ns);
       std::vector<uint8_t> body(32, 0);
@@ -64,7 +75,7 @@ Reply execute_request(ServerContext& ctx, const proto::Header& hdr, const uint8_
     case Op::kPing:
       return reply(0, Status::kOk, std::vector<uint8_t>(p, p + len));
     case Op::kStats: {
-      const std::string js = ctx.stats_json();
+      const std::string js = *grant_ && !(*grant_)->all() ? ctx.namespace_stats_json(*ns_) : ctx.stats_json();
       return reply(0, Status::kOk, std::vector<uint8_t>(js.begin(), js.end()));
     }
     default:

@@ -11,7 +11,7 @@
 namespace membrain::server {
 
 uint64_t SlabAllocator::auto_slab_bytes(uint64_t capacity) {
-  uint64_t target = capacity / 64;
+  uint64_t target = capacity / 256;
   uint64_t s = 64ull << 10;
   while (s * 2 <= target && s < (4ull << 20)) s *= 2;
   return s;
@@ -165,6 +165,14 @@ void SlabAllocator::prefault(const std::atomic<bool>& stop) {
   for (uint64_t off = 0; off < region_bytes_ && !stop.load(std::memory_order_relaxed); off += kStep) {
     const uint64_t len = std::min(kStep, region_bytes_ - off);
     if (::madvise(region_ + off, len, MADV_POPULATE_WRITE) != 0) return;
+    {
+      // Slabs lent to bookkeeping meanwhile must not stay resident.
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (uint32_t s : meta_slabs_) {
+        const uint64_t at = static_cast<uint64_t>(s) * slab_bytes_;
+        if (at < off + len && at + slab_bytes_ > off) ::madvise(region_ + at, slab_bytes_, MADV_DONTNEED);
+      }
+    }
     prefaulted_bytes_.store(off + len, std::memory_order_relaxed);
   }
 #else
@@ -191,6 +199,62 @@ void SlabAllocator::free(const Chunk& c) {
   }
   s.free_chunks.push_back(static_cast<uint32_t>(offset / c.bytes));
   partial_[c.klass].insert(c.slab);
+}
+
+bool SlabAllocator::charge_meta(uint64_t bytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  while (meta_bytes_ + bytes > meta_slabs_.size() * slab_bytes_) {
+    auto s = take_free_slab_locked();
+    if (!s) return false;
+    slabs_[*s].klass = kMetaClass;
+    meta_slabs_.push_back(*s);
+    // The heap holds the bookkeeping; the slab's pages go back to the kernel so the two are
+    // not both resident.
+    ::madvise(region_ + static_cast<uint64_t>(*s) * slab_bytes_, slab_bytes_, MADV_DONTNEED);
+  }
+  meta_bytes_ += bytes;
+  return true;
+}
+
+void SlabAllocator::uncharge_meta(uint64_t bytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  meta_bytes_ -= std::min(bytes, meta_bytes_);
+  // Keep what the charge needs plus one slab of slack (none once nothing is charged).
+  const uint64_t needed = (meta_bytes_ + slab_bytes_ - 1) / slab_bytes_;
+  while (meta_slabs_.size() > (needed ? needed + 1 : 0)) {
+    const uint32_t s = meta_slabs_.back();
+    meta_slabs_.pop_back();
+    release_slab_locked(s, 1);
+  }
+}
+
+void SlabAllocator::snapshot(std::vector<SlabState>* out) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  out->assign(slabs_.size(), SlabState{});
+  for (uint32_t i = 0; i < slabs_.size(); ++i) {
+    const Slab& s = slabs_[i];
+    SlabState& o = (*out)[i];
+    if (o.run_first != kNoClass) continue;  // inside a run seen already
+    o.klass = s.klass;
+    o.used = s.used;
+    if (s.run > 0) {
+      for (uint32_t j = 0; j < s.run && i + j < slabs_.size(); ++j) {
+        (*out)[i + j].klass = s.klass;
+        (*out)[i + j].run_first = i;
+      }
+      (*out)[i].used = s.used;
+    }
+  }
+}
+
+uint64_t SlabAllocator::meta_bytes() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return meta_bytes_;
+}
+
+uint64_t SlabAllocator::meta_slabs() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return meta_slabs_.size();
 }
 
 uint32_t SlabAllocator::chunks_used(uint32_t slab) const {

@@ -8,6 +8,7 @@ namespace membrain::server {
 namespace {
 // Reused per thread so a lookup builds its index key without a heap allocation.
 thread_local std::string t_key;
+thread_local std::string t_ns;
 }  // namespace
 
 Storage::Storage(const Options& o)
@@ -15,7 +16,8 @@ Storage::Storage(const Options& o)
              o.slab_bytes ? o.slab_bytes : SlabAllocator::auto_slab_bytes(o.capacity_bytes)),
       policy_(make_eviction_policy(o.policy, alloc_.num_classes())),
       ttl_ns_(static_cast<int64_t>(o.ttl_s * 1e9)),
-      slab_heads_(alloc_.num_slabs(), nullptr) {}
+      slab_heads_(alloc_.num_slabs(), nullptr),
+      slab_stamp_(alloc_.num_slabs(), 0) {}
 
 Storage::~Storage() {
   // Objects still pinned elsewhere would outlive the allocator; the server joins every worker
@@ -26,9 +28,13 @@ Storage::~Storage() {
 }
 
 std::size_t Storage::per_object_overhead_bytes() {
-  // Object + shared_ptr control block (make_shared: one allocation) + hash node + key string
-  // header + bucket pointer. Key bytes beyond the SSO buffer come on top.
-  return sizeof(Object) + 16 + sizeof(Index::value_type) + 2 * sizeof(void*) + sizeof(void*);
+  // Object + shared_ptr control block (make_shared: one allocation), the hash node (next
+  // pointer, key string + shared_ptr, cached hash), each with malloc's 8-byte header and 16-byte
+  // rounding, and up to two bucket pointers (the table doubles at load factor 1). Key bytes
+  // beyond the string's inline buffer come on top (item_charge_bytes).
+  auto malloced = [](std::size_t n) { return (n + 8 + 15) & ~std::size_t{15}; };
+  return malloced(sizeof(Object) + 16) +
+         malloced(sizeof(void*) + sizeof(Index::value_type) + sizeof(std::size_t)) + 2 * sizeof(void*);
 }
 
 void Storage::make_index_key(std::string_view ns, std::string_view key, std::string* out) {
@@ -78,18 +84,55 @@ void Storage::slab_link_locked(Object* o) {
   head = o;
 }
 
+void Storage::slab_touch_locked(const Object* o) {
+  if (!o->data()) return;
+  const uint32_t s = o->chunk.slab;
+  const uint64_t stamp = o->hook.stamp;
+  if (stamp <= slab_stamp_[s]) return;
+  if (slab_stamp_[s]) slab_order_.erase({slab_stamp_[s], s});
+  slab_stamp_[s] = stamp;
+  slab_order_.insert({stamp, s});
+}
+
 void Storage::slab_unlink_locked(Object* o) {
   if (!o->data()) return;
   if (o->slab_prev)
     o->slab_prev->slab_next = o->slab_next;
   else
     slab_heads_[o->chunk.slab] = o->slab_next;
+  if (!slab_heads_[o->chunk.slab] && slab_stamp_[o->chunk.slab]) {  // its last visible object
+    slab_order_.erase({slab_stamp_[o->chunk.slab], o->chunk.slab});
+    slab_stamp_[o->chunk.slab] = 0;
+  }
   if (o->slab_next) o->slab_next->slab_prev = o->slab_prev;
   o->slab_prev = o->slab_next = nullptr;
 }
 
-void Storage::remove_locked(Index::iterator it) {
+NamespaceStats* Storage::ns_locked(std::string_view ns, bool create) {
+  t_ns.assign(ns.data(), ns.size());
+  auto it = namespaces_.find(t_ns);
+  if (it != namespaces_.end()) return &it->second;
+  if (!create) return nullptr;
+  return &namespaces_.emplace(t_ns, NamespaceStats{}).first->second;
+}
+
+void Storage::ns_unlink_locked(Object* o, uint64_t NamespaceStats::* counter) {
+  // `counter` (evictions, expired, deletes, or none) is counted for the object's namespace.
+  NamespaceStats* n = o->ns;
+  if (!n) return;
+  o->ns = nullptr;
+  if (counter) ++(n->*counter);
+  --n->items;
+  n->bytes -= o->value_len;
+  if (n->items == 0) {
+    const std::string_view key(o->index_key);
+    namespaces_.erase(std::string(key.substr(0, key.find('\0'))));
+  }
+}
+
+void Storage::remove_locked(Index::iterator it, uint64_t NamespaceStats::* counter) {
   Object* o = it->second.get();
+  ns_unlink_locked(o, counter);
   policy_->on_remove(o);
   exp_unlink_locked(o);
   slab_unlink_locked(o);
@@ -104,7 +147,7 @@ Object* Storage::find_live_locked(std::string_view ns, std::string_view key, int
   auto it = index_.find(t_key);
   if (it == index_.end()) return nullptr;
   if (expired_locked(it->second.get(), now)) {
-    remove_locked(it);
+    remove_locked(it, &NamespaceStats::expired);
     ++expired_;
     return nullptr;
   }
@@ -112,56 +155,147 @@ Object* Storage::find_live_locked(std::string_view ns, std::string_view key, int
   return it->second.get();
 }
 
+uint64_t Storage::item_charge_bytes(std::size_t index_key_len) {
+  // The fixed part (Object + control block, hash node, buckets, malloc headers) plus both copies
+  // of the index key (the Object's and the hash node's) when they outgrow the string's inline
+  // buffer: the key's bytes, its NUL and malloc's rounding.
+  const uint64_t heap_key =
+      index_key_len > kInlineKeyBytes ? ((index_key_len + 1 + 8 + 15) & ~uint64_t{15}) : 0;
+  return per_object_overhead_bytes() + 2 * heap_key;
+}
+
+bool Storage::make_room_locked(bool need_chunk, uint32_t klass, uint32_t run_slabs) {
+  // Evicts something so that a chunk of class `klass` (need_chunk), a run of `run_slabs`
+  // contiguous slabs, or bookkeeping room (a free slab to lend, or charged bytes returned) may
+  // come free. False when nothing is left to evict.
+  //
+  // Recency decides across size classes, at slab granularity: room comes from the slab whose
+  // newest object is the oldest (slab_order_), emptied whole and handed to whichever class (or
+  // run, or bookkeeping) needs it. Evicting one object at a time within the needing class would
+  // let classes keep the slabs they got first (slab calcification: old 1 MiB values making a
+  // new 16 KiB working set evict its own newest objects) and, for runs, evict objects whose
+  // slabs never come free. Empty values hold no slab; they go first when they are older than
+  // every slab, and so does the needing class's least recent object (one eviction, the right
+  // chunk size, exact LRU within the class). A slab with a pinned object or a chunk the index cannot see (a
+  // PUT being received, an evicted value still pinned) is skipped; when no slab can be emptied the least
+  // recent object is evicted alone (its chunk frees room in its class).
+  Object* lru = policy_->victim_any();
+  const uint64_t oldest_slab = slab_order_.empty() ? UINT64_MAX : slab_order_.begin()->first;
+  if (lru && !lru->data() && lru->hook.stamp <= oldest_slab) {
+    remove_locked(index_.find(lru->index_key), &NamespaceStats::evictions);
+    ++evictions_;
+    return true;
+  }
+  if (need_chunk && run_slabs == 0) {
+    // The class's own least recent object, when it is older than every slab's newest: evicting
+    // it frees a chunk of the right size and is exactly LRU.
+    Object* own = policy_->victim_in_class(klass);
+    if (own && own->hook.stamp <= oldest_slab) {
+      remove_locked(index_.find(own->index_key), &NamespaceStats::evictions);
+      ++evictions_;
+      return true;
+    }
+  }
+  if (run_slabs > 0) {
+    if (reclaim_window_locked(run_slabs)) return true;
+  } else {
+    for (const auto& [stamp, slab] : slab_order_) {
+      const uint32_t was = slab_heads_[slab] ? slab_heads_[slab]->size_class() : klass;
+      if (reclaim_slab_locked(slab)) {  // invalidates the iteration: return at once
+        if (need_chunk && was != klass) ++slab_reassignments_;
+        return true;
+      }
+    }
+  }
+  if (!lru) return false;  // nothing left to evict: the rest is pending or pinned
+  remove_locked(index_.find(lru->index_key), &NamespaceStats::evictions);
+  ++evictions_;
+  return true;
+}
+
+bool Storage::reclaim_window_locked(uint32_t n) {
+  std::vector<SlabAllocator::SlabState> st;
+  alloc_.snapshot(&st);
+  const uint32_t total = static_cast<uint32_t>(st.size());
+  if (n == 0 || n > total) return false;
+  // Cost of a slab: 0 free, its recency when it holds only visible objects, "never" otherwise
+  // (bookkeeping, pending or pinned chunks). A run's slabs cost the run's recency.
+  constexpr uint64_t kNever = UINT64_MAX;
+  std::vector<uint64_t> cost(total, kNever);
+  for (uint32_t i = 0; i < total; ++i) {
+    if (st[i].klass == SlabAllocator::kNoClass) {
+      cost[i] = 0;
+      continue;
+    }
+    if (st[i].klass == SlabAllocator::kMetaClass) continue;
+    const uint32_t head = st[i].run_first != SlabAllocator::kNoClass ? st[i].run_first : i;
+    if (slab_heads_[head] && slab_stamp_[head]) cost[i] = slab_stamp_[head];
+  }
+  for (int attempt = 0; attempt < 8; ++attempt) {
+    // The window whose newest slab is the oldest (a monotonic deque would be O(n); windows are
+    // short, so the plain scan is fine).
+    uint64_t best = kNever;
+    uint32_t best_at = 0;
+    for (uint32_t i = 0; i + n <= total; ++i) {
+      uint64_t w = 0;
+      for (uint32_t j = 0; j < n && w != kNever; ++j) w = std::max(w, cost[i + j]);
+      if (w < best) {
+        best = w;
+        best_at = i;
+      }
+    }
+    if (best == kNever) return false;
+    bool ok = true;
+    for (uint32_t j = 0; j < n && ok; ++j) {
+      const uint32_t i = best_at + j;
+      if (cost[i] == 0) continue;
+      const uint32_t head = st[i].run_first != SlabAllocator::kNoClass ? st[i].run_first : i;
+      if (!slab_heads_[head]) continue;  // emptied with an earlier slab of the same run
+      if (!reclaim_slab_locked(head)) {
+        cost[i] = kNever;  // pinned or pending: look for another window
+        ok = false;
+      }
+    }
+    if (ok) return true;
+  }
+  return false;
+}
+
 ObjectRef Storage::reserve(std::string_view ns, std::string_view key, uint64_t len, uint64_t checksum,
-                           proto::Status* why) {
+                           proto::Status* why, bool may_evict) {
   std::string ikey;
   make_index_key(ns, key, &ikey);
-  if (len == 0) {
-    // Empty values take no chunk; class 0 keeps them on an ordinary LRU list.
-    SlabAllocator::Chunk none;
-    none.klass = 0;
-    return std::make_shared<Object>(&alloc_, none, std::move(ikey), 0, checksum);
-  }
   if (len > alloc_.max_allocation()) {
     *why = proto::Status::kTooLarge;
     return nullptr;
   }
-  auto chunk = alloc_.allocate(len);
-  if (!chunk) {
-    const uint32_t klass = alloc_.class_of(len);
+  const uint64_t meta = item_charge_bytes(ikey.size());
+  bool charged = alloc_.charge_meta(meta);
+  std::optional<SlabAllocator::Chunk> chunk;
+  if (len) chunk = alloc_.allocate(len);
+  if ((!charged || (len && !chunk)) && may_evict) {
+    const uint32_t klass = len ? alloc_.class_of(len) : 0;
+    const uint32_t run = klass == alloc_.large_class()
+                             ? static_cast<uint32_t>((len + alloc_.slab_bytes() - 1) / alloc_.slab_bytes())
+                             : 0;
     std::lock_guard<std::mutex> lock(mu_);
-    // Evict until the allocator can serve us. Evicting within the same class frees a chunk of
-    // the right size with one eviction, but if that were the only rule a class would stay at
-    // the slabs it got first: a cache full of old 1 MiB values would make a new 16 KiB working
-    // set evict its own newest objects forever (slab calcification). So age decides: when the
-    // policy's global victim belongs to another class (it is less recent than this class's own
-    // victim), we empty the slab that victim lives in and take that slab instead. If the slab
-    // cannot be emptied (pinned or pending chunks in it), fall back to evicting within the
-    // class. Values needing slab runs keep evicting the global victim until a run comes free.
-    const bool small = klass != alloc_.large_class();
-    while (!(chunk = alloc_.allocate(len))) {
-      Object* own = small ? policy_->victim_in_class(klass) : nullptr;
-      Object* any = policy_->victim_any();
-      Object* v = own ? own : any;
-      if (small && any && any->size_class() != klass) {
-        if (!any->data()) {
-          v = any;  // an empty value holds no chunk, but it is older: evict it and look again
-        } else if (reclaim_slab_locked(any->chunk.slab)) {
-          ++slab_reassignments_;
-          continue;  // the slab is back in the free pool (unless another thread raced us to it)
-        }
-      }
-      if (!v) break;  // nothing left to evict: the rest is pending or pinned
-      auto it = index_.find(v->index_key);
-      remove_locked(it);
-      ++evictions_;
+    for (;;) {
+      if (!charged) charged = alloc_.charge_meta(meta);
+      if (len && !chunk) chunk = alloc_.allocate(len);
+      if (charged && (!len || chunk)) break;
+      const bool need_chunk = len && !chunk;
+      if (!make_room_locked(need_chunk, klass, need_chunk ? run : 0)) break;
     }
   }
-  if (!chunk) {
+  if (!charged || (len && !chunk)) {
+    if (charged) alloc_.uncharge_meta(meta);
+    if (chunk) alloc_.free(*chunk);
     *why = proto::Status::kNoSpace;
     return nullptr;
   }
-  return std::make_shared<Object>(&alloc_, *chunk, std::move(ikey), len, checksum);
+  SlabAllocator::Chunk none;
+  none.klass = 0;  // empty values take no chunk; class 0 keeps them on an ordinary LRU list
+  return std::make_shared<Object>(&alloc_, chunk ? *chunk : none, std::move(ikey), len, checksum, meta);
 }
 
 void Storage::publish(const ObjectRef& obj) {
@@ -169,9 +303,16 @@ void Storage::publish(const ObjectRef& obj) {
   std::lock_guard<std::mutex> lock(mu_);
   const int64_t now = now_ns();
   obj->expires_at_ns = ttl_ns_ > 0 ? now + ttl_ns_ : 0;
+  const std::string_view ikey(obj->index_key);
+  NamespaceStats* ns = ns_locked(ikey.substr(0, ikey.find('\0')), /*create=*/true);
+  ++ns->items;  // before the old version leaves, so the entry is not dropped and remade
+  ns->bytes += obj->value_len;
+  ++ns->puts;
+  obj->ns = ns;
   auto [it, inserted] = index_.try_emplace(obj->index_key, obj);
   if (!inserted) {
     Object* prev = it->second.get();
+    ns_unlink_locked(prev, nullptr);
     policy_->on_remove(prev);
     exp_unlink_locked(prev);
     slab_unlink_locked(prev);
@@ -185,6 +326,7 @@ void Storage::publish(const ObjectRef& obj) {
   policy_->on_insert(obj.get());
   exp_link_locked(obj.get());
   slab_link_locked(obj.get());
+  slab_touch_locked(obj.get());
   ++puts_;
 }
 
@@ -194,17 +336,25 @@ void Storage::get_many(std::string_view ns, const std::vector<std::string_view>&
   out->reserve(keys.size());
   std::lock_guard<std::mutex> lock(mu_);
   const int64_t now = now_ns();
+  uint64_t hits = 0;
   for (auto k : keys) {
     Index::iterator it;
     Object* o = find_live_locked(ns, k, now, &it);
     if (!o) {
-      ++misses_;
       out->emplace_back();
       continue;
     }
-    ++hits_;
+    ++hits;
     policy_->on_access(o);
+    slab_touch_locked(o);
     out->push_back(it->second);  // the pin
+  }
+  hits_ += hits;
+  misses_ += keys.size() - hits;
+  if (NamespaceStats* n = ns_locked(ns, false)) {  // after the loop: expiry may have dropped it
+    n->hits += hits;
+    n->misses += keys.size() - hits;
+    ++n->gets;
   }
 }
 
@@ -238,7 +388,7 @@ uint32_t Storage::erase_many(std::string_view ns, const std::vector<std::string_
     Index::iterator it;
     if (!find_live_locked(ns, k, now, &it)) continue;
     dropped.push_back(it->second);
-    remove_locked(it);
+    remove_locked(it, &NamespaceStats::deletes);
     ++n;
   }
   deletes_ += n;
@@ -252,7 +402,7 @@ std::size_t Storage::sweep_expired(std::size_t max_items) {
   std::size_t n = 0;
   while (exp_head_ && n < max_items && expired_locked(exp_head_, now)) {
     auto it = index_.find(exp_head_->index_key);
-    remove_locked(it);
+    remove_locked(it, &NamespaceStats::expired);
     ++expired_;
     ++n;
   }
@@ -272,10 +422,21 @@ bool Storage::reclaim_slab_locked(uint32_t slab) {
   // Chunks the index cannot see (pending PUTs, evicted values still pinned) keep the slab busy.
   if (victims.empty() || alloc_.chunks_used(slab) != victims.size()) return false;
   for (auto it : victims) {  // erasing one unordered_map node leaves the other iterators valid
-    remove_locked(it);
+    remove_locked(it, &NamespaceStats::evictions);
     ++evictions_;
   }
   return true;
+}
+
+NamespaceStats Storage::namespace_stats(std::string_view ns) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = namespaces_.find(std::string(ns));
+  return it == namespaces_.end() ? NamespaceStats{} : it->second;
+}
+
+std::vector<std::pair<std::string, NamespaceStats>> Storage::all_namespace_stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return {namespaces_.begin(), namespaces_.end()};
 }
 
 StorageStats Storage::stats() const {
@@ -295,10 +456,11 @@ StorageStats Storage::stats() const {
   s.capacity_bytes = alloc_.capacity();
   s.allocated_bytes = alloc_.slab_bytes_in_use();
   s.chunk_bytes = alloc_.chunk_bytes_in_use();
-  s.fragmentation = s.allocated_bytes
-                        ? double(s.allocated_bytes - std::min(s.allocated_bytes, s.stored_bytes)) /
-                              double(s.allocated_bytes)
-                        : 0.0;
+  s.meta_bytes = alloc_.meta_bytes();
+  s.meta_slab_bytes = alloc_.meta_slabs() * alloc_.slab_bytes();
+  const uint64_t value_slabs = s.allocated_bytes - std::min(s.allocated_bytes, s.meta_slab_bytes);
+  s.fragmentation =
+      value_slabs ? double(value_slabs - std::min(value_slabs, s.stored_bytes)) / double(value_slabs) : 0.0;
   return s;
 }
 

@@ -80,11 +80,6 @@ double since(Clock::time_point& t) {
 
 }  // namespace
 
-void UniqueFd::reset(int fd) {
-  if (fd_ >= 0) ::close(fd_);
-  fd_ = fd;
-}
-
 struct TcpConnection::Deadline {
   std::chrono::steady_clock::time_point at;
   explicit Deadline(int timeout_ms)

@@ -24,6 +24,7 @@
 
 #include <sys/uio.h>
 
+#include "common/unique_fd.h"
 #include "transport/protocol.h"
 #include "transport/request_codec.h"  // ConstSpan, MutSpan, ValuePlacer, validate_key, KeyListCall
 
@@ -34,32 +35,6 @@ namespace membrain {
 class TransportError : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
-};
-
-// Owns a file descriptor; closes it exactly once.
-class UniqueFd {
- public:
-  UniqueFd() = default;
-  explicit UniqueFd(int fd) : fd_(fd) {}
-  ~UniqueFd() { reset(); }
-  UniqueFd(UniqueFd&& o) noexcept : fd_(o.release()) {}
-  UniqueFd& operator=(UniqueFd&& o) noexcept {
-    if (this != &o) reset(o.release());
-    return *this;
-  }
-  UniqueFd(const UniqueFd&) = delete;
-  UniqueFd& operator=(const UniqueFd&) = delete;
-  int get() const { return fd_; }
-  explicit operator bool() const { return fd_ >= 0; }
-  int release() {
-    int fd = fd_;
-    fd_ = -1;
-    return fd;
-  }
-  void reset(int fd = -1);
-
- private:
-  int fd_ = -1;
 };
 
 class TcpConnection {

@@ -310,6 +310,59 @@ def bench_lookup(endpoint: str, iters: int, timeout_ms: int, rounds: int = 5) ->
     }
 
 
+MIXED_SIZES = (1, 4 << 10, 64 << 10, MiB, 3_000_001)
+
+
+def bench_mixed_fill(capacity: int = 256 * MiB, seed: int = 7) -> dict[str, Any]:
+    """Capacity use with mixed value sizes: a fresh in-process server of `capacity` (no
+    prefault) is filled with values of 1 B, 4 KiB, 64 KiB, 1 MiB and 3,000,001 B in random order,
+    one PUT each, until its first eviction, then to twice its capacity. Reports the live fraction
+    of capacity at the first eviction (the target is >= 0.9), the live fraction at the end, the
+    oldest position (in capacity units back from the newest write) of a missing value, and the
+    PUT rate. In-process, so it never touches a server given with --endpoint."""
+    import random
+
+    import membrain
+    from membrain.server import Server
+
+    rng = random.Random(seed)
+    blobs = {n: os.urandom(n) for n in MIXED_SIZES}
+    with Server(port=0, capacity=capacity, prefault=False, threads=1) as srv:
+        cap = srv.stats()["capacity_bytes"]
+        written: list[tuple[bytes, int]] = []
+        first: float | None = None
+        t0 = time.perf_counter()
+        with membrain.Client(srv.endpoint, namespace="bench-mixed") as c:
+            total = 0
+            while total < 2 * cap:
+                n = rng.choice(MIXED_SIZES)
+                key = b"mixed-%d" % len(written)
+                assert c.put([key], [blobs[n]]) == [True]
+                written.append((key, n))
+                if first is None and srv.stats()["evictions"]:
+                    first = total / cap
+                total += n
+            secs = time.perf_counter() - t0
+            present = c.exists([k for k, _ in written])
+        newer, newest_missing = 0, None
+        for (_, n), ok in zip(reversed(written), reversed(present)):
+            newer += n
+            if not ok:
+                newest_missing = newer / cap
+                break
+        st = srv.stats()
+    return {
+        "capacity_bytes": cap,
+        "sizes": list(MIXED_SIZES),
+        "live_fraction_at_first_eviction": first,
+        "live_fraction_at_end": st["used_bytes"] / cap,
+        "newest_missing_capacity_back": newest_missing,
+        "puts": len(written),
+        "gbps": total / secs / 1e9,
+        "slab_bytes": st["slab_bytes"],
+    }
+
+
 def timing_split(
     endpoint: str, size: int, batch: int, seconds: float, run_id: str
 ) -> dict[str, dict[str, float]]:
@@ -759,6 +812,7 @@ def main(argv: list[str] | None = None) -> int:
     run_id = f"r{os.getpid()}-{int(time.time())}"
     points: list[Point] = []
     lookup: dict[str, Any] = {}
+    mixed: dict[str, Any] = {}
     split: dict[str, dict[str, float]] = {}
     accept_rows: list[dict[str, Any]] = []
     try:
@@ -769,6 +823,14 @@ def main(argv: list[str] | None = None) -> int:
             f"p99 {lookup['p99_ms']:.3f} ms (per round: "
             + ", ".join(f"{r['p99_ms']:.3f}" for r in lookup["rounds"])
             + f"; raw connection p50 {lookup['native_p50_ms']:.3f} / p99 {lookup['native_p99_ms']:.3f} ms)",
+            flush=True,
+        )
+        mixed = bench_mixed_fill()
+        print(
+            f"MIXED 1B/4KiB/64KiB/1MiB/3MB into {mixed['capacity_bytes'] >> 20} MiB: first eviction at "
+            f"{mixed['live_fraction_at_first_eviction']:.1%} of capacity live (target >= 90%), "
+            f"{mixed['live_fraction_at_end']:.1%} live after 2x capacity, newest missing value "
+            f"{mixed['newest_missing_capacity_back'] or 0:.2f} capacities back, {mixed['gbps']:.2f} GB/s",
             flush=True,
         )
         split = timing_split(endpoint, MiB, 16, plan.seconds, run_id)
@@ -939,6 +1001,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_per_point": plan.seconds,
         "points": [asdict(p) for p in points],
         "lookup_prefix": lookup,
+        "mixed_fill": mixed,
         "timing_split_1MiB_x16": split,
         "loopback": {str(k): v for k, v in loop.items()},
         "redis": redis,

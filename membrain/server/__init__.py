@@ -51,7 +51,14 @@ class Server:
         max_payload_bytes: int | str = 1 << 30,
         prefault: bool = True,
         ucx_port: int | None = None,
+        max_pending_put_bytes: int | str = 0,
+        max_pending_put_bytes_per_connection: int | str = 0,
+        max_reply_bytes_per_connection: int | str = 1 << 30,
+        auth_timeout: float = 10.0,
+        tokens: dict[str, list[str]] | None = None,
     ) -> None:
+        """`tokens` maps tokens to the namespace patterns each opens (glob: ``*``, ``?``); a
+        token with ``"*"`` reaches everything. `auth_token` is one token for every namespace."""
         from membrain import _native
 
         token = auth_token.decode() if isinstance(auth_token, bytes) else (auth_token or "")
@@ -72,6 +79,11 @@ class Server:
             max_payload_bytes=parse_size(max_payload_bytes),
             prefault=bool(prefault),
             ucx_port=-1 if ucx_port is None else int(ucx_port),
+            max_pending_put_bytes=parse_size(max_pending_put_bytes),
+            max_pending_put_bytes_per_connection=parse_size(max_pending_put_bytes_per_connection),
+            max_reply_bytes_per_connection=parse_size(max_reply_bytes_per_connection),
+            auth_timeout=float(auth_timeout),
+            tokens=[(t, list(p)) for t, p in (tokens or {}).items()],
         )
         self.host = host
 
@@ -106,8 +118,22 @@ class Server:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"ucx://{host}:{self.ucx_port}" if self.ucx_port else None
 
+    @property
+    def max_connections(self) -> int:
+        """--max-connections as kept after start() fitted it to RLIMIT_NOFILE."""
+        return int(self._native.max_connections)
+
+    @property
+    def fd_limit(self) -> tuple[int, int]:
+        """(soft, hard) RLIMIT_NOFILE after start() raised the soft limit to the hard one."""
+        return int(self._native.fd_limit), int(self._native.fd_limit_hard)
+
     def stats(self) -> dict[str, Any]:
         return dict(self._native.stats())
+
+    def namespace_stats(self) -> dict[str, dict[str, Any]]:
+        """Per-namespace figures (items, used_bytes, hits, ...) of the namespaces holding objects."""
+        return {k: dict(v) for k, v in self._native.namespace_stats().items()}
 
     def __enter__(self) -> Server:
         return self.start()

@@ -11,9 +11,13 @@ replies, close) and exits 0.
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import json
 import logging
+import math
 import os
 import signal
+import socket
 import sys
 import threading
 
@@ -43,13 +47,21 @@ def _port(allow_off: bool):
     return parse
 
 
-def _nonneg_float(text: str) -> float:
+# Timeouts and TTLs become int64 nanoseconds in C++: a bound keeps that conversion defined.
+MAX_SECONDS = 365 * 24 * 3600.0
+
+
+def _seconds(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds")
     if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} must be >= 0")
+        raise argparse.ArgumentTypeError(f"{v:g} must be >= 0")
+    if v > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{v:g} s is over the maximum of {MAX_SECONDS:g} s (one year)")
     return v
 
 
@@ -91,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="HTTP port for /healthz, /metrics (Prometheus) and /stats (JSON); 0 = free port, -1 = off",
     )
     p.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address the metrics HTTP server listens on (loopback by default, whatever --host is); "
+        "with --auth-token-file, /metrics and /stats require 'Authorization: Bearer <token>'",
+    )
+    p.add_argument(
         "--ucx-port",
         type=_port(True),
         default=-1,
@@ -108,15 +126,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--idle-timeout",
-        type=_nonneg_float,
+        type=_seconds,
         default=60.0,
         help="seconds; closes a connection idle this long, or whose frame or reply takes longer; 0 = never",
     )
     p.add_argument(
         "--ttl",
-        type=_nonneg_float,
+        type=_seconds,
         default=0.0,
         help="seconds an object lives after it is written; 0 = forever",
+    )
+    p.add_argument(
+        "--max-pending-put-bytes",
+        type=_size,
+        default=0,
+        help="PUT value bytes reserved but not yet received, all connections together (the server "
+        "evicts only for bytes that arrived; this bounds what clients that declare values and stall "
+        "can hold); 0 = max(max value size, capacity/4)",
+    )
+    p.add_argument(
+        "--max-pending-put-bytes-per-connection",
+        type=_size,
+        default=0,
+        help="the same bound for one connection; 0 = the max value size (min(256MiB, capacity))",
+    )
+    p.add_argument(
+        "--max-reply-bytes-per-connection",
+        type=_size,
+        default="1GiB",
+        help="reply bytes (GET values stay pinned until sent) one connection may leave unread; "
+        "past it the connection is closed (like Redis' client-output-buffer-limit)",
+    )
+    p.add_argument(
+        "--auth-timeout",
+        type=_seconds,
+        default=10.0,
+        help="with --auth-token-file: seconds a new connection has to authenticate (HELLO) before "
+        "it is closed; 0 = no deadline",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow listening on a non-loopback address (--host, --metrics-host) without "
+        "--auth-token-file; refused otherwise (protected mode)",
     )
     p.add_argument(
         "--auth-token-file",
@@ -135,15 +187,69 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _read_token(path: str) -> str:
+def _is_loopback(host: str) -> bool:
+    """True when every address `host` resolves to is a loopback one ("" = all interfaces: no)."""
+    if not host:
+        return False
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False  # the server reports the resolution error itself
+    try:
+        return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+    except ValueError:
+        return False
+
+
+def _fail(message: str) -> SystemExit:
+    """A start-up error: the message on stderr and exit status 2 (like argparse's own errors)."""
+    print(f"membrain server: error: {message}", file=sys.stderr)
+    return SystemExit(2)
+
+
+def _read_token(path: str) -> dict[str, list[str]]:
+    """The token file: either one token (the whole file, whitespace-stripped), good for every
+    namespace, or - when it starts with ``{`` - a JSON object mapping tokens to the namespace
+    patterns they open (glob: ``*``, ``?``)::
+
+        {"tokens": {"tenant-a-secret": ["tenant-a", "tenant-a-*"], "admin-secret": ["*"]}}
+    """
     try:
         with open(path, encoding="utf-8") as f:
             token = f.read().strip()
     except OSError as e:
-        raise SystemExit(f"membrain server: cannot read --auth-token-file {path!r}: {e.strerror}") from None
+        raise _fail(f"cannot read --auth-token-file {path!r}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise _fail(f"--auth-token-file {path!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not token:
-        raise SystemExit(f"membrain server: --auth-token-file {path!r} is empty")
-    return token
+        raise _fail(f"--auth-token-file {path!r} is empty")
+    if not token.startswith("{"):
+        return {token: ["*"]}
+    try:
+        doc = json.loads(token)
+    except ValueError as e:
+        raise _fail(f"--auth-token-file {path!r} starts with '{{' but is not valid JSON: {e}") from None
+    table = doc.get("tokens") if isinstance(doc, dict) else None
+    if not isinstance(table, dict) or not table:
+        raise _fail(
+            f'--auth-token-file {path!r}: expected {{"tokens": {{"<token>": ["<namespace pattern>", ...]}}}}'
+        )
+    out: dict[str, list[str]] = {}
+    for tok, pats in table.items():
+        if isinstance(pats, str):
+            pats = [pats]
+        if (
+            not tok
+            or not isinstance(pats, list)
+            or not pats
+            or not all(isinstance(p, str) and p for p in pats)
+        ):
+            raise _fail(
+                f"--auth-token-file {path!r}: each token must be non-empty and open a non-empty list "
+                "of namespace patterns"
+            )
+        out[tok] = pats
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +258,22 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     token = _read_token(args.auth_token_file) if args.auth_token_file else None
+    if token is None and not args.insecure:
+        # Protected mode (as Redis): no token, so anyone who can reach the port owns the data.
+        metrics_on = args.metrics_port >= 0
+        for opt, host in (
+            ("--host", args.host),
+            ("--metrics-host", args.metrics_host if metrics_on else None),
+        ):
+            if host is not None and not _is_loopback(host):
+                log.error(
+                    "refusing to listen on %s (%s) without authentication: anyone who can reach it could "
+                    "read and overwrite every value. Give --auth-token-file, listen on a loopback address, "
+                    "or pass --insecure to run unprotected anyway",
+                    host,
+                    opt,
+                )
+                return 2
 
     from membrain.server import Server  # imports the native extension
 
@@ -164,9 +286,13 @@ def main(argv: list[str] | None = None) -> int:
             max_connections=args.max_connections,
             idle_timeout=args.idle_timeout,
             ttl=args.ttl,
-            auth_token=token,
+            tokens=token,
             prefault=not args.no_prefault,
             ucx_port=None if args.ucx_port < 0 else args.ucx_port,
+            max_pending_put_bytes=args.max_pending_put_bytes,
+            max_pending_put_bytes_per_connection=args.max_pending_put_bytes_per_connection,
+            max_reply_bytes_per_connection=args.max_reply_bytes_per_connection,
+            auth_timeout=args.auth_timeout,
         )
         server.start()
     except (ValueError, RuntimeError, OSError) as e:
@@ -178,11 +304,17 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from membrain.server.metrics import MetricsServer
 
-            metrics = MetricsServer(server.stats, host=args.host, port=args.metrics_port).start()
+            metrics = MetricsServer(
+                server.stats,
+                host=args.metrics_host,
+                port=args.metrics_port,
+                tokens=token,
+                namespace_stats=server.namespace_stats,
+            ).start()
         except OSError as e:
             log.error(
                 "cannot serve metrics on %s:%d: %s (use --metrics-port 0 for a free port, -1 to disable)",
-                args.host,
+                args.metrics_host,
                 args.metrics_port,
                 e,
             )
@@ -199,6 +331,17 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    soft, hard = server.fd_limit
+    if server.max_connections < args.max_connections:
+        log.warning(
+            "--max-connections %d lowered to %d to fit the open-files limit (RLIMIT_NOFILE soft %d, hard %d)",
+            args.max_connections,
+            server.max_connections,
+            soft,
+            hard,
+        )
+    else:
+        log.info("open-files limit: RLIMIT_NOFILE soft %d (raised to the hard limit %d)", soft, hard)
     st = server.stats()
     log.info(
         "serving %s: capacity %s (slabs of %s), %d threads, max %d connections, idle timeout %gs, ttl %s, auth %s",
@@ -206,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         format_size(st["capacity_bytes"]),
         format_size(st["slab_bytes"]),
         args.threads,
-        args.max_connections,
+        server.max_connections,
         args.idle_timeout,
         f"{args.ttl:g}s" if args.ttl else "off",
         "on" if token else "off",

@@ -1,11 +1,21 @@
 """HTTP side channel for operators: ``/healthz``, ``/metrics`` (Prometheus text) and ``/stats``
 (JSON). Runs in a Python thread and only ever reads the C++ counters - it is never on the data
 path, so a slow scraper cannot slow a GET.
+
+Bounded: at most ``max_connections`` connections are served at once (more are closed at once),
+each with a socket timeout, so idle or slow HTTP clients cannot pile up threads and file
+descriptors. With a token, ``/metrics`` and ``/stats`` require ``Authorization: Bearer <token>``
+(Prometheus' ``authorization`` / ``bearer_token`` scrape settings); ``/healthz`` stays open.
+A token limited to some namespaces sees only those in ``/stats`` (``{"namespaces": {...}}``) and
+gets 403 from ``/metrics`` (server-wide figures).
 """
 
 from __future__ import annotations
 
+import fnmatch
+import hmac
 import json
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,6 +47,7 @@ _COUNTERS = [
         "membrain_connections_rejected",
         "connections closed at once for --max-connections",
     ),
+    ("accept_pauses", "membrain_accept_pauses", "times accepting paused because file descriptors ran out"),
     ("protocol_errors", "membrain_protocol_errors", "frames rejected as malformed or over a limit"),
     ("auth_failures", "membrain_auth_failures", "requests refused for missing or wrong token"),
     ("timeouts", "membrain_timeouts", "connections closed for idleness, a slow frame or a slow reader"),
@@ -88,16 +99,101 @@ class _Collector:
         yield req
 
 
-class MetricsServer:
-    """Serves the three endpoints on (host, port); port 0 picks a free one."""
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """One thread per connection, but at most `max_connections` of them: the rest are closed
+    as soon as they are accepted."""
 
-    def __init__(self, stats: StatsFn, host: str = "127.0.0.1", port: int = 9202) -> None:
+    daemon_threads = True
+
+    def __init__(self, addr: tuple[str, int], handler: type, max_connections: int) -> None:
+        if ":" in addr[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(addr, handler)
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.rejected = 0
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.rejected += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class MetricsServer:
+    """Serves the three endpoints on (host, port); port 0 picks a free one.
+
+    `token`: when set, /metrics and /stats answer 401 without ``Authorization: Bearer <token>``.
+    `max_connections` connections are served at once; `timeout` seconds bound each socket
+    operation (an idle or stalled client is dropped after it).
+    """
+
+    def __init__(
+        self,
+        stats: StatsFn,
+        host: str = "127.0.0.1",
+        port: int = 9202,
+        token: str | None = None,
+        max_connections: int = 16,
+        timeout: float = 5.0,
+        tokens: dict[str, list[str]] | None = None,
+        namespace_stats: Callable[[], dict[str, dict[str, Any]]] | None = None,
+    ) -> None:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collector(stats))
+        grants = dict(tokens or {})
+        if token:
+            grants[token] = ["*"]
+        expected = [(f"Bearer {t}".encode(), pats) for t, pats in grants.items()]
 
         class Handler(BaseHTTPRequestHandler):
+            def grant(self) -> list[str] | None:
+                """Namespace patterns the request's token opens (["*"] when auth is off)."""
+                if not expected:
+                    return ["*"]
+                got = (self.headers.get("Authorization") or "").strip().encode()
+                found = None
+                for want, pats in expected:  # every token compared: timing does not tell which
+                    if hmac.compare_digest(got, want) and found is None:
+                        found = pats
+                return found
+
+            def reply(self, code: int, body: bytes, ctype: str = "text/plain") -> None:
+                self.send_response(code)
+                if code == 401:
+                    self.send_header("WWW-Authenticate", 'Bearer realm="membrain"')
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
+                pats = self.grant() if path in ("/metrics", "/stats") else ["*"]
+                if pats is None:
+                    return self.reply(401, b"unauthorized: send Authorization: Bearer <token>\n")
+                if "*" not in pats:
+                    if path == "/metrics":
+                        return self.reply(403, b"forbidden: this token sees its namespaces only, in /stats\n")
+                    per_ns = namespace_stats() if namespace_stats else {}
+                    mine = {
+                        ns: v for ns, v in per_ns.items() if any(fnmatch.fnmatchcase(ns, p) for p in pats)
+                    }
+                    return self.reply(
+                        200,
+                        json.dumps({"namespaces": mine}, sort_keys=True).encode() + b"\n",
+                        "application/json",
+                    )
                 if path == "/healthz":
                     body, ctype, code = b"ok\n", "text/plain; charset=utf-8", 200
                 elif path == "/metrics":
@@ -114,17 +210,13 @@ class MetricsServer:
                     )
                 else:
                     body, ctype, code = b"not found: try /healthz, /metrics or /stats\n", "text/plain", 404
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.reply(code, body, ctype)
 
             def log_message(self, *args: Any) -> None:  # scrapes are not worth a log line each
                 pass
 
-        self._httpd = ThreadingHTTPServer((host, port), Handler)
-        self._httpd.daemon_threads = True
+        Handler.timeout = timeout  # socket timeout for every read and write of a connection
+        self._httpd = _BoundedHTTPServer((host, port), Handler, max_connections)
         self.host = host
         self.port = int(self._httpd.server_address[1])
         self._thread = threading.Thread(

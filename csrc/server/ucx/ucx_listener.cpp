@@ -9,7 +9,7 @@
 // Each connection handles one frame at a time, in arrival order, so replies keep request order
 // and a GET sees the PUTs sent before it. The thread spins on ucp_worker_progress only while
 // transfers are in flight; otherwise it arms the worker and sleeps on its event fd.
-#include "transport/ucx/ucx_server.h"
+#include "server/ucx_listener.h"
 
 #include <unistd.h>
 
@@ -24,28 +24,31 @@
 
 #include <sys/eventfd.h>
 
-#include "common/checksum.h"
 #include "server/request.h"
+#include "server/session.h"
 #include "transport/ucx/ucx_core.h"
 
-namespace membrain::ucx {
-
-bool compiled() {
-  return true;
-}
+namespace membrain::server {
 
 namespace {
+
+using namespace membrain::ucx;  // UCP plumbing shared with the client (transport/ucx/ucx_core.h)
 
 using proto::Header;
 using proto::Op;
 using proto::Status;
-using server::Counters;
-using server::ObjectRef;
 
-constexpr uint32_t kMaxTokenBytes = 4096;
 constexpr std::size_t kMaxQueuedFrames = 256;         // per connection, before it is refused
 constexpr std::size_t kMaxQueuedBytes = 64ull << 20;  // eager bytes held per connection
-constexpr int64_t kCloseGraceMs = 2000;               // flush-close budget before forcing
+// Before HELLO has succeeded (auth on) a peer may queue only a HELLO's worth: a few frames and
+// bytes, so an unauthenticated client cannot make the server hold 64 MiB of its messages.
+constexpr std::size_t kMaxPreAuthFrames = 4;
+constexpr std::size_t kMaxPreAuthBytes = 64 << 10;
+// PUT values the server will not store (NO_SPACE, TOO_LARGE, BAD_REQUEST items) are received
+// into this one shared buffer, reused as many times as the value needs (an iov of repeated
+// entries): what is allocated never depends on a length the peer declared.
+constexpr std::size_t kDrainBytes = 1 << 20;
+constexpr int64_t kCloseGraceMs = 2000;  // flush-close budget before forcing
 
 struct Inbound {
   std::vector<uint8_t> header;  // AM header (copied out of the callback)
@@ -57,15 +60,6 @@ struct Inbound {
   std::vector<uint8_t> copy;
 };
 
-struct PutItem {
-  uint16_t key_len = 0;
-  uint8_t status = 0;
-  uint64_t value_len = 0;
-  uint64_t checksum = 0;
-  std::size_t key_off = 0;  // into the AM header
-  ObjectRef obj;            // reserved storage chunk, not yet visible
-};
-
 // The frame whose data is being received by rendezvous (one receive, or one per value of a
 // split PUT whose values arrive as separate value AMs).
 struct Active {
@@ -74,10 +68,11 @@ struct Active {
   Header hdr;
   Inbound in;
   std::vector<uint8_t> payload;  // non-PUT payload
-  std::vector<PutItem> items;    // PUT
-  std::vector<uint8_t> scratch;  // PUT values that will not be stored
+  std::vector<uint8_t> keys;     // split PUT: the AM header (table and keys), kept until every value came
+  PutFrame put;                  // PUT (server/session.h)
   std::vector<ucp_dt_iov_t> iov;
-  std::vector<std::size_t> expect;  // split PUT: items whose value AMs are awaited, in order
+  std::deque<std::vector<ucp_dt_iov_t>> value_iov;  // split PUT: iovs of values received into the drain
+  std::vector<std::size_t> expect;                  // split PUT: items whose value AMs are awaited, in order
   std::size_t next = 0;
 
   bool settled() const {
@@ -105,19 +100,23 @@ struct Conn {
   ucp_ep_h ep = nullptr;
   std::string ns = "default";
   bool authed = false;
+  const TokenGrant* grant = nullptr;
   std::deque<Inbound> inbox;
   std::size_t inbox_bytes = 0;
   std::size_t inbox_frames = 0;  // request frames queued (value AMs are bounded by their frame)
+  bool overflow = false;         // queued more than allowed (pre-auth bound): refuse and close
   std::unique_ptr<Active> active;
-  int sends = 0;         // replies not yet completed
-  bool closing = false;  // an error reply is queued: close once it is sent
-  bool dead = false;     // the peer is gone: force-close
+  int sends = 0;            // replies not yet completed
+  uint64_t send_bytes = 0;  // their bytes (pinned values included): --max-reply-bytes-per-connection
+  bool closing = false;     // an error reply is queued: close once it is sent
+  bool dead = false;        // the peer is gone: force-close
   // Wireup: until the flush posted at accept has completed, replies go eagerly (no
   // rendezvous), see Endpoint::flush for the UCX assertion this avoids.
   void* flush_req = nullptr;
   bool settled = false;
   Clock::time_point closing_since{};
   Clock::time_point last_activity = Clock::now();
+  Clock::time_point accepted = Clock::now();  // for the authentication deadline
 };
 
 struct SendOp {
@@ -127,12 +126,12 @@ struct SendOp {
   std::vector<uint8_t> body;
   std::vector<ObjectRef> pins;
   std::vector<ucp_dt_iov_t> iov;
+  uint64_t bytes = 0;  // header + data, counted in Conn::send_bytes until completed
 };
 
-class Impl final : public UcxServer {
+class Impl final : public UcxListener {
  public:
-  Impl(server::ServerContext& ctx, const std::string& host, uint16_t port)
-      : ctx_(ctx), limits_(ctx.config.limits) {
+  Impl(ServerContext& ctx, const std::string& host, uint16_t port) : ctx_(ctx), limits_(ctx.config.limits) {
     try {
       uctx_ = Context::create("membrain-server", /*server=*/true);
       worker_ = std::make_unique<Worker>(uctx_);
@@ -191,6 +190,12 @@ class Impl final : public UcxServer {
       if (it != self->conns_.end() && !it->second->closing && !it->second->dead) c = it->second.get();
     }
     if (!c) {  // no way to answer (no reply endpoint) or a connection being closed: drop it
+      if (rndv || persistent) self->stray_.push_back(data);
+      return (rndv || persistent) ? UCS_INPROGRESS : UCS_OK;
+    }
+    if (!c->authed && (c->inbox_frames >= kMaxPreAuthFrames || c->inbox_bytes + len > kMaxPreAuthBytes)) {
+      // Not authenticated yet: nothing more is held for this peer (service() closes it).
+      c->overflow = true;
       if (rndv || persistent) self->stray_.push_back(data);
       return (rndv || persistent) ? UCS_INPROGRESS : UCS_OK;
     }
@@ -284,11 +289,16 @@ class Impl final : public UcxServer {
         did = true;
       }
       if (!c.closing && !c.dead &&
-          (c.inbox_frames > kMaxQueuedFrames || c.inbox.size() > kMaxQueuedFrames + 2 * limits_.max_batch ||
-           c.inbox_bytes > kMaxQueuedBytes)) {
+          (c.overflow || c.inbox_frames > kMaxQueuedFrames ||
+           c.inbox.size() > kMaxQueuedFrames + 2 * limits_.max_batch || c.inbox_bytes > kMaxQueuedBytes)) {
         refuse(c, Header{}, Status::kTooLarge);  // a peer pipelining without bounds
       }
       const auto now = Clock::now();
+      if (!c.dead && !c.authed && auth_ns_ > 0 && now - c.accepted > std::chrono::nanoseconds(auth_ns_)) {
+        Counters::inc(ctx_.counters.timeouts);  // auth on and no successful HELLO in time
+        Counters::inc(ctx_.counters.auth_failures);
+        c.dead = true;
+      }
       if (!c.dead && idle_ns_ > 0 && now - c.last_activity > std::chrono::nanoseconds(idle_ns_)) {
         // Idle (or a transfer stuck) past idle_timeout: with UCP_ERR_HANDLING_MODE_NONE this
         // is also how a vanished client is noticed.
@@ -318,7 +328,10 @@ class Impl final : public UcxServer {
   }
 
   void accept(ucp_conn_request_h req) {
-    if (conns_.size() >= static_cast<std::size_t>(ctx_.config.max_connections)) {
+    // One count for TCP and UCX together (--max-connections bounds the server, not a transport).
+    const uint64_t cur = ctx_.counters.connections_current.fetch_add(1, std::memory_order_relaxed);
+    if (cur >= static_cast<uint64_t>(ctx_.config.max_connections)) {
+      ctx_.counters.connections_current.fetch_sub(1, std::memory_order_relaxed);
       Counters::inc(ctx_.counters.connections_rejected);
       ucp_listener_reject(listener_->get(), req);
       return;
@@ -335,12 +348,13 @@ class Impl final : public UcxServer {
       // UCX has already released the connection request when ucp_ep_create fails with it
       // (e.g. the client gave up mid-wireup); rejecting it again was a use-after-free that
       // crashed the server inside uct_listener_reject.
+      ctx_.counters.connections_current.fetch_sub(1, std::memory_order_relaxed);
       Counters::inc(ctx_.counters.connections_rejected);
       return;
     }
     auto c = std::make_unique<Conn>();
     c->ep = ep;
-    c->authed = ctx_.config.auth_token.empty();
+    c->authed = !ctx_.config.auth_enabled();
     ucp_request_param_t fp{};
     ucs_status_ptr_t fr = ucp_ep_flush_nbx(ep, &fp);
     if (fr == nullptr)
@@ -350,7 +364,6 @@ class Impl final : public UcxServer {
     else
       c->flush_req = fr;
     conns_.emplace(ep, std::move(c));
-    ctx_.counters.connections_current.fetch_add(1, std::memory_order_relaxed);
     Counters::inc(ctx_.counters.connections_total);
   }
 
@@ -392,7 +405,7 @@ class Impl final : public UcxServer {
   // A frame-level refusal: reply with `st` and close after it is sent.
   void refuse(Conn& c, const Header& h, Status st) {
     if (st != Status::kUnauthorized) Counters::inc(ctx_.counters.protocol_errors);
-    server::Reply r;
+    Reply r;
     r.status = st;
     send_reply(c, h, std::move(r));
     c.closing = true;
@@ -423,18 +436,7 @@ class Impl final : public UcxServer {
     }
     Counters::inc(ctx_.counters.bytes_in, in.header.size() + in.len);
     const uint8_t op = h.opcode;
-    if (!proto::is_request_op(op)) {
-      Counters::inc(ctx_.counters.requests[0]);
-      release(in);
-      return refuse(c, h, Status::kBadRequest);
-    }
-    Counters::inc(ctx_.counters.requests[op]);
-    if (!c.authed && op != static_cast<uint8_t>(Op::kHello)) {
-      Counters::inc(ctx_.counters.auth_failures);
-      release(in);
-      return refuse(c, h, Status::kUnauthorized);
-    }
-    const Status st = check_limits(h);
+    const Status st = check_request_frame(ctx_, h, c.authed);  // opcode, auth, per-op limits
     if (st != Status::kOk) {
       release(in);
       return refuse(c, h, st);
@@ -463,30 +465,8 @@ class Impl final : public UcxServer {
     receive(c, std::move(a), std::move(iov));
   }
 
-  // Same per-op bounds as the TCP parser (server/connection.cpp start_frame).
-  Status check_limits(const Header& h) const {
-    const uint64_t len = h.payload_len;
-    const uint32_t count = h.count;
-    if (len > limits_.max_payload_bytes) return Status::kTooLarge;
-    switch (static_cast<Op>(h.opcode)) {
-      case Op::kHello:
-        return len > 4 + limits_.max_namespace_len + kMaxTokenBytes ? Status::kTooLarge : Status::kOk;
-      case Op::kPing:
-        return len > limits_.max_ping_bytes ? Status::kTooLarge : Status::kOk;
-      case Op::kStats:
-        return len != 0 ? Status::kBadRequest : Status::kOk;
-      case Op::kPut:
-        if (count > limits_.max_batch) return Status::kTooLarge;
-        return len < uint64_t{count} * proto::kPutItemBytes ? Status::kBadRequest : Status::kOk;
-      default:
-        if (count > limits_.max_batch) return Status::kTooLarge;
-        if (len > uint64_t{count} * (2 + limits_.max_key_len)) return Status::kTooLarge;
-        return len < uint64_t{count} * 3 ? Status::kBadRequest : Status::kOk;
-    }
-  }
-
   void execute(Conn& c, const Header& h, const uint8_t* p, std::size_t len) {
-    server::Reply r = server::execute_request(ctx_, h, p, len, &c.ns, &c.authed);
+    Reply r = execute_request(ctx_, h, p, len, &c.ns, &c.authed, &c.grant);
     if (r.close) return refuse(c, h, r.status);
     send_reply(c, h, std::move(r));
   }
@@ -500,69 +480,43 @@ class Impl final : public UcxServer {
       release(in);
       return refuse(c, h, Status::kBadRequest);
     }
-    const uint8_t* base = in.header.data() + proto::kHeaderBytes;
     auto a = std::make_unique<Active>();
     a->hdr = h;
-    a->items.resize(count);
-    uint64_t keys_total = 0, values_total = 0, left = h.payload_len - table;
-    for (uint32_t i = 0; i < count; ++i) {
-      const uint8_t* e = base + std::size_t{i} * proto::kPutItemBytes;
-      PutItem& it = a->items[i];
-      it.key_len = proto::get_u16(e);
-      it.value_len = proto::get_u64(e + 8);
-      it.checksum = proto::get_u64(e + 16);
-      it.status = static_cast<uint8_t>(Status::kOk);
-      if (it.key_len > limits_.max_key_len) {
-        release(in);
-        return refuse(c, h, Status::kTooLarge);
-      }
-      if (it.key_len == 0 || proto::get_u16(e + 2) != 0 || proto::get_u32(e + 4) != 0) {
-        it.status = static_cast<uint8_t>(Status::kBadRequest);
-      } else if (it.value_len > limits_.max_value_bytes) {
-        it.status = static_cast<uint8_t>(Status::kTooLarge);
-      }
-      if (it.key_len > left || it.value_len > left - it.key_len) {
-        release(in);
-        return refuse(c, h, Status::kBadRequest);
-      }
-      left -= it.key_len + it.value_len;
-      it.key_off = proto::kHeaderBytes + table + keys_total;
-      keys_total += it.key_len;
-      values_total += it.value_len;
+    const Status st =
+        a->put.parse(h, in.header.data() + proto::kHeaderBytes, proto::kHeaderBytes + table, limits_);
+    if (st != Status::kOk) {
+      release(in);
+      return refuse(c, h, st);
     }
+    const uint64_t keys_total = a->put.keys_bytes(), values_total = a->put.values_bytes();
     // The keys travel in the AM header, the values (exactly) in the AM data.
     const bool split = in.len == 0 && values_total > 0;  // the values follow as value AMs
-    if (left != 0 || table + keys_total != ext || (!split && values_total != in.len)) {
+    if (table + keys_total != ext || (!split && values_total != in.len)) {
       release(in);
       return refuse(c, h, Status::kBadRequest);
     }
-    uint64_t drop_max = 0;
-    for (auto& it : a->items) {
-      if (it.status == static_cast<uint8_t>(Status::kOk)) {
-        Status why = Status::kNoSpace;
-        const std::string_view key(reinterpret_cast<const char*>(in.header.data() + it.key_off), it.key_len);
-        it.obj = ctx_.storage.reserve(c.ns, key, it.value_len, it.checksum, &why);
-        if (!it.obj) {
-          it.status = static_cast<uint8_t>(why);
-          Counters::inc(ctx_.counters.no_space);
-        }
-      }
-      if (!it.obj) drop_max = std::max(drop_max, it.value_len);
-    }
     if (split) {
-      a->scratch.resize(drop_max);
-      for (std::size_t i = 0; i < a->items.size(); ++i) {
-        if (a->items[i].value_len) a->expect.push_back(i);
+      // Values come one AM each: each is reserved when its AM arrives (take_value), so a frame
+      // that declares values and never sends them makes the server evict nothing. Empty
+      // values send no AM and are reserved now.
+      a->keys.assign(in.header.begin(), in.header.end());
+      for (std::size_t i = 0; i < a->put.items().size(); ++i) {
+        if (a->put.items()[i].value_len)
+          a->expect.push_back(i);
+        else
+          a->put.reserve(ctx_, c.ns, i, a->keys.data());
       }
-      a->all_issued = false;
+      a->all_issued = a->expect.empty();
       release(in);  // no data of its own (it may still be a UCX-held buffer)
       c.active = std::move(a);
       ++actives_;
       return;
     }
+    // One AM carries every value: they are here (eager) or posted by the peer (rendezvous).
+    for (std::size_t i = 0; i < a->put.items().size(); ++i) a->put.reserve(ctx_, c.ns, i, in.header.data());
     if (!in.rndv) {  // eager: the values are here already
       const uint8_t* src = static_cast<const uint8_t*>(in.data);
-      for (auto& it : a->items) {
+      for (auto& it : a->put.items()) {
         if (it.obj && it.value_len) std::memcpy(it.obj->data(), src, it.value_len);
         src += it.value_len;
       }
@@ -572,15 +526,24 @@ class Impl final : public UcxServer {
       return;
     }
     // Rendezvous: one scatter receive straight into the reserved chunks; values that will
-    // not be stored land in a scratch buffer (reused: their bytes are discarded).
-    a->scratch.resize(drop_max);
+    // not be stored land in the drain buffer (reused: their bytes are discarded).
     std::vector<ucp_dt_iov_t> iov;
-    for (auto& it : a->items) {
+    for (auto& it : a->put.items()) {
       if (it.value_len == 0) continue;
-      iov.push_back({it.obj ? it.obj->data() : a->scratch.data(), it.value_len});
+      if (it.obj)
+        iov.push_back({it.obj->data(), it.value_len});
+      else
+        append_drain(&iov, it.value_len);
     }
     a->in = std::move(in);
     receive(c, std::move(a), std::move(iov));
+  }
+
+  // Entries covering `len` bytes, each pointing at (at most all of) the shared drain buffer.
+  void append_drain(std::vector<ucp_dt_iov_t>* iov, uint64_t len) {
+    if (!drain_) drain_.reset(new uint8_t[kDrainBytes]);
+    for (; len > 0; len -= std::min<uint64_t>(len, kDrainBytes))
+      iov->push_back({drain_.get(), static_cast<std::size_t>(std::min<uint64_t>(len, kDrainBytes))});
   }
 
   void receive(Conn& c, std::unique_ptr<Active> a, std::vector<ucp_dt_iov_t> iov) {
@@ -623,7 +586,7 @@ class Impl final : public UcxServer {
   // The next value AM of the split PUT in c.active: received straight into its chunk.
   void take_value(Conn& c, Inbound in) {
     Active& a = *c.active;
-    const PutItem* it = a.next < a.expect.size() ? &a.items[a.expect[a.next]] : nullptr;
+    const PutItem* it = a.next < a.expect.size() ? &a.put.items()[a.expect[a.next]] : nullptr;
     const bool ok = it && in.is_value && in.header.size() == kValueHeaderBytes &&
                     proto::get_u64(in.header.data()) == a.hdr.request_id &&
                     proto::get_u32(in.header.data() + 8) == a.expect[a.next] && in.len == it->value_len;
@@ -634,9 +597,11 @@ class Impl final : public UcxServer {
     }
     ++a.next;
     if (a.next == a.expect.size()) a.all_issued = true;
-    uint8_t* dst = it->obj ? it->obj->data() : a.scratch.data();
+    PutItem& item = a.put.items()[a.expect[a.next - 1]];
+    a.put.reserve(ctx_, c.ns, a.expect[a.next - 1],
+                  a.keys.data());  // the value is here (eager) or posted (rendezvous)
     if (!in.rndv) {
-      std::memcpy(dst, in.data, in.len);
+      if (item.obj) std::memcpy(item.obj->data(), in.data, in.len);  // a dropped value is not copied
       release(in);
       return;
     }
@@ -646,11 +611,23 @@ class Impl final : public UcxServer {
     p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_DATATYPE;
     p.cb.recv_am = &Completion::on_recv;
     p.user_data = done;
-    p.datatype = ucp_dt_make_contig(1);
+    void* buf;
+    std::size_t count;
+    if (item.obj) {
+      p.datatype = ucp_dt_make_contig(1);
+      buf = item.obj->data();
+      count = item.value_len;
+    } else {
+      a.value_iov.emplace_back();
+      append_drain(&a.value_iov.back(), item.value_len);
+      p.datatype = ucp_dt_make_iov();
+      buf = a.value_iov.back().data();
+      count = a.value_iov.back().size();
+    }
     void* desc = in.data;
     in.rndv = false;
     in.data = nullptr;
-    ucs_status_ptr_t r = ucp_am_recv_data_nbx(worker_->get(), desc, dst, it->value_len, &p);
+    ucs_status_ptr_t r = ucp_am_recv_data_nbx(worker_->get(), desc, buf, count, &p);
     if (UCS_PTR_IS_ERR(r)) {
       done->done = true;
       done->status = UCS_PTR_STATUS(r);
@@ -677,37 +654,19 @@ class Impl final : public UcxServer {
   }
 
   void finish_put(Conn& c, Active& a) {
-    std::vector<uint8_t> body(a.items.size());
-    for (std::size_t i = 0; i < a.items.size(); ++i) {
-      PutItem& it = a.items[i];
-      if (it.obj) {
-        if (checksum64(it.obj->data(), it.value_len) == it.checksum) {
-          ctx_.storage.publish(it.obj);
-        } else {
-          it.status = static_cast<uint8_t>(Status::kChecksumMismatch);
-          Counters::inc(ctx_.counters.checksum_failures);
-        }
-        it.obj.reset();
-      }
-      body[i] = it.status;
-    }
-    server::Reply r;
-    r.count = static_cast<uint32_t>(body.size());
-    r.body = std::move(body);
+    for (std::size_t i = 0; i < a.put.items().size(); ++i) a.put.landed(ctx_, i);  // verify, publish
+    Reply r;
+    r.count = static_cast<uint32_t>(a.put.items().size());
+    r.body = a.put.reply_body();
     send_reply(c, a.hdr, std::move(r));
   }
 
-  void send_reply(Conn& c, const Header& req, server::Reply r) {
+  void send_reply(Conn& c, const Header& req, Reply r) {
     auto s = std::make_unique<SendOp>();
     s->ep = c.ep;
-    Header h;
-    h.opcode = static_cast<uint8_t>(req.opcode | proto::kReplyBit);
-    h.request_id = req.request_id;
-    h.count = r.count;
-    h.status = static_cast<uint32_t>(r.status);
     uint64_t values = 0;
     for (const auto& o : r.pins) values += o->value_len;
-    h.payload_len = r.body.size() + values;
+    const Header h = reply_header(req, r.count, r.status, r.body.size() + values);
     const bool is_get = req.opcode == static_cast<uint8_t>(Op::kGet) && r.status == Status::kOk;
     // GET: the item table rides in the AM header so the client can place the values before
     // receiving them; everything else: the body is the AM data.
@@ -794,6 +753,13 @@ class Impl final : public UcxServer {
     }
     if (ret == nullptr) return;  // completed in place; `s` (and its pins) go now
     s->done.req = ret;
+    s->bytes = s->header.size();
+    for (const auto& v : s->iov) s->bytes += v.length;
+    c.send_bytes += s->bytes;
+    if (c.send_bytes > ctx_.config.max_reply_bytes_per_connection && !c.dead) {
+      Counters::inc(ctx_.counters.reply_limit_closes);  // a peer that does not take its replies
+      c.dead = true;
+    }
     ++c.sends;
     sends_.push_back(std::move(s));
   }
@@ -803,6 +769,7 @@ class Impl final : public UcxServer {
     auto it = conns_.find(s.ep);
     if (it == conns_.end()) return;
     --it->second->sends;
+    it->second->send_bytes -= s.bytes;
     it->second->last_activity = Clock::now();
     if (s.done.status != UCS_OK) it->second->dead = true;
   }
@@ -863,12 +830,13 @@ class Impl final : public UcxServer {
     zombies_.clear();
   }
 
-  server::ServerContext& ctx_;
+  ServerContext& ctx_;
   const proto::Limits& limits_;
   std::shared_ptr<Context> uctx_;
   // Records UCX may still complete into are declared before the worker, so the worker
   // (destroyed first) has cancelled them by the time they go.
   std::list<std::unique_ptr<SendOp>> sends_;
+  std::unique_ptr<uint8_t[]> drain_;  // kDrainBytes, allocated on first use (see kDrainBytes)
   std::unordered_map<ucp_ep_h, std::unique_ptr<Conn>> conns_;
   std::list<std::unique_ptr<Conn>> zombies_;  // closed, waiting for an in-flight receive to end
   std::unique_ptr<Worker> worker_;
@@ -879,6 +847,7 @@ class Impl final : public UcxServer {
   std::vector<void*> closing_;
   std::size_t actives_ = 0;
   int64_t idle_ns_ = static_cast<int64_t>(ctx_.config.idle_timeout_s * 1e9);
+  int64_t auth_ns_ = static_cast<int64_t>(ctx_.config.auth_timeout_s * 1e9);
   // MEMBRAIN_UCX_SERVER_SPIN=1: keep polling while transfers are in flight instead of sleeping
   // on the event fd (lower latency when cores are plentiful; contention on small machines).
   bool spin_ = [] {
@@ -893,9 +862,8 @@ class Impl final : public UcxServer {
 
 }  // namespace
 
-std::unique_ptr<UcxServer> UcxServer::start(server::ServerContext& ctx, const std::string& host,
-                                            uint16_t port) {
+std::unique_ptr<UcxListener> UcxListener::start(ServerContext& ctx, const std::string& host, uint16_t port) {
   return std::make_unique<Impl>(ctx, host, port);
 }
 
-}  // namespace membrain::ucx
+}  // namespace membrain::server

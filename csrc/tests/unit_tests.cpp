@@ -1,0 +1,315 @@
+// C++ unit tests of the server core (membrain_core): slab allocator, eviction, storage and the
+// transport-neutral session. No framework: each TEST registers itself, CHECK records failures,
+// and main() prints "N passed, M failed" (and exits non-zero on a failure). Run by ctest and by
+// tests/test_cpp_units.py; build with -DMEMBRAIN_SANITIZE=address,undefined to run them under
+// the sanitizers.
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "server/config.h"
+#include "server/context.h"
+#include "server/lru_policy.h"
+#include "server/session.h"
+#include "server/slab_allocator.h"
+#include "server/storage.h"
+
+using namespace membrain;
+using namespace membrain::server;
+using proto::Status;
+
+namespace {
+
+struct Test {
+  const char* name;
+  std::function<void()> fn;
+};
+std::vector<Test>& registry() {
+  static std::vector<Test> tests;
+  return tests;
+}
+int g_failures = 0;
+
+struct Register {
+  Register(const char* name, std::function<void()> fn) { registry().push_back({name, std::move(fn)}); }
+};
+
+#define TEST(name)                                    \
+  void test_##name();                                 \
+  const Register register_##name(#name, test_##name); \
+  void test_##name()
+
+#define CHECK(cond)                                                                   \
+  do {                                                                                \
+    if (!(cond)) {                                                                    \
+      std::fprintf(stderr, "  %s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond); \
+      ++g_failures;                                                                   \
+    }                                                                                 \
+  } while (0)
+
+constexpr uint64_t KiB = 1024, MiB = 1024 * 1024;
+
+Storage::Options opts(uint64_t capacity, uint64_t slab) {
+  Storage::Options o;
+  o.capacity_bytes = capacity;
+  o.slab_bytes = slab;
+  return o;
+}
+
+ObjectRef put(Storage& s, const std::string& key, uint64_t len, std::string_view ns = "default") {
+  Status why = Status::kOk;
+  ObjectRef o = s.reserve(ns, key, len, 0, &why);
+  if (o) s.publish(o);
+  return o;
+}
+
+bool present(Storage& s, const std::string& key, std::string_view ns = "default") {
+  std::vector<ObjectRef> out;
+  s.get_many(ns, {key}, &out);
+  return out[0] != nullptr;
+}
+
+// --- slab allocator ---------------------------------------------------------------------------
+
+TEST(slab_classes_round_up_and_chunks_are_reused) {
+  SlabAllocator a(1 * MiB, 64 * KiB);
+  CHECK(a.num_slabs() == 16);
+  auto c = a.allocate(100);
+  CHECK(c && c->bytes == 112 && c->nslabs == 0);  // 64 x 1.75
+  auto d = a.allocate(100);
+  CHECK(d && d->data != c->data && d->slab == c->slab);
+  const uint8_t* where = c->data;
+  a.free(*c);
+  auto e = a.allocate(100);
+  CHECK(e && e->data == where);  // the freed chunk comes back first
+  a.free(*d);
+  a.free(*e);
+  CHECK(a.slab_bytes_in_use() == 0 && a.chunk_bytes_in_use() == 0);  // an empty slab is free again
+}
+
+TEST(slab_runs_take_contiguous_slabs) {
+  SlabAllocator a(1 * MiB, 64 * KiB);
+  auto r = a.allocate(200 * KiB);
+  CHECK(r && r->nslabs == 4 && r->bytes == 256 * KiB && r->klass == a.large_class());
+  CHECK(a.slab_bytes_in_use() == 256 * KiB);
+  auto big = a.allocate(1 * MiB);
+  CHECK(!big);  // 12 slabs left
+  a.free(*r);
+  big = a.allocate(1 * MiB);
+  CHECK(big && big->nslabs == 16);
+  a.free(*big);
+}
+
+TEST(meta_charge_lends_whole_slabs_and_returns_them) {
+  SlabAllocator a(256 * KiB, 64 * KiB);  // 4 slabs
+  CHECK(a.charge_meta(1000) && a.meta_slabs() == 1);
+  CHECK(a.charge_meta(64 * KiB) && a.meta_slabs() == 2);
+  auto c = a.allocate(64 * KiB);
+  auto d = a.allocate(64 * KiB);
+  CHECK(c && d);
+  CHECK(!a.allocate(64));            // every slab is lent or used
+  CHECK(!a.charge_meta(128 * KiB));  // and bookkeeping cannot grow past capacity either
+  a.uncharge_meta(64 * KiB);         // one slab of slack is kept
+  CHECK(a.meta_slabs() == 2);
+  a.uncharge_meta(1000);
+  CHECK(a.meta_slabs() == 0 && a.meta_bytes() == 0);
+  a.free(*c);
+  a.free(*d);
+}
+
+// --- eviction ---------------------------------------------------------------------------------
+
+TEST(lru_victims_follow_recency_across_classes) {
+  SlabAllocator a(1 * MiB, 64 * KiB);
+  LruPolicy lru(a.num_classes());
+  std::vector<std::unique_ptr<Object>> objs;
+  for (uint64_t len : {100, 5000, 100, 20000}) {
+    auto c = a.allocate(len);
+    objs.push_back(std::make_unique<Object>(&a, *c, "k" + std::to_string(objs.size()), len, 0));
+    lru.on_insert(objs.back().get());
+  }
+  CHECK(lru.victim_any() == objs[0].get());
+  lru.on_access(objs[0].get());
+  CHECK(lru.victim_any() == objs[1].get());
+  CHECK(lru.victim_in_class(objs[0]->size_class()) == objs[2].get());
+  for (auto& o : objs) lru.on_remove(o.get());
+  CHECK(lru.victim_any() == nullptr);
+}
+
+// --- storage ----------------------------------------------------------------------------------
+
+TEST(storage_publish_get_overwrite_erase) {
+  Storage s(opts(4 * MiB, 64 * KiB));
+  ObjectRef v1 = put(s, "k", 1000);
+  CHECK(v1 && present(s, "k"));
+  CHECK(!present(s, "k", "other"));  // namespaces never collide
+  ObjectRef v2 = put(s, "k", 2000);
+  std::vector<ObjectRef> out;
+  s.get_many("default", {"k"}, &out);
+  CHECK(out[0] == v2 && out[0]->value_len == 2000);
+  CHECK(s.erase_many("default", {"k", "missing"}) == 1);
+  CHECK(!present(s, "k"));
+  CHECK(s.stats().items == 0 && s.stats().stored_bytes == 0);
+}
+
+TEST(storage_charges_bookkeeping_so_empty_values_are_bounded) {
+  Storage s(opts(1 * MiB, 64 * KiB));
+  for (int i = 0; i < 100000; ++i) CHECK(put(s, "key-" + std::to_string(i), 0));
+  const StorageStats st = s.stats();
+  CHECK(st.evictions > 0);
+  CHECK(st.items * Storage::item_charge_bytes(std::string("default\0key-00000", 17).size()) <=
+        st.capacity_bytes);
+  CHECK(st.meta_bytes <= st.meta_slab_bytes && st.allocated_bytes <= st.capacity_bytes);
+  CHECK(present(s, "key-99999") && !present(s, "key-0"));
+}
+
+TEST(storage_without_eviction_uses_free_space_only) {
+  Storage s(opts(1 * MiB, 64 * KiB));
+  int stored = 0;
+  while (s.stats().evictions == 0 && stored < 100) {
+    Status why;
+    ObjectRef o = s.reserve("default", "f" + std::to_string(stored), 60 * KiB, 0, &why, /*may_evict=*/false);
+    if (!o) break;
+    s.publish(o);
+    ++stored;
+  }
+  CHECK(stored > 0 && s.stats().evictions == 0);
+  Status why = Status::kOk;
+  CHECK(!s.reserve("default", "x", 60 * KiB, 0, &why, false) && why == Status::kNoSpace);
+  CHECK(s.stats().evictions == 0);
+  CHECK(s.reserve("default", "x", 60 * KiB, 0, &why, true));  // evicting is allowed
+  CHECK(s.stats().evictions > 0);
+}
+
+TEST(storage_lru_evicts_least_recent_and_pins_hold) {
+  Storage s(opts(8 * MiB, 1 * MiB));  // 1 slab for bookkeeping, 7 for values of 1 MiB
+  for (int i = 0; i < 7; ++i) put(s, "k" + std::to_string(i), 1 * MiB);
+  CHECK(s.stats().evictions == 0);
+  std::vector<ObjectRef> pin;
+  s.get_many("default", {"k0"}, &pin);  // k0 most recent, and pinned
+  put(s, "k7", 1 * MiB);
+  CHECK(present(s, "k0") && !present(s, "k1") && present(s, "k7"));
+  CHECK(s.erase_many("default", {"k0"}) == 1);
+  CHECK(pin[0]->data() != nullptr);  // the pin keeps the bytes until it goes
+  CHECK(s.stats().allocated_bytes <= s.stats().capacity_bytes);
+}
+
+TEST(storage_per_namespace_figures) {
+  Storage s(opts(4 * MiB, 64 * KiB));
+  put(s, "a", 10, "ns1");
+  put(s, "b", 20, "ns1");
+  put(s, "a", 5, "ns2");
+  std::vector<ObjectRef> out;
+  s.get_many("ns1", {"a", "zz"}, &out);
+  NamespaceStats n1 = s.namespace_stats("ns1");
+  CHECK(n1.items == 2 && n1.bytes == 30 && n1.hits == 1 && n1.misses == 1 && n1.puts == 2);
+  CHECK(s.erase_many("ns2", {"a"}) == 1);
+  CHECK(s.namespace_stats("ns2").items == 0 && s.all_namespace_stats().size() == 1);
+}
+
+// --- session ----------------------------------------------------------------------------------
+
+struct Ctx {
+  ServerConfig config;
+  Storage storage{opts(4 * MiB, 64 * KiB)};
+  Counters counters;
+  ServerContext ctx{config, storage, counters, nullptr, nullptr};
+};
+
+std::vector<uint8_t> put_table(const std::vector<std::pair<std::string, uint64_t>>& items,
+                               uint16_t reserved = 0) {
+  std::vector<uint8_t> t(items.size() * proto::kPutItemBytes);
+  std::string keys;
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    uint8_t* e = t.data() + i * proto::kPutItemBytes;
+    proto::put_u16(e, static_cast<uint16_t>(items[i].first.size()));
+    proto::put_u16(e + 2, reserved);
+    proto::put_u64(e + 8, items[i].second);
+    keys += items[i].first;
+  }
+  t.insert(t.end(), keys.begin(), keys.end());
+  return t;
+}
+
+proto::Header put_header(uint32_t count, uint64_t payload_len) {
+  proto::Header h;
+  h.opcode = static_cast<uint8_t>(proto::Op::kPut);
+  h.count = count;
+  h.payload_len = payload_len;
+  return h;
+}
+
+TEST(session_put_frame_two_phases) {
+  Ctx c;
+  const auto t = put_table({{"a", 3}, {"", 2}, {"big", c.config.limits.max_value_bytes + 1}});
+  // The payload length must add up exactly; here it does not (the big one is over the limit).
+  PutFrame f;
+  CHECK(f.parse(put_header(3, t.size() + 5), t.data(), 3 * proto::kPutItemBytes, c.config.limits) ==
+        Status::kBadRequest);
+  const auto t2 = put_table({{"a", 3}, {"", 2}, {"c", 0}});
+  CHECK(f.parse(put_header(3, t2.size() + 5), t2.data(), 3 * proto::kPutItemBytes, c.config.limits) ==
+        Status::kOk);
+  CHECK(f.items()[0].status == 0 && f.items()[1].status == static_cast<uint8_t>(Status::kBadRequest));
+  CHECK(f.reserve(c.ctx, "default", 0, t2.data()) && !f.reserve(c.ctx, "default", 1, t2.data()));
+  std::memcpy(f.items()[0].obj->data(), "xyz", 3);
+  f.items()[0].checksum = 1;  // wrong: dropped as CHECKSUM_MISMATCH
+  f.landed(c.ctx, 0);
+  CHECK(f.items()[0].status == static_cast<uint8_t>(Status::kChecksumMismatch));
+  CHECK(f.reserve(c.ctx, "default", 2, t2.data()));
+  f.landed(c.ctx, 2);  // an empty value: checksum of nothing is not 0 either
+  const auto body = f.reply_body();
+  CHECK(body.size() == 3 && body[1] == static_cast<uint8_t>(Status::kBadRequest));
+  CHECK(Counters::get(c.counters.checksum_failures) >= 1);
+}
+
+TEST(session_put_key_over_limit_is_frame_level) {
+  Ctx c;
+  const auto t = put_table({{std::string(c.config.limits.max_key_len + 1, 'k'), 1}});
+  PutFrame f;
+  CHECK(f.parse(put_header(1, t.size() + 1), t.data(), proto::kPutItemBytes, c.config.limits) ==
+        Status::kTooLarge);
+}
+
+TEST(session_frame_limits_and_auth) {
+  Ctx c;
+  proto::Header h;
+  h.opcode = static_cast<uint8_t>(proto::Op::kGet);
+  h.count = c.config.limits.max_batch + 1;
+  h.payload_len = 10;
+  CHECK(check_request_frame(c.ctx, h, true) == Status::kTooLarge);
+  h.count = 1;
+  h.payload_len = 3;
+  CHECK(check_request_frame(c.ctx, h, true) == Status::kOk);
+  CHECK(check_request_frame(c.ctx, h, false) == Status::kUnauthorized);
+  h.opcode = 99;
+  CHECK(check_request_frame(c.ctx, h, true) == Status::kBadRequest);
+  h.opcode = static_cast<uint8_t>(proto::Op::kStats);
+  h.payload_len = 1;
+  CHECK(check_request_frame(c.ctx, h, true) == Status::kBadRequest);
+  CHECK(Counters::get(c.counters.requests[0]) == 1 && Counters::get(c.counters.auth_failures) == 1);
+}
+
+TEST(token_globs) {
+  CHECK(glob_match("*", "anything") && glob_match("tenant-*", "tenant-a") &&
+        !glob_match("tenant-*", "tenant"));
+  CHECK(glob_match("a?c", "abc") && !glob_match("a?c", "ac") && glob_match("*-x-*", "a-x-b"));
+  TokenGrant g{"t", {"ns1", "team-*"}};
+  CHECK(g.allows("ns1") && g.allows("team-9") && !g.allows("ns2") && !g.all());
+}
+
+}  // namespace
+
+int main() {
+  int passed = 0, failed = 0;
+  for (const Test& t : registry()) {
+    const int before = g_failures;
+    t.fn();
+    const bool ok = g_failures == before;
+    std::printf("%s %s\n", ok ? "PASS" : "FAIL", t.name);
+    (ok ? passed : failed)++;
+  }
+  std::printf("%d passed, %d failed\n", passed, failed);
+  return failed ? 1 : 0;
+}
