@@ -295,6 +295,11 @@ class Server:
         max_payload_bytes: int = 1073741824,
         prefault: bool = True,
         ucx_port: int = -1,
+        max_pending_put_bytes: int = 0,
+        max_pending_put_bytes_per_connection: int = 0,
+        max_reply_bytes_per_connection: int = 1073741824,
+        auth_timeout: float = 10.0,
+        tokens: Sequence[tuple[str, Sequence[str]]] = (),
     ) -> None: ...
     def start(self) -> int:
         """Bind, listen and start the workers; returns the bound port."""
@@ -310,5 +315,24 @@ class Server:
     def running(self) -> bool: ...
     @property
     def max_value_bytes(self) -> int: ...
+    @property
+    def max_connections(self) -> int:
+        """--max-connections after fitting it to RLIMIT_NOFILE at start()."""
+
+    @property
+    def requested_max_connections(self) -> int: ...
+    @property
+    def fd_limit(self) -> int:
+        """RLIMIT_NOFILE soft limit after start()."""
+
+    @property
+    def fd_limit_hard(self) -> int: ...
+    @property
+    def max_pending_put_bytes(self) -> int: ...
+    @property
+    def max_pending_put_bytes_per_connection(self) -> int: ...
+    def namespace_stats(self) -> dict[str, dict[str, Any]]:
+        """Per-namespace figures of the namespaces holding objects."""
+
     def stats(self) -> dict[str, Any]: ...
     def stats_json(self) -> str: ...

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import Any
 
 import pytest
 from hypothesis import settings
+
+from membrain.utils.net import free_port
 
 # Property tests must stay inside CI's time budget on 2 cores.
 settings.register_profile("ci", max_examples=60, deadline=None)
@@ -26,17 +27,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 HERE = Path(__file__).resolve().parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ServerProc:
     """One server subprocess on a fixed port (so it can be restarted in place)."""
 
     def __init__(self, port: int | None = None, **opts: Any) -> None:
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.opts = opts
         self.proc: Any = None
         self._handle: Any = None
@@ -116,6 +111,34 @@ def server_factory() -> Iterator[Callable[..., ServerProc]]:
 @pytest.fixture
 def server(server_factory: Callable[..., ServerProc]) -> ServerProc:
     return server_factory()
+
+
+@pytest.fixture
+def inproc_server() -> Iterator[Any]:
+    """An in-process server (C++ workers in native threads) on a free port."""
+    from membrain.server import Server
+
+    with Server(port=0, capacity="64MiB", threads=2, idle_timeout=30) as s:
+        yield s
+
+
+@pytest.fixture
+def make_server() -> Iterator[Callable[..., Any]]:
+    """Factory of in-process servers (``make_server(capacity=..., ...)``), stopped at teardown."""
+    from membrain.server import Server
+
+    made: list[Server] = []
+
+    def make(**kw: Any) -> Server:
+        kw.setdefault("port", 0)
+        kw.setdefault("capacity", "64MiB")
+        s = Server(**kw).start()
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.stop(0)
 
 
 @pytest.fixture

@@ -8,10 +8,10 @@ import threading
 import time
 
 import pytest
-from server_fixtures import make_server  # noqa: F401 - pytest fixture
 
 import membrain
 from membrain import _native
+from membrain.utils.net import free_port
 
 SLACK_S = 0.5  # scheduling slack on a loaded 2-core machine
 
@@ -37,7 +37,7 @@ def test_server_killed_mid_stream_then_restarted(server) -> None:
         bufs = [bytearray(4 << 20) for _ in range(4)]
         while not stop.is_set():
             try:
-                ok, dt = _timed(c.put, keys, vals)
+                _ok, dt = _timed(c.put, keys, vals)
                 worst[0] = max(worst[0], dt)
                 got, dt = _timed(c.get_into, keys, bufs)
                 worst[0] = max(worst[0], dt)
@@ -94,11 +94,7 @@ def test_hung_server_misses_within_deadline(server) -> None:
 
 
 def test_unreachable_endpoint_is_a_miss() -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with membrain.Client(f"tcp://127.0.0.1:{port}", timeout_ms=300) as c:
         got, dt = _timed(c.get, ["a"])
         assert got == [None] and dt < 0.3 + SLACK_S

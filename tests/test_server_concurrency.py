@@ -6,7 +6,6 @@ import hashlib
 import random
 import threading
 
-from server_fixtures import make_server  # noqa: F401
 from wire import OK, WireClient
 
 

@@ -9,7 +9,6 @@ import struct
 import time
 
 import pytest
-from server_fixtures import make_server  # noqa: F401 - pytest fixture
 from wire import NO_SPACE, OK, PUT, WireClient, header
 
 from membrain.server import spawn_server

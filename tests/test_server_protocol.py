@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import struct
 
-from server_fixtures import make_server, server  # noqa: F401 - pytest fixtures
 from wire import (
     BAD_REQUEST,
     CHECKSUM_MISMATCH,
@@ -31,8 +30,8 @@ from wire import (
 )
 
 
-def test_hello_reports_limits(server):
-    with WireClient(server.port) as c:
+def test_hello_reports_limits(inproc_server):
+    with WireClient(inproc_server.port) as c:
         f = c.hello(b"tenant-a")
         assert f.op == HELLO | REPLY and f.status == OK
         version, max_batch, max_key, _res, max_value, max_payload = struct.unpack("<IIIIQQ", f.payload)
@@ -40,9 +39,9 @@ def test_hello_reports_limits(server):
         assert max_value <= 64 << 20 and max_payload == 1 << 30
 
 
-def test_put_get_exists_lookup_delete_round_trip(server):
+def test_put_get_exists_lookup_delete_round_trip(inproc_server):
     vals = [(b"k%d" % i, os.urandom(1000 * i + 1)) for i in range(8)]
-    with WireClient(server.port) as c:
+    with WireClient(inproc_server.port) as c:
         assert c.put(vals) == [OK] * 8
         assert c.get([k for k, _ in vals]) == [v for _, v in vals]
         assert c.get([b"k1", b"missing", b"k3"]) == [vals[1][1], None, vals[3][1]]
@@ -54,8 +53,8 @@ def test_put_get_exists_lookup_delete_round_trip(server):
         assert c.lookup_prefix([]) == 0
 
 
-def test_reply_count_and_ids(server):
-    with WireClient(server.port) as c:
+def test_reply_count_and_ids(inproc_server):
+    with WireClient(inproc_server.port) as c:
         for op in (EXISTS, LOOKUP_PREFIX, DELETE, GET):
             f = c.call(keys_frame(op, [b"a", b"b"], rid=0xDEADBEEF12345678))
             assert (
@@ -63,23 +62,23 @@ def test_reply_count_and_ids(server):
             )
 
 
-def test_overwrite_publishes_new_value(server):
-    with WireClient(server.port) as c:
+def test_overwrite_publishes_new_value(inproc_server):
+    with WireClient(inproc_server.port) as c:
         c.put([(b"x", b"old" * 1000)])
         c.put([(b"x", b"new!" * 5000)])
         assert c.get([b"x"]) == [b"new!" * 5000]
         assert c.stats()["items"] == 1
 
 
-def test_empty_value_and_binary_keys(server):
+def test_empty_value_and_binary_keys(inproc_server):
     key = bytes(range(128))
-    with WireClient(server.port) as c:
+    with WireClient(inproc_server.port) as c:
         assert c.put([(key, b""), (b"\x00", b"z")]) == [OK, OK]
         assert c.get([key, b"\x00"]) == [b"", b"z"]
 
 
-def test_stats_and_ping(server):
-    with WireClient(server.port) as c:
+def test_stats_and_ping(inproc_server):
+    with WireClient(inproc_server.port) as c:
         assert c.ping(b"hello") == b"hello"
         assert c.ping() == b""
         c.put([(b"a", b"1" * 100)])
@@ -103,8 +102,8 @@ def test_stats_and_ping(server):
         assert s["capacity_bytes"] <= 64 << 20 and s["connections"] >= 1
 
 
-def test_checksum_mismatch_is_dropped(server):
-    with WireClient(server.port) as c:
+def test_checksum_mismatch_is_dropped(inproc_server):
+    with WireClient(inproc_server.port) as c:
         f = c.call(
             put_frame(
                 [(b"good", b"a" * 5000), (b"bad", b"b" * 5000)],
@@ -128,8 +127,8 @@ def test_item_level_errors_keep_stream_in_sync(make_server):
         assert c.ping(b"ok") == b"ok"
 
 
-def test_pipelining_in_order(server):
-    with WireClient(server.port) as c:
+def test_pipelining_in_order(inproc_server):
+    with WireClient(inproc_server.port) as c:
         frames = []
         for i in range(200):
             frames.append(put_frame([(b"p%d" % i, b"%d" % i * 100)], rid=1000 + 3 * i))
@@ -143,26 +142,26 @@ def test_pipelining_in_order(server):
             assert f3.payload == b"ping"
 
 
-def test_large_batch_of_1mib_values(server):
+def test_large_batch_of_1mib_values(inproc_server):
     vals = [(b"big%d" % i, os.urandom(1 << 20)) for i in range(16)]
-    with WireClient(server.port) as c:
+    with WireClient(inproc_server.port) as c:
         assert c.put(vals) == [OK] * 16
         assert c.get([k for k, _ in vals]) == [v for _, v in vals]
 
 
-def test_large_values_are_received_in_place(server):
+def test_large_values_are_received_in_place(inproc_server):
     """Bytes of large PUT values go straight into their storage slot: only the read-ahead after a
     frame header (4 KiB at most) passes through the input buffer and costs a second copy. Small
     values do go through the buffer, several per read, to save system calls, but reads of them
     stop where a large value begins."""
     big = [(b"inplace%d" % i, os.urandom(1 << 20)) for i in range(16)]
     small = [(b"small%d" % i, os.urandom(1024)) for i in range(64)]
-    with WireClient(server.port) as c:
-        before = server.stats()["put_bytes_buffered"]
+    with WireClient(inproc_server.port) as c:
+        before = inproc_server.stats()["put_bytes_buffered"]
         assert c.put(big) == [OK] * 16
-        after_big = server.stats()["put_bytes_buffered"]
+        after_big = inproc_server.stats()["put_bytes_buffered"]
         assert c.put(small) == [OK] * 64
-        after_small = server.stats()["put_bytes_buffered"]
+        after_small = inproc_server.stats()["put_bytes_buffered"]
         assert c.get([k for k, _ in big]) == [v for _, v in big]
         assert c.get([k for k, _ in small]) == [v for _, v in small]
     assert after_big - before <= 4096, after_big - before
@@ -178,13 +177,13 @@ def test_large_values_are_received_in_place(server):
         (b"m5", os.urandom(1 << 20)),
     ]
     small_bytes = sum(len(v) for _, v in mixed if len(v) < 16384)
-    with WireClient(server.port) as c:
-        before = server.stats()["put_bytes_buffered"]
+    with WireClient(inproc_server.port) as c:
+        before = inproc_server.stats()["put_bytes_buffered"]
         assert c.put(mixed) == [OK] * 6
-        one_frame = server.stats()["put_bytes_buffered"] - before
+        one_frame = inproc_server.stats()["put_bytes_buffered"] - before
         c.send(put_frame(mixed[:3], rid=900) + put_frame(mixed[3:], rid=901))
         assert [c.recv_frame().request_id for _ in range(2)] == [900, 901]
-        two_frames = server.stats()["put_bytes_buffered"] - before - one_frame
+        two_frames = inproc_server.stats()["put_bytes_buffered"] - before - one_frame
         assert c.get([k for k, _ in mixed]) == [v for _, v in mixed]
     assert one_frame <= small_bytes + 4096, one_frame
     # After a frame that ends in small values the server reads a full buffer ahead (that is what
@@ -201,8 +200,8 @@ def _expect_error(port, data, status):
         c.expect_closed()
 
 
-def test_frame_errors_reply_then_close(server):
-    p = server.port
+def test_frame_errors_reply_then_close(inproc_server):
+    p = inproc_server.port
     good = header(PING, 5, 0, 0)
     _expect_error(p, b"XXXX" + good[4:], BAD_REQUEST)  # magic
     _expect_error(p, good[:36] + bytes([good[36] ^ 1]) + good[37:], BAD_REQUEST)  # checksum
@@ -226,13 +225,13 @@ def test_frame_errors_reply_then_close(server):
     _expect_error(p, header(HELLO, 5, 0, len(payload)) + payload, BAD_REQUEST)
     with WireClient(p) as c:  # the server is still fine
         assert c.ping(b"alive") == b"alive"
-    assert server.stats()["protocol_errors"] >= 14
+    assert inproc_server.stats()["protocol_errors"] >= 14
 
 
-def test_truncated_frame_then_close(server):
-    with WireClient(server.port) as c:
+def test_truncated_frame_then_close(inproc_server):
+    with WireClient(inproc_server.port) as c:
         c.send(put_frame([(b"t", b"v" * 100000)])[:50000])
-    with WireClient(server.port) as c:
+    with WireClient(inproc_server.port) as c:
         assert c.get([b"t"]) == [None]  # never published
 
 

@@ -11,7 +11,6 @@ import textwrap
 import time
 
 import pytest
-from server_fixtures import make_server  # noqa: F401
 from wire import GET, OK, PING, UNAUTHORIZED, WireClient, header, keys_frame
 
 

@@ -6,7 +6,6 @@ import os
 import threading
 import time
 
-from server_fixtures import make_server  # noqa: F401
 from wire import GET, NO_SPACE, OK, WireClient, keys_frame, parse_get
 
 

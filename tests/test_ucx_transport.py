@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gc
 import os
-import socket
 import struct
 import time
 
@@ -14,6 +13,7 @@ import pytest
 
 import membrain
 from membrain import _native
+from membrain.utils.net import free_port
 
 pytestmark = pytest.mark.skipif(
     not _native.native_info()["ucx"], reason="membrain built without UCX (native_info()['ucx'] is False)"
@@ -22,12 +22,6 @@ pytestmark = pytest.mark.skipif(
 # UCX 1.13 accepts transport names and aliases: "tcp", "sm"/"shm" (posix/sysv/cma), "self".
 TLS = ["tcp", "sm,self,tcp"]
 MiB = 1 << 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spawn(tls: str, port: int = 0, ucx_port: int = 0, extra: tuple[str, ...] = ()):
@@ -153,7 +147,7 @@ def test_auth_over_ucx(tls, tmp_path):
 
 
 def test_server_restart_gives_misses_then_reconnects(tls):
-    port, uport = _free_port(), _free_port()
+    port, uport = free_port(), free_port()
     s = _spawn(tls, port, uport)
     # Generous connect budget: UCX wire-up with peer-failure handling takes a few round trips,
     # and this 2-core machine may be busy with other tests.

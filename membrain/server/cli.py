@@ -196,7 +196,9 @@ def _is_loopback(host: str) -> bool:
     except OSError:
         return False  # the server reports the resolution error itself
     try:
-        return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+        return bool(infos) and all(
+            ipaddress.ip_address(str(i[4][0]).split("%")[0]).is_loopback for i in infos
+        )
     except ValueError:
         return False
 
