@@ -283,7 +283,7 @@ bool glob_match(std::string_view p, std::string_view s) {
 
 std::string Server::stats_json() const {
   const StatsSnapshot s = stats();
-  char buf[2048];
+  char buf[4096];  // ~40 counters of up to 20 digits each, with their names
   std::string req = "{";
   for (int i = 1; i < kNumOps; ++i) {
     req += (i > 1 ? ",\"" : "\"") + std::string(proto::op_name(static_cast<uint8_t>(i))) +
