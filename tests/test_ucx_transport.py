@@ -318,3 +318,18 @@ def test_max_connections_counts_tcp_and_ucx_together(tls):
         for w in held:
             w.close()
         srv.kill()
+
+
+def test_rendezvous_values_reserved_within_the_pending_budget(tls):
+    # A rendezvous value is reserved before its bytes arrive; like TCP, such bytes are bounded
+    # per connection (and in total): past the budget the value is refused and drained.
+    srv = _spawn(tls, extra=("--max-pending-put-bytes-per-connection", "2MiB", "--no-prefault"))
+    try:
+        c = _ucx(srv)
+        big, small = os.urandom(4 * MiB), os.urandom(1 * MiB)
+        assert c.put([b"big", b"small"], [big, small]) == [_native.STATUS_NO_SPACE, 0]
+        assert c.get([b"small"]) == [small]
+        st = c.stats()
+        assert st["pending_put_bytes"] == 0 and st["no_space"] >= 1
+    finally:
+        srv.kill()

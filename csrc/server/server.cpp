@@ -248,42 +248,9 @@ std::string Server::namespace_stats_json(std::string_view ns) const {
   return buf;
 }
 
-bool TokenGrant::all() const {
-  for (const std::string& p : namespaces)
-    if (p == "*") return true;
-  return false;
-}
-
-bool TokenGrant::allows(std::string_view ns) const {
-  for (const std::string& p : namespaces)
-    if (glob_match(p, ns)) return true;
-  return false;
-}
-
-bool glob_match(std::string_view p, std::string_view s) {
-  // Iterative wildcard match with one backtrack point (the last '*'): linear in practice.
-  std::size_t pi = 0, si = 0, star = std::string_view::npos, mark = 0;
-  while (si < s.size()) {
-    if (pi < p.size() && (p[pi] == '?' || p[pi] == s[si])) {
-      ++pi;
-      ++si;
-    } else if (pi < p.size() && p[pi] == '*') {
-      star = pi++;
-      mark = si;
-    } else if (star != std::string_view::npos) {
-      pi = star + 1;
-      si = ++mark;
-    } else {
-      return false;
-    }
-  }
-  while (pi < p.size() && p[pi] == '*') ++pi;
-  return pi == p.size();
-}
-
 std::string Server::stats_json() const {
   const StatsSnapshot s = stats();
-  char buf[2048];
+  char buf[4096];  // ~40 counters of up to 20 digits each, with their names
   std::string req = "{";
   for (int i = 1; i < kNumOps; ++i) {
     req += (i > 1 ? ",\"" : "\"") + std::string(proto::op_name(static_cast<uint8_t>(i))) +

@@ -104,6 +104,9 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
     as soon as they are accepted."""
 
     daemon_threads = True
+    request_queue_size = (
+        128  # listen backlog: excess clients are accepted and closed, not left in SYN retries
+    )
 
     def __init__(self, addr: tuple[str, int], handler: type, max_connections: int) -> None:
         if ":" in addr[0]:

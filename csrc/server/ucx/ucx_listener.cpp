@@ -62,8 +62,34 @@ struct Inbound {
 
 // The frame whose data is being received by rendezvous (one receive, or one per value of a
 // split PUT whose values arrive as separate value AMs).
+// PUT value bytes reserved in storage before they arrived (rendezvous: the peer posted them, the
+// receive has not completed), counted in Counters::pending_put_bytes while the frame is active,
+// within --max-pending-put-bytes[-per-connection] like TCP's. Returned when the frame goes.
+struct PendingBudget {
+  std::atomic<uint64_t>* total = nullptr;
+  uint64_t held = 0;
+  PendingBudget() = default;
+  PendingBudget(const PendingBudget&) = delete;
+  PendingBudget& operator=(const PendingBudget&) = delete;
+  ~PendingBudget() {
+    if (total && held) total->fetch_sub(held, std::memory_order_relaxed);
+  }
+  bool take(std::atomic<uint64_t>& t, uint64_t n, const ServerConfig& cfg) {
+    if (n == 0) return true;
+    if (held + n > cfg.max_pending_put_bytes_per_connection) return false;
+    uint64_t cur = t.load(std::memory_order_relaxed);
+    do {
+      if (cur + n > cfg.max_pending_put_bytes) return false;
+    } while (!t.compare_exchange_weak(cur, cur + n, std::memory_order_relaxed));
+    total = &t;
+    held += n;
+    return true;
+  }
+};
+
 struct Active {
   std::vector<std::unique_ptr<Completion>> parts;  // one per receive issued
+  PendingBudget budget;                            // rendezvous values reserved, not yet received
   bool all_issued = true;                          // split PUT: false until every value AM is taken
   Header hdr;
   Inbound in;
@@ -513,7 +539,8 @@ class Impl final : public UcxListener {
       return;
     }
     // One AM carries every value: they are here (eager) or posted by the peer (rendezvous).
-    for (std::size_t i = 0; i < a->put.items().size(); ++i) a->put.reserve(ctx_, c.ns, i, in.header.data());
+    for (std::size_t i = 0; i < a->put.items().size(); ++i)
+      reserve_value(c, *a, i, in.header.data(), in.rndv);
     if (!in.rndv) {  // eager: the values are here already
       const uint8_t* src = static_cast<const uint8_t*>(in.data);
       for (auto& it : a->put.items()) {
@@ -537,6 +564,16 @@ class Impl final : public UcxListener {
     }
     a->in = std::move(in);
     receive(c, std::move(a), std::move(iov));
+  }
+
+  // Storage for PUT item i; a rendezvous value (not here yet) needs the pending-bytes budget
+  // first, and without it is refused (NO_SPACE, drained) rather than reserved.
+  void reserve_value(Conn& c, Active& a, std::size_t i, const uint8_t* keys, bool rndv) {
+    const PutItem& it = a.put.items()[i];
+    if (it.status != static_cast<uint8_t>(Status::kOk) || it.obj) return;
+    if (rndv && !a.budget.take(ctx_.counters.pending_put_bytes, it.value_len, ctx_.config))
+      return a.put.refuse(ctx_, i);
+    a.put.reserve(ctx_, c.ns, i, keys);
   }
 
   // Entries covering `len` bytes, each pointing at (at most all of) the shared drain buffer.
@@ -598,8 +635,7 @@ class Impl final : public UcxListener {
     ++a.next;
     if (a.next == a.expect.size()) a.all_issued = true;
     PutItem& item = a.put.items()[a.expect[a.next - 1]];
-    a.put.reserve(ctx_, c.ns, a.expect[a.next - 1],
-                  a.keys.data());  // the value is here (eager) or posted (rendezvous)
+    reserve_value(c, a, a.expect[a.next - 1], a.keys.data(), in.rndv);  // here (eager) or posted (rndv)
     if (!in.rndv) {
       if (item.obj) std::memcpy(item.obj->data(), in.data, in.len);  // a dropped value is not copied
       release(in);
