@@ -24,6 +24,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from membrain.bench import common as C
+from membrain.utils.net import free_port
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
@@ -128,7 +129,7 @@ def test_env_only_enablement_host_tier_and_server_down(model, workdir, reference
     # gets an equivalent dist-info on PYTHONPATH.
     installed = any(ep.name == "membrain" for ep in entry_points(group="vllm.general_plugins"))
     extra_path = [] if installed else [C.plugin_site(workdir / "plugin_site")]
-    port = C.free_port()  # nothing listens here
+    port = free_port()  # nothing listens here
     env = C.base_env(
         {
             "VLLM_MEMBRAIN_ENABLED": "1",
