@@ -15,15 +15,28 @@ from concurrent.futures import Future
 from typing import Any
 
 from membrain.client.breaker import CircuitBreaker
+from membrain.tiers.backend import RemoteBackend, is_redis
 
 logger = logging.getLogger("membrain.tiers.remote")
 
 
-def make_client(settings: Any) -> Any | None:
-    """A real ``membrain.Client`` for :class:`~membrain.vllm.config.MembrainSettings` (endpoints,
-    namespace, deadline, replicas, auth token file), or None with a warning when it cannot be
-    created (the remote tier is then off and every lookup a miss)."""
+def make_client(settings: Any) -> RemoteBackend | None:
+    """The remote backend for :class:`~membrain.vllm.config.MembrainSettings`: a
+    ``membrain.Client`` for Membrain servers (the default) or a
+    :class:`~membrain.tiers.redis_backend.RedisBackend` for ``redis://``, ``rediss://`` and
+    ``redis-cluster://`` endpoints (namespace, deadline, auth token file as the Redis password);
+    None with a warning when it cannot be created (the remote tier is then off and every lookup
+    a miss)."""
     try:
+        if is_redis(settings.endpoints):
+            from membrain.tiers.redis_backend import RedisBackend
+
+            return RedisBackend(
+                settings.endpoints,
+                namespace=settings.namespace,
+                timeout_ms=settings.timeout_ms,
+                auth_token=settings.auth_token(),
+            )
         from membrain.client import Client
 
         return Client(
@@ -33,7 +46,7 @@ def make_client(settings: Any) -> Any | None:
             auth_token=settings.auth_token(),
             replicas=settings.replicas,
         )
-    except Exception as e:  # a bad endpoint, an unreadable token file
+    except Exception as e:  # a bad endpoint, an unreadable token file, redis-py missing
         logger.warning(
             "Membrain remote tier disabled: cannot create client for %s (%s)", settings.endpoints, e
         )

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from membrain.tiers.backend import REDIS_SCHEMES, is_redis
 from membrain.utils import sizes
 
 ENV_PREFIX = "VLLM_MEMBRAIN_"
@@ -86,25 +87,51 @@ def parse_bool(text: str | bool | int, name: str) -> bool:
 
 
 def parse_endpoints(text: str | list[str]) -> list[str]:
-    """Validates ``tcp://``, ``http://`` and ``ucx://host:port`` (comma-separated or a list)."""
+    """Validates ``tcp://``, ``http://`` and ``ucx://host:port`` (Membrain servers) or
+    ``redis://host:port``, ``rediss://host:port`` and ``redis-cluster://h1:p1,h2:p2,...`` (a
+    Redis / Valkey backend), comma-separated or a list. Inside ``redis-cluster://`` the nodes
+    after the first may omit the scheme; they come back as one ``redis-cluster://h:p`` each.
+    Mixing Redis and Membrain endpoints, or several ``redis://`` servers, is a ConfigError."""
     items = text if isinstance(text, list) else str(text).split(",")
     out: list[str] = []
     for raw in items:
         ep = str(raw).strip()
         if not ep:
             continue
+        if "://" not in ep and out and out[-1].startswith("redis-cluster://"):
+            ep = "redis-cluster://" + ep
         parts = urlsplit(ep)
-        if parts.scheme not in ("tcp", "http", "ucx"):
-            raise ConfigError(f"endpoint {ep!r}: scheme must be tcp://, http:// or ucx://")
+        if parts.scheme not in ("tcp", "http", "ucx", *REDIS_SCHEMES):
+            raise ConfigError(
+                f"endpoint {ep!r}: scheme must be tcp://, http://, ucx://, redis://, rediss:// "
+                "or redis-cluster://"
+            )
         try:
             port = parts.port
         except ValueError as e:
             raise ConfigError(f"endpoint {ep!r}: bad port ({e})") from None
         if not parts.hostname or port is None or parts.path not in ("", "/") or parts.query:
             raise ConfigError(f"endpoint {ep!r}: expected scheme://host:port")
+        if parts.username is not None or parts.password is not None:
+            raise ConfigError(
+                f"endpoint {parts.scheme}://...@{parts.hostname}:{port}: no credentials in endpoints; "
+                "the auth_token_file is the Redis password"
+            )
         out.append(f"{parts.scheme}://{parts.netloc}")
     if not out:
         raise ConfigError("no Membrain endpoint given")
+    schemes = {e.split("://", 1)[0] for e in out}
+    if schemes & set(REDIS_SCHEMES):
+        if len(schemes) > 1:
+            raise ConfigError(
+                f"endpoints mix {', '.join(sorted(schemes))}: a Redis / Valkey backend "
+                "(redis://, rediss://, redis-cluster://) cannot be combined with Membrain servers "
+                "or another Redis scheme"
+            )
+        if not schemes & {"redis-cluster"} and len(out) > 1:
+            raise ConfigError(
+                f"{len(out)} redis:// endpoints: give one server, or redis-cluster://h1:p1,h2:p2 for a cluster"
+            )
     return out
 
 
@@ -219,6 +246,8 @@ def resolve(extra: Mapping[str, Any] | None = None, env: Mapping[str, str] | Non
         raise ConfigError(f"timeout_ms / max_inflight / replicas must be integers ({e})") from None
     if timeout_ms <= 0 or max_inflight < 0:
         raise ConfigError("timeout_ms must be > 0 and max_inflight >= 0")
+    if is_redis(endpoints) and replicas != 1:
+        raise ConfigError("replicas must be 1 with a Redis / Valkey backend (it replicates on its own)")
     if not 1 <= replicas <= len(endpoints):
         raise ConfigError(f"replicas must be 1..{len(endpoints)} (the number of endpoints), got {replicas}")
     policy = str(vals.get("load_failure_policy", "recompute")).strip().lower()
