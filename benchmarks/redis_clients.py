@@ -1,7 +1,10 @@
 """Client choice for the Redis backend: redis-py (pure-Python parser vs hiredis) vs valkey-glide,
 pipelined SET / GET of 16 x 1 MiB values on one local redis-server, single caller thread."""
 
-import asyncio, os, sys, time
+import asyncio
+import os
+import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from membrain.bench.redis_local import RedisNode

@@ -45,10 +45,10 @@ def _backend_steps(client: Any, batch: int, size: int) -> tuple[Callable[[], int
     keys, vals, bufs = _data(batch, size)
 
     def put() -> int:
-        return size * sum(client.put(keys, vals))
+        return size * int(sum(client.put(keys, vals)))
 
     def get() -> int:
-        return size * sum(client.get_into(keys, bufs))
+        return size * int(sum(client.get_into(keys, bufs)))
 
     if sum(client.put(keys, vals)) != batch:
         raise RuntimeError("backend refused the working set")

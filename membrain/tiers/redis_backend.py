@@ -315,6 +315,25 @@ class RedisBackend:
                     out[i] = True
         return out
 
+    def get(self, keys: Sequence[Any]) -> list[memoryview | None]:
+        """The stored values (checksum verified, trailer stripped), None where missing or bad."""
+        k = _norm_keys(keys)
+        out: list[memoryview | None] = [None] * len(k)
+        if not k:
+            return out
+
+        def build(pipe: Any, idx: list[int]) -> None:
+            for i in idx:
+                pipe.get(self.prefix + k[i])
+
+        def handle(idx: list[int], replies: list[Any]) -> list[memoryview | None]:
+            return [verify(r) if isinstance(r, bytes) else None for r in replies]
+
+        for idx, payloads in self._run(k, build, handle):
+            for i, p in zip(idx, payloads):
+                out[i] = p
+        return out
+
     def put(self, keys: Sequence[Any], values: Sequence[Any]) -> list[bool]:
         k = _norm_keys(keys)
         if len(values) != len(k):

@@ -11,11 +11,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from membrain.client.breaker import CircuitBreaker
 from membrain.tiers.backend import RemoteBackend, is_redis
+from membrain.tiers.codec import Codec, parse_compression
 
 logger = logging.getLogger("membrain.tiers.remote")
 
@@ -53,6 +54,16 @@ def make_client(settings: Any) -> RemoteBackend | None:
         return None
 
 
+def make_codec(settings: Any, elem_size: int = 2) -> Codec | None:
+    """The wire codec for ``settings.compression`` (None when off or unavailable)."""
+    try:
+        spec = parse_compression(getattr(settings, "compression", ""))
+        return Codec(spec[1], elem_size) if spec else None
+    except Exception as e:
+        logger.warning("Membrain wire compression disabled (%s)", e)
+        return None
+
+
 class RemoteTier:
     """Exception-proof wrapper with the remote tier's circuit breaker
     (:class:`~membrain.client.breaker.CircuitBreaker`): after a call fails the remote is
@@ -67,8 +78,19 @@ class RemoteTier:
         timeout_ms: int = 2000,
         backoff_s: float = 2.0,
         max_backoff_s: float = 60.0,
+        codec: Codec | None = None,
+        codec_threads: int = 2,
     ) -> None:
         self.client = client
+        # Optional wire compression (membrain.tiers.codec): values are encoded on the codec
+        # threads before the backend sees them; reads fetch the stored bytes (client.get) and
+        # decode them into the caller's buffers there.
+        self.codec = codec
+        self._codec_pool = (
+            ThreadPoolExecutor(max_workers=max(1, codec_threads), thread_name_prefix="membrain-codec")
+            if codec is not None
+            else None
+        )
         self.max_inflight = max_inflight
         self.timeout_ms = timeout_ms
         self._breaker = CircuitBreaker(backoff_s, max_backoff_s)
@@ -114,10 +136,52 @@ class RemoteTier:
     def get_into(self, keys: Sequence[bytes], buffers: Sequence[Any]) -> list[bool]:
         if not keys:
             return []
+        if self.codec is not None:
+            return self._get_decoded(keys, buffers)
         res = self._call("get", lambda: list(self.client.get_into(list(keys), list(buffers))), None)
         if res is None or len(res) != len(keys):
             return [False] * len(keys)
         return [bool(r) for r in res]
+
+    def _get_decoded(self, keys: Sequence[bytes], buffers: Sequence[Any]) -> list[bool]:
+        codec, pool = self.codec, self._codec_pool
+        assert codec is not None and pool is not None
+        stored = self._call("get", lambda: list(self.client.get(list(keys))), None)
+        if stored is None or len(stored) != len(keys):
+            return [False] * len(keys)
+        bufs = list(buffers)
+
+        def one(i: int) -> bool:
+            return stored[i] is not None and codec.decode_into(stored[i], bufs[i])
+
+        try:
+            return list(pool.map(one, range(len(keys))))
+        except Exception:
+            return [False] * len(keys)
+
+    def _put_encoded(self, keys: list[bytes], values: list[Any]) -> Future[Any]:
+        """Encodes on a codec thread, then hands the encoded values to the backend."""
+        codec, pool = self.codec, self._codec_pool
+        assert codec is not None and pool is not None
+        out: Future[Any] = Future()
+
+        def relay(f: Future[Any]) -> None:
+            try:
+                out.set_result(f.result())
+            except BaseException as e:
+                out.set_exception(e)
+
+        def work() -> None:
+            try:
+                enc = [codec.encode(v) for v in values]
+                inner = self.client.put_async(keys, enc)
+            except BaseException as e:
+                out.set_exception(e)
+                return
+            inner.add_done_callback(relay)
+
+        pool.submit(work)
+        return out
 
     @property
     def inflight(self) -> int:
@@ -161,7 +225,10 @@ class RemoteTier:
                 done(res)
 
         try:
-            fut = self.client.put_async(list(keys), list(values))
+            if self.codec is not None:
+                fut = self._put_encoded(list(keys), list(values))
+            else:
+                fut = self.client.put_async(list(keys), list(values))
         except Exception as e:
             finish(None, e)
             return True
@@ -176,6 +243,8 @@ class RemoteTier:
         return self._inflight == 0
 
     def close(self) -> None:
+        if self._codec_pool is not None:
+            self._codec_pool.shutdown(wait=True)
         try:
             self.client.close()
         except Exception:

@@ -5,7 +5,9 @@ Environment (front end; copied into ``kv_connector_extra_config`` by the plugin)
 =================================  =============================================================
 ``VLLM_MEMBRAIN_ENABLED``          ``1`` turns Membrain on for plain ``vllm serve`` / ``LLM(...)``
 ``VLLM_MEMBRAIN_ENDPOINT``         ``http://localhost:9201``; ``tcp://`` (same as ``http://``) and
-                                   ``ucx://`` servers, comma-separated
+                                   ``ucx://`` servers, comma-separated; or a Redis / Valkey
+                                   backend: ``redis://h:p``, ``rediss://h:p`` (TLS),
+                                   ``redis-cluster://h1:p1,h2:p2,...``
 ``VLLM_MEMBRAIN_NAMESPACE``        ``default``
 ``VLLM_MEMBRAIN_CPU_CACHE_SIZE``   host tier per worker, e.g. ``2GiB``; ``0`` disables it.
                                    Default: min(10% of MemAvailable, 4 GiB), resolved once in the
@@ -19,11 +21,13 @@ Environment (front end; copied into ``kv_connector_extra_config`` by the plugin)
 ``VLLM_MEMBRAIN_REPLICAS``         servers each block is written to (reads fall back), default 1
 ``VLLM_MEMBRAIN_LOAD_FAILURE_POLICY``  ``recompute`` (default: a failed load is a miss) or
                                    ``fail`` (vLLM fails the request)
+``VLLM_MEMBRAIN_COMPRESSION``      ``zstd[:level]``: byte-shuffle + zstd of remote values (off
+                                   by default; needs the ``zstandard`` package)
 =================================  =============================================================
 
 Extra-config keys (explicit ``--kv-transfer-config``) use the lower-case names without the prefix:
 ``endpoint``, ``namespace``, ``cpu_cache_size``, ``remote``, ``timeout_ms``, ``max_inflight``,
-``auth_token_file``, ``replicas``, ``load_failure_policy``; they win over the environment, and
+``auth_token_file``, ``replicas``, ``load_failure_policy``, ``compression``; they win over the environment, and
 both paths go through :func:`resolve`. An unknown key or an unusable value raises
 :class:`ConfigError` at start-up; an unreachable server does not.
 """
@@ -38,6 +42,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from membrain.tiers.backend import REDIS_SCHEMES, is_redis
+from membrain.tiers.codec import parse_compression
 from membrain.utils import sizes
 
 ENV_PREFIX = "VLLM_MEMBRAIN_"
@@ -59,6 +64,7 @@ KNOWN_KEYS = (
     "auth_token_file",
     "replicas",
     "load_failure_policy",
+    "compression",
 )
 LOAD_FAILURE_POLICIES = ("recompute", "fail")
 
@@ -165,6 +171,7 @@ class MembrainSettings:
     auth_token_file: str = ""
     replicas: int = 1
     load_failure_policy: str = "recompute"
+    compression: str = ""
 
     def to_extra_config(self) -> dict[str, Any]:
         d = asdict(self)
@@ -178,6 +185,7 @@ class MembrainSettings:
             "auth_token_file": d["auth_token_file"],
             "replicas": d["replicas"],
             "load_failure_policy": d["load_failure_policy"],
+            "compression": d["compression"],
         }
 
     def auth_token(self) -> str | None:
@@ -256,8 +264,29 @@ def resolve(extra: Mapping[str, Any] | None = None, env: Mapping[str, str] | Non
             f"load_failure_policy {policy!r}: expected one of {', '.join(LOAD_FAILURE_POLICIES)}"
         )
     token_file = str(vals.get("auth_token_file", "") or "")
+    compression = str(vals.get("compression", "") or "").strip().lower()
+    try:
+        spec = parse_compression(compression)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if spec is not None:
+        try:
+            import zstandard  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                f"compression {compression!r} needs the zstandard package (pip install membrain[compression])"
+            ) from None
     settings = MembrainSettings(
-        endpoints, namespace, cpu_bytes, remote, timeout_ms, max_inflight, token_file, replicas, policy
+        endpoints,
+        namespace,
+        cpu_bytes,
+        remote,
+        timeout_ms,
+        max_inflight,
+        token_file,
+        replicas,
+        policy,
+        compression if spec else "",
     )
     settings.auth_token()  # an unreadable token file is a start-up error, in the front end too
     return settings
