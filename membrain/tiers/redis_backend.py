@@ -95,6 +95,25 @@ def parse_redis_endpoints(endpoints: Sequence[str]) -> tuple[str, list[tuple[str
     return scheme, nodes
 
 
+def _connection_classes() -> tuple[type, type]:
+    """redis-py connection classes that pack commands with redis-py's Python serializer even
+    when hiredis is installed: hiredis' packer copies every argument into one buffer (about
+    1.4 GB/s here, a third of a 1 MiB PUT pipeline's time); the Python one hands large values to
+    the socket as they are. Replies are still parsed by hiredis."""
+    import redis
+    from redis.connection import PythonRespSerializer
+
+    class Conn(redis.Connection):
+        def _construct_command_packer(self, packer: Any) -> Any:
+            return packer or PythonRespSerializer(self._buffer_cutoff, self.encoder.encode)
+
+    class SSLConn(redis.SSLConnection):
+        def _construct_command_packer(self, packer: Any) -> Any:
+            return packer or PythonRespSerializer(self._buffer_cutoff, self.encoder.encode)
+
+    return Conn, SSLConn
+
+
 class RedisBackend:
     """Remote-tier backend on Redis / Valkey (standalone, TLS or cluster); satisfies
     :class:`membrain.tiers.backend.RemoteBackend`. Thread-safe."""
@@ -128,20 +147,32 @@ class RedisBackend:
             "socket_connect_timeout": t,
             "retry": Retry(NoBackoff(), 0),  # no hidden retries: the deadline is the caller's
             "health_check_interval": 0,
+            "socket_read_size": 1 << 20,  # replies of 1 MiB values: 16x fewer recv + feed calls
         }
         self._cluster: Any = None
         self._single: Any = None
+        conn_cls, ssl_conn_cls = _connection_classes()
         if self.scheme == "redis-cluster":
             from redis.cluster import ClusterNode, RedisCluster
 
             self._cluster = RedisCluster(
+                # With a url, redis-py builds each node's pool from the kwargs, so the
+                # connection class below reaches every node (also ones found later).
+                url=f"redis://{self.nodes[0][0]}:{self.nodes[0][1]}",
+                connection_class=conn_cls,
                 startup_nodes=[ClusterNode(h, p) for h, p in self.nodes],  # type: ignore[no-untyped-call]
                 require_full_coverage=False,
                 **common,
             )
         else:
             h, p = self.nodes[0]
-            self._single = redis.Redis(host=h, port=p, ssl=self.scheme == "rediss", **common)
+            pool = redis.ConnectionPool(
+                connection_class=ssl_conn_cls if self.scheme == "rediss" else conn_cls,
+                host=h,
+                port=p,
+                **common,
+            )
+            self._single = redis.Redis(connection_pool=pool)
         self._breaker_args = (breaker_base_s, breaker_max_s)
         self._breakers: dict[str, CircuitBreaker] = {}
         self._lock = threading.Lock()
