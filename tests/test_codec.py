@@ -36,7 +36,7 @@ def _kv_like(n: int = BLOCK, seed: int = 0) -> bytes:
 
 def test_parse_and_settings() -> None:
     assert parse_compression("") is None and parse_compression("off") is None
-    assert parse_compression("zstd") == ("zstd", 3)
+    assert parse_compression("zstd") == ("zstd", 1)
     assert parse_compression("ZSTD:9") == ("zstd", 9)
     assert parse_compression("zstd:-3") == ("zstd", -3)
     for bad in ("lz4", "zstd:x", "zstd:23", "zstd:0"):

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--synthetic", action="store_true", help="bf16 normal values instead of real KV")
     ap.add_argument("--namespace", default="default")
     ap.add_argument("--blocks", type=int, default=64, help="at most this many blocks")
-    ap.add_argument("--levels", default="1,3,9", help="zstd levels, comma-separated")
+    ap.add_argument("--levels", default="-1,1,3,9", help="zstd levels, comma-separated")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
 
