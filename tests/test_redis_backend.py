@@ -283,3 +283,34 @@ def test_cluster_master_killed_mid_run(cluster: RedisCluster) -> None:
         assert tier.drain(5.0)
     finally:
         tier.close()
+
+
+@needs_redis
+def test_cluster_hung_master_within_deadline(cluster: RedisCluster) -> None:
+    """A master that stops answering (SIGSTOP): its keys are misses within about the deadline,
+    the other masters' keys still hit, byte-exact; then its breaker skips it (fast calls)."""
+    b = _backend(cluster.endpoint, timeout_ms=400, breaker_base_s=2.0)
+    try:
+        keys, vals = _blocks(48)
+        assert all(b.put_async(keys, vals).result(timeout=10))
+        victim = cluster.nodes[0]
+        groups = b._groups([b.prefix + k for k in keys])
+        on_victim = {i for name, _, idx in groups for i in idx if name.endswith(f":{victim.port}")}
+        assert on_victim
+        os.kill(victim.pid, signal.SIGSTOP)
+        try:
+            for attempt in range(3):
+                bufs = [bytearray(BLOCK) for _ in keys]
+                t = time.monotonic()
+                hits = b.get_into(keys, bufs)
+                took = time.monotonic() - t
+                assert took < 1.2, took  # 400 ms deadline (+ scheduling slack on 2 cores)
+                assert not any(hits[i] for i in on_victim)
+                assert all(hits[i] for i in range(len(keys)) if i not in on_victim)
+                assert all(bytes(bufs[i]) == vals[i] for i in range(len(keys)) if hits[i])
+                if attempt:
+                    assert took < 0.3  # the hung node is skipped by its breaker
+        finally:
+            os.kill(victim.pid, signal.SIGCONT)
+    finally:
+        b.close()
