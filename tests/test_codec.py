@@ -132,3 +132,17 @@ def test_tier_compression_over_membrain(server) -> None:
         plain.close()
     finally:
         tier.close()
+
+
+def test_bench_compression_synthetic(tmp_path, capsys) -> None:
+    import json
+
+    from membrain.bench.compression import main
+
+    out = tmp_path / "c.json"
+    assert main(["--synthetic", "--blocks", "2", "--levels", "1", "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    rows = {r["elem_size"]: r for r in d["results"]}
+    assert rows[2]["ratio"] > rows[1]["ratio"] > 1.0  # the shuffle helps on bf16
+    assert rows[2]["break_even_get_gbps"] > 0 and rows[2]["decompress_gbps"] > 0
+    assert "pays below" in capsys.readouterr().out

@@ -4,6 +4,7 @@ processes on loopback: a standalone server and a 3-master cluster."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -314,3 +315,47 @@ def test_cluster_hung_master_within_deadline(cluster: RedisCluster) -> None:
             os.kill(victim.pid, signal.SIGCONT)
     finally:
         b.close()
+
+
+def _tls_files(d: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 (openssl CLI)."""
+    import subprocess
+
+    ca_key, ca, key, csr, crt, ext = (d / n for n in ("ca.key", "ca.crt", "s.key", "s.csr", "s.crt", "ext"))
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True, timeout=60)  # noqa: E731
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca),
+        "-days", "2", "-subj", "/CN=membrain-test-ca")  # fmt: skip
+    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+        "-subj", "/CN=127.0.0.1")  # fmt: skip
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    run("openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+        "-out", str(crt), "-days", "2", "-extfile", str(ext))  # fmt: skip
+    return ca, crt, key
+
+
+@needs_redis
+@pytest.mark.skipif(not shutil.which("openssl"), reason="openssl not installed")
+def test_rediss_tls_roundtrip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """rediss:// verifies the server against the system CAs (here SSL_CERT_FILE points at a
+    test CA): a round trip works; without trusting the CA every call is a miss."""
+    from membrain.bench.redis_local import free_port
+
+    ca, crt, key = _tls_files(tmp_path)
+    tls_port = free_port()
+    tls = ["--tls-port", str(tls_port), "--tls-cert-file", str(crt), "--tls-key-file", str(key),
+           "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]  # fmt: skip
+    try:
+        node = RedisNode(extra=tls)
+    except RuntimeError:
+        pytest.skip("redis-server without TLS support")
+    try:
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+        b = _backend(f"rediss://127.0.0.1:{tls_port}")
+        _check_roundtrip(b, 4)
+        b.close()
+        monkeypatch.delenv("SSL_CERT_FILE")
+        untrusted = RemoteTier(_backend(f"rediss://127.0.0.1:{tls_port}", timeout_ms=500))
+        assert untrusted.lookup_prefix([b"k" * 16]) == 0 and not untrusted.available
+        untrusted.close()
+    finally:
+        node.close()

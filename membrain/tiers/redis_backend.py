@@ -3,7 +3,7 @@
 Endpoints (LMCache's scheme names):
 
 * ``redis://host:port``: one standalone server; ``rediss://host:port``: the same over TLS
-  (certificates verified against the system CAs).
+  (certificates verified against the system CAs; ``SSL_CERT_FILE`` names a private CA).
 * ``redis-cluster://h1:p1,h2:p2,...``: a Redis Cluster; the listed nodes are only the
   discovery seeds, the slot map comes from the cluster.
 
