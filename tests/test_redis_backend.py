@@ -113,6 +113,17 @@ def test_standalone_roundtrip_byte_exact(standalone: RedisNode) -> None:
         arr = np.zeros((2, BLOCK // 2), dtype=np.uint8)
         assert b.get_into(keys[:1], [arr]) == [True]
         assert arr.tobytes() == vals[0]
+        # HostPool slots (what the worker passes), both ways.
+        import membrain
+
+        pool = membrain.HostPool(BLOCK, 4, pin=False, huge_pages=False)
+        slots = pool.acquire_many(4)
+        assert slots is not None
+        assert b.get_into(keys[:4], slots) == [True] * 4
+        assert [bytes(memoryview(s)) for s in slots] == vals[:4]
+        assert b.put_async([b"from-slot"], [slots[1]]).result(timeout=10) == [True]
+        out = bytearray(BLOCK)
+        assert b.get_into([b"from-slot"], [out]) == [True] and bytes(out) == vals[1]
         # A buffer of the wrong size is a miss and stays untouched.
         small = bytearray(BLOCK - 1)
         assert b.get_into(keys[:1], [small]) == [False]
