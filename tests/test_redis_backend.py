@@ -370,3 +370,18 @@ def test_rediss_tls_roundtrip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         untrusted.close()
     finally:
         node.close()
+
+
+def test_cluster_unreachable_at_start_is_not_fatal() -> None:
+    """vLLM may start before its Redis: the backend is created anyway (connected on first use),
+    calls are misses and open the tier's breaker, and nothing raises."""
+    from membrain.bench.redis_local import free_port
+
+    s = mcfg.resolve({"endpoint": f"redis-cluster://127.0.0.1:{free_port(True)}", "timeout_ms": 300}, {})
+    b = make_client(s)
+    assert isinstance(b, RedisBackend)
+    tier = RemoteTier(b, timeout_ms=300)
+    assert tier.lookup_prefix([b"k" * 16]) == 0
+    assert tier.get_into([b"k" * 16], [bytearray(8)]) == [False]
+    assert not tier.available
+    tier.close()

@@ -151,19 +151,20 @@ class RedisBackend:
         }
         self._cluster: Any = None
         self._single: Any = None
+        self._cluster_lock = threading.Lock()
         conn_cls, ssl_conn_cls = _connection_classes()
+        self._cluster_kwargs: dict[str, Any] = {
+            # With a url, redis-py builds each node's pool from the kwargs, so the connection
+            # class below reaches every node (also ones found later).
+            "url": f"redis://{self.nodes[0][0]}:{self.nodes[0][1]}",
+            "connection_class": conn_cls,
+            "require_full_coverage": False,
+            **common,
+        }
         if self.scheme == "redis-cluster":
-            from redis.cluster import ClusterNode, RedisCluster
-
-            self._cluster = RedisCluster(
-                # With a url, redis-py builds each node's pool from the kwargs, so the
-                # connection class below reaches every node (also ones found later).
-                url=f"redis://{self.nodes[0][0]}:{self.nodes[0][1]}",
-                connection_class=conn_cls,
-                startup_nodes=[ClusterNode(h, p) for h, p in self.nodes],  # type: ignore[no-untyped-call]
-                require_full_coverage=False,
-                **common,
-            )
+            # Connected on first use (and again after a failed attempt, when the breaker lets a
+            # call through): a cluster that is down while vLLM starts only costs misses.
+            pass
         else:
             h, p = self.nodes[0]
             pool = redis.ConnectionPool(
@@ -195,14 +196,29 @@ class RedisBackend:
                 b = self._breakers[name] = CircuitBreaker(*self._breaker_args)
             return b
 
+    def _connect_cluster(self) -> Any:
+        with self._cluster_lock:
+            if self._cluster is None:
+                from redis.cluster import ClusterNode, RedisCluster
+
+                try:
+                    self._cluster = RedisCluster(
+                        startup_nodes=[ClusterNode(h, p) for h, p in self.nodes],  # type: ignore[no-untyped-call]
+                        **self._cluster_kwargs,
+                    )
+                except Exception as e:
+                    raise ConnectionError(f"Redis cluster unreachable: {e}") from None
+            return self._cluster
+
     def _groups(self, keys: list[bytes]) -> list[tuple[str, Any, list[int]]]:
         """(node name, redis.Redis of that node, indices into keys), one per node."""
         if self._single is not None:
             return [("single", self._single, list(range(len(keys))))]
+        cluster = self._connect_cluster()
         by_node: dict[str, tuple[Any, list[int]]] = {}
         for i, k in enumerate(keys):
             try:
-                node = self._cluster.get_node_from_key(k)
+                node = cluster.get_node_from_key(k)
             except Exception:  # slot not covered (map being refreshed, node lost)
                 self._refresh_due = True
                 continue
@@ -213,7 +229,7 @@ class RedisBackend:
         out = []
         for name, (node, idx) in by_node.items():
             try:
-                conn = self._cluster.get_redis_connection(node)
+                conn = cluster.get_redis_connection(node)
             except Exception:
                 self._refresh_due = True
                 continue
@@ -270,13 +286,13 @@ class RedisBackend:
                 replies = pipe.execute(raise_on_error=False)
             except Exception as e:
                 br.failure(probe=state == "probe")
-                self._refresh_due = self._cluster is not None
+                self._refresh_due = self.scheme == "redis-cluster"
                 log.debug("Redis node %s failed: %s", name, e)
                 return None
             errors = [r for r in replies if isinstance(r, Exception)]
             if errors:
                 # CLUSTERDOWN / MOVED / ASK / TRYAGAIN / LOADING...: misses, slot map reloaded.
-                self._refresh_due = self._cluster is not None
+                self._refresh_due = self.scheme == "redis-cluster"
                 log.debug("Redis node %s answered %d errors (first: %s)", name, len(errors), errors[0])
             br.success()
             return idx, handle(idx, replies)
