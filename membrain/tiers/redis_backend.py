@@ -33,6 +33,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 from urllib.parse import urlsplit
 
+import numpy as np
+
 from membrain import checksum64
 from membrain.client.breaker import CircuitBreaker
 
@@ -334,8 +336,8 @@ class RedisBackend:
         return n
 
     def get_into(self, keys: Sequence[Any], buffers: Sequence[Any]) -> list[bool]:
-        """Values land in the caller's buffers (after checksum and length checks, which run on
-        the I/O threads); a buffer whose key is a miss is left untouched."""
+        """Values land in the caller's buffers after checksum and length checks, on the I/O
+        threads; a corrupt, truncated or missing value leaves its buffer untouched."""
         k = _norm_keys(keys)
         views = [_flat(b, writable=True) for b in buffers]
         if len(views) != len(k):
@@ -348,18 +350,33 @@ class RedisBackend:
             for i in idx:
                 pipe.get(self.prefix + k[i])
 
-        def handle(idx: list[int], replies: list[Any]) -> list[memoryview | None]:
-            return [
-                verify(r, views[i].nbytes) if isinstance(r, bytes) else None for i, r in zip(idx, replies)
-            ]
+        # Each node's I/O thread verifies and copies its own values (numpy copies without the
+        # GIL), overlapping the other nodes' transfers. Once the call has returned, ``open_`` is
+        # False and a node that answers late writes nothing: a buffer reported as a miss is not
+        # written after the call (one that only failed verification is never written at all).
+        lock = threading.Lock()
+        open_ = [True]
 
-        # Copies happen here, after the deadline wait: a node that answers late never writes
-        # into a buffer the caller has already been told is a miss.
-        for idx, payloads in self._run(k, build, handle):
-            for i, p in zip(idx, payloads):
-                if p is not None:
-                    views[i][:] = p
+        def handle(idx: list[int], replies: list[Any]) -> list[int]:
+            hits: list[int] = []
+            for i, r in zip(idx, replies):
+                p = verify(r, views[i].nbytes) if isinstance(r, bytes) else None
+                if p is None:
+                    continue
+                with lock:
+                    if not open_[0]:
+                        break
+                    np.copyto(np.frombuffer(views[i], dtype=np.uint8), np.frombuffer(p, dtype=np.uint8))
+                hits.append(i)
+            return hits
+
+        try:
+            for _idx, hits in self._run(k, build, handle):
+                for i in hits:
                     out[i] = True
+        finally:
+            with lock:
+                open_[0] = False
         return out
 
     def get(self, keys: Sequence[Any]) -> list[memoryview | None]:
