@@ -16,6 +16,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("membrain.demo", "two fresh vLLM instances share a long prefix through Membrain"),
     "bench gather": ("membrain.bench.gather", "gather/scatter bandwidth vs. memcpy and torch"),
     "bench transfer": ("membrain.bench.transfer", "PUT/GET bandwidth vs. loopback TCP and Redis"),
+    "bench compression": (
+        "membrain.bench.compression",
+        "zstd wire compression on real KV: ratio, GB/s, break-even",
+    ),
     "bench e2e": ("membrain.bench.e2e", "vLLM time-to-first-token: cold, Membrain-warm, local-warm"),
 }
 

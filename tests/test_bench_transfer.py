@@ -81,3 +81,21 @@ def test_ucx_smoke_compares_with_tcp(tmp_path: Path) -> None:
             for op in ("PUT", "PUT*", "GET"):
                 assert row[f"{tr}_{op}_gbps"] > 0, row
     assert d["ucx_err_mode"] in ("peer", "none") and d["ucx_lanes"]
+
+
+def test_redis_cluster_backends_smoke(tmp_path: Path) -> None:
+    """--redis-cluster: a local 3-master cluster, a standalone redis-server and a Membrain server
+    side by side; every backend moved bytes and the JSON carries the verdict."""
+    from membrain.bench.redis_local import have_redis
+
+    if not have_redis():
+        pytest.skip("redis-server / redis-cli not installed")
+    pytest.importorskip("redis")
+    r = _bench(tmp_path, "--redis-cluster", "--rounds", "1", "--seconds", "0.2")
+    path = tmp_path / f"transfer_backends_{machine_tag(machine_info())}.json"
+    assert f"results: {path}" in r.stdout
+    d = json.loads(path.read_text())["backends"]
+    assert d["batch"] == 16 and d["size"] == 1 << 20 and len(d["rounds"]) == 1
+    for name in ("membrain", "redis_cluster_backend", "redis_py_pipelined"):
+        assert d["median"][name]["PUT"] > 0 and d["median"][name]["GET"] > 0, name
+    assert set(d["cluster_ge_1.3x_redis_py"]) == {"PUT", "GET"}

@@ -111,7 +111,7 @@ def test_settings_parse_and_errors():
     assert mcfg.parse_size("512MB") == 512 << 20 and mcfg.parse_size("1.5g") == 3 << 29
     assert 0 < mcfg.resolve({}, env={}).cpu_cache_bytes <= 4 << 30
     for bad in (
-        {"endpoint": "redis://x:1"},
+        {"endpoint": "redis://x:1,tcp://y:2"},  # Redis and Membrain endpoints do not mix
         {"endpoint": "tcp://x"},
         {"endpoint": "tcp://x:notaport"},
         {"cpu_cache_size": "lots"},

@@ -6,6 +6,7 @@ SPEC keys: model, prompts (list of token-id lists), max_tokens, kv_cache_memory_
 membrain ("off" | "env" | "explicit"), extra (kv_connector_extra_config for "explicit"),
 repeat (serve the prompts this many times in a row, default 1), block_size (optional),
 kill_pid_after_first_pass (SIGKILL this pid after the first pass: a server dying mid-run),
+sleep_after_kill_s (then wait this long, e.g. past a Redis cluster's node timeout),
 dump_kv_after_pass (after that pass, write the SHA-256 of every non-zero KV block of the
 worker's cache, all layers packed through vLLM's own tensors, into OUT's ``kv_block_digests``).
 Each result carries ``cached_tokens``: the tokens vLLM took from any cache (its own prefix cache
@@ -73,6 +74,7 @@ def main(argv: list[str]) -> int:
     for rep in range(int(spec.get("repeat", 1))):
         if rep == 1 and spec.get("kill_pid_after_first_pass"):
             os.kill(int(spec["kill_pid_after_first_pass"]), signal.SIGKILL)
+            time.sleep(float(spec.get("sleep_after_kill_s", 0)))
         for i, p in enumerate(spec["prompts"]):
             t0 = time.perf_counter()
             out = llm.generate([TokensPrompt(prompt_token_ids=p)], sp, use_tqdm=False)

@@ -782,11 +782,43 @@ def main(argv: list[str] | None = None) -> int:
         help="paired acceptance measurements (1 MiB x16, 1 and 4 connections); default 5, 1 with --quick",
     )
     ap.add_argument("--no-loopback", action="store_true")
+    ap.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="backends side by side instead: Membrain, the Redis Cluster backend on a local "
+        "3-master cluster, redis-py pipelined (1 MiB x16)",
+    )
+    ap.add_argument(
+        "--backend",
+        metavar="redis-cluster://H:P,...",
+        help="like --redis-cluster, on this running cluster",
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of --redis-cluster / --backend")
     ap.add_argument("--json", metavar="PATH", help="also write results here")
     ap.add_argument(
         "--results-dir", default=str(Path(__file__).resolve().parents[2] / "benchmarks" / "results")
     )
     args = ap.parse_args(argv)
+
+    if args.redis_cluster or args.backend:
+        from membrain.bench.backends import bench_backends
+
+        res = bench_backends(
+            args.backend,
+            rounds=args.rounds,
+            seconds=args.seconds or 2.0,
+            membrain_capacity=int(min(args.capacity_gib, 1.0) * GiB),
+            server_threads=args.server_threads,
+        )
+        info = machine_info()
+        out = Path(args.results_dir) / f"transfer_backends_{machine_tag(info)}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"machine": info, "backends": res}, indent=2)
+        out.write_text(text)
+        print(f"results: {out}")
+        if args.json:
+            Path(args.json).write_text(text)
+        return 0
 
     if args.transport == "ucx":
         from membrain import _native

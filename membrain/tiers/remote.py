@@ -11,10 +11,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from membrain.client.breaker import CircuitBreaker
+from membrain.tiers.backend import RemoteBackend, is_redis
+from membrain.tiers.codec import Codec, parse_compression
 
 logger = logging.getLogger("membrain.tiers.remote")
 
@@ -31,11 +33,23 @@ def deadline_ms(timeout_ms: int, nbytes: int) -> int:
     return int(timeout_ms) + PER_MIB_MS * extra_mib
 
 
-def make_client(settings: Any) -> Any | None:
-    """A real ``membrain.Client`` for :class:`~membrain.vllm.config.MembrainSettings` (endpoints,
-    namespace, deadline, replicas, auth token file), or None with a warning when it cannot be
-    created (the remote tier is then off and every lookup a miss)."""
+def make_client(settings: Any) -> RemoteBackend | None:
+    """The remote backend for :class:`~membrain.vllm.config.MembrainSettings`: a
+    ``membrain.Client`` for Membrain servers (the default) or a
+    :class:`~membrain.tiers.redis_backend.RedisBackend` for ``redis://``, ``rediss://`` and
+    ``redis-cluster://`` endpoints (namespace, deadline, auth token file as the Redis password);
+    None with a warning when it cannot be created (the remote tier is then off and every lookup
+    a miss)."""
     try:
+        if is_redis(settings.endpoints):
+            from membrain.tiers.redis_backend import RedisBackend
+
+            return RedisBackend(
+                settings.endpoints,
+                namespace=settings.namespace,
+                timeout_ms=settings.timeout_ms,
+                auth_token=settings.auth_token(),
+            )
         from membrain.client import Client
 
         return Client(
@@ -45,10 +59,20 @@ def make_client(settings: Any) -> Any | None:
             auth_token=settings.auth_token(),
             replicas=settings.replicas,
         )
-    except Exception as e:  # a bad endpoint, an unreadable token file
+    except Exception as e:  # a bad endpoint, an unreadable token file, redis-py missing
         logger.warning(
             "Membrain remote tier disabled: cannot create client for %s (%s)", settings.endpoints, e
         )
+        return None
+
+
+def make_codec(settings: Any, elem_size: int = 2) -> Codec | None:
+    """The wire codec for ``settings.compression`` (None when off or unavailable)."""
+    try:
+        spec = parse_compression(getattr(settings, "compression", ""))
+        return Codec(spec[1], elem_size) if spec else None
+    except Exception as e:
+        logger.warning("Membrain wire compression disabled (%s)", e)
         return None
 
 
@@ -66,8 +90,19 @@ class RemoteTier:
         timeout_ms: int = 2000,
         backoff_s: float = 2.0,
         max_backoff_s: float = 60.0,
+        codec: Codec | None = None,
+        codec_threads: int = 2,
     ) -> None:
         self.client = client
+        # Optional wire compression (membrain.tiers.codec): values are encoded on the codec
+        # threads before the backend sees them; reads fetch the stored bytes (client.get) and
+        # decode them into the caller's buffers there.
+        self.codec = codec
+        self._codec_pool = (
+            ThreadPoolExecutor(max_workers=max(1, codec_threads), thread_name_prefix="membrain-codec")
+            if codec is not None
+            else None
+        )
         self.max_inflight = max_inflight
         self.timeout_ms = timeout_ms
         self._breaker = CircuitBreaker(backoff_s, max_backoff_s)
@@ -116,12 +151,54 @@ class RemoteTier:
         if not keys:
             return []
         ms = deadline_ms(self.timeout_ms, nbytes)
+        if self.codec is not None:
+            return self._get_decoded(keys, buffers, ms)
         res = self._call(
             "get", lambda: list(self.client.get_into(list(keys), list(buffers), timeout_ms=ms)), None
         )
         if res is None or len(res) != len(keys):
             return [False] * len(keys)
         return [bool(r) for r in res]
+
+    def _get_decoded(self, keys: Sequence[bytes], buffers: Sequence[Any], timeout_ms: int) -> list[bool]:
+        codec, pool = self.codec, self._codec_pool
+        assert codec is not None and pool is not None
+        stored = self._call("get", lambda: list(self.client.get(list(keys), timeout_ms=timeout_ms)), None)
+        if stored is None or len(stored) != len(keys):
+            return [False] * len(keys)
+        bufs = list(buffers)
+
+        def one(i: int) -> bool:
+            return stored[i] is not None and codec.decode_into(stored[i], bufs[i])
+
+        try:
+            return list(pool.map(one, range(len(keys))))
+        except Exception:
+            return [False] * len(keys)
+
+    def _put_encoded(self, keys: list[bytes], values: list[Any], timeout_ms: int) -> Future[Any]:
+        """Encodes on a codec thread, then hands the encoded values to the backend."""
+        codec, pool = self.codec, self._codec_pool
+        assert codec is not None and pool is not None
+        out: Future[Any] = Future()
+
+        def relay(f: Future[Any]) -> None:
+            try:
+                out.set_result(f.result())
+            except BaseException as e:
+                out.set_exception(e)
+
+        def work() -> None:
+            try:
+                enc = [codec.encode(v) for v in values]
+                inner = self.client.put_async(keys, enc, timeout_ms=timeout_ms)
+            except BaseException as e:
+                out.set_exception(e)
+                return
+            inner.add_done_callback(relay)
+
+        pool.submit(work)
+        return out
 
     @property
     def inflight(self) -> int:
@@ -171,7 +248,10 @@ class RemoteTier:
 
         try:
             ms = deadline_ms(self.timeout_ms, nbytes)
-            fut = self.client.put_async(list(keys), list(values), timeout_ms=ms)
+            if self.codec is not None:
+                fut = self._put_encoded(list(keys), list(values), ms)
+            else:
+                fut = self.client.put_async(list(keys), list(values), timeout_ms=ms)
         except Exception as e:
             finish(None, e)
             return True
@@ -186,6 +266,8 @@ class RemoteTier:
         return self._inflight == 0
 
     def close(self) -> None:
+        if self._codec_pool is not None:
+            self._codec_pool.shutdown(wait=True)
         try:
             self.client.close()
         except Exception:

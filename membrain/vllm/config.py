@@ -5,7 +5,9 @@ Environment (front end; copied into ``kv_connector_extra_config`` by the plugin)
 =================================  =============================================================
 ``VLLM_MEMBRAIN_ENABLED``          ``1`` turns Membrain on for plain ``vllm serve`` / ``LLM(...)``
 ``VLLM_MEMBRAIN_ENDPOINT``         ``http://localhost:9201``; ``tcp://`` (same as ``http://``) and
-                                   ``ucx://`` servers, comma-separated
+                                   ``ucx://`` servers, comma-separated; or a Redis / Valkey
+                                   backend: ``redis://h:p``, ``rediss://h:p`` (TLS),
+                                   ``redis-cluster://h1:p1,h2:p2,...``
 ``VLLM_MEMBRAIN_NAMESPACE``        ``default``
 ``VLLM_MEMBRAIN_CPU_CACHE_SIZE``   host tier per worker, e.g. ``2GiB``; ``0`` disables it.
                                    Default: min(10% of MemAvailable, 4 GiB), resolved once in the
@@ -19,11 +21,13 @@ Environment (front end; copied into ``kv_connector_extra_config`` by the plugin)
 ``VLLM_MEMBRAIN_REPLICAS``         servers each block is written to (reads fall back), default 1
 ``VLLM_MEMBRAIN_LOAD_FAILURE_POLICY``  ``recompute`` (default: a failed load is a miss) or
                                    ``fail`` (vLLM fails the request)
+``VLLM_MEMBRAIN_COMPRESSION``      ``zstd[:level]``: byte-shuffle + zstd of remote values (off
+                                   by default; needs the ``zstandard`` package)
 =================================  =============================================================
 
 Extra-config keys (explicit ``--kv-transfer-config``) use the lower-case names without the prefix:
 ``endpoint``, ``namespace``, ``cpu_cache_size``, ``remote``, ``timeout_ms``, ``max_inflight``,
-``auth_token_file``, ``replicas``, ``load_failure_policy``; they win over the environment, and
+``auth_token_file``, ``replicas``, ``load_failure_policy``, ``compression``; they win over the environment, and
 both paths go through :func:`resolve`. An unknown key or an unusable value raises
 :class:`ConfigError` at start-up; an unreachable server does not.
 """
@@ -37,6 +41,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from membrain.tiers.backend import REDIS_SCHEMES, is_redis
+from membrain.tiers.codec import parse_compression
 from membrain.utils import sizes
 
 ENV_PREFIX = "VLLM_MEMBRAIN_"
@@ -58,6 +64,7 @@ KNOWN_KEYS = (
     "auth_token_file",
     "replicas",
     "load_failure_policy",
+    "compression",
 )
 LOAD_FAILURE_POLICIES = ("recompute", "fail")
 
@@ -86,25 +93,51 @@ def parse_bool(text: str | bool | int, name: str) -> bool:
 
 
 def parse_endpoints(text: str | list[str]) -> list[str]:
-    """Validates ``tcp://``, ``http://`` and ``ucx://host:port`` (comma-separated or a list)."""
+    """Validates ``tcp://``, ``http://`` and ``ucx://host:port`` (Membrain servers) or
+    ``redis://host:port``, ``rediss://host:port`` and ``redis-cluster://h1:p1,h2:p2,...`` (a
+    Redis / Valkey backend), comma-separated or a list. Inside ``redis-cluster://`` the nodes
+    after the first may omit the scheme; they come back as one ``redis-cluster://h:p`` each.
+    Mixing Redis and Membrain endpoints, or several ``redis://`` servers, is a ConfigError."""
     items = text if isinstance(text, list) else str(text).split(",")
     out: list[str] = []
     for raw in items:
         ep = str(raw).strip()
         if not ep:
             continue
+        if "://" not in ep and out and out[-1].startswith("redis-cluster://"):
+            ep = "redis-cluster://" + ep
         parts = urlsplit(ep)
-        if parts.scheme not in ("tcp", "http", "ucx"):
-            raise ConfigError(f"endpoint {ep!r}: scheme must be tcp://, http:// or ucx://")
+        if parts.scheme not in ("tcp", "http", "ucx", *REDIS_SCHEMES):
+            raise ConfigError(
+                f"endpoint {ep!r}: scheme must be tcp://, http://, ucx://, redis://, rediss:// "
+                "or redis-cluster://"
+            )
         try:
             port = parts.port
         except ValueError as e:
             raise ConfigError(f"endpoint {ep!r}: bad port ({e})") from None
         if not parts.hostname or port is None or parts.path not in ("", "/") or parts.query:
             raise ConfigError(f"endpoint {ep!r}: expected scheme://host:port")
+        if parts.username is not None or parts.password is not None:
+            raise ConfigError(
+                f"endpoint {parts.scheme}://...@{parts.hostname}:{port}: no credentials in endpoints; "
+                "the auth_token_file is the Redis password"
+            )
         out.append(f"{parts.scheme}://{parts.netloc}")
     if not out:
         raise ConfigError("no Membrain endpoint given")
+    schemes = {e.split("://", 1)[0] for e in out}
+    if schemes & set(REDIS_SCHEMES):
+        if len(schemes) > 1:
+            raise ConfigError(
+                f"endpoints mix {', '.join(sorted(schemes))}: a Redis / Valkey backend "
+                "(redis://, rediss://, redis-cluster://) cannot be combined with Membrain servers "
+                "or another Redis scheme"
+            )
+        if not schemes & {"redis-cluster"} and len(out) > 1:
+            raise ConfigError(
+                f"{len(out)} redis:// endpoints: give one server, or redis-cluster://h1:p1,h2:p2 for a cluster"
+            )
     return out
 
 
@@ -138,6 +171,7 @@ class MembrainSettings:
     auth_token_file: str = ""
     replicas: int = 1
     load_failure_policy: str = "recompute"
+    compression: str = ""
 
     def to_extra_config(self) -> dict[str, Any]:
         d = asdict(self)
@@ -151,6 +185,7 @@ class MembrainSettings:
             "auth_token_file": d["auth_token_file"],
             "replicas": d["replicas"],
             "load_failure_policy": d["load_failure_policy"],
+            "compression": d["compression"],
         }
 
     def auth_token(self) -> str | None:
@@ -219,6 +254,8 @@ def resolve(extra: Mapping[str, Any] | None = None, env: Mapping[str, str] | Non
         raise ConfigError(f"timeout_ms / max_inflight / replicas must be integers ({e})") from None
     if timeout_ms <= 0 or max_inflight < 0:
         raise ConfigError("timeout_ms must be > 0 and max_inflight >= 0")
+    if is_redis(endpoints) and replicas != 1:
+        raise ConfigError("replicas must be 1 with a Redis / Valkey backend (it replicates on its own)")
     if not 1 <= replicas <= len(endpoints):
         raise ConfigError(f"replicas must be 1..{len(endpoints)} (the number of endpoints), got {replicas}")
     policy = str(vals.get("load_failure_policy", "recompute")).strip().lower()
@@ -227,8 +264,29 @@ def resolve(extra: Mapping[str, Any] | None = None, env: Mapping[str, str] | Non
             f"load_failure_policy {policy!r}: expected one of {', '.join(LOAD_FAILURE_POLICIES)}"
         )
     token_file = str(vals.get("auth_token_file", "") or "")
+    compression = str(vals.get("compression", "") or "").strip().lower()
+    try:
+        spec = parse_compression(compression)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if spec is not None:
+        try:
+            import zstandard  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                f"compression {compression!r} needs the zstandard package (pip install membrain[compression])"
+            ) from None
     settings = MembrainSettings(
-        endpoints, namespace, cpu_bytes, remote, timeout_ms, max_inflight, token_file, replicas, policy
+        endpoints,
+        namespace,
+        cpu_bytes,
+        remote,
+        timeout_ms,
+        max_inflight,
+        token_file,
+        replicas,
+        policy,
+        compression if spec else "",
     )
     settings.auth_token()  # an unreadable token file is a start-up error, in the front end too
     return settings

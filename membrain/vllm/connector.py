@@ -37,7 +37,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from membrain.tiers.remote import RemoteTier, make_client
+from membrain.tiers.remote import RemoteTier, make_client, make_codec
 from membrain.vllm import config as mcfg
 from membrain.vllm.metadata import MembrainMetadata
 from membrain.vllm.scheduler import MembrainScheduler
@@ -69,6 +69,17 @@ def _apply_failure_policy(kv_transfer_config: Any, settings: mcfg.MembrainSettin
         logger.info("Membrain: kv_load_failure_policy set to 'recompute' (a failed load is a miss)")
 
 
+def _kv_elem_size(vllm_config: VllmConfig) -> int:
+    """Bytes per KV element (the wire codec's shuffle width): 1 for fp8 caches, else the
+    model dtype's (2 for bf16 / fp16)."""
+    try:
+        if str(vllm_config.cache_config.cache_dtype).startswith("fp8"):
+            return 1
+        return int(vllm_config.model_config.dtype.itemsize)
+    except Exception:
+        return 2
+
+
 class MembrainConnector(KVConnectorBase_V1):
     def __init__(
         self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None
@@ -80,7 +91,12 @@ class MembrainConnector(KVConnectorBase_V1):
         if self.settings.remote:
             client = make_client(self.settings)
             if client is not None:
-                remote = RemoteTier(client, self.settings.max_inflight, self.settings.timeout_ms)
+                remote = RemoteTier(
+                    client,
+                    self.settings.max_inflight,
+                    self.settings.timeout_ms,
+                    codec=make_codec(self.settings, _kv_elem_size(vllm_config)),
+                )
         self._scheduler: MembrainScheduler | None = None
         self._worker: MembrainWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
