@@ -322,6 +322,14 @@ def test_cluster_hung_master_within_deadline(cluster: RedisCluster) -> None:
                 assert all(bytes(bufs[i]) == vals[i] for i in range(len(keys)) if hits[i])
                 if attempt:
                     assert took < 0.3  # the hung node is skipped by its breaker
+                else:
+                    # The call returns at its deadline; the hung node's own read times out at
+                    # about the same moment and only then opens its breaker: wait for that.
+                    victim_name = next(name for name, _, _ in groups if name.endswith(f":{victim.port}"))
+                    deadline = time.monotonic() + 2.0
+                    while b._breaker(victim_name).allows_attempt() and time.monotonic() < deadline:
+                        time.sleep(0.02)
+                    assert not b._breaker(victim_name).allows_attempt()
         finally:
             os.kill(victim.pid, signal.SIGCONT)
     finally:
