@@ -42,13 +42,13 @@ install: venv
 	$(PIP) install -q .
 
 # Formatters, linters and the type checker, at the versions pinned in requirements-lint.txt.
-$(VENV)/.lint-stamp: requirements-lint.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(VENV)/.lint-stamp: requirements-lint.txt $(VENV)/.deps-stamp
 	$(PIP) install -q -r requirements-lint.txt
 	touch $@
 
-# Fails on any finding: formatting (ruff, clang-format), lint (ruff) and types (mypy).
-lint: $(VENV)/.lint-stamp
+# Fails on any finding: formatting (ruff, clang-format), lint (ruff) and types (mypy, which needs
+# the project's dependencies: numpy, redis, zstandard, prometheus_client come with the venv).
+lint: $(VENV)/.deps-stamp $(VENV)/.lint-stamp
 	$(VENV)/bin/ruff format --check $(PY_SRC)
 	$(VENV)/bin/ruff check $(PY_SRC)
 	$(VENV)/bin/clang-format --dry-run -Werror $(CSRC)
