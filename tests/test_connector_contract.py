@@ -10,7 +10,6 @@ interface (hit sources, KV events, delivery, stats counted once across ranks).
 
 from __future__ import annotations
 
-import time
 from types import SimpleNamespace as NS
 from typing import Any
 
@@ -18,6 +17,10 @@ import pytest
 import torch
 
 pytest.importorskip("vllm")
+
+from connector_driver import admit as _admit
+from connector_driver import make_request as _req
+from connector_driver import step as _step
 
 from membrain.bench.vllm_kv import build_vllm_kv as make_vllm_kv
 from membrain.bench.vllm_kv import layout_names, same_bytes, vllm_config
@@ -55,67 +58,6 @@ def _pair(kv, extra: dict[str, Any] | None = None, register: bool = True):
     if register:
         w.register_kv_caches(kv.kv_caches)
     return s, w
-
-
-def _req(rid: str, n_tokens: int, bs: int, tag: bytes = b"p"):
-    return NS(
-        request_id=rid,
-        num_tokens=n_tokens,
-        num_prompt_tokens=n_tokens,
-        all_token_ids=list(range(n_tokens)),
-        block_hashes=[tag + bytes([i]) * 31 for i in range(n_tokens // bs)],
-    )
-
-
-def _admit(s, req, block_ids: list[int]) -> int:
-    n, is_async = _matched(s, req)
-    assert is_async is (n > 0)  # every load is asynchronous
-    s.update_state_after_alloc(req, NS(get_block_ids=lambda: (block_ids,)), n)
-    return n
-
-
-def _matched(s, req, ncomp: int = 0, timeout_s: float = 10.0):
-    """get_num_new_matched_tokens asked again every "step" while it answers None (a remote
-    lookup in flight), as vLLM's scheduler does."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        n, is_async = s.get_num_new_matched_tokens(req, ncomp)
-        if n is not None or time.monotonic() > deadline:
-            return n, is_async
-        time.sleep(0.001)
-
-
-def _finish_loads(w, rids: set[str], finished: set[str] | None = None, timeout_s: float = 10.0) -> set[int]:
-    """Steps the worker's completion calls (get_finished, then get_block_ids_with_load_errors,
-    vLLM's order) until every load of ``rids`` is reported; returns the failed blocks."""
-    errors: set[int] = set()
-    left = set(rids)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        _sending, recving = w.get_finished(finished or set())
-        finished = None
-        errors |= w.get_block_ids_with_load_errors()
-        left -= recving or set()
-        if not left:
-            return errors
-        assert time.monotonic() < deadline, f"loads of {left} never reported"
-        time.sleep(0.001)
-
-
-def _step(s, w, req, block_ids: list[int], ncomp: int):
-    s._scheduler.kv_cache_manager = NS(get_block_ids=lambda rid: (block_ids,))
-    so = NS(
-        scheduled_new_reqs=[NS(req_id=req.request_id, num_computed_tokens=ncomp)],
-        scheduled_cached_reqs=NS(req_ids=[], num_computed_tokens=[], resumed_req_ids=set()),
-        num_scheduled_tokens={req.request_id: req.num_tokens - ncomp},
-    )
-    meta = s.build_connector_meta(so)
-    w.bind_connector_metadata(meta)
-    w.start_load_kv(None)
-    errors = _finish_loads(w, set(meta.loads))
-    w.wait_for_save()
-    w.clear_connector_metadata()
-    return meta, errors
 
 
 # ---------------------------------------------------------------- every layout, byte-exact

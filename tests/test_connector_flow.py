@@ -12,6 +12,11 @@ import pytest
 
 pytest.importorskip("vllm")
 
+from connector_driver import admit as _admit
+from connector_driver import finish_loads as _finish_loads
+from connector_driver import make_request
+from connector_driver import matched as _matched
+from connector_driver import step as _step
 from fakes import FakeClient
 
 from membrain.bench.vllm_kv import build_vllm_kv as make_vllm_kv
@@ -49,63 +54,7 @@ def pair(monkeypatch):
 
 
 def _req(rid: str, n_tokens: int, tag: bytes = b"p"):
-    return NS(
-        request_id=rid,
-        num_tokens=n_tokens,
-        num_prompt_tokens=n_tokens,
-        block_hashes=[tag + bytes([i]) * 31 for i in range(n_tokens // BS)],
-    )
-
-
-def _matched(s, req, ncomp: int = 0, timeout_s: float = 10.0):
-    """get_num_new_matched_tokens asked again every "step" while it answers None (a remote
-    lookup in flight), as vLLM's scheduler does."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        n, is_async = s.get_num_new_matched_tokens(req, ncomp)
-        if n is not None or time.monotonic() > deadline:
-            return n, is_async
-        time.sleep(0.001)
-
-
-def _finish_loads(w, rids: set[str], finished: set[str] | None = None, timeout_s: float = 10.0) -> set[int]:
-    """Steps the worker's completion calls (get_finished, then get_block_ids_with_load_errors,
-    vLLM's order) until every load of ``rids`` is reported; returns the failed blocks."""
-    errors: set[int] = set()
-    left = set(rids)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        _sending, recving = w.get_finished(finished or set())
-        finished = None
-        errors |= w.get_block_ids_with_load_errors()
-        left -= recving or set()
-        if not left:
-            return errors
-        assert time.monotonic() < deadline, f"loads of {left} never reported"
-        time.sleep(0.001)
-
-
-def _step(s, w, req, block_ids: list[int], ncomp: int):
-    s._scheduler.kv_cache_manager = NS(get_block_ids=lambda rid: (block_ids,))
-    so = NS(
-        scheduled_new_reqs=[NS(req_id=req.request_id, num_computed_tokens=ncomp)],
-        scheduled_cached_reqs=NS(req_ids=[], num_computed_tokens=[], resumed_req_ids=set()),
-        num_scheduled_tokens={req.request_id: req.num_tokens - ncomp},
-    )
-    meta = s.build_connector_meta(so)
-    w.bind_connector_metadata(meta)
-    w.start_load_kv(None)
-    errors = _finish_loads(w, set(meta.loads))
-    w.wait_for_save()
-    w.clear_connector_metadata()
-    return meta, errors
-
-
-def _admit(s, req, block_ids):
-    n, is_async = _matched(s, req)
-    assert is_async is (n > 0)  # every load is asynchronous
-    s.update_state_after_alloc(req, NS(get_block_ids=lambda: (block_ids,)), n)
-    return n
+    return make_request(rid, n_tokens, BS, tag)
 
 
 def _same(kv, a: list[int], b: list[int]) -> bool:

@@ -24,6 +24,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from membrain.bench import common as C
+from membrain.bench.redis_local import RedisCluster, have_redis
 from membrain.utils.net import free_port
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
@@ -207,3 +208,52 @@ def test_fresh_instance_from_remote_then_server_killed(model, workdir, reference
     b1 = [r["seconds"] for r in first]
     a1 = [r["seconds"] for r in a["results"]]
     print("cold (A) per prompt:", a1, "fresh-warm (B) per prompt:", b1)
+
+
+# ---------------------------------------------------------------- Redis Cluster backend
+
+
+@pytest.mark.skipif(not have_redis(), reason="redis-server / redis-cli not installed")
+def test_fresh_instance_from_redis_cluster_then_master_killed(model, workdir, reference):
+    """Instance A computes the prompts and stores their blocks through ``redis-cluster://`` (a
+    local 3-master cluster); fresh instance B (no host tier) gets every full block from the
+    cluster with vLLM's own tokens at that cached length. A master is then SIGKILLed; B's second
+    pass (past the cluster's node timeout, so the survivors answer CLUSTERDOWN) misses,
+    recomputes and still matches vLLM's own tokens, with no error."""
+    pytest.importorskip("redis")
+    cluster = RedisCluster(3)
+    try:
+        extra = {"endpoint": cluster.endpoint, "namespace": "e2e", "timeout_ms": 500}
+        a = C.run_instance(
+            _spec(model, "explicit", extra={**extra, "cpu_cache_size": "256MiB"}),
+            C.base_env(),
+            workdir,
+            "redis_A",
+        )
+        _check_ok(a)
+        reference.check(a)
+        assert C.store_totals(a["log"])["remote"] > 0
+        time.sleep(1.0)
+        stored = sum(int(n.cli("dbsize").strip()) for n in cluster.nodes)
+        assert stored >= N_PROMPTS * (FULL_HIT // BLOCK), stored
+        b = C.run_instance(
+            _spec(
+                model,
+                "explicit",
+                repeat=2,
+                extra={**extra, "cpu_cache_size": 0},
+                kill_pid_after_first_pass=cluster.nodes[1].pid,
+                sleep_after_kill_s=2.5,  # past cluster-node-timeout (1 s): the cluster is down
+            ),
+            C.base_env(),
+            workdir,
+            "redis_B",
+        )
+        _check_ok(b)
+        assert cluster.nodes[1].proc is not None and cluster.nodes[1].proc.poll() is not None
+        reference.check(b)
+        first = [r for r in b["results"] if r["rep"] == 0]
+        assert [r["cached_tokens"] for r in first] == [FULL_HIT] * N_PROMPTS
+        assert sum(h["remote"] for h in C.parse_hits(b["log"]).values()) >= N_PROMPTS * FULL_HIT
+    finally:
+        cluster.close()
