@@ -91,6 +91,11 @@ def block_compact(layout: str) -> bool:
     return set(layout[:2]) == {"L", "B"}
 
 
+def case_id(value: object) -> str:
+    """pytest id of one field of a layout_cases() tuple (``torch.bfloat16`` -> ``bfloat16``)."""
+    return str(value) if isinstance(value, int) else str(value).split(".")[-1]
+
+
 def shape_for(layout: str, ratio: int, head_size: int) -> tuple[int, int]:
     """(num_layers, num_kv_heads) vLLM accepts: splitting a KV block into kernel blocks needs
     dense block pages, so one layer for block-outermost layouts and one head where a page is

@@ -13,6 +13,7 @@ from kv_layouts import (
     LAYOUTS,
     POISON,
     block_compact,
+    case_id,
     expected_page_order,
     layout_cases,
     make_kv_caches,
@@ -32,7 +33,7 @@ def _poisoned(nbytes: int) -> torch.Tensor:
 @pytest.mark.parametrize(
     "layout,ratio,dtype,head_size,block_size",
     layout_cases(),
-    ids=lambda v: str(v).split(".")[-1] if not isinstance(v, int) else str(v),
+    ids=case_id,
 )
 def test_every_layout_round_trips_bit_for_bit(layout, ratio, dtype, head_size, block_size, rng):
     num_blocks = 9

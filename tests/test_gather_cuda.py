@@ -14,13 +14,12 @@ import threading
 import numpy as np
 import pytest
 import torch
-from kv_layouts import DTYPES, LAYOUTS, layout_cases, make_kv_caches, shape_for
+from kv_layouts import DTYPES, LAYOUTS, POISON, case_id, layout_cases, make_kv_caches, shape_for
 from kv_layouts import reference_gather as logical_reference
 
 import membrain
 from membrain import _native, ops
 
-POISON = 0xA5
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(
     not HAS_CUDA, reason="no CUDA device: torch.cuda.is_available() is False (CPU-only torch or no GPU)"
@@ -211,7 +210,7 @@ def test_round_trip_layouts_dtypes_and_targets(layout, dtype, target):
 @pytest.mark.parametrize(
     "layout,ratio,dtype,head_size,block_size",
     layout_cases(),
-    ids=lambda v: str(v).split(".")[-1] if not isinstance(v, int) else str(v),
+    ids=case_id,
 )
 def test_every_layout_and_kernel_split(layout, ratio, dtype, head_size, block_size, target):
     num_blocks = 9

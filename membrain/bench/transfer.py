@@ -63,6 +63,25 @@ class _Barrier:
         self.stop = threading.Event()
 
 
+def _timed_point(
+    op: str, size: int, batch: int, conns: int, run: tuple[float, int, list[float], int, int]
+) -> Point:
+    """A Point from ``_run_workers``' (wall s, bytes moved, latencies s, calls, failures)."""
+    wall, moved, lat, calls, fails = run
+    return Point(
+        op,
+        size,
+        batch,
+        conns,
+        moved / wall / 1e9,
+        moved / size / wall,
+        _pct(lat, 50) * 1e3,
+        _pct(lat, 99) * 1e3,
+        calls,
+        fails,
+    )
+
+
 def _run_workers(
     conns: int,
     seconds: float,
@@ -144,21 +163,7 @@ def bench_membrain(
 
         return step
 
-    wall, moved, lat, calls, fails = _run_workers(conns, seconds, put_body, make_client)
-    out = [
-        Point(
-            "PUT",
-            size,
-            batch,
-            conns,
-            moved / wall / 1e9,
-            moved / size / wall,
-            _pct(lat, 50) * 1e3,
-            _pct(lat, 99) * 1e3,
-            calls,
-            fails,
-        )
-    ]
+    out = [_timed_point("PUT", size, batch, conns, _run_workers(conns, seconds, put_body, make_client))]
 
     # PUT* rewrites the same few key sets: the server's memory for them is already faulted in,
     # which separates the transport from first-touch page-fault cost on the server.
@@ -174,21 +179,8 @@ def bench_membrain(
 
         return step
 
-    wall, moved, lat, calls, fails = _run_workers(conns, seconds, reput_body, make_client)
-    out.append(
-        Point(
-            "PUT*",
-            size,
-            batch,
-            conns,
-            moved / wall / 1e9,
-            moved / size / wall,
-            _pct(lat, 50) * 1e3,
-            _pct(lat, 99) * 1e3,
-            calls,
-            fails,
-        )
-    )
+    run = _run_workers(conns, seconds, reput_body, make_client)
+    out.append(_timed_point("PUT*", size, batch, conns, run))
 
     def get_body(w: int, client: Any) -> Callable[[], tuple[int, bool]]:
         it = [0]
@@ -202,21 +194,9 @@ def bench_membrain(
 
         return step
 
-    wall, moved, lat, calls, fails = _run_workers(conns, seconds, get_body, make_client)
-    out.append(
-        Point(
-            "GET",
-            size,
-            batch,
-            conns,
-            moved / wall / 1e9,
-            moved / size / wall,
-            _pct(lat, 50) * 1e3,
-            _pct(lat, 99) * 1e3,
-            calls,
-            fails,
-        )
-    )
+    run = _run_workers(conns, seconds, get_body, make_client)
+    out.append(_timed_point("GET", size, batch, conns, run))
+    fails = run[4]
     # Spot-check the bytes of one worker's last GET.
     if fails == 0 and written[0]:
         import membrain
