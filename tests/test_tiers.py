@@ -142,6 +142,10 @@ def test_circuit_breaker_skips_dead_remote():
     assert rt.lookup_prefix([b"a"]) == 0 and fc.lookups == 1  # skipped while backing off
     assert not rt.available
     assert rt.get_into([b"a"], [bytearray(4)]) == [False]
+    # Exported to connector stats (vllm:membrain_remote_breaker_opens / _skipped_calls): one
+    # opening, two calls answered without trying; counted once.
+    assert rt.take_breaker_counts() == (1, 2)
+    assert rt.take_breaker_counts() == (0, 0)
 
 
 def test_remote_breaker_slow_success_stays_closed_and_probe_recovers():

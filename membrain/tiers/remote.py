@@ -109,18 +109,33 @@ class RemoteTier:
         self._lock = threading.Lock()
         self._inflight = 0
         self._warned = False
+        # Breaker activity since the last take_breaker_counts(), for connector stats / alerts:
+        # how often it opened, and how many calls it answered as a miss without trying.
+        self._opened = 0
+        self._skipped = 0
 
     def _failed(self, what: str, e: BaseException | str, probe: bool) -> None:
         if not self._warned:
             logger.warning("Membrain remote %s failed (%s); treating as miss, retrying later", what, e)
             self._warned = True
+        was_open = self._breaker.is_open
         self._breaker.failure(probe=probe)
+        if not was_open:
+            with self._lock:
+                self._opened += 1
 
     def _succeeded(self) -> None:
         self._breaker.success()
         if self._warned:
             logger.info("Membrain remote reachable again")
             self._warned = False
+
+    def take_breaker_counts(self) -> tuple[int, int]:
+        """(times the breaker opened, calls skipped while it was open) since the last call."""
+        with self._lock:
+            out = (self._opened, self._skipped)
+            self._opened = self._skipped = 0
+            return out
 
     @property
     def available(self) -> bool:
@@ -130,6 +145,8 @@ class RemoteTier:
     def _call(self, what: str, fn: Callable[[], Any], fallback: Any) -> Any:
         state = self._breaker.admit()
         if state == "open":
+            with self._lock:
+                self._skipped += 1
             return fallback
         try:
             res = fn()
@@ -225,6 +242,7 @@ class RemoteTier:
         if state == "open":
             with self._lock:
                 self._inflight -= n
+                self._skipped += 1
             return False
         probe = state == "probe"
 

@@ -27,6 +27,10 @@ COUNTERS = (
     "store_dropped_blocks",
     "store_seconds",
     "stores",
+    # The worker's remote-tier circuit breaker (per rank): times it opened, and calls it
+    # answered as misses without trying while open.
+    "remote_breaker_opens",
+    "remote_skipped_calls",
 )
 
 
@@ -117,6 +121,17 @@ class MembrainPromMetrics(KVConnectorPromMetrics):
             documentation="Membrain load / store operations",
         )
 
+        self._breaker_opens = self._counter_cls(
+            name="vllm:membrain_remote_breaker_opens",
+            labelnames=labelnames,
+            documentation="Times a worker's remote-tier circuit breaker opened (remote failing)",
+        )
+        self._skipped = self._counter_cls(
+            name="vllm:membrain_remote_skipped_calls",
+            labelnames=labelnames,
+            documentation="Remote-tier calls answered as misses without trying (breaker open)",
+        )
+
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         lv = [str(v) for v in self.per_engine_labelvalues.get(engine_idx, [])]
         d = transfer_stats_data or {}
@@ -136,3 +151,7 @@ class MembrainPromMetrics(KVConnectorPromMetrics):
                 self._seconds.labels(*lv, op).inc(d[f"{op}_seconds"])
             if d.get(f"{op}s"):
                 self._ops.labels(*lv, op).inc(d[f"{op}s"])
+        if d.get("remote_breaker_opens"):
+            self._breaker_opens.labels(*lv).inc(d["remote_breaker_opens"])
+        if d.get("remote_skipped_calls"):
+            self._skipped.labels(*lv).inc(d["remote_skipped_calls"])

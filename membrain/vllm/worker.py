@@ -254,6 +254,10 @@ class MembrainWorker:
         return out
 
     def take_stats(self) -> MembrainStats | None:
+        if self.remote is not None:
+            opened, skipped = self.remote.take_breaker_counts()
+            if opened or skipped:
+                self._stats.add(remote_breaker_opens=opened, remote_skipped_calls=skipped)
         return self._stats.take()
 
     def shutdown(self) -> None:
