@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "zstd wire compression on real KV: ratio, GB/s, break-even",
     ),
     "bench e2e": ("membrain.bench.e2e", "vLLM time-to-first-token: cold, Membrain-warm, local-warm"),
+    "bench stall": ("membrain.bench.stall", "decode inter-token gaps while a long prefix loads"),
 }
 
 

@@ -85,10 +85,12 @@ def run_instance(
     name: str,
     timeout: float = 600,
     python: str = sys.executable,
+    module: str = "membrain.bench.driver",
 ) -> dict[str, Any]:
-    """Runs one vLLM instance (``membrain.bench.driver``) in its own process.
+    """Runs one vLLM instance (``module``: ``membrain.bench.driver`` or another driver taking
+    ``SPEC.json OUT.json``) in its own process.
 
-    Returns {"results": [...], "log": str, "rc": int}."""
+    Returns {"results": [...], "out": {the driver's whole JSON}, "log": str, "rc": int}."""
     wd = Path(workdir)
     wd.mkdir(parents=True, exist_ok=True)
     spec_p, out_p, log_p = wd / f"{name}.spec.json", wd / f"{name}.out.json", wd / f"{name}.log"
@@ -97,7 +99,7 @@ def run_instance(
         out_p.unlink()
     with open(log_p, "w") as log:
         proc = subprocess.run(
-            python_module_command("membrain.bench.driver", str(spec_p), str(out_p), python=python),
+            python_module_command(module, str(spec_p), str(out_p), python=python),
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -108,6 +110,7 @@ def run_instance(
     out = json.loads(out_p.read_text()) if out_p.exists() else {}
     return {
         "results": out.get("results", []),
+        "out": out,
         "kv_block_digests": out.get("kv_block_digests", []),
         "log": text,
         "rc": proc.returncode,
