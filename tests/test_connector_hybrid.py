@@ -150,7 +150,7 @@ def test_hit_rule_is_vllms_hybrid_prefix_cache_rule(seed):
             pool.free_blocks([blk])
         _blocks, vllm_tokens = mgr.get_computed_blocks(req)[:2]
 
-        def held_run(ids: list[Any]) -> int:
+        def held_run(ids: list[Any], held: set[tuple[int, int]] = held) -> int:
             n = 0
             while n < len(ids) and ids[n] in held:
                 n += 1
