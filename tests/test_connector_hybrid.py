@@ -216,3 +216,42 @@ def test_sparse_retention_stores_only_reachable_window_blocks_and_hits_where_vll
     other = tokens[: 7 * BS] + _tokens(3 * BS + 1, 12)
     assert matched(s_b, _request("b", other)) == (4 * BS, True)
     assert {(1, 2), (1, 3)} <= stored and (1, 4) not in stored
+
+
+def test_extends_vllms_own_local_hybrid_hit():
+    """B's own prefix cache holds the first 4 blocks (a shorter prompt it computed): vLLM's local
+    hit is 4 blocks and Membrain loads [4, 10) of the full-attention group and only the window
+    [8, 10) of the sliding-window group -- the blocks vLLM allocates beyond its own hit."""
+    fc = FakeClient()
+    s_a, w_a, kv_a, mgr_a = _instance(fc, seed=1)
+    tokens = _tokens(10 * BS + 1, 5)
+    _compute(s_a, w_a, mgr_a, _request("a", tokens))
+    ids_a = mgr_a.get_block_ids("a")
+    s_b, w_b, kv_b, mgr_b = _instance(fc, seed=2)
+    short = _request("short", tokens[: 4 * BS + 1])
+    s_b._scheduler.remote = s_b._scheduler.tiers.remote = None  # computed locally, not loaded
+    _compute(s_b, w_b, mgr_b, short)
+    s_b.request_finished_all_groups(short, mgr_b.get_block_ids("short"))
+    mgr_b.free(short)
+    s_b._scheduler.remote = s_b._scheduler.tiers.remote = w_b._worker.remote
+    req = _request("b", tokens)
+    computed, local = mgr_b.get_computed_blocks(req)[:2]
+    assert local == 4 * BS
+    assert matched(s_b, req, local) == (6 * BS, True)
+    assert mgr_b.allocate_slots(
+        req,
+        0,
+        num_new_computed_tokens=local,
+        new_computed_blocks=computed,
+        num_external_computed_tokens=6 * BS,
+        delay_cache_blocks=True,
+    )
+    ids_b = mgr_b.get_block_ids("b")
+    s_b.update_state_after_alloc(req, mgr_b.get_blocks("b"), 6 * BS)
+    meta, errors = _run_step(s_b, w_b, [], {})
+    load = meta.loads["b"]
+    assert not errors and 0 not in load.block_ids
+    assert sorted(zip(load.groups, load.positions)) == [(0, i) for i in range(4, 10)] + [(1, 8), (1, 9)]
+    for g, i, b in zip(load.groups, load.positions, load.block_ids):
+        assert b == ids_b[g][i]
+        assert same_bytes(_group_pages(kv_b, g, b), _group_pages(kv_a, g, ids_a[g][i])), (g, i)
