@@ -255,3 +255,21 @@ def test_extends_vllms_own_local_hybrid_hit():
     for g, i, b in zip(load.groups, load.positions, load.block_ids):
         assert b == ids_b[g][i]
         assert same_bytes(_group_pages(kv_b, g, b), _group_pages(kv_a, g, ids_a[g][i])), (g, i)
+
+
+def test_each_group_has_its_own_key_space_and_single_group_keys_stay():
+    from membrain.bench.vllm_kv import build_vllm_kv
+    from membrain.vllm import keys as mkeys
+
+    fc = FakeClient()
+    s, w, kv, _mgr = _instance(fc, seed=None)
+    h = b"\x07" * 32
+    k0, k1 = s._scheduler._key((0, h)), s._scheduler._key((1, h))
+    assert k0 != k1 and w._worker._key((0, h)) == k0 and w._worker._key((1, h)) == k1
+    fields = mkeys.identity_fields(kv.vllm_config, kv.kv_cache_config, 0, 0)
+    assert [g.get("window") for g in fields["groups"]] == [None, WINDOW]
+    # One group: the rank's identity, as before hybrid support (stored keys stay valid).
+    one = build_vllm_kv("LBHNC", seed=None)
+    f1 = mkeys.identity_fields(one.vllm_config, one.kv_cache_config, 0, 0)
+    assert mkeys.group_identity(f1, "0", 0) == mkeys.identity_digest(f1, "0")
+    assert "window" not in f1["groups"][0]
