@@ -79,12 +79,13 @@ class MembrainWorker:
                 kv_format.describe_worker_caches(kv_caches, names, num_blocks) for names in self.group_layers
             ]
             kv = kvs[0]
+            executor = TierExecutor(kvs, self.remote, self.settings.max_inflight)  # checks block sizes
         except Exception as e:
             # Loads planned anyway are reported as errors (see start_load_kv); stores are skipped.
             self.unusable = f"unsupported KV cache tensors: {e}"
             logger.error("Membrain cannot use this worker's KV cache (%s): every load is a miss", e)
             return
-        self.executor = TierExecutor(kvs, self.remote, self.settings.max_inflight)
+        self.executor = executor
         self.unusable = None
         t = kv_caches[self.layer_names[0]]
         logger.info(
