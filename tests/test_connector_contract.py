@@ -106,19 +106,22 @@ def test_mla_views_round_trip():
 
 
 def test_scheduler_promises_nothing_for_what_workers_refuse():
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec
+    """A hybrid model with a Mamba (linear-attention state) group: refused at start-up on
+    both sides with the reason; the scheduler promises nothing."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec, MambaSpec
 
     kv = make_vllm_kv("LBHNC")
     spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.bfloat16)
+    mamba = MambaSpec(block_size=16, shapes=((4, 8),), dtypes=(torch.float32,))
     kv.kv_cache_config.kv_cache_groups = [
         KVCacheGroupSpec(layer_names=["a"], kv_cache_spec=spec),
-        KVCacheGroupSpec(layer_names=["b"], kv_cache_spec=spec),
+        KVCacheGroupSpec(layer_names=["b"], kv_cache_spec=mamba),
     ]
     s, w = _pair(kv, register=False)
     assert not s._scheduler.enabled
     assert s.get_num_new_matched_tokens(_req("r", 64, 16), 0) == (0, False)
     w.register_kv_caches(kv.kv_caches)
-    assert w._worker.unusable and "KV cache groups" in w._worker.unusable
+    assert w._worker.unusable and "Mamba" in w._worker.unusable
 
 
 def test_worker_that_cannot_use_its_tensors_reports_every_planned_block():

@@ -257,3 +257,73 @@ def test_fresh_instance_from_redis_cluster_then_master_killed(model, workdir, re
         assert sum(h["remote"] for h in C.parse_hits(b["log"]).values()) >= N_PROMPTS * FULL_HIT
     finally:
         cluster.close()
+
+
+# ---------------------------------------------------------------- hybrid model (HMA)
+
+
+@pytest.fixture(scope="session")
+def hybrid_model(tmp_path_factory) -> str:
+    """A random-weight Gemma-3-style model: sliding-window (256 tokens) and full-attention
+    layers alternate, so vLLM's hybrid KV-cache manager makes two KV-cache groups."""
+    root = Path(os.environ.get("MEMBRAIN_TEST_MODEL_DIR", tmp_path_factory.getbasetemp() / "model"))
+    return C.ensure_gemma3_model(root.parent / (root.name + "-gemma3"))
+
+
+def _hybrid_manager_on(run: dict) -> None:
+    """vLLM kept its hybrid KV-cache manager on, with the two groups, and never turned it off
+    for the connector."""
+    assert run["engine"].get("hybrid_kv_cache_manager") is True, run["engine"]
+    assert "kv cache group sizes (128, 128)" in run["log"], run["log_path"]
+    assert "Turning off hybrid kv cache manager" not in run["log"], run["log_path"]
+
+
+def test_hybrid_sliding_window_fresh_instance_from_remote(hybrid_model, workdir, server):
+    """Gemma-3-style model with HMA on: A computes and stores both KV-cache groups into a real
+    server; a fresh B (no host tier) loads every full block of each prompt through Membrain --
+    the full-attention group whole, the sliding-window group only the window vLLM allocated --
+    with the tokens vLLM's own prefix-cache path produces at the same cached length, and vLLM's
+    hybrid manager stays on in every run."""
+    off = C.run_instance(
+        _spec(hybrid_model, "off", repeat=2, kv_cache_memory_bytes=BIG_KV),
+        C.base_env(),
+        workdir,
+        "hybrid_off",
+    )
+    _check_ok(off)
+    _hybrid_manager_on(off)
+    assert [r["cached_tokens"] for r in off["results"]] == [0] * N_PROMPTS + [FULL_HIT] * N_PROMPTS
+    reference = VllmReference([off])
+    extra = {"endpoint": f"tcp://127.0.0.1:{server['port']}", "namespace": "hybrid", "timeout_ms": 500}
+    a = C.run_instance(
+        _spec(
+            hybrid_model,
+            "explicit",
+            extra={**extra, "cpu_cache_size": "256MiB"},
+            kv_cache_memory_bytes=BIG_KV,
+        ),
+        C.base_env(),
+        workdir,
+        "hybrid_A",
+    )
+    _check_ok(a)
+    _hybrid_manager_on(a)
+    assert "Membrain hybrid KV cache: 2 KV-cache groups" in a["log"]
+    reference.check(a)
+    assert C.store_totals(a["log"])["remote"] >= N_PROMPTS * FULL_HIT
+    time.sleep(1.0)
+    b = C.run_instance(
+        _spec(hybrid_model, "explicit", extra={**extra, "cpu_cache_size": 0}, kv_cache_memory_bytes=BIG_KV),
+        C.base_env(),
+        workdir,
+        "hybrid_B",
+    )
+    _check_ok(b)
+    _hybrid_manager_on(b)
+    assert [r["cached_tokens"] for r in b["results"]] == [FULL_HIT] * N_PROMPTS
+    reference.check(b)
+    hits = C.parse_hits(b["log"])
+    assert sum(h["remote"] for h in hits.values()) == N_PROMPTS * FULL_HIT, hits
+    loads = C.parse_loads(b["log"])
+    assert loads and all(x["failed"] == 0 for x in loads), loads
+    assert sum(x["remote"] for x in loads) == N_PROMPTS * FULL_HIT  # each block once, not per group

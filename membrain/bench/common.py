@@ -55,6 +55,44 @@ def ensure_model(
     return str(p)
 
 
+GEMMA3_SCRIPT = r"""
+import sys, torch
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+torch.manual_seed(0)
+layers, window = int(sys.argv[3]), int(sys.argv[4])
+cfg = Gemma3TextConfig(vocab_size=1000, hidden_size=int(sys.argv[2]), intermediate_size=2 * int(sys.argv[2]),
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                       query_pre_attn_scalar=64, sliding_window=window,
+                       layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+                       max_position_embeddings=16384, initializer_range=0.2, torch_dtype="bfloat16",
+                       tie_word_embeddings=False)
+Gemma3ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(sys.argv[1])
+"""
+
+
+def ensure_gemma3_model(
+    path: str | os.PathLike[str],
+    hidden: int = 256,
+    layers: int = 4,
+    sliding_window: int = 256,
+    python: str = sys.executable,
+) -> str:
+    """A random-weight Gemma-3-style text model (bf16, vocab 1000) at ``path``, generated once:
+    sliding-window and full-attention layers alternate (``layer_types``), so with vLLM's hybrid
+    KV-cache manager on it has two KV-cache groups (one per attention type, ``layers / 2``
+    layers each)."""
+    p = Path(path)
+    if not (p / "config.json").exists() or not (p / "model.safetensors").exists():
+        p.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [python, "-c", GEMMA3_SCRIPT, str(p), str(hidden), str(layers), str(sliding_window)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    return str(p)
+
+
 def make_prompts(n: int, length: int, seed: int = 1) -> list[list[int]]:
     r = random.Random(seed)
     return [[r.randrange(1, 1000) for _ in range(length)] for _ in range(n)]
@@ -112,6 +150,7 @@ def run_instance(
         "results": out.get("results", []),
         "out": out,
         "kv_block_digests": out.get("kv_block_digests", []),
+        "engine": out.get("engine", {}),
         "log": text,
         "rc": proc.returncode,
         "log_path": str(log_p),

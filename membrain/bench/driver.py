@@ -9,6 +9,7 @@ kill_pid_after_first_pass (SIGKILL this pid after the first pass: a server dying
 sleep_after_kill_s (then wait this long, e.g. past a Redis cluster's node timeout),
 dump_kv_after_pass (after that pass, write the SHA-256 of every non-zero KV block of the
 worker's cache, all layers packed through vLLM's own tensors, into OUT's ``kv_block_digests``).
+OUT's ``engine`` says what vLLM resolved (``hybrid_kv_cache_manager``: HMA on).
 Each result carries ``cached_tokens``: the tokens vLLM took from any cache (its own prefix cache
 plus a connector's), so a run can be compared with vLLM's own path at the same cached length.
 Each prompt is one ``generate`` call, so its wall time is its latency (TTFT + max_tokens-1 steps).
@@ -91,7 +92,13 @@ def main(argv: list[str]) -> int:
             )
         if spec.get("dump_kv_after_pass") == rep:
             digests = sorted({d for w in llm.collective_rpc(_kv_block_digests) for d in w})
-    json.dump({"results": results, "kv_block_digests": digests}, open(argv[1], "w"))
+    engine: dict[str, Any] = {}
+    try:  # what vLLM resolved: is its hybrid KV-cache manager on (HMA)?
+        sc = llm.llm_engine.vllm_config.scheduler_config
+        engine["hybrid_kv_cache_manager"] = not bool(sc.disable_hybrid_kv_cache_manager)
+    except Exception:
+        pass
+    json.dump({"results": results, "kv_block_digests": digests, "engine": engine}, open(argv[1], "w"))
     return 0
 
 

@@ -140,6 +140,54 @@ def build_vllm_kv(
     return VllmKV(cfg, kvc, caches, backing)
 
 
+def build_hybrid_vllm_kv(
+    layout: str = "LBHNC",
+    *,
+    layers_per_group: int = 2,
+    num_blocks: int = 64,
+    block_size: int = 16,
+    sliding_window: int = 32,
+    num_kv_heads: int = 2,
+    head_size: int = 64,
+    dtype: Any = None,
+    extra: dict[str, Any] | None = None,
+    seed: int | None = 0,
+) -> VllmKV:
+    """The KV cache vLLM builds for a Gemma-3-style hybrid model with its hybrid KV-cache
+    manager on: group 0 of ``layers_per_group`` full-attention layers, group 1 of as many
+    sliding-window layers (``SlidingWindowSpec``), through ``get_kv_cache_config_from_groups``
+    (the groups alias one allocation from byte 0 and share one block pool: a block id names a
+    page of its own group's layers only) and the worker's ``allocate_kv_cache``."""
+    import torch
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec, SlidingWindowSpec
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+    from vllm.v1.worker.utils import allocate_kv_cache
+
+    dtype = torch.bfloat16 if dtype is None else dtype
+    common = {"block_size": block_size, "num_kv_heads": num_kv_heads, "head_size": head_size, "dtype": dtype}
+    full = FullAttentionSpec(**common)
+    sw = SlidingWindowSpec(**common, sliding_window=sliding_window)
+    n = layers_per_group
+    groups = [
+        KVCacheGroupSpec(
+            layer_names=[f"model.layers.{2 * i}.self_attn" for i in range(n)], kv_cache_spec=full
+        ),
+        KVCacheGroupSpec(
+            layer_names=[f"model.layers.{2 * i + 1}.self_attn" for i in range(n)], kv_cache_spec=sw
+        ),
+    ]
+    cfg = vllm_config(layout, block_size, extra, num_blocks=num_blocks)
+    kvc = get_kv_cache_config_from_groups(cfg, groups, full.page_size_bytes * n * num_blocks)
+    caches = allocate_kv_cache(kvc, torch.device("cpu"), KVCacheLayout[layout])
+    first = caches[groups[0].layer_names[0]]
+    backing = torch.empty(0, dtype=torch.uint8, device=first.device).set_(first.untyped_storage())
+    if seed is not None:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        backing.copy_(torch.randint(0, 256, backing.shape, dtype=torch.uint8, generator=gen))
+    return VllmKV(cfg, kvc, caches, backing)
+
+
 def vllm_kv_caches(
     layout: str,
     num_layers: int,

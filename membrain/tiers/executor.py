@@ -36,6 +36,9 @@ class LoadResult:
     failed_block_ids: list[int]
     host_blocks: int = 0  # loaded from the host tier
     remote_blocks: int = 0  # loaded from the remote tier
+    # Plan indices of the units that landed, per tier (stats count block positions once).
+    host_units: list[int] = field(default_factory=list)
+    remote_units: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -64,15 +67,25 @@ class StoreResult:
     host_blocks: int = 0  # now held by the host tier
     remote_blocks: int = 0  # shipped to the remote tier (asynchronously)
     dropped_blocks: int = 0  # not shipped (back-pressure, no slot, remote down)
+    host_units: list[int] = field(default_factory=list)  # plan indices held by the host tier
+    remote_units: list[int] = field(default_factory=list)  # ... and shipped
 
 
 class TierExecutor:
     """Runs load and store plans for one worker's KV cache (``kv``, described by
-    :func:`membrain.ops.describe_kv_caches`). The step thread never waits for the device or the
+    :func:`membrain.ops.describe_kv_caches`; a list with one description per KV-cache group for
+    hybrid models, the unit ``i`` of a plan then being a block of group ``plan.groups[i]``, all
+    groups with the same packed size). The step thread never waits for the device or the
     network: loads run on a loader thread (CUDA: on a side stream), stores are ordered on the
     device with events (see :meth:`store`)."""
 
-    def __init__(self, kv: ops.PagedKV, remote: RemoteTier | None, max_inflight: int) -> None:
+    def __init__(
+        self, kv: ops.PagedKV | Sequence[ops.PagedKV], remote: RemoteTier | None, max_inflight: int
+    ) -> None:
+        self.kvs: list[ops.PagedKV] = [kv] if isinstance(kv, ops.PagedKV) else list(kv)
+        kv = self.kvs[0]
+        if any(k.packed_nbytes(1) != kv.packed_nbytes(1) for k in self.kvs):
+            raise ValueError("KV-cache groups with different bytes per block")
         self.kv = kv
         self.remote = remote
         self.max_inflight = max_inflight
@@ -89,6 +102,10 @@ class TierExecutor:
         self._inflight_jobs = 0
         self._cancelled: set[str] = set()
         self._promoting: dict[bytes, int] = {}  # key -> loads that will promote it
+
+    def _kv(self, plan: LoadPlan | StorePlan, i: int) -> ops.PagedKV:
+        """The KV description of unit ``i`` of ``plan`` (its KV-cache group's)."""
+        return self.kvs[plan.groups[i]] if plan.groups else self.kv
 
     def host(self, capacity_blocks: int) -> HostStore | None:
         """The host tier's slots (``capacity_blocks`` from the scheduler) plus staging headroom
@@ -292,9 +309,10 @@ class TierExecutor:
                     if slot is None:
                         res.failed_block_ids.append(b)
                         continue
-                    ops.scatter_blocks(slot, self.kv, [b], stream=stream)
+                    ops.scatter_blocks(slot, self._kv(j.plan, i), [b], stream=stream)
                     j.landed.add(b)
                     res.host_blocks += 1
+                    res.host_units.append(i)
             except Exception as e:
                 logger.exception("Membrain host-tier load for req %s failed", j.req_id)
                 self._device_done()
@@ -393,9 +411,10 @@ class TierExecutor:
                 assert res is not None
                 if ok and not j.error and not self._is_cancelled(j):
                     try:
-                        ops.scatter_blocks(buf, self.kv, [b], stream=stream)
+                        ops.scatter_blocks(buf, self._kv(j.plan, i), [b], stream=stream)
                         j.landed.add(b)
                         res.remote_blocks += 1
+                        res.remote_units.append(i)
                     except Exception as e:
                         logger.exception("Membrain remote load for req %s failed", j.req_id)
                         self._fail(j, f"load error: {e}")
@@ -431,11 +450,11 @@ class TierExecutor:
         plan: StorePlan,
         keys: Sequence[bytes],
         host_capacity: int,
-        on_remote_done: Callable[[int, int], None] | None = None,
+        on_remote_done: Callable[[int, int, list[int]], None] | None = None,
     ) -> StoreResult:
         """Gathers the plan's blocks into host slots (the host tier keeps those the plan admits)
-        and ships the remote ones without waiting; ``on_remote_done(stored, failed)`` runs when
-        the remote put completes.
+        and ships the remote ones without waiting; ``on_remote_done(stored, failed, units)`` runs
+        when the remote put completes (``units``: the plan indices stored).
 
         CPU: the gathers are synchronous memcpys; after this returns the device blocks are no
         longer read. CUDA: the gathers are queued on the step's stream after the forward and the
@@ -448,10 +467,13 @@ class TierExecutor:
         host_slots: list[Any] = [None] * len(keys)
         hi = [i for i, f in enumerate(plan.to_host) if f]
         if hi and store is not None:
-            got = store.store(self.kv, [plan.block_ids[i] for i in hi], [keys[i] for i in hi])
+            got = store.store(
+                [self._kv(plan, i) for i in hi], [plan.block_ids[i] for i in hi], [keys[i] for i in hi]
+            )
             for i, s in zip(hi, got):
                 host_slots[i] = s
         res = StoreResult(host_blocks=sum(1 for i in hi if host_slots[i] is not None))
+        res.host_units = [i for i in hi if host_slots[i] is not None]
         to_remote = [i for i, f in enumerate(plan.to_remote) if f]
         if not to_remote:
             self._store_fence()
@@ -463,6 +485,7 @@ class TierExecutor:
         rk: list[bytes] = []
         rv: list[memoryview] = []
         handles: list[Any] = []
+        ri: list[int] = []
         for i in to_remote:
             h: Any = store.share([keys[i]])[0] if store is not None else None
             if h is None:
@@ -470,8 +493,9 @@ class TierExecutor:
                 if h is None:
                     res.dropped_blocks += 1
                     continue
-                ops.gather_blocks(self.kv, [plan.block_ids[i]], h)
+                ops.gather_blocks(self._kv(plan, i), [plan.block_ids[i]], h)
             rk.append(keys[i])
+            ri.append(i)
             rv.append(memoryview(h))
             handles.append(h)
         fence = self._store_fence()
@@ -483,7 +507,7 @@ class TierExecutor:
                 h.release()
             ok = sum(1 for r in results if r)
             if on_remote_done is not None:
-                on_remote_done(ok, len(results) - ok)
+                on_remote_done(ok, len(results) - ok, [i for i, r in zip(ri, results) if r])
 
         remote = self.remote
         nbytes = len(rk) * self.block_bytes
@@ -503,9 +527,11 @@ class TierExecutor:
                 self._shipper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="membrain-ship")
             self._shipper.submit(ship)
             res.remote_blocks = len(rk)  # failures come back through on_remote_done
+            res.remote_units = list(ri)
             return res
         if remote.put_async(rk, rv, done, nbytes=nbytes):
             res.remote_blocks = len(rk)
+            res.remote_units = list(ri)
         else:
             res.dropped_blocks += len(rk)
             for h in handles:

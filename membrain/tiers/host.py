@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 
 from membrain import HostPool, Slot, ops
 
@@ -21,15 +21,15 @@ class HostIndex:
 
     def __init__(self, capacity_blocks: int) -> None:
         self.capacity = max(0, int(capacity_blocks))
-        self._lru: OrderedDict[bytes, None] = OrderedDict()
+        self._lru: OrderedDict[Hashable, None] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._lru)
 
-    def __contains__(self, h: bytes) -> bool:
+    def __contains__(self, h: Hashable) -> bool:
         return h in self._lru
 
-    def prefix_hits(self, hashes: Sequence[bytes]) -> int:
+    def prefix_hits(self, hashes: Sequence[Hashable]) -> int:
         """How many leading ``hashes`` are held."""
         n = 0
         for h in hashes:
@@ -38,21 +38,21 @@ class HostIndex:
             n += 1
         return n
 
-    def touch(self, hashes: Iterable[bytes]) -> None:
+    def touch(self, hashes: Iterable[Hashable]) -> None:
         for h in hashes:
             if h in self._lru:
                 self._lru.move_to_end(h)
 
     def admit(
-        self, hashes: Sequence[bytes], protect: set[bytes] | None = None
-    ) -> tuple[list[bytes], list[bytes]]:
+        self, hashes: Sequence[Hashable], protect: set[Hashable] | None = None
+    ) -> tuple[list[Hashable], list[Hashable]]:
         """Adds new ``hashes`` (most recent last); returns (admitted, evicted).
 
         Eviction takes least-recently-used entries not in ``protect``; a hash that cannot get room
         is not admitted.
         """
-        admitted: list[bytes] = []
-        evicted: list[bytes] = []
+        admitted: list[Hashable] = []
+        evicted: list[Hashable] = []
         if self.capacity == 0:
             return admitted, evicted
         protect = protect or set()
@@ -72,7 +72,7 @@ class HostIndex:
             admitted.append(h)
         return admitted, evicted
 
-    def discard(self, hashes: Iterable[bytes]) -> None:
+    def discard(self, hashes: Iterable[Hashable]) -> None:
         for h in hashes:
             self._lru.pop(h, None)
 
@@ -141,18 +141,21 @@ class HostStore:
             self._slots[key] = slot
             return True
 
-    def store(self, kv: ops.PagedKV, block_ids: Sequence[int], keys: Sequence[bytes]) -> list[Slot | None]:
+    def store(
+        self, kv: ops.PagedKV | Sequence[ops.PagedKV], block_ids: Sequence[int], keys: Sequence[bytes]
+    ) -> list[Slot | None]:
         """Gathers each block into its own slot (synchronously); returns the slots (None where
-        no slot was free)."""
+        no slot was free). ``kv`` may be one description per block (its KV-cache group's)."""
         out: list[Slot | None] = []
-        for b, k in zip(block_ids, keys):
+        kvs = [kv] * len(block_ids) if isinstance(kv, ops.PagedKV) else list(kv)
+        for b, k, one in zip(block_ids, keys, kvs):
             slot = self.get(k)
             if slot is None:
                 slot = self.pool.acquire()
                 if slot is None:
                     out.append(None)
                     continue
-                ops.gather_blocks(kv, [b], slot)
+                ops.gather_blocks(one, [b], slot)
                 self.insert(k, slot)
             out.append(slot)
         return out

@@ -1,13 +1,21 @@
 """Scheduler-side tier policy: where a request's missing prefix blocks come from, what to store,
 and what the host tier evicts. Works on vLLM block hashes; keys are made by the caller's
 ``key_of`` (rank-0 identity) for the remote lookup.
+
+A *unit* is what one key names: with one KV-cache group a unit is a block and its id is the
+block's hash; with several groups (vLLM's hybrid KV-cache manager) a unit is one block of one
+group and its id is ``(group, hash)``. Plans list units; ``groups`` and ``positions`` say, per
+unit, its KV-cache group and its block position in the request (empty: group 0, one unit per
+position). The hybrid hit rule (full-attention groups need the whole prefix, sliding-window
+groups only the window before the hit end) is :func:`hybrid_hit_end`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from membrain.tiers.host import HostIndex
 from membrain.tiers.remote import RemoteTier
@@ -34,17 +42,79 @@ class Match:
 @dataclass
 class LoadPlan:
     block_ids: list[int] = field(default_factory=list)
-    hashes: list[bytes] = field(default_factory=list)
+    hashes: list[Any] = field(default_factory=list)  # unit ids (see the module docstring)
     from_remote: list[bool] = field(default_factory=list)
     promote: list[bool] = field(default_factory=list)
+    groups: list[int] = field(default_factory=list)  # KV-cache group per unit (empty: all 0)
+    positions: list[int] = field(default_factory=list)  # block position per unit (empty: one each)
 
 
 @dataclass
 class StorePlan:
     block_ids: list[int] = field(default_factory=list)
-    hashes: list[bytes] = field(default_factory=list)
+    hashes: list[Any] = field(default_factory=list)
     to_host: list[bool] = field(default_factory=list)
     to_remote: list[bool] = field(default_factory=list)
+    groups: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+
+
+def plan_tokens(positions: Sequence[int], units: Collection[int], block_size: int) -> int:
+    """Tokens covered by the plan's units ``units`` (indices): each block position once, however
+    many KV-cache groups it has units in (``positions`` empty: one unit per position)."""
+    if not positions:
+        return len(units) * block_size
+    return len({positions[i] for i in units}) * block_size
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One (group, block position) a hybrid hit needs: its id and the device block it goes to."""
+
+    group: int
+    position: int
+    uid: Any
+    block_id: int = -1
+
+
+def hybrid_hit_end(
+    local: int,
+    max_blocks: int,
+    full_groups: Sequence[int],
+    window_groups: Sequence[tuple[int, int]],
+    uid: Callable[[int, int], Any],
+    held: Callable[[list[Any]], int],
+    max_rounds: int = 4,
+) -> int:
+    """The longest hit end ``E`` (in blocks, ``local <= E <= max_blocks``) that vLLM's own
+    hybrid prefix cache would accept (``HybridKVCacheCoordinator.find_longest_cache_hit``):
+    every full-attention group holds blocks ``[local, E)`` and every sliding-window group
+    ``(group, window_blocks)`` the blocks ``[max(local, E - window_blocks), E)`` (the window
+    that ends at ``E``; ``SlidingWindowManager``'s ``cdiv(window - 1, block_size)``
+    contiguous blocks; blocks below ``local`` are vLLM's own hit). ``held(uids)`` says how many
+    leading units are available. A sliding-window group missing block ``p`` moves the candidate
+    to ``E = p`` (no window containing ``p`` can serve), for at most ``max_rounds`` rounds
+    (each may be a remote round trip), then the hit is ``local`` (no hit)."""
+    if max_blocks <= local:
+        return local
+    end = max_blocks
+    if full_groups:
+        ids = [uid(g, i) for i in range(local, max_blocks) for g in full_groups]
+        end = local + held(ids) // len(full_groups)
+    for _ in range(max_rounds):
+        if end <= local:
+            return local
+        new_end = end
+        for g, window in window_groups:
+            start = max(local, end - window)
+            ids = [uid(g, i) for i in range(end - 1, start - 1, -1)]  # backwards from the end
+            n = held(ids)
+            if n < len(ids):
+                new_end = min(new_end, end - 1 - n)  # block end-1-n is missing
+        if new_end == end:
+            return end
+        end = new_end
+    return local
 
 
 class TierManager:
@@ -54,7 +124,7 @@ class TierManager:
         self.host = HostIndex(host_capacity_blocks)
         self.remote = remote
         self.key_of = key_of
-        self._pending_evict: dict[bytes, None] = {}
+        self._pending_evict: dict[Any, None] = {}
         self._lookups: ThreadPoolExecutor | None = None
 
     def host_end(self, hashes: Sequence[bytes], local_blocks: int, max_blocks: int) -> int:
@@ -81,6 +151,90 @@ class TierManager:
         remote = self.remote
         return self._lookups.submit(remote.lookup_prefix, keys)
 
+    def hybrid_lookup(
+        self,
+        local: int,
+        max_blocks: int,
+        full_groups: Sequence[int],
+        window_groups: Sequence[tuple[int, int]],
+        uid: Callable[[int, int], Any],
+    ) -> tuple[int, Future[int] | None]:
+        """The hybrid hit end (:func:`hybrid_hit_end`) from the host tier alone (immediate),
+        and, when the remote tier must be asked beyond it, a future of the end over both tiers
+        (computed on the lookup pool from a snapshot of the host index: never on the engine's
+        thread). A unit the host tier loses meanwhile is loaded from the remote tier or fails
+        as a load error, so a stale answer costs a recompute, never wrong bytes."""
+        host_ids = {
+            u
+            for g in [*full_groups, *(w[0] for w in window_groups)]
+            for i in range(local, max_blocks)
+            if (u := uid(g, i)) in self.host
+        }
+
+        def held_host(ids: list[Any]) -> int:
+            n = 0
+            while n < len(ids) and ids[n] in host_ids:
+                n += 1
+            return n
+
+        host_end = hybrid_hit_end(local, max_blocks, full_groups, window_groups, uid, held_host)
+        if not self.needs_remote(host_end, max_blocks):
+            return host_end, None
+        remote = self.remote
+        assert remote is not None
+        key_of = self.key_of
+
+        def held(ids: list[Any]) -> int:
+            n = 0
+            while n < len(ids):
+                if ids[n] in host_ids:
+                    n += 1
+                    continue
+                j = n
+                while j < len(ids) and ids[j] not in host_ids:
+                    j += 1
+                got = remote.lookup_prefix([key_of(u) for u in ids[n:j]])
+                n += got
+                if n < j:
+                    break
+            return n
+
+        def run() -> int:
+            return hybrid_hit_end(local, max_blocks, full_groups, window_groups, uid, held)
+
+        if self._lookups is None:
+            self._lookups = ThreadPoolExecutor(max_workers=4, thread_name_prefix="membrain-lookup")
+        return host_end, self._lookups.submit(run)
+
+    def plan_load_units(self, units: Sequence[Unit]) -> tuple[LoadPlan, set[int]]:
+        """A load plan for ``units`` (hybrid models): each from the host tier when it holds it,
+        else from the remote tier (promoted into the host tier where it gets room). Returns the
+        plan and the block positions that need the remote tier."""
+        plan = LoadPlan()
+        host_u = [u.uid for u in units if u.uid in self.host]
+        self.host.touch(host_u)
+        held = set(host_u)
+        remote_u = [u.uid for u in units if u.uid not in held]
+        promoted = self._admit(remote_u, protect=held | set(remote_u)) if remote_u else set()
+        remote_pos: set[int] = set()
+        for u in units:
+            r = u.uid not in held
+            plan.block_ids.append(int(u.block_id))
+            plan.hashes.append(u.uid)
+            plan.from_remote.append(r)
+            plan.promote.append(r and u.uid in promoted)
+            plan.groups.append(u.group)
+            plan.positions.append(u.position)
+            if r:
+                remote_pos.add(u.position)
+        return plan, remote_pos
+
+    def plan_store_units(self, units: Sequence[Unit]) -> StorePlan:
+        plan = self.plan_store([u.uid for u in units], [u.block_id for u in units])
+        plan.groups = [u.group for u in units]
+        plan.positions = [u.position for u in units]
+        return plan
+
     def close(self) -> None:
         if self._lookups is not None:
             self._lookups.shutdown(wait=False, cancel_futures=True)
@@ -97,7 +251,7 @@ class TierManager:
             remote_end = host_end + self.remote.lookup_prefix(keys)
         return Match(local_blocks, host_end, remote_end)
 
-    def _admit(self, hashes: Sequence[bytes], protect: set[bytes] | None = None) -> set[bytes]:
+    def _admit(self, hashes: Sequence[Any], protect: set[Any] | None = None) -> set[Any]:
         admitted, evicted = self.host.admit(hashes, protect)
         for h in admitted:
             self._pending_evict.pop(h, None)
@@ -121,7 +275,7 @@ class TierManager:
             plan.promote.append(r and h in promoted)
         return plan
 
-    def plan_store(self, hashes: Sequence[bytes], block_ids: Sequence[int]) -> StorePlan:
+    def plan_store(self, hashes: Sequence[Any], block_ids: Sequence[int]) -> StorePlan:
         admitted = self._admit(hashes)
         remote = self.remote is not None
         return StorePlan(
@@ -133,7 +287,7 @@ class TierManager:
         self.host = HostIndex(self.host.capacity)
         self._pending_evict.clear()
 
-    def take_evictions(self) -> list[bytes]:
+    def take_evictions(self) -> list[Any]:
         out = list(self._pending_evict)
         self._pending_evict.clear()
         return out

@@ -19,6 +19,12 @@ Design decisions that show in vLLM's interface:
   at memory-copy speed (see :mod:`membrain.ops`), while forcing one (e.g. block-outermost
   ``BLNHC``) would override the attention backend's preference and breaks kernel-block splitting,
   which vLLM allows only for layer-compact layouts.
+* ``SupportsHMA``: vLLM keeps its hybrid KV-cache manager on (without it vLLM turns the manager
+  off for every model once a connector is configured: sliding-window layers then keep every
+  block, and Mamba hybrids fail at start-up). Each KV-cache group has its own key space and
+  hits follow vLLM's hybrid prefix-cache rules (see :mod:`membrain.vllm.scheduler`); groups
+  Membrain cannot serve (Mamba / linear-attention state) disable Membrain at start-up, with the
+  reason in the log, and vLLM computes everything.
 * ``requires_kv_delivery`` is False: Membrain is a best-effort cache; a dropped store is a future
   miss, never a lost hand-off.
 * vLLM's ``kv_load_failure_policy`` defaults to ``"fail"`` (a failed load fails the request).
@@ -35,6 +41,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    SupportsHMA,
 )
 
 from membrain.tiers.remote import RemoteTier, make_client, make_codec
@@ -80,7 +87,7 @@ def _kv_elem_size(vllm_config: VllmConfig) -> int:
         return 2
 
 
-class MembrainConnector(KVConnectorBase_V1):
+class MembrainConnector(KVConnectorBase_V1, SupportsHMA):
     def __init__(
         self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None
     ) -> None:
@@ -147,6 +154,14 @@ class MembrainConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self._sched().request_finished(request, block_ids)
+
+    def request_finished_all_groups(
+        self, request: Request, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """vLLM's call with HMA on (every group's blocks): the same answer as
+        :meth:`request_finished` -- stores read their blocks within the step that computed them,
+        so no free is ever delayed."""
+        return self._sched().request_finished(request, list(block_ids[0]) if block_ids else [])
 
     def take_events(self) -> list[Any]:
         return self._scheduler.take_events() if self._scheduler is not None else []

@@ -28,7 +28,8 @@ class EventLog:
         self._events: list[Any] = []
 
     def stored(self, request: Any, hashes: Sequence[bytes], positions: Sequence[int], plan: Any) -> None:
-        """Blocks ``positions`` of ``request`` (with chained ``hashes``) planned by ``plan``."""
+        """Blocks ``positions`` of ``request`` (with chained ``hashes``) planned by ``plan``: unit
+        ``j`` of the plan is block ``positions[j]`` of KV-cache group ``plan.groups[j]``."""
         if not self.enabled:
             return
         from vllm.distributed.kv_events import MEDIUM_CPU, BlockStored
@@ -36,6 +37,7 @@ class EventLog:
 
         bs = self.block_size
         tokens = list(getattr(request, "all_token_ids", []) or [])
+        groups = list(getattr(plan, "groups", None) or [])
         for j, i in enumerate(positions):
             for tier, flag in ((HOST, plan.to_host[j]), (REMOTE, plan.to_remote[j])):
                 if not flag:
@@ -49,28 +51,29 @@ class EventLog:
                         lora_id=None,
                         medium=MEDIUM_CPU,
                         lora_name=None,
-                        group_idx=0,
+                        group_idx=groups[j] if groups else 0,
                         locality="LOCAL" if tier == HOST else "REMOTE",
                         ownership=tier,
                     )
                 )
 
-    def removed(self, hashes: Sequence[bytes]) -> None:
-        """Blocks evicted from the host tier."""
+    def removed(self, hashes: Sequence[Any]) -> None:
+        """Blocks evicted from the host tier (unit ids: hashes, or ``(group, hash)``)."""
         if not self.enabled or not hashes:
             return
         from vllm.distributed.kv_events import MEDIUM_CPU, BlockRemoved
         from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
-        self._events.append(
-            BlockRemoved(
-                block_hashes=[maybe_convert_block_hash(h) for h in hashes],
-                medium=MEDIUM_CPU,
-                group_idx=0,
-                locality="LOCAL",
-                ownership=HOST,
+        by_group: dict[int, list[Any]] = {}
+        for u in hashes:
+            g, h = u if isinstance(u, tuple) else (0, u)
+            by_group.setdefault(g, []).append(maybe_convert_block_hash(h))
+        for g, hs in by_group.items():
+            self._events.append(
+                BlockRemoved(
+                    block_hashes=hs, medium=MEDIUM_CPU, group_idx=g, locality="LOCAL", ownership=HOST
+                )
             )
-        )
 
     def cleared(self) -> None:
         if self.enabled:

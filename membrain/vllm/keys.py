@@ -62,6 +62,8 @@ def identity_fields(vllm_config: Any, kv_cache_config: Any, tp_rank: int, pp_ran
                 "dtype": str(getattr(spec, "dtype", None)),
                 "page_size_bytes": getattr(spec, "page_size_bytes", None),
                 "layers": len(g.layer_names),
+                # Sliding-window groups only (full-attention identities stay as they were).
+                **({"window": spec.sliding_window} if getattr(spec, "sliding_window", None) else {}),
             }
         )
     try:
@@ -104,6 +106,16 @@ def identity_digest(fields: dict[str, Any], epoch: str = "0") -> str:
     """32 hex chars identifying the KV byte format of one rank in one key epoch."""
     blob = json.dumps({**fields, "epoch": epoch}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def group_identity(fields: dict[str, Any], epoch: str, group: int) -> str:
+    """The identity of KV-cache group ``group``'s key space: with one group the rank's
+    identity; with several (vLLM's hybrid KV-cache manager) each group gets its own, which
+    includes the group's index and spec (type, block size, window, heads, head size, dtype)."""
+    groups = fields.get("groups") or []
+    if len(groups) <= 1:
+        return identity_digest(fields, epoch)
+    return identity_digest({**fields, "kv_group": [group, groups[group]]}, epoch)
 
 
 def block_key(identity: str, block_hash: bytes) -> bytes:

@@ -6,6 +6,17 @@ host and remote tiers and which newly computed full prompt blocks are stored; th
 to every worker in :class:`~membrain.vllm.metadata.MembrainMetadata`. The scheduler validates at
 start-up, with the same function the workers use, that the KV cache vLLM will hand the workers
 can be moved; where it cannot, it never promises a token.
+
+Hybrid models (several KV-cache groups under vLLM's hybrid KV-cache manager, or a sliding-window
+group): every group has its own key space (:func:`membrain.vllm.keys.group_identity`) and a
+plan's unit is one block of one group. Hits follow vLLM's own hybrid prefix cache
+(:func:`membrain.tiers.manager.hybrid_hit_end`): full-attention groups need every block of the
+prefix, sliding-window groups only the window that ends at the hit -- the blocks vLLM allocates
+for external tokens (it gives null blocks below the window, which are never loaded). Stores
+take every full-attention block and the sliding-window blocks vLLM's own cache would keep
+reachable (``SlidingWindowManager.reachable_block_mask``: all of them by default, only the
+segment tails and the prompt's replay boundary with ``prefix_cache_retention_interval``), each
+read in the step that computed it, before vLLM can free it once the window has passed.
 """
 
 from __future__ import annotations
@@ -17,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from membrain import tracing
-from membrain.tiers.manager import LoadPlan, Match, TierManager
+from membrain.tiers.manager import LoadPlan, Match, TierManager, Unit
 from membrain.tiers.remote import RemoteTier
 from membrain.vllm import keys as mkeys
 from membrain.vllm import kv_format
@@ -47,6 +58,7 @@ class _ReqState:
     # then its answer as the block range [start, end) the remote tier holds.
     lookup: Future[int] | None = None
     lookup_from: int = -1
+    lookup_key: tuple[int, int] = (-1, -1)  # hybrid: the (local, max_blocks) it answers
     remote_known: tuple[int, int] | None = None
 
 
@@ -66,6 +78,8 @@ class MembrainScheduler:
         self.kv_cache_manager = kv_cache_manager
         self.enabled = True
         problem = kv_format.unsupported_reason(vllm_config, kv_cache_config)
+        if not problem:
+            problem = kv_format.unsupported_groups(kv_cache_config, self.block_size)
         if problem:
             # The workers would refuse these tensors: promise nothing (vLLM computes everything).
             logger.error("Membrain disabled: %s", problem)
@@ -76,9 +90,17 @@ class MembrainScheduler:
         if self.enabled:
             self.hash_ratio = self._hash_ratio()
         self.remote = remote if self.enabled else None
+        kinds = kv_format.group_kinds(kv_cache_config) if self.enabled else []
+        self.num_groups = len(kinds)
+        self._full = [g for g, k in enumerate(kinds) if k.kind == kv_format.FULL]
+        self._windows = [(g, k.window_blocks) for g, k in enumerate(kinds) if k.kind == kv_format.SLIDING]
+        # The hybrid path: several groups, or a sliding window (whose blocks below the window
+        # vLLM never allocates). One full-attention group keeps the single-chain path.
+        self.hybrid = self.num_groups > 1 or bool(self._windows)
         self.epoch = "0"
         self._fields = mkeys.identity_fields(vllm_config, kv_cache_config, 0, 0)
         self.identity = mkeys.identity_digest(self._fields, self.epoch)
+        self._group_ids = self._identities()
         self.tiers = TierManager(self.host_capacity, self.remote, self._key)
         self._reqs: dict[str, _ReqState] = {}
         self._pending_loads: dict[str, LoadPlan] = {}
@@ -92,6 +114,17 @@ class MembrainScheduler:
                 ",".join(settings.endpoints) if self.remote else "off",
                 self.identity,
             )
+            if self.hybrid:
+                logger.info(
+                    "Membrain hybrid KV cache: %d KV-cache groups (%s); one key space per group",
+                    self.num_groups,
+                    ", ".join(
+                        f"{g}: full attention"
+                        if k.kind == kv_format.FULL
+                        else f"{g}: sliding window {k.window_blocks} blocks"
+                        for g, k in enumerate(kinds)
+                    ),
+                )
 
     def _hash_ratio(self) -> int:
         """request.block_hashes are per *hash* block; a KV block's key must be the chained hash
@@ -110,8 +143,20 @@ class MembrainScheduler:
             return 1
         return int(self.block_size // hash_bs)
 
-    def _key(self, h: bytes) -> bytes:
-        return mkeys.block_key(self.identity, h)
+    def _identities(self) -> list[str]:
+        return [mkeys.group_identity(self._fields, self.epoch, g) for g in range(max(1, self.num_groups))]
+
+    def _key(self, uid: Any) -> bytes:
+        """The key of a unit: a block hash (one KV-cache group) or ``(group, hash)``."""
+        if isinstance(uid, tuple):
+            return mkeys.block_key(self._group_ids[uid[0]], uid[1])
+        return mkeys.block_key(self._group_ids[0], uid)
+
+    def _uid_fn(self, hashes: list[bytes]) -> Any:
+        """Unit ids of a request: ``(group, hash)`` with several groups, else the hash."""
+        if self.num_groups > 1:
+            return lambda g, i: (g, hashes[i])
+        return lambda g, i: hashes[i]
 
     def _hashes(self, request: Request, n_blocks: int) -> list[bytes]:
         hs = list(request.block_hashes)
@@ -159,6 +204,8 @@ class MembrainScheduler:
 
     def _match(self, st: _ReqState, hashes: list[bytes], local: int) -> Match | None:
         """The request's match, or None while the remote lookup it needs is in flight."""
+        if self.hybrid:
+            return self._match_hybrid(st, hashes, local)
         max_blocks = len(hashes)
         host_end = self.tiers.host_end(hashes, local, max_blocks)
         if not self.tiers.needs_remote(host_end, max_blocks):
@@ -180,6 +227,58 @@ class MembrainScheduler:
             st.lookup = self.tiers.lookup_async(hashes, host_end, max_blocks)
         return None
 
+    def _match_hybrid(self, st: _ReqState, hashes: list[bytes], local: int) -> Match | None:
+        """Hybrid models: the hit end over all groups (``Match(local, end, end)``: which units
+        come from which tier is decided when the load is planned), or None while the remote
+        lookup runs in the background."""
+        key = (local, len(hashes))
+        if st.lookup is not None and st.lookup_key == key:
+            if not st.lookup.done():
+                return None
+            try:
+                end = int(st.lookup.result())
+            except Exception:  # RemoteTier never raises; a cancelled future is a miss
+                end = local
+            st.lookup = None
+            return Match(local, end, end)
+        end, fut = self.tiers.hybrid_lookup(
+            local, len(hashes), self._full, self._windows, self._uid_fn(hashes)
+        )
+        if fut is None:
+            st.lookup = None
+            return Match(local, end, end)
+        st.lookup, st.lookup_key = fut, key
+        return None
+
+    def _alloc_hybrid(self, request: Request, st: _ReqState, m: Match, blocks: Any) -> None:
+        """Plans the load of ``[m.local, m.remote_end)``: every full-attention block, and per
+        sliding-window group the window before the end (the non-null blocks vLLM allocated)."""
+        bs = self.block_size
+        local, end = m.local, m.remote_end
+        hashes = self._hashes(request, end)
+        uid = self._uid_fn(hashes)
+        ids = blocks.get_block_ids()
+        units: list[Unit] = []
+        wrong: list[tuple[int, int]] = []
+        needs = [(g, local) for g in self._full] + [(g, max(local, end - w)) for g, w in self._windows]
+        for g, start in needs:
+            for i in range(start, end):
+                bid = int(ids[g][i]) if i < len(ids[g]) else kv_format.NULL_BLOCK_ID
+                if bid == kv_format.NULL_BLOCK_ID:
+                    wrong.append((g, i))  # vLLM disagrees with the hit rule: never write block 0
+                    continue
+                units.append(Unit(g, i, uid(g, i), bid))
+        if wrong:
+            logger.warning(
+                "Membrain: req %s got null blocks for (group, block) %s of its hit; not loaded",
+                request.request_id,
+                wrong[:4],
+            )
+        plan, remote_pos = self.tiers.plan_load_units(units)
+        self._pending_loads[request.request_id] = plan
+        st.remote_tokens = len(remote_pos) * bs
+        st.host_tokens = (end - local) * bs - st.remote_tokens
+
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
@@ -193,11 +292,14 @@ class MembrainScheduler:
             return
         n = num_external_tokens // self.block_size
         m = Match(m.local, min(m.host_end, m.local + n), min(m.remote_end, m.local + n))
-        hashes = self._hashes(request, m.remote_end)
-        block_ids = blocks.get_block_ids()[0]
-        self._pending_loads[request.request_id] = self.tiers.plan_load(m, hashes, block_ids)
-        st.host_tokens = m.host_blocks * self.block_size
-        st.remote_tokens = m.remote_blocks * self.block_size
+        if self.hybrid:
+            self._alloc_hybrid(request, st, m, blocks)
+        else:
+            hashes = self._hashes(request, m.remote_end)
+            block_ids = blocks.get_block_ids()[0]
+            self._pending_loads[request.request_id] = self.tiers.plan_load(m, hashes, block_ids)
+            st.host_tokens = m.host_blocks * self.block_size
+            st.remote_tokens = m.remote_blocks * self.block_size
         logger.info(
             "MEMBRAIN HIT req=%s tokens=%d local=%d host=%d remote=%d",
             request.request_id,
@@ -248,6 +350,9 @@ class MembrainScheduler:
             hashes = self._hashes(req, full)
             if len(hashes) < full:
                 continue
+            if self.hybrid:
+                self._store_hybrid(meta, st, req, hashes, full, seen)
+                continue
             ids = self.kv_cache_manager.get_block_ids(rid)[0] if self.kv_cache_manager else []
             if len(ids) < full:
                 continue
@@ -261,6 +366,64 @@ class MembrainScheduler:
         meta.evict = self.tiers.take_evictions()
         self._events.removed(meta.evict)
         return meta
+
+    def _window_mask(self, group: int, request: Any, start: int, end: int) -> list[bool] | None:
+        """Which sliding-window blocks ``[start, end)`` vLLM's own prefix cache keeps reachable
+        (``SlidingWindowManager.reachable_block_mask`` with this config's
+        ``prefix_cache_retention_interval``): None = all (vLLM's default, dense retention)."""
+        interval = getattr(self.vllm_config.cache_config, "prefix_cache_retention_interval", None)
+        if interval is None:
+            return None
+        try:
+            from vllm.v1.core.kv_cache_coordinator import replay_boundaries
+            from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
+
+            bs = self.block_size
+            boundaries = list(replay_boundaries(int(request.num_prompt_tokens), bs, use_eagle=False))
+            if getattr(request, "shared_prefix_boundary", None):
+                boundaries.append(int(request.shared_prefix_boundary))
+            spec = self.kv_cache_config.kv_cache_groups[group].kv_cache_spec
+            mask: list[bool] | None = SlidingWindowManager.reachable_block_mask(
+                start_block=start,
+                end_block=end,
+                alignment_tokens=bs,
+                kv_cache_spec=spec,
+                use_eagle=False,
+                retention_interval=int(interval),
+                reachable_boundaries=boundaries,
+            )
+            return mask
+        except Exception:  # a vLLM without the mask: store every window block
+            return None
+
+    def _store_hybrid(
+        self, meta: MembrainMetadata, st: _ReqState, req: Any, hashes: list[bytes], full: int, seen: set[Any]
+    ) -> None:
+        """Plans the stores of block positions ``[st.stored_upto, full)`` of every group (they
+        were computed in this step, so no sliding-window block among them is freed yet)."""
+        if self.kv_cache_manager is None:
+            return
+        rid = req.request_id
+        ids = self.kv_cache_manager.get_block_ids(rid)
+        start = st.stored_upto
+        if any(len(ids[g]) < full for g in self._full):
+            return
+        uid = self._uid_fn(hashes)
+        units: list[Unit] = []
+        for g in self._full:
+            units += [Unit(g, i, uid(g, i), int(ids[g][i])) for i in range(start, full)]
+        for g, _w in self._windows:
+            mask = self._window_mask(g, req, start, full)
+            for i in range(start, min(full, len(ids[g]))):
+                if (mask is None or mask[i - start]) and int(ids[g][i]) != kv_format.NULL_BLOCK_ID:
+                    units.append(Unit(g, i, uid(g, i), int(ids[g][i])))
+        st.stored_upto = full
+        units = [u for u in units if u.uid not in seen]
+        seen.update(u.uid for u in units)
+        if units:
+            plan = self.tiers.plan_store_units(units)
+            meta.stores[rid] = plan
+            self._events.stored(req, hashes, plan.positions, plan)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         # Stores gather into host slots within the step that computed the blocks (CPU: done by
@@ -282,6 +445,7 @@ class MembrainScheduler:
         read again. Returns True (vLLM's contract for a successful reset)."""
         self.epoch = uuid.uuid4().hex[:12]
         self.identity = mkeys.identity_digest(self._fields, self.epoch)
+        self._group_ids = self._identities()
         self.tiers.reset()
         self._clear_host = True
         self._events.cleared()

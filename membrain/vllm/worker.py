@@ -23,6 +23,7 @@ from typing import Any
 
 from membrain import tracing
 from membrain.tiers.executor import LoadJob, LoadResult, TierExecutor
+from membrain.tiers.manager import plan_tokens
 from membrain.tiers.remote import RemoteTier
 from membrain.vllm import keys as mkeys
 from membrain.vllm import kv_format
@@ -48,13 +49,16 @@ class MembrainWorker:
         self.block_size = int(vllm_config.cache_config.block_size)
         self.kv_cache_config = kv_cache_config
         groups = list(getattr(kv_cache_config, "kv_cache_groups", None) or [])
-        self.layer_names = list(groups[0].layer_names) if len(groups) == 1 else []
+        # One list of layers per KV-cache group (hybrid models: one PagedKV description each).
+        self.group_layers = [list(g.layer_names) for g in groups]
+        self.layer_names = self.group_layers[0] if groups else []
         # Counters that describe requests (tokens, blocks, calls) come from one rank only: vLLM
         # sums connector stats over all TP x PP ranks. Bytes are real per rank and summed.
         self.lead = tp_rank == 0 and pp_rank == 0
         self.epoch = "0"
         self._fields = mkeys.identity_fields(vllm_config, kv_cache_config, tp_rank, pp_rank)
         self.identity = mkeys.identity_digest(self._fields, self.epoch)
+        self._group_ids = self._identities()
         self.executor: TierExecutor | None = None
         self.unusable: str | None = "register_kv_caches was not called"
         self._failed: set[int] = set()
@@ -67,21 +71,27 @@ class MembrainWorker:
 
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         try:
-            problem = kv_format.unsupported_groups(self.kv_cache_config)
+            problem = kv_format.unsupported_groups(self.kv_cache_config, self.block_size)
             if problem:
                 raise ValueError(problem)
             num_blocks = getattr(self.kv_cache_config, "num_blocks", None)
-            kv = kv_format.describe_worker_caches(kv_caches, self.layer_names, num_blocks)
+            kvs = [
+                kv_format.describe_worker_caches(kv_caches, names, num_blocks) for names in self.group_layers
+            ]
+            kv = kvs[0]
+            executor = TierExecutor(kvs, self.remote, self.settings.max_inflight)  # checks block sizes
         except Exception as e:
             # Loads planned anyway are reported as errors (see start_load_kv); stores are skipped.
             self.unusable = f"unsupported KV cache tensors: {e}"
             logger.error("Membrain cannot use this worker's KV cache (%s): every load is a miss", e)
             return
-        self.executor = TierExecutor(kv, self.remote, self.settings.max_inflight)
+        self.executor = executor
         self.unusable = None
         t = kv_caches[self.layer_names[0]]
         logger.info(
-            "Membrain worker: %d layers, shape %s stride %s dtype %s, %d bytes/block, identity %s",
+            "Membrain worker: %d KV-cache group(s) x %d layers, shape %s stride %s dtype %s, "
+            "%d bytes/block, identity %s",
+            len(kvs),
             len(self.layer_names),
             tuple(t.shape),
             tuple(t.stride()),
@@ -90,14 +100,23 @@ class MembrainWorker:
             self.identity,
         )
 
-    def _key(self, h: bytes) -> bytes:
-        return mkeys.block_key(self.identity, h)
+    def _identities(self) -> list[str]:
+        return [
+            mkeys.group_identity(self._fields, self.epoch, g) for g in range(max(1, len(self.group_layers)))
+        ]
+
+    def _key(self, uid: Any) -> bytes:
+        """The key of a unit: a block hash (one KV-cache group) or ``(group, hash)``."""
+        if isinstance(uid, tuple):
+            return mkeys.block_key(self._group_ids[uid[0]], uid[1])
+        return mkeys.block_key(self._group_ids[0], uid)
 
     def _adopt(self, meta: MembrainMetadata) -> None:
         """Follows the scheduler's key epoch and host-tier resets."""
         if meta.epoch and meta.epoch != self.epoch:
             self.epoch = meta.epoch
             self.identity = mkeys.identity_digest(self._fields, self.epoch)
+            self._group_ids = self._identities()
         if meta.clear_host and self.executor is not None:
             self.executor.clear_host()
 
@@ -127,6 +146,14 @@ class MembrainWorker:
         res = job.result if job.result is not None else LoadResult(list(job.plan.block_ids))
         failed, host_ok, remote_ok = res.failed_block_ids, res.host_blocks, res.remote_blocks
         bb = self._block_bytes()
+        # Tokens count each block position once, whatever the number of KV-cache groups.
+        pos = job.plan.positions
+        host_tok = plan_tokens(pos, res.host_units, self.block_size)
+        remote_tok = plan_tokens(pos, res.remote_units, self.block_size)
+        failed_set = set(failed)
+        failed_tok = plan_tokens(
+            pos, [i for i, b in enumerate(job.plan.block_ids) if b in failed_set], self.block_size
+        )
         job.ctx.end(
             host_blocks=host_ok,
             remote_blocks=remote_ok,
@@ -140,8 +167,8 @@ class MembrainWorker:
         )
         if self.lead:
             self._stats.add(
-                load_tokens_host=host_ok * self.block_size,
-                load_tokens_remote=remote_ok * self.block_size,
+                load_tokens_host=host_tok,
+                load_tokens_remote=remote_tok,
                 load_seconds=job.seconds,
                 loads=1,
             )
@@ -151,9 +178,9 @@ class MembrainWorker:
                 "MEMBRAIN LOAD req=%s host=%d remote=%d failed=%d bytes=%d seconds=%.6f "
                 "queued=%.6f host_s=%.6f fetch_wait=%.6f scatter=%.6f",
                 job.req_id,
-                host_ok * self.block_size,
-                remote_ok * self.block_size,
-                len(failed) * self.block_size,
+                host_tok,
+                remote_tok,
+                failed_tok,
                 (host_ok + remote_ok) * bb,
                 job.seconds,
                 t.get("queued", 0.0),
@@ -203,8 +230,10 @@ class MembrainWorker:
             span = tracing.store_span(rid, len(keys))
             rspan = tracing.remote_store_span(rid, sum(plan.to_remote), parent=span)
 
-            def done(stored: int, failed: int, rspan: Any = rspan) -> None:
-                self._remote_done(stored, failed)
+            def done(
+                stored: int, failed: int, units: list[int], rspan: Any = rspan, plan: Any = plan
+            ) -> None:
+                self._remote_done(stored, failed, plan_tokens(plan.positions, units, self.block_size))
                 rspan.end(remote_blocks=stored, dropped_blocks=failed, bytes=stored * self._block_bytes())
 
             try:
@@ -224,28 +253,30 @@ class MembrainWorker:
                 bytes=res.host_blocks * bb,
             )
             self._stats.add(store_bytes_host=res.host_blocks * bb, store_dropped_blocks=res.dropped_blocks)
+            n_units = len(keys)
+            host_tok = plan_tokens(plan.positions, res.host_units, self.block_size)
             if self.lead:
                 self._stats.add(
-                    store_tokens_host=res.host_blocks * self.block_size,
+                    store_tokens_host=host_tok,
                     store_seconds=time.perf_counter() - t0,
                     stores=1,
                 )
             logger.info(
                 "MEMBRAIN STORE req=%s tokens=%d host=%d remote=%d (remote shipped asynchronously)",
                 rid,
-                len(keys) * self.block_size,
-                res.host_blocks * self.block_size,
-                res.remote_blocks * self.block_size,
+                plan_tokens(plan.positions, range(n_units), self.block_size),
+                host_tok,
+                plan_tokens(plan.positions, res.remote_units, self.block_size),
             )
 
     def _block_bytes(self) -> int:
         return self.executor.block_bytes if self.executor is not None else 0
 
-    def _remote_done(self, stored: int, failed: int) -> None:
+    def _remote_done(self, stored: int, failed: int, tokens: int) -> None:
         bb = self._block_bytes()
         self._stats.add(store_bytes_remote=stored * bb, store_dropped_blocks=failed)
         if self.lead:
-            self._stats.add(store_tokens_remote=stored * self.block_size)
+            self._stats.add(store_tokens_remote=tokens)
 
     # ---------------------------------------------------------------- completion
 
