@@ -177,13 +177,17 @@ def test_host_slot_lost_is_reported():
 
 
 def test_page_order_in_identity():
-    def ident(layout: str) -> str:
-        return mkeys.identity_digest(
-            mkeys.identity_fields(vllm_config(layout, 16), NS(kv_cache_groups=[]), 0, 0)
-        )
+    """The key's page order comes from the description of the views vLLM builds: layouts that
+    pack to the same bytes share keys, others never do -- and with one KV head both orders are
+    the same bytes, so every layout shares."""
+
+    def ident(layout: str, heads: int = 2) -> str:
+        kv = make_vllm_kv(layout, num_kv_heads=heads, device="meta", seed=None)
+        return mkeys.identity_digest(mkeys.identity_fields(kv.vllm_config, kv.kv_cache_config, 0, 0))
 
     assert ident("LBHNC") == ident("BLHNC") == ident("LHBNC") == ident("BHLNC")
     assert ident("LBNHC") == ident("BLNHC") != ident("LBHNC")
+    assert ident("LBNHC", heads=1) == ident("LBHNC", heads=1) == ident("BHLNC", heads=1)
 
 
 def test_weights_fingerprint_separates_checkpoints(tmp_path):

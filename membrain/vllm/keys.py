@@ -5,7 +5,8 @@ A key is ``mb1:<identity>:<block>`` (ASCII, at most 4 + 32 + 1 + 64 = 101 bytes)
 * ``identity`` -- 32 hex chars of SHA-256 over everything that makes the bytes of a block differ
   between instances: model name/path, a fingerprint of its weights (:mod:`membrain.vllm.weights`)
   and a hash of its HF config, model and KV-cache dtypes, the device type, attention backend, the
-  byte order of a packed page (``HNC`` or ``NHC``, from the resolved KV-cache layout), KV-cache
+  byte order of a packed page per group (``HNC`` or ``NHC``: ``PagedKV.page_order`` of the
+  views vLLM builds for the resolved KV-cache layout, :func:`kv_format.page_orders`), KV-cache
   spec (block size, heads, head size, page bytes), number of layers, TP/PP rank and size, the
   prefix-caching hash algorithm, and the key epoch (changed by ``reset_cache``);
 * ``block`` -- vLLM's chained block hash (``request.block_hashes``), hex; longer than 32 bytes it
@@ -26,20 +27,10 @@ import hashlib
 import json
 from typing import Any
 
+from membrain.vllm import kv_format
 from membrain.vllm.weights import weights_fingerprint
 
 KEY_VERSION = "mb1"
-
-# Packed page byte order per vLLM 0.32 KVCacheLayout. LHBNC and BHLNC keep H outside N, so a
-# page is num_kv_heads runs of N*C bytes, packed in head order: the same bytes as LBHNC.
-_PAGE_ORDER = {
-    "LBHNC": "HNC",
-    "LHBNC": "HNC",
-    "BLHNC": "HNC",
-    "BHLNC": "HNC",
-    "LBNHC": "NHC",
-    "BLNHC": "NHC",
-}
 
 
 def identity_fields(vllm_config: Any, kv_cache_config: Any, tp_rank: int, pp_rank: int) -> dict[str, Any]:
@@ -83,23 +74,16 @@ def identity_fields(vllm_config: Any, kv_cache_config: Any, tp_rank: int, pp_ran
         "block_size": cc.block_size,
         "hash_algo": str(getattr(cc, "prefix_caching_hash_algo", None)),
         "device": device,
-        "page_order": page_order(getattr(cc, "kv_cache_layout", None)),
+        # Per group, from the description of vLLM's views the workers also make: layouts whose
+        # packed pages are the same bytes share keys (LBHNC and LHBNC, or any layout with one
+        # KV head), others never do.
+        "page_order": kv_format.page_orders(vllm_config, kv_cache_config),
         "weights": weights_fingerprint(str(mc.model), getattr(mc, "revision", None)),
         "attn_backend": str(getattr(attn, "backend", None)),
         "groups": groups,
         "tp": [tp_rank, pc.tensor_parallel_size],
         "pp": [pp_rank, pc.pipeline_parallel_size],
     }
-
-
-def page_order(layout: str | None) -> str:
-    """Byte order of a packed page for a resolved ``KVCacheLayout`` name: ``HNC`` (heads outer:
-    LBHNC, LHBNC, BLHNC, BHLNC) or ``NHC`` (tokens outer: LBNHC, BLNHC). Layouts with one order
-    pack to the same bytes and share KV."""
-    if layout is None:
-        return "unresolved"
-    name = str(layout).rsplit(".", 1)[-1].upper()
-    return _PAGE_ORDER.get(name, name)  # an unknown layout keys only with itself
 
 
 def identity_digest(fields: dict[str, Any], epoch: str = "0") -> str:
@@ -124,7 +108,3 @@ def block_key(identity: str, block_hash: bytes) -> bytes:
     if len(h) > 32:
         h = hashlib.sha256(h).digest()
     return f"{KEY_VERSION}:{identity}:{h.hex()}".encode()
-
-
-def block_keys(identity: str, block_hashes: list[bytes]) -> list[bytes]:
-    return [block_key(identity, h) for h in block_hashes]

@@ -150,6 +150,22 @@ def unsupported_groups(kv_cache_config: Any, block_size: int | None = None) -> s
     return None
 
 
+def page_orders(vllm_config: Any, kv_cache_config: Any) -> list[str]:
+    """Byte order of a packed page of every group (``PagedKV.page_order``: ``HNC`` or ``NHC``),
+    from the same description of vLLM's views that the workers make -- the one source of the
+    page order in Membrain's keys. ``unsupported`` for a group Membrain cannot move."""
+    out = []
+    for i in range(len(_groups(kv_cache_config))):
+        try:
+            kv = ops.describe_kv_caches(
+                _meta_views(vllm_config, kv_cache_config, i), int(kv_cache_config.num_blocks)
+            )
+            out.append(kv.page_order)
+        except Exception:
+            out.append("unsupported")
+    return out
+
+
 def unsupported_reason(vllm_config: Any, kv_cache_config: Any) -> str | None:
     """Why the workers could not move this KV cache, or None when they can."""
     problem = unsupported_groups(kv_cache_config)

@@ -79,6 +79,12 @@ class MembrainWorker:
                 kv_format.describe_worker_caches(kv_caches, names, num_blocks) for names in self.group_layers
             ]
             kv = kvs[0]
+            # The keys carry the page order the scheduler derived from vLLM's views; the bytes
+            # this worker packs must be in that order, or its blocks would be misread elsewhere.
+            keyed = self._fields.get("page_order") or []
+            actual = [d.page_order for d in kvs]
+            if keyed != actual:
+                raise ValueError(f"packed page order {actual} differs from the keys' {keyed}")
             executor = TierExecutor(kvs, self.remote, self.settings.max_inflight)  # checks block sizes
         except Exception as e:
             # Loads planned anyway are reported as errors (see start_load_kv); stores are skipped.
