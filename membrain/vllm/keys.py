@@ -6,8 +6,10 @@ A key is ``mb1:<identity>:<block>`` (ASCII, at most 4 + 32 + 1 + 64 = 101 bytes)
   between instances: model name/path, a fingerprint of its weights (:mod:`membrain.vllm.weights`)
   and a hash of its HF config, model and KV-cache dtypes, the device type, attention backend, the
   byte order of a packed page (``HNC`` or ``NHC``, from the resolved KV-cache layout), KV-cache
-  spec (block size, heads, head size, page bytes), number of layers, TP/PP rank and size, the
-  prefix-caching hash algorithm, and the key epoch (changed by ``reset_cache``);
+  spec (block size, heads, head size, page bytes), number and names of the rank's layers (a PP
+  stage's own), TP rank and size (left out for replicated MLA KV, which every TP size shares:
+  :mod:`membrain.vllm.parallel`), PP rank and size, the prefix-caching hash algorithm, and the
+  key epoch (changed by ``reset_cache``);
 * ``block`` -- vLLM's chained block hash (``request.block_hashes``), hex; longer than 32 bytes it
   is itself hashed.
 
@@ -26,6 +28,7 @@ import hashlib
 import json
 from typing import Any
 
+from membrain.vllm import parallel
 from membrain.vllm.weights import weights_fingerprint
 
 KEY_VERSION = "mb1"
@@ -45,7 +48,6 @@ _PAGE_ORDER = {
 def identity_fields(vllm_config: Any, kv_cache_config: Any, tp_rank: int, pp_rank: int) -> dict[str, Any]:
     mc = vllm_config.model_config
     cc = vllm_config.cache_config
-    pc = vllm_config.parallel_config
     try:
         hf = mc.hf_config.to_json_string(use_diff=False)
     except Exception:  # pragma: no cover - exotic configs
@@ -62,6 +64,7 @@ def identity_fields(vllm_config: Any, kv_cache_config: Any, tp_rank: int, pp_ran
                 "dtype": str(getattr(spec, "dtype", None)),
                 "page_size_bytes": getattr(spec, "page_size_bytes", None),
                 "layers": len(g.layer_names),
+                "layer_names": parallel.layer_names_digest(list(g.layer_names)),
             }
         )
     try:
@@ -85,8 +88,8 @@ def identity_fields(vllm_config: Any, kv_cache_config: Any, tp_rank: int, pp_ran
         "weights": weights_fingerprint(str(mc.model), getattr(mc, "revision", None)),
         "attn_backend": str(getattr(attn, "backend", None)),
         "groups": groups,
-        "tp": [tp_rank, pc.tensor_parallel_size],
-        "pp": [pp_rank, pc.pipeline_parallel_size],
+        # TP rank/size (none for replicated MLA KV: TP sizes share it), PP rank/size.
+        **parallel.rank_role(vllm_config, kv_cache_config, tp_rank, pp_rank).key_fields(),
     }
 
 

@@ -20,7 +20,7 @@ from membrain import tracing
 from membrain.tiers.manager import LoadPlan, Match, TierManager
 from membrain.tiers.remote import RemoteTier
 from membrain.vllm import keys as mkeys
-from membrain.vllm import kv_format
+from membrain.vllm import kv_format, parallel
 from membrain.vllm.config import MembrainSettings
 from membrain.vllm.events import EventLog
 from membrain.vllm.metadata import MembrainMetadata
@@ -70,7 +70,8 @@ class MembrainScheduler:
             # The workers would refuse these tensors: promise nothing (vLLM computes everything).
             logger.error("Membrain disabled: %s", problem)
             self.enabled = False
-        self.block_bytes = kv_format.block_bytes(kv_cache_config) if self.enabled else 0
+        # Host tier per worker: its own shard of its own PP stage's layers (the largest stage's).
+        self.block_bytes = parallel.host_block_bytes(vllm_config, kv_cache_config) if self.enabled else 0
         self.host_capacity = settings.cpu_cache_bytes // self.block_bytes if self.block_bytes else 0
         self.hash_ratio = 1
         if self.enabled:
