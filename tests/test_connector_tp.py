@@ -177,3 +177,34 @@ def test_mla_one_copy_per_block_shared_by_tp1_and_tp2(server):
     finally:
         for inst in (a1, a2, b):
             inst.close()
+
+
+def test_pp2_stages_store_their_own_layers_and_a_missing_stage_block_is_a_load_error(server):
+    import membrain
+
+    a = Instance(server.endpoint, 1, pp_size=2, seed=1)
+    b = Instance(server.endpoint, 1, pp_size=2, seed=2)
+    try:
+        assert a.identities[0] != a.identities[1] and a.identities == b.identities
+        r1, ids_a = _req("r1", 18), [0, 1, 2, 3, 4]
+        a.store(r1, ids_a)
+        items, used = _server_items(server.endpoint)
+        assert items == 2 * 4 and used == 2 * 4 * a.block_bytes  # each stage its own layers
+        assert a.stats["store_tokens_remote"] == 16
+        src = a.blocks(ids_a[:4])
+        ids_b = [10, 11, 12, 13, 14]
+        b.zero(ids_b)
+        n, errors, _ = b.load(_req("r2", 18), ids_b)
+        assert n == 16 and errors == set() and b.blocks(ids_b[:4]) == src
+        # Stage 1 lost block 1: the scheduler (stage 0's keys) still promises 4 blocks; stage 1
+        # reports block 1 as a load error.
+        c = membrain.Client([server.endpoint], namespace="tp", timeout_ms=2000)
+        assert c.delete([mkeys.block_key(a.identities[1], r1.block_hashes[1])]) == 1
+        c.close()
+        ids_c = [20, 21, 22, 23, 24]
+        n, errors, _ = b.load(_req("r3", 18), ids_c)
+        assert n == 16 and errors == {21}
+        assert b.stats["load_tokens_remote"] == 32 and b.stats["load_failed_blocks"] == 1
+    finally:
+        a.close()
+        b.close()

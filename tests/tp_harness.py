@@ -21,7 +21,10 @@ from typing import Any
 BS, LAYERS, BLOCKS, HEADS, HEAD = 4, 2, 32, 4, 64  # HEADS: KV heads of the whole model
 
 
-def _build(tp_size: int, mla: bool, seed: int | None, extra: dict[str, Any]) -> Any:
+def _build(
+    tp_size: int, mla: bool, seed: int | None, extra: dict[str, Any], pp_size: int = 1, pp_rank: int = 0
+) -> Any:
+    """One rank's KV: its TP shard of its PP stage's ``LAYERS`` layers (the stage's names)."""
     from membrain.bench.vllm_kv import MLA_HEAD_SIZE, build_vllm_kv
 
     vkv = build_vllm_kv(
@@ -34,21 +37,26 @@ def _build(tp_size: int, mla: bool, seed: int | None, extra: dict[str, Any]) -> 
         mla=mla,
         seed=seed,
         extra=extra,
+        first_layer=pp_rank * LAYERS,
     )
     vkv.vllm_config.parallel_config.tensor_parallel_size = tp_size
+    vkv.vllm_config.parallel_config.pipeline_parallel_size = pp_size
     return vkv
 
 
-def _rank_main(conn: Any, tp_rank: int, tp_size: int, mla: bool, seed: int, extra: dict[str, Any]) -> None:
+def _rank_main(
+    conn: Any, rank: tuple[int, int], size: tuple[int, int], mla: bool, seed: int, extra: dict[str, Any]
+) -> None:
     import torch
     import vllm.distributed.parallel_state as ps
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
     from membrain.vllm.connector import MembrainConnector
 
+    (tp_rank, pp_rank), (tp_size, pp_size) = rank, size
     ps.get_tp_group = lambda: NS(rank_in_group=tp_rank)  # type: ignore[assignment]
-    ps.get_pp_group = lambda: NS(rank_in_group=0)  # type: ignore[assignment]
-    vkv = _build(tp_size, mla, seed, extra)
+    ps.get_pp_group = lambda: NS(rank_in_group=pp_rank)  # type: ignore[assignment]
+    vkv = _build(tp_size, mla, seed, extra, pp_size, pp_rank)
     w = MembrainConnector(vkv.vllm_config, KVConnectorRole.WORKER, vkv.kv_cache_config)
     w.register_kv_caches(vkv.kv_caches)
     wk = w._worker
@@ -97,13 +105,16 @@ def _context() -> Any:
 
 
 class Instance:
-    """One instance: a scheduler connector here, ``tp_size`` worker ranks in child processes."""
+    """One instance: a scheduler connector here, ``tp_size`` x ``pp_size`` worker ranks in child
+    processes (rank ``i`` is TP rank ``i % tp_size`` of PP stage ``i // tp_size``, as in vLLM);
+    the scheduler holds PP stage 0's ``kv_cache_config``, as vLLM's engine core does."""
 
     def __init__(
         self,
         endpoint: str,
         tp_size: int,
         *,
+        pp_size: int = 1,
         mla: bool = False,
         seed: int = 0,
         namespace: str = "tp",
@@ -120,18 +131,18 @@ class Instance:
             "cpu_cache_size": cpu_cache,
             "timeout_ms": 5000,
         }
-        self.tp_size = tp_size
-        vkv = _build(tp_size, mla, None, extra)
+        world = tp_size * pp_size
+        vkv = _build(tp_size, mla, None, extra, pp_size, 0)
         self.sched = MembrainConnector(vkv.vllm_config, KVConnectorRole.SCHEDULER, vkv.kv_cache_config)
-        self.aggregator = KVOutputAggregator(expected_finished_count=tp_size)
+        self.aggregator = KVOutputAggregator(expected_finished_count=world)
         ctx = _context()
         self.conns: list[Any] = []
         self.procs: list[Any] = []
-        for r in range(tp_size):
+        for r in range(world):
             parent, child = ctx.Pipe()
-            p = ctx.Process(
-                target=_rank_main, args=(child, r, tp_size, mla, seed * 100 + r, extra), daemon=True
-            )
+            rank = (r % tp_size, r // tp_size)
+            args = (child, rank, (tp_size, pp_size), mla, seed * 100 + r, extra)
+            p = ctx.Process(target=_rank_main, args=args, daemon=True)
             p.start()
             self.conns.append(parent)
             self.procs.append(p)
@@ -226,7 +237,7 @@ class Instance:
     # ---------------------------------------------------------------- worker side
 
     def blocks(self, block_ids: list[int]) -> list[list[bytes]]:
-        """Per rank, the bytes of each block (all layers)."""
+        """Per rank, the bytes of each block (all layers of the rank)."""
         return self._all("blocks", block_ids)
 
     def zero(self, block_ids: list[int]) -> None:
