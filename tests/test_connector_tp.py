@@ -145,7 +145,7 @@ def test_tp2_head_sharded_shards_per_rank_and_a_missing_shard_is_a_load_error(se
 
 def test_mla_one_copy_per_block_shared_by_tp1_and_tp2(server):
     a1 = Instance(server.endpoint, 1, mla=True, seed=1)
-    a2 = Instance(server.endpoint, 2, mla=True, seed=2)
+    a2 = Instance(server.endpoint, 2, mla=True, seed=2, cpu_cache=1 << 20)
     b = Instance(server.endpoint, 2, mla=True, seed=3)
     try:
         assert a1.identities[0] == a2.identities[0] == a2.identities[1] == b.identities[1]
@@ -158,6 +158,11 @@ def test_mla_one_copy_per_block_shared_by_tp1_and_tp2(server):
         assert items == 4 + 6
         assert used == items * bb  # used_bytes counts stored values
         assert a2.stats["store_bytes_remote"] == 6 * bb and a2.stats["store_tokens_remote"] == 24
+        # Every rank keeps its own copy in its own host tier (local memory): a host hit loads on both.
+        assert a2.stats["store_bytes_host"] == 2 * 6 * bb and a2.stats["store_tokens_host"] == 24
+        n, errors, _ = a2.load(_req("q1", 26, b"Q"), [10, 11, 12, 13, 14, 15, 16])
+        assert n == 24 and errors == set() and a2.stats["load_tokens_host"] == 24
+        assert a2.stats.get("load_tokens_remote", 0) == 0
         src_p = a1.blocks([0, 1, 2, 3])[0]
         src_q = a2.blocks(list(range(6)))
         assert src_q[0] != src_q[1]  # the ranks' caches differ before the load (random bytes)

