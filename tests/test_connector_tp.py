@@ -59,6 +59,27 @@ def test_mla_identity_has_no_tp_and_one_rank_per_stage_stores():
     assert all(parallel.rank_role(mha.vllm_config, mha.kv_cache_config, r, 0).stores_remote for r in (0, 1))
 
 
+def test_gqa_with_more_tp_ranks_than_kv_heads_keys_the_head_and_stores_it_once():
+    """vLLM gives each of 2 KV heads to 2 of 4 TP ranks (num_kv_head_replicas): ranks holding
+    the same head share its keys, the first of them stores it, and a TP = 2 instance (one head
+    per rank, the same bytes) shares the keys."""
+    tp4, tp2 = _kv(False, heads=1, tp=4), _kv(False, heads=1, tp=2)
+    for v in (tp4, tp2):
+        v.vllm_config.model_config.get_total_num_kv_heads = lambda: 2
+    roles = [parallel.rank_role(tp4.vllm_config, tp4.kv_cache_config, r, 0) for r in range(4)]
+    assert [(r.kv_shard, r.kv_shards, r.kv_replicas) for r in roles] == [
+        (0, 2, 2),
+        (0, 2, 2),
+        (1, 2, 2),
+        (1, 2, 2),
+    ]
+    assert [r.stores_remote for r in roles] == [True, False, True, False]
+    ids4 = [_identity(tp4, r) for r in range(4)]
+    assert ids4[0] == ids4[1] != ids4[2] == ids4[3]
+    assert ids4[0] == _identity(tp2, 0) and ids4[2] == _identity(tp2, 1)
+    assert all(parallel.rank_role(tp2.vllm_config, tp2.kv_cache_config, r, 0).stores_remote for r in (0, 1))
+
+
 def test_pp_stages_key_their_own_layers_and_size_the_host_tier_by_the_largest_stage():
     names = [f"model.layers.{i}.self_attn" for i in range(5)]
     s0 = _kv(False, layers=3, pp=2, names=names[:3])

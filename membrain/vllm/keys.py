@@ -7,8 +7,8 @@ A key is ``mb1:<identity>:<block>`` (ASCII, at most 4 + 32 + 1 + 64 = 101 bytes)
   and a hash of its HF config, model and KV-cache dtypes, the device type, attention backend, the
   byte order of a packed page (``HNC`` or ``NHC``, from the resolved KV-cache layout), KV-cache
   spec (block size, heads, head size, page bytes), number and names of the rank's layers (a PP
-  stage's own), TP rank and size (left out for replicated MLA KV, which every TP size shares:
-  :mod:`membrain.vllm.parallel`), PP rank and size, the prefix-caching hash algorithm, and the
+  stage's own), the rank's KV shard (TP rank and size for head-sharded KV; 0 of 1 for MLA, which
+  every TP size shares: :mod:`membrain.vllm.parallel`), PP rank and size, the prefix-caching hash algorithm, and the
   key epoch (changed by ``reset_cache``);
 * ``block`` -- vLLM's chained block hash (``request.block_hashes``), hex; longer than 32 bytes it
   is itself hashed.
@@ -88,7 +88,7 @@ def identity_fields(vllm_config: Any, kv_cache_config: Any, tp_rank: int, pp_ran
         "weights": weights_fingerprint(str(mc.model), getattr(mc, "revision", None)),
         "attn_backend": str(getattr(attn, "backend", None)),
         "groups": groups,
-        # TP rank/size (none for replicated MLA KV: TP sizes share it), PP rank/size.
+        # The KV shard (TP rank/size; 0/1 for MLA: TP sizes share it), PP rank/size.
         **parallel.rank_role(vllm_config, kv_cache_config, tp_rank, pp_rank).key_fields(),
     }
 

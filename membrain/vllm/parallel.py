@@ -5,8 +5,11 @@
 * Replicated KV (MLA: every group's spec is an ``MLAAttentionSpec``; vLLM gives it one latent
   "head" whatever the TP size): every TP rank holds the same bytes. One rank -- TP rank 0 of
   each PP stage -- ships them to the remote tier, every rank loads them, and the identity holds
-  no TP rank or size, so instances with different TP sizes share the blocks. (Each rank keeps
-  its own host tier: it is local memory, so every rank admits its copy there.)
+  no TP rank or size (shard 0 of 1), so instances with different TP sizes share the blocks.
+  (Each rank keeps its own host tier: it is local memory, so every rank admits its copy there.)
+* GQA with more TP ranks than KV heads: vLLM gives each KV head to ``tp_size / heads`` ranks;
+  the identity names the head (shard ``tp_rank // replicas`` of ``heads``) and the first rank
+  of each head stores it, so e.g. TP = 2 and TP = 4 instances of a 2-KV-head model share.
 * PP: each stage holds only its own layers (vLLM projects the KV cache groups onto the stage);
   the identity holds the PP rank and size and the stage's layer names, so stages never collide,
   and the host tier is sized with the bytes of the largest stage.
@@ -29,7 +32,17 @@ class RankRole:
     tp_size: int
     pp_rank: int
     pp_size: int
-    replicated: bool  # KV identical on every TP rank (MLA)
+    # The rank's KV shard among ``kv_shards`` distinct ones, each held by ``kv_replicas`` TP
+    # ranks: head-sharded KV is shard tp_rank of tp_size (1 replica); MLA is shard 0 of 1
+    # (tp_size replicas); GQA with more TP ranks than KV heads is head tp_rank // replicas.
+    kv_shard: int = 0
+    kv_shards: int = 1
+    kv_replicas: int = 1
+
+    @property
+    def replicated(self) -> bool:
+        """KV identical on several TP ranks (MLA; GQA with TP > KV heads)."""
+        return self.kv_replicas > 1
 
     @property
     def lead(self) -> bool:
@@ -38,13 +51,15 @@ class RankRole:
 
     @property
     def stores_remote(self) -> bool:
-        """Whether this rank ships stores to the remote tier (replicated KV: TP rank 0 only)."""
-        return not self.replicated or self.tp_rank == 0
+        """Whether this rank ships stores to the remote tier: the first rank of each shard's
+        replicas (every rank when nothing is replicated)."""
+        return self.tp_rank % self.kv_replicas == 0
 
     def key_fields(self) -> dict[str, Any]:
-        """The parallel part of a block identity."""
-        tp: Any = "replicated" if self.replicated else [self.tp_rank, self.tp_size]
-        return {"tp": tp, "pp": [self.pp_rank, self.pp_size]}
+        """The parallel part of a block identity: the KV shard, not the TP rank, so instances
+        whose ranks hold the same bytes (MLA at any TP size; one KV head per rank at TP = heads
+        or above) share keys."""
+        return {"tp": [self.kv_shard, self.kv_shards], "pp": [self.pp_rank, self.pp_size]}
 
 
 def _groups(kv_cache_config: Any) -> list[Any]:
@@ -64,14 +79,31 @@ def kv_replicated(vllm_config: Any, kv_cache_config: Any) -> bool:
     return bool(getattr(getattr(vllm_config, "model_config", None), "use_mla", False))
 
 
+def _kv_head_replicas(vllm_config: Any, tp_size: int) -> int:
+    """TP ranks per KV head when the model has fewer KV heads than TP ranks (vLLM's
+    ``QKVParallelLinear.num_kv_head_replicas``), else 1."""
+    try:
+        total = int(vllm_config.model_config.get_total_num_kv_heads())
+    except Exception:  # a config without it (tests' stand-ins): no replication known
+        return 1
+    return tp_size // total if 0 < total < tp_size and tp_size % total == 0 else 1
+
+
 def rank_role(vllm_config: Any, kv_cache_config: Any, tp_rank: int, pp_rank: int) -> RankRole:
     pc = vllm_config.parallel_config
+    tp_size = int(getattr(pc, "tensor_parallel_size", 1) or 1)
+    if kv_replicated(vllm_config, kv_cache_config):
+        replicas = tp_size
+    else:
+        replicas = _kv_head_replicas(vllm_config, tp_size)
     return RankRole(
         tp_rank=int(tp_rank),
-        tp_size=int(getattr(pc, "tensor_parallel_size", 1) or 1),
+        tp_size=tp_size,
         pp_rank=int(pp_rank),
         pp_size=int(getattr(pc, "pipeline_parallel_size", 1) or 1),
-        replicated=kv_replicated(vllm_config, kv_cache_config),
+        kv_shard=int(tp_rank) // replicas,
+        kv_shards=tp_size // replicas,
+        kv_replicas=replicas,
     )
 
 
