@@ -159,6 +159,24 @@ def test_tp2_head_sharded_shards_per_rank_and_a_missing_shard_is_a_load_error(se
         assert got[0] == src[0]  # rank 0 loaded every block
         assert [got[1][i] == src[1][i] for i in range(4)] == [True, True, False, True]
         assert b.stats["load_failed_blocks"] == 1 and b.stats["load_tokens_remote"] == 16
+        assert b.stats["load_failed_shards"] == 1
+        # Both ranks lose block 0 after the request was admitted: rank 0 fails block 0, rank 1
+        # blocks 0 and 2 (its block 2 is still gone). vLLM's union has each once, and so do the
+        # stats: 2 failed blocks (3 failed shards).
+        ids_d = [25, 26, 27, 28, 29]
+        b.stats.clear()
+        n = b.admit(_req("r4", 18), ids_d)
+        c = membrain.Client([server.endpoint], namespace="tp", timeout_ms=2000)
+        assert c.delete([mkeys.block_key(a.identities[r], r1.block_hashes[0]) for r in (0, 1)]) == 2
+        c.close()
+        errors = set()
+        for _ in range(2000):
+            out = b.step()
+            errors |= out.invalid_block_ids
+            if "r4" in (out.finished_recving or ()):
+                break
+        assert n == 16 and errors == {25, 27}
+        assert b.stats["load_failed_blocks"] == 2 and b.stats["load_failed_shards"] == 3
     finally:
         a.close()
         b.close()
@@ -231,6 +249,23 @@ def test_pp2_stages_store_their_own_layers_and_a_missing_stage_block_is_a_load_e
         n, errors, _ = b.load(_req("r3", 18), ids_c)
         assert n == 16 and errors == {21}
         assert b.stats["load_tokens_remote"] == 32 and b.stats["load_failed_blocks"] == 1
+        assert b.stats["load_failed_shards"] == 1
     finally:
         a.close()
         b.close()
+
+
+def test_failed_blocks_count_once_across_ranks_and_steps():
+    """Two ranks may report one block in different steps (each when its own load completes):
+    the scheduler counts it once until the load is finished on every rank."""
+    from membrain.tiers.manager import LoadPlan
+    from membrain.vllm.scheduler import FailureCounter
+
+    fc = FailureCounter()
+    fc.loading({"r": LoadPlan(block_ids=[1, 2, 3])})
+    fc.update(NS(invalid_block_ids={1}, finished_recving=None))  # rank 0's step
+    fc.update(NS(invalid_block_ids={1, 2}, finished_recving={"r"}))  # rank 1, the last to report
+    assert fc.stats.take().data == {"load_failed_blocks": 2}
+    fc.loading({"s": LoadPlan(block_ids=[1])})  # block 1 reused by a later load
+    fc.update(NS(invalid_block_ids={1}, finished_recving={"s"}))
+    assert fc.stats.take().data == {"load_failed_blocks": 1}

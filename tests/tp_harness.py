@@ -202,8 +202,11 @@ class Instance:
             )
             outs.append(ModelRunnerOutput(req_ids=[], req_id_to_index={}, kv_connector_output=kvo))
         out = self.aggregator.aggregate(outs).kv_connector_output
-        if out.kv_connector_stats is not None:
-            for k, v in out.kv_connector_stats.data.items():
+        # vLLM's scheduler: the connector sees the aggregated output, then its own stats join
+        # the workers'.
+        self.sched.update_connector_output(out)
+        for st in (out.kv_connector_stats, self.sched.get_kv_connector_stats()):
+            for k, v in (st.data if st is not None else {}).items():
                 self.stats[k] = self.stats.get(k, 0) + v
         return out
 

@@ -17,7 +17,8 @@ COUNTERS = (
     "load_tokens_remote",
     "load_bytes_host",
     "load_bytes_remote",
-    "load_failed_blocks",
+    "load_failed_blocks",  # once per block (scheduler side, from vLLM's union over ranks)
+    "load_failed_shards",  # per rank
     "load_seconds",
     "loads",
     "store_tokens_host",

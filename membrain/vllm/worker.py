@@ -139,7 +139,7 @@ class MembrainWorker:
         self._stats.add(
             load_bytes_host=host_ok * bb,
             load_bytes_remote=remote_ok * bb,
-            load_failed_blocks=len(failed),
+            load_failed_shards=len(failed),  # this rank's; blocks are counted once by the scheduler
         )
         if self.lead:
             self._stats.add(
