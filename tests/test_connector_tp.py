@@ -259,7 +259,7 @@ def test_failed_blocks_count_once_across_ranks_and_steps():
     """Two ranks may report one block in different steps (each when its own load completes):
     the scheduler counts it once until the load is finished on every rank."""
     from membrain.tiers.manager import LoadPlan
-    from membrain.vllm.scheduler import FailureCounter
+    from membrain.vllm.stats import FailureCounter
 
     fc = FailureCounter()
     fc.loading({"r": LoadPlan(block_ids=[1, 2, 3])})

@@ -24,7 +24,7 @@ from membrain.vllm import kv_format, parallel
 from membrain.vllm.config import MembrainSettings
 from membrain.vllm.events import EventLog
 from membrain.vllm.metadata import MembrainMetadata
-from membrain.vllm.stats import MembrainStats, StatsRecorder
+from membrain.vllm.stats import FailureCounter, MembrainStats
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -49,32 +49,6 @@ class _ReqState:
     lookup: Future[int] | None = None
     lookup_from: int = -1
     remote_known: tuple[int, int] | None = None
-
-
-class FailureCounter:
-    """``load_failed_blocks``, once per block whatever the number of ranks that failed it: vLLM
-    hands the scheduler connector the union of the ranks' invalid blocks of a step
-    (``KVOutputAggregator``), but two ranks may report the same block in different steps, so a
-    block of a load in flight is counted once until every rank reported the load (the
-    aggregated ``finished_recving``)."""
-
-    def __init__(self) -> None:
-        self.stats = StatsRecorder()
-        self._blocks: dict[str, list[int]] = {}  # loads sent to the workers, not yet finished
-        self._counted: set[int] = set()
-
-    def loading(self, loads: dict[str, LoadPlan]) -> None:
-        for rid, plan in loads.items():
-            self._blocks[rid] = list(plan.block_ids)
-
-    def update(self, out: Any) -> None:
-        bad = set(getattr(out, "invalid_block_ids", None) or ()) - self._counted
-        if bad:
-            self.stats.add(load_failed_blocks=len(bad))
-            in_flight = {b for ids in self._blocks.values() for b in ids}
-            self._counted |= bad & in_flight
-        for rid in getattr(out, "finished_recving", None) or ():
-            self._counted.difference_update(self._blocks.pop(rid, ()))
 
 
 class MembrainScheduler:
