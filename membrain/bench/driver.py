@@ -5,6 +5,7 @@ Usage: python -m membrain.bench.driver SPEC.json OUT.json
 SPEC keys: model, prompts (list of token-id lists), max_tokens, kv_cache_memory_bytes,
 membrain ("off" | "env" | "explicit"), extra (kv_connector_extra_config for "explicit"),
 repeat (serve the prompts this many times in a row, default 1), block_size (optional),
+tensor_parallel_size (optional),
 kill_pid_after_first_pass (SIGKILL this pid after the first pass: a server dying mid-run),
 sleep_after_kill_s (then wait this long, e.g. past a Redis cluster's node timeout),
 dump_kv_after_pass (after that pass, write the SHA-256 of every non-zero KV block of the
@@ -61,6 +62,8 @@ def main(argv: list[str]) -> int:
     }
     if spec.get("block_size"):
         kwargs["block_size"] = int(spec["block_size"])
+    if spec.get("tensor_parallel_size"):
+        kwargs["tensor_parallel_size"] = int(spec["tensor_parallel_size"])
     if spec.get("membrain") == "explicit":
         from membrain.vllm.plugin import kv_transfer_config_dict
 

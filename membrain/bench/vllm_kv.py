@@ -92,10 +92,12 @@ def build_vllm_kv(
     device: str = "cpu",
     extra: dict[str, Any] | None = None,
     seed: int | None = 0,
+    first_layer: int = 0,
 ) -> VllmKV:
     """The KV cache vLLM builds for one group of ``num_layers`` layers. ``mla`` defaults to
     ``head_size == 576``; ``seed`` None leaves the (zeroed) allocation as it is, else it is
-    filled with random bytes; ``device="meta"`` allocates nothing (what a scheduler can build)."""
+    filled with random bytes; ``device="meta"`` allocates nothing (what a scheduler can build).
+    Layers are named ``model.layers.{i}.self_attn`` from ``first_layer`` on (a PP stage's)."""
     import torch
     from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec, MLAAttentionSpec
@@ -119,7 +121,7 @@ def build_vllm_kv(
             dtype=dtype,
             page_size_padded=page_size_padded,
         )
-    names = [f"model.layers.{i}.self_attn" for i in range(num_layers)]
+    names = [f"model.layers.{i}.self_attn" for i in range(first_layer, first_layer + num_layers)]
     cfg = vllm_config(layout, block_size, extra, num_blocks=num_blocks)
     kvc = get_kv_cache_config_from_groups(
         cfg,

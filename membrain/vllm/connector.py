@@ -163,6 +163,10 @@ class MembrainConnector(KVConnectorBase_V1, SupportsHMA):
         so no free is ever delayed."""
         return self._sched().request_finished(request, list(block_ids[0]) if block_ids else [])
 
+    def update_connector_output(self, connector_output: Any) -> None:
+        if self._scheduler is not None:
+            self._scheduler.update_connector_output(connector_output)
+
     def take_events(self) -> list[Any]:
         return self._scheduler.take_events() if self._scheduler is not None else []
 
@@ -211,7 +215,9 @@ class MembrainConnector(KVConnectorBase_V1, SupportsHMA):
         return self._worker.take_load_errors() if self._worker is not None else set()
 
     def get_kv_connector_stats(self) -> MembrainStats | None:
-        return self._worker.take_stats() if self._worker is not None else None
+        if self._worker is not None:
+            return self._worker.take_stats()
+        return self._scheduler.take_stats() if self._scheduler is not None else None
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> MembrainStats:

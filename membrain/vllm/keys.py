@@ -7,8 +7,10 @@ A key is ``mb1:<identity>:<block>`` (ASCII, at most 4 + 32 + 1 + 64 = 101 bytes)
   and a hash of its HF config, model and KV-cache dtypes, the device type, attention backend, the
   byte order of a packed page per group (``HNC`` or ``NHC``: ``PagedKV.page_order`` of the
   views vLLM builds for the resolved KV-cache layout, :func:`kv_format.page_orders`), KV-cache
-  spec (block size, heads, head size, page bytes), number of layers, TP/PP rank and size, the
-  prefix-caching hash algorithm, and the key epoch (changed by ``reset_cache``);
+  spec (block size, heads, head size, page bytes), number and names of the rank's layers (a PP
+  stage's own), the rank's KV shard (TP rank and size for head-sharded KV; 0 of 1 for MLA, which
+  every TP size shares: :mod:`membrain.vllm.parallel`), PP rank and size, the prefix-caching
+  hash algorithm, and the key epoch (changed by ``reset_cache``);
 * ``block`` -- vLLM's chained block hash (``request.block_hashes``), hex; longer than 32 bytes it
   is itself hashed.
 
@@ -27,7 +29,7 @@ import hashlib
 import json
 from typing import Any
 
-from membrain.vllm import kv_format
+from membrain.vllm import kv_format, parallel
 from membrain.vllm.weights import weights_fingerprint
 
 KEY_VERSION = "mb1"
@@ -36,7 +38,6 @@ KEY_VERSION = "mb1"
 def identity_fields(vllm_config: Any, kv_cache_config: Any, tp_rank: int, pp_rank: int) -> dict[str, Any]:
     mc = vllm_config.model_config
     cc = vllm_config.cache_config
-    pc = vllm_config.parallel_config
     try:
         hf = mc.hf_config.to_json_string(use_diff=False)
     except Exception:  # pragma: no cover - exotic configs
@@ -53,6 +54,7 @@ def identity_fields(vllm_config: Any, kv_cache_config: Any, tp_rank: int, pp_ran
                 "dtype": str(getattr(spec, "dtype", None)),
                 "page_size_bytes": getattr(spec, "page_size_bytes", None),
                 "layers": len(g.layer_names),
+                "layer_names": parallel.layer_names_digest(list(g.layer_names)),
                 # Sliding-window groups only (full-attention identities stay as they were).
                 **({"window": spec.sliding_window} if getattr(spec, "sliding_window", None) else {}),
             }
@@ -81,8 +83,8 @@ def identity_fields(vllm_config: Any, kv_cache_config: Any, tp_rank: int, pp_ran
         "weights": weights_fingerprint(str(mc.model), getattr(mc, "revision", None)),
         "attn_backend": str(getattr(attn, "backend", None)),
         "groups": groups,
-        "tp": [tp_rank, pc.tensor_parallel_size],
-        "pp": [pp_rank, pc.pipeline_parallel_size],
+        # The KV shard (TP rank/size; 0/1 for MLA: TP sizes share it), PP rank/size.
+        **parallel.rank_role(vllm_config, kv_cache_config, tp_rank, pp_rank).key_fields(),
     }
 
 

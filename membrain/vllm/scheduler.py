@@ -31,10 +31,11 @@ from membrain import tracing
 from membrain.tiers.manager import LoadPlan, Match, TierManager, Unit
 from membrain.tiers.remote import RemoteTier
 from membrain.vllm import keys as mkeys
-from membrain.vllm import kv_format
+from membrain.vllm import kv_format, parallel
 from membrain.vllm.config import MembrainSettings
 from membrain.vllm.events import EventLog
 from membrain.vllm.metadata import MembrainMetadata
+from membrain.vllm.stats import FailureCounter, MembrainStats
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -84,7 +85,8 @@ class MembrainScheduler:
             # The workers would refuse these tensors: promise nothing (vLLM computes everything).
             logger.error("Membrain disabled: %s", problem)
             self.enabled = False
-        self.block_bytes = kv_format.block_bytes(kv_cache_config) if self.enabled else 0
+        # Host tier per worker: its own shard of its own PP stage's layers (the largest stage's).
+        self.block_bytes = parallel.host_block_bytes(vllm_config, kv_cache_config) if self.enabled else 0
         self.host_capacity = settings.cpu_cache_bytes // self.block_bytes if self.block_bytes else 0
         self.hash_ratio = 1
         if self.enabled:
@@ -104,6 +106,7 @@ class MembrainScheduler:
         self.tiers = TierManager(self.host_capacity, self.remote, self._key)
         self._reqs: dict[str, _ReqState] = {}
         self._pending_loads: dict[str, LoadPlan] = {}
+        self._failures = FailureCounter()
         self._clear_host = False
         self._events = EventLog(vllm_config, self.block_size)
         if self.enabled:
@@ -328,6 +331,7 @@ class MembrainScheduler:
         if not self.enabled:
             return meta
         meta.loads, self._pending_loads = self._pending_loads, {}
+        self._failures.loading(meta.loads)
         steps: list[tuple[str, int, bool]] = []
         for nr in scheduler_output.scheduled_new_reqs:
             steps.append((nr.req_id, nr.num_computed_tokens, True))
@@ -438,6 +442,12 @@ class MembrainScheduler:
 
     def take_events(self) -> list[Any]:
         return self._events.take()
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        self._failures.update(connector_output)
+
+    def take_stats(self) -> MembrainStats | None:
+        return self._failures.stats.take()
 
     def reset_cache(self) -> bool:
         """Forget every block: the host index is cleared (workers drop their slots) and keys

@@ -17,7 +17,8 @@ COUNTERS = (
     "load_tokens_remote",
     "load_bytes_host",
     "load_bytes_remote",
-    "load_failed_blocks",
+    "load_failed_blocks",  # once per block (scheduler side, from vLLM's union over ranks)
+    "load_failed_shards",  # per rank
     "load_seconds",
     "loads",
     "store_tokens_host",
@@ -77,6 +78,32 @@ class StatsRecorder:
                 return None
             s, self._stats = self._stats, MembrainStats()
             return s
+
+
+class FailureCounter:
+    """``load_failed_blocks``, once per block whatever the number of ranks that failed it: vLLM
+    hands the scheduler connector the union of the ranks' invalid blocks of a step
+    (``KVOutputAggregator``), but two ranks may report the same block in different steps, so a
+    block of a load in flight is counted once until every rank reported the load (the
+    aggregated ``finished_recving``)."""
+
+    def __init__(self) -> None:
+        self.stats = StatsRecorder()
+        self._blocks: dict[str, list[int]] = {}  # loads sent to the workers, not yet finished
+        self._counted: set[int] = set()
+
+    def loading(self, loads: dict[str, Any]) -> None:
+        for rid, plan in loads.items():
+            self._blocks[rid] = list(plan.block_ids)
+
+    def update(self, out: Any) -> None:
+        bad = set(getattr(out, "invalid_block_ids", None) or ()) - self._counted
+        if bad:
+            self.stats.add(load_failed_blocks=len(bad))
+            in_flight = {b for ids in self._blocks.values() for b in ids}
+            self._counted |= bad & in_flight
+        for rid in getattr(out, "finished_recving", None) or ():
+            self._counted.difference_update(self._blocks.pop(rid, ()))
 
 
 class MembrainPromMetrics(KVConnectorPromMetrics):

@@ -17,6 +17,7 @@ described, the host tier could not be created, a device error) -- and with
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -26,7 +27,7 @@ from membrain.tiers.executor import LoadJob, LoadResult, TierExecutor
 from membrain.tiers.manager import plan_tokens
 from membrain.tiers.remote import RemoteTier
 from membrain.vllm import keys as mkeys
-from membrain.vllm import kv_format
+from membrain.vllm import kv_format, parallel
 from membrain.vllm.config import MembrainSettings
 from membrain.vllm.metadata import MembrainMetadata
 from membrain.vllm.stats import MembrainStats, StatsRecorder
@@ -54,7 +55,9 @@ class MembrainWorker:
         self.layer_names = self.group_layers[0] if groups else []
         # Counters that describe requests (tokens, blocks, calls) come from one rank only: vLLM
         # sums connector stats over all TP x PP ranks. Bytes are real per rank and summed.
-        self.lead = tp_rank == 0 and pp_rank == 0
+        # Replicated (MLA) KV is shipped to the remote tier by one TP rank per stage only.
+        self.role = parallel.rank_role(vllm_config, kv_cache_config, tp_rank, pp_rank)
+        self.lead = self.role.lead
         self.epoch = "0"
         self._fields = mkeys.identity_fields(vllm_config, kv_cache_config, tp_rank, pp_rank)
         self.identity = mkeys.identity_digest(self._fields, self.epoch)
@@ -169,7 +172,7 @@ class MembrainWorker:
         self._stats.add(
             load_bytes_host=host_ok * bb,
             load_bytes_remote=remote_ok * bb,
-            load_failed_blocks=len(failed),
+            load_failed_shards=len(failed),  # this rank's; blocks are counted once by the scheduler
         )
         if self.lead:
             self._stats.add(
@@ -231,6 +234,8 @@ class MembrainWorker:
         if self.executor is None:
             return
         for rid, plan in meta.stores.items():
+            if not self.role.stores_remote:  # replicated KV: another rank ships the one copy
+                plan = dataclasses.replace(plan, to_remote=[False] * len(plan.to_remote))
             t0 = time.perf_counter()
             keys = [self._key(h) for h in plan.hashes]
             span = tracing.store_span(rid, len(keys))
