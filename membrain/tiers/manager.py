@@ -49,9 +49,14 @@ class StorePlan:
 
 class TierManager:
     def __init__(
-        self, host_capacity_blocks: int, remote: RemoteTier | None, key_of: Callable[[bytes], bytes]
+        self,
+        host_capacity_blocks: int,
+        remote: RemoteTier | None,
+        key_of: Callable[[bytes], bytes],
+        policy: str | None = None,
+        admission: str = "all",
     ) -> None:
-        self.host = HostIndex(host_capacity_blocks)
+        self.host = HostIndex(host_capacity_blocks, policy, admission)
         self.remote = remote
         self.key_of = key_of
         self._pending_evict: dict[bytes, None] = {}
@@ -97,21 +102,27 @@ class TierManager:
             remote_end = host_end + self.remote.lookup_prefix(keys)
         return Match(local_blocks, host_end, remote_end)
 
-    def _admit(self, hashes: Sequence[bytes], protect: set[bytes] | None = None) -> set[bytes]:
-        admitted, evicted = self.host.admit(hashes, protect)
+    def _admit(
+        self, hashes: Sequence[bytes], protect: set[bytes] | None = None, priority: int = 0
+    ) -> set[bytes]:
+        admitted, evicted = self.host.admit(hashes, protect, priority)
         for h in admitted:
             self._pending_evict.pop(h, None)
         for h in evicted:
             self._pending_evict[h] = None
         return set(admitted)
 
-    def plan_load(self, m: Match, hashes: Sequence[bytes], block_ids: Sequence[int]) -> LoadPlan:
-        """``block_ids[i]`` is the device block of block position ``i`` of the request."""
+    def plan_load(
+        self, m: Match, hashes: Sequence[bytes], block_ids: Sequence[int], priority: int = 0
+    ) -> LoadPlan:
+        """``block_ids[i]`` is the device block of block position ``i`` of the request;
+        ``priority`` (0..3) is the request's retention priority for its prefix."""
         plan = LoadPlan()
         host_h = list(hashes[m.local : m.host_end])
-        self.host.touch(host_h)
         remote_h = list(hashes[m.host_end : m.remote_end])
-        promoted = self._admit(remote_h, protect=set(host_h) | set(remote_h))
+        # One chain, applied tail first: the host blocks are refreshed and the remote ones
+        # promoted without either half evicting the other.
+        promoted = self._admit(host_h + remote_h, protect=set(host_h), priority=priority)
         for i in range(m.local, m.remote_end):
             h = hashes[i]
             r = i >= m.host_end
@@ -121,8 +132,8 @@ class TierManager:
             plan.promote.append(r and h in promoted)
         return plan
 
-    def plan_store(self, hashes: Sequence[bytes], block_ids: Sequence[int]) -> StorePlan:
-        admitted = self._admit(hashes)
+    def plan_store(self, hashes: Sequence[bytes], block_ids: Sequence[int], priority: int = 0) -> StorePlan:
+        admitted = self._admit(hashes, priority=priority)
         remote = self.remote is not None
         return StorePlan(
             list(map(int, block_ids)), list(hashes), [h in admitted for h in hashes], [remote] * len(hashes)
@@ -130,7 +141,7 @@ class TierManager:
 
     def reset(self) -> None:
         """Forgets every block of the host tier (the workers drop theirs on the same step)."""
-        self.host = HostIndex(self.host.capacity)
+        self.host = HostIndex(self.host.capacity, self.host.policy, self.host.admission)
         self._pending_evict.clear()
 
     def take_evictions(self) -> list[bytes]:

@@ -21,9 +21,10 @@ from membrain.tiers.manager import LoadPlan, Match, TierManager
 from membrain.tiers.remote import RemoteTier
 from membrain.vllm import keys as mkeys
 from membrain.vllm import kv_format
-from membrain.vllm.config import MembrainSettings
+from membrain.vllm.config import ConfigError, MembrainSettings, parse_priority
 from membrain.vllm.events import EventLog
 from membrain.vllm.metadata import MembrainMetadata
+from membrain.vllm.stats import MembrainStats, StatsRecorder
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -79,8 +80,12 @@ class MembrainScheduler:
         self.epoch = "0"
         self._fields = mkeys.identity_fields(vllm_config, kv_cache_config, 0, 0)
         self.identity = mkeys.identity_digest(self._fields, self.epoch)
-        self.tiers = TierManager(self.host_capacity, self.remote, self._key)
+        self.tiers = TierManager(
+            self.host_capacity, self.remote, self._key, settings.eviction_policy, settings.admission
+        )
         self._reqs: dict[str, _ReqState] = {}
+        self._stats = StatsRecorder()
+        self._host_evicted = {"probation": 0, "protected": 0, "priority": 0}
         self._pending_loads: dict[str, LoadPlan] = {}
         self._clear_host = False
         self._events = EventLog(vllm_config, self.block_size)
@@ -119,6 +124,21 @@ class MembrainScheduler:
         if r > 1:
             hs = hs[r - 1 :: r]  # the hash ending at each KV block's last token
         return [bytes(h) for h in hs[:n_blocks]]
+
+    def _priority(self, request: Request) -> int:
+        """The request's retention priority: ``kv_transfer_params["membrain_priority"]`` (0..3)
+        or the configured default; an unusable value is logged and ignored."""
+        params = getattr(request, "kv_transfer_params", None) or {}
+        value = params.get("membrain_priority") if isinstance(params, dict) else None
+        if value is None:
+            return self.settings.priority
+        try:
+            return parse_priority(value, "membrain_priority")
+        except ConfigError as e:
+            logger.warning(
+                "Membrain: request %s: %s; using %d", request.request_id, e, self.settings.priority
+            )
+            return self.settings.priority
 
     def _state(self, request: Request) -> _ReqState:
         st = self._reqs.get(request.request_id)
@@ -189,13 +209,19 @@ class MembrainScheduler:
         m, st.match = st.match, None
         st.remote_known, st.lookup = None, None  # a later admission (preemption) asks afresh
         st.host_tokens = st.remote_tokens = 0
-        if num_external_tokens <= 0 or m is None:
+        if m is None:
             return
-        n = num_external_tokens // self.block_size
+        n = max(0, num_external_tokens) // self.block_size
         m = Match(m.local, min(m.host_end, m.local + n), min(m.remote_end, m.local + n))
+        asked = max(0, (request.num_prompt_tokens - 1) // self.block_size - m.local)
+        self._stats.add(lookup_blocks=asked, hit_blocks_host=m.host_blocks, hit_blocks_remote=m.remote_blocks)
+        if num_external_tokens <= 0:
+            return
         hashes = self._hashes(request, m.remote_end)
         block_ids = blocks.get_block_ids()[0]
-        self._pending_loads[request.request_id] = self.tiers.plan_load(m, hashes, block_ids)
+        self._pending_loads[request.request_id] = self.tiers.plan_load(
+            m, hashes, block_ids, self._priority(request)
+        )
         st.host_tokens = m.host_blocks * self.block_size
         st.remote_tokens = m.remote_blocks * self.block_size
         logger.info(
@@ -255,7 +281,9 @@ class MembrainScheduler:
             seen.update(hashes[i] for i in rng)
             st.stored_upto = full
             if rng:
-                plan = self.tiers.plan_store([hashes[i] for i in rng], [ids[i] for i in rng])
+                plan = self.tiers.plan_store(
+                    [hashes[i] for i in rng], [ids[i] for i in rng], self._priority(req)
+                )
                 meta.stores[rid] = plan
                 self._events.stored(req, hashes, rng, plan)
         meta.evict = self.tiers.take_evictions()
@@ -272,6 +300,15 @@ class MembrainScheduler:
         # comes.
         self._reqs.pop(request.request_id, None)  # also drops a pending lookup's answer
         return False, None
+
+    def take_stats(self) -> MembrainStats | None:
+        """Scheduler-side figures since the last call: blocks looked up beyond vLLM's own hit,
+        blocks hit per tier, and host-tier evictions by reason (vLLM sums them with the workers')."""
+        now = self.tiers.host.evictions
+        delta = {f"host_evicted_{k}": v - self._host_evicted.get(k, 0) for k, v in now.items()}
+        self._host_evicted = dict(now)
+        self._stats.add(**{k: v for k, v in delta.items() if v > 0})
+        return self._stats.take()
 
     def take_events(self) -> list[Any]:
         return self._events.take()
