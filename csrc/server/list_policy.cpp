@@ -1,6 +1,7 @@
 #include "server/list_policy.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <functional>
 #include <stdexcept>
 
@@ -77,31 +78,112 @@ Object* ListPolicy::victim_any() {
   return best;
 }
 
+namespace {
+uint64_t mix(uint64_t x) {  // splitmix64's finalizer: spreads std::hash's output over all bits
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ull;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+}  // namespace
+
+uint64_t GhostList::fingerprint_of(uint64_t hash) {
+  const uint64_t fp = mix(hash) >> 16;  // 48 bits
+  return fp ? fp : 1;
+}
+
+std::size_t GhostList::probe(uint64_t fp) const {
+  const std::size_t mask = table_.size() - 1;
+  std::size_t i = fp & mask;
+  while (table_[i] != 0 && (table_[i] >> 16) != fp) i = (i + 1) & mask;
+  return i;
+}
+
+void GhostList::rehash(std::size_t slots) {
+  std::vector<uint64_t> old = std::move(table_);
+  table_.assign(slots, 0);
+  for (uint64_t e : old)
+    if (e) table_[probe(e >> 16)] = e;
+}
+
+void GhostList::add(uint64_t fp) {
+  if ((used_ + 1) * 2 > table_.size()) rehash(std::max<std::size_t>(32, table_.size() * 2));
+  const std::size_t i = probe(fp);
+  if (table_[i] == 0) {
+    table_[i] = (fp << 16) | 1;
+    ++used_;
+  } else if ((table_[i] & 0xffff) < 0xffff) {
+    ++table_[i];  // the same key evicted again within the window
+  }
+}
+
+void GhostList::remove_one(uint64_t fp) {
+  std::size_t i = probe(fp);
+  if (table_[i] == 0) return;
+  if ((table_[i] & 0xffff) > 1) {
+    --table_[i];
+    return;
+  }
+  // Backward-shift deletion keeps every run of linear probing unbroken.
+  const std::size_t mask = table_.size() - 1;
+  for (std::size_t j = (i + 1) & mask; table_[j] != 0; j = (j + 1) & mask) {
+    const std::size_t home = (table_[j] >> 16) & mask;
+    const bool stays = i <= j ? (i < home && home <= j) : (i < home || home <= j);
+    if (!stays) {
+      table_[i] = table_[j];
+      i = j;
+    }
+  }
+  table_[i] = 0;
+  --used_;
+}
+
+void GhostList::insert(uint64_t hash, std::size_t capacity) {
+  while (size_ > 0 && size_ >= capacity) {  // forget the oldest (amortised O(1))
+    remove_one(ring_[head_]);
+    head_ = (head_ + 1) % ring_.size();
+    --size_;
+  }
+  if (capacity == 0) return;
+  if (size_ == ring_.size()) {  // grow the ring, oldest first
+    std::vector<uint64_t> grown(std::max<std::size_t>(16, ring_.size() * 2));
+    for (std::size_t k = 0; k < size_; ++k) grown[k] = ring_[(head_ + k) % ring_.size()];
+    ring_ = std::move(grown);
+    head_ = 0;
+  }
+  const uint64_t fp = fingerprint_of(hash);
+  ring_[(head_ + size_) % ring_.size()] = fp;
+  ++size_;
+  add(fp);
+}
+
+bool GhostList::contains(uint64_t hash) const {
+  return !table_.empty() && table_[probe(fingerprint_of(hash))] != 0;
+}
+
 uint64_t SlruPolicy::key_hash(const Object* o) {
   return std::hash<std::string_view>{}(o->index_key);
 }
 
 uint8_t SlruPolicy::insert_segment(Object* o) {
-  // Seen before: its hash is still in the ghost list (it ages out there with its FIFO entry).
-  return ghost_.count(key_hash(o)) ? 1 : 0;
+  return ghost_.contains(key_hash(o)) ? 1 : 0;  // seen before: evicted or replaced recently
 }
 
 void SlruPolicy::removed(Object* o, RemoveReason why) {
   if (why != RemoveReason::kEvicted && why != RemoveReason::kReplaced) return;
-  const uint64_t h = key_hash(o);
-  ++ghost_[h];
-  ghost_fifo_.push_back(h);
-  const std::size_t cap = static_cast<std::size_t>(ghost_factor_ * double(std::max<uint64_t>(live(), 16)));
-  while (ghost_fifo_.size() > cap) {
-    auto it = ghost_.find(ghost_fifo_.front());
-    if (it != ghost_.end() && --it->second == 0) ghost_.erase(it);
-    ghost_fifo_.pop_front();
-  }
+  ghost_.insert(key_hash(o),
+                static_cast<std::size_t>(ghost_factor_ * double(std::max<uint64_t>(live(), 16))));
 }
 
 std::unique_ptr<EvictionPolicy> make_eviction_policy(const std::string& name, uint32_t num_classes) {
   if (name == "lru") return std::make_unique<LruPolicy>(num_classes);
   if (name == "slru") return std::make_unique<SlruPolicy>(num_classes);
+  if (name.rfind("slru:", 0) == 0) {  // "slru:G": ghost generations of G x objects held (tuning)
+    char* end = nullptr;
+    const double g = std::strtod(name.c_str() + 5, &end);
+    if (end && *end == '\0' && g > 0 && g <= 64) return std::make_unique<SlruPolicy>(num_classes, g);
+  }
   throw std::invalid_argument("unknown eviction policy '" + name + "' (known: lru, slru)");
 }
 

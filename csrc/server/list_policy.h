@@ -6,8 +6,8 @@
 // - "lru": one segment: least recently used first (within a priority).
 // - "slru": segmented LRU with a ghost list. A key seen for the first time goes to probation;
 //   one read again while held, or written again after it was evicted or replaced (its hash is
-//   still in the ghost list, which remembers the last `ghost_factor` x live-object-count evicted
-//   keys), goes to protected. Probation is evicted before protected. On the KV traces most
+//   still in the ghost list, which remembers about the last 3 x live-object-count evicted keys),
+//   goes to protected. Probation is evicted before protected. On the KV traces most
 //   blocks are never reused (58 % of synthetic_trace.jsonl's), while a block seen twice is
 //   reused soon; LRU lets each one-off prompt push out the reused prefixes.
 //
@@ -17,7 +17,6 @@
 // first and a block is never kept after its predecessor.
 #pragma once
 #include <cstdint>
-#include <deque>
 #include <string_view>
 #include <unordered_map>
 #include <vector>
@@ -68,14 +67,41 @@ class LruPolicy final : public ListPolicy {
   void removed(Object*, RemoveReason) override {}
 };
 
+// The ghost list: a FIFO of the last `capacity` evicted keys, as 48-bit fingerprints of their
+// hashes - a ring (8 bytes a key) and an open-addressing multiset over it (8 bytes a slot, at
+// most half full) - so O(1) per insert / lookup and at most about 3 x 8 x ghost_factor bytes per
+// stored object (charged with its bookkeeping: Storage::per_object_overhead_bytes).
+class GhostList {
+ public:
+  // Remembers `fingerprint_of(hash)`, forgetting the oldest beyond `capacity`.
+  void insert(uint64_t hash, std::size_t capacity);
+  bool contains(uint64_t hash) const;
+  std::size_t size() const { return size_; }
+  std::size_t bytes() const { return (ring_.size() + table_.size()) * sizeof(uint64_t); }
+
+ private:
+  static uint64_t fingerprint_of(uint64_t hash);
+  std::size_t probe(uint64_t fp) const;  // the slot holding fp, or the empty slot ending its run
+  void add(uint64_t fp);
+  void remove_one(uint64_t fp);
+  void rehash(std::size_t slots);
+  std::vector<uint64_t> ring_;  // fingerprints, oldest at head_
+  std::size_t head_ = 0, size_ = 0;
+  std::vector<uint64_t> table_;  // slot: fingerprint << 16 | count; 0 = empty
+  std::size_t used_ = 0;
+};
+
 class SlruPolicy final : public ListPolicy {
  public:
-  // The ghost list remembers ghost_factor x (objects held) evicted keys (8 bytes each + a hash
-  // node). 3 measured best on synthetic_trace.jsonl (2: 0.170, 3: 0.171, 4: 0.169 at 5 %).
+  // The ghost list remembers the last ghost_factor x (objects held) evicted keys. 3 measured
+  // best on synthetic_trace.jsonl (docs/benchmarks.md#cache-policy).
   explicit SlruPolicy(uint32_t num_classes, double ghost_factor = 3.0)
       : ListPolicy(num_classes, 2), ghost_factor_(ghost_factor) {}
   const char* name() const override { return "slru"; }
-  std::size_t ghost_size() const { return ghost_fifo_.size(); }
+  std::size_t ghost_bytes() const { return ghost_.bytes(); }
+  // Ghost bytes per stored object with the default factor: 3 keys of a ring entry (8 bytes) and
+  // two table slots (16), for Storage's per-object charge.
+  static constexpr std::size_t kGhostBytesPerObject = 3 * 24;
 
  protected:
   uint8_t insert_segment(Object* o) override;
@@ -85,8 +111,7 @@ class SlruPolicy final : public ListPolicy {
  private:
   static uint64_t key_hash(const Object* o);
   double ghost_factor_;
-  std::deque<uint64_t> ghost_fifo_;               // oldest first; may hold hashes no longer in ghost_
-  std::unordered_map<uint64_t, uint32_t> ghost_;  // hash -> entries of it in ghost_fifo_
+  GhostList ghost_;
 };
 
 }  // namespace membrain::server

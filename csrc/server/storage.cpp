@@ -4,6 +4,7 @@
 #include <chrono>
 
 #include "server/config.h"
+#include "server/list_policy.h"
 
 namespace membrain::server {
 
@@ -36,8 +37,10 @@ std::size_t Storage::per_object_overhead_bytes() {
   // rounding, and up to two bucket pointers (the table doubles at load factor 1). Key bytes
   // beyond the string's inline buffer come on top (item_charge_bytes).
   auto malloced = [](std::size_t n) { return (n + 8 + 15) & ~std::size_t{15}; };
+  // Plus the slru policy's ghost list, a few bytes per object (list_policy.h).
   return malloced(sizeof(Object) + 16) +
-         malloced(sizeof(void*) + sizeof(Index::value_type) + sizeof(std::size_t)) + 2 * sizeof(void*);
+         malloced(sizeof(void*) + sizeof(Index::value_type) + sizeof(std::size_t)) + 2 * sizeof(void*) +
+         SlruPolicy::kGhostBytesPerObject;
 }
 
 void Storage::make_index_key(std::string_view ns, std::string_view key, std::string* out) {

@@ -5,8 +5,10 @@
 // the sanitizers.
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "server/config.h"
@@ -166,6 +168,31 @@ TEST(slru_evicts_first_sight_before_reused_and_remembers_ghosts) {
   p.on_remove(fresh.get(), RemoveReason::kDeleted);
   p.on_insert(fresh.get());
   CHECK(fresh->hook.segment == 0);
+}
+
+TEST(ghost_list_is_a_fifo_of_the_last_keys) {
+  // Against a plain FIFO + multiset model, with repeats and a capacity that shrinks and grows.
+  GhostList g;
+  std::deque<uint64_t> fifo;
+  std::unordered_map<uint64_t, int> count;
+  uint64_t x = 99;
+  int mismatches = 0;
+  for (int i = 0; i < 200000; ++i) {
+    x = x * 6364136223846793005ull + 1442695040888963407ull;
+    const uint64_t key = (x >> 40) % 5000;  // repeats within the window
+    const std::size_t cap = i < 100000 ? 1000 : (i < 150000 ? 300 : 2500);
+    while (!fifo.empty() && fifo.size() >= cap) {
+      if (--count[fifo.front()] == 0) count.erase(fifo.front());
+      fifo.pop_front();
+    }
+    fifo.push_back(key);
+    ++count[key];
+    g.insert(key, cap);
+    const uint64_t probe = (x >> 20) % 5000;
+    if (g.contains(probe) != (count.count(probe) != 0)) ++mismatches;
+  }
+  CHECK(mismatches == 0 && g.size() == fifo.size());
+  CHECK(g.bytes() <= 8 * (2 * 2500 + 4 * 2500 + 64));
 }
 
 TEST(lru_stamps_keep_priorities_apart) {

@@ -193,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         policies.insert(0, "lru")  # the baseline is always reported
     for p in policies:
         name, _, adm = p.partition("+")
-        if name not in known or adm not in ("", "seen"):
-            parser.error(f"--policy {p!r}: known policies {sorted(known)}, optionally with +seen")
+        if (name not in known and not name.startswith("slru:")) or adm not in ("", "seen"):
+            parser.error(
+                f"--policy {p!r}: known policies {sorted(known)} (slru:G sets its ghost factor), optionally with +seen"
+            )
 
     trace = load_trace(args.trace)
     if not trace:
