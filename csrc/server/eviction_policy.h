@@ -25,7 +25,10 @@ enum class RemoveReason : uint8_t { kEvicted, kExpired, kDeleted, kReplaced };
 // evicted only when no object of a lower priority is left.
 inline constexpr uint8_t kMaxPriority = 3;
 
-// Stamp layout: priority (2 bits) | segment (1 bit) | clock (61 bits).
+// Stamp layout: priority (2 bits) | segment (1 bit) | clock (61 bits). The clock advances by
+// kStampGap per hook, leaving room to order up to kStampGap - 1 chain successors just behind an
+// object (on_insert_behind).
+inline constexpr uint64_t kStampGap = 1024;
 inline uint64_t make_stamp(uint8_t priority, uint8_t segment, uint64_t clock) {
   return (uint64_t{priority} << 62) | (uint64_t{segment} << 61) | (clock & ((uint64_t{1} << 61) - 1));
 }
@@ -33,7 +36,10 @@ inline uint64_t make_stamp(uint8_t priority, uint8_t segment, uint64_t clock) {
 class EvictionPolicy {
  public:
   virtual ~EvictionPolicy() = default;
-  virtual void on_insert(Object* o) = 0;                    // became visible
+  virtual void on_insert(Object* o) = 0;  // became visible
+  // Became visible as the successor of `prev` in a prefix chain: order it just before `prev`
+  // for eviction where the policy can (same list), else like on_insert.
+  virtual void on_insert_behind(Object* o, Object* /*prev*/) { on_insert(o); }
   virtual void on_access(Object* o) = 0;                    // read (GET hit)
   virtual void on_remove(Object* o, RemoveReason why) = 0;  // unindexed
   // The object to evict next among those of size class `klass`, or nullptr if there are none.

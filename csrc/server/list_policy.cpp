@@ -10,10 +10,16 @@ namespace membrain::server {
 ListPolicy::ListPolicy(uint32_t num_classes, uint32_t segments)
     : segments_(segments), lists_(std::size_t{num_classes} * (kMaxPriority + 1) * segments) {}
 
+uint32_t ListPolicy::list_index(const Object* o, uint8_t segment) const {
+  const uint8_t prio = std::min<uint8_t>(o->priority, kMaxPriority);
+  segment = std::min<uint8_t>(segment, static_cast<uint8_t>(segments_ - 1));
+  return o->size_class() * lists_per_class() + prio * segments_ + segment;
+}
+
 void ListPolicy::link_front(Object* o, uint8_t segment) {
   const uint8_t prio = std::min<uint8_t>(o->priority, kMaxPriority);
   segment = std::min<uint8_t>(segment, static_cast<uint8_t>(segments_ - 1));
-  const uint32_t idx = o->size_class() * lists_per_class() + prio * segments_ + segment;
+  const uint32_t idx = list_index(o, segment);
   List& l = lists_.at(idx);
   o->hook.prev = nullptr;
   o->hook.next = l.head;
@@ -23,7 +29,8 @@ void ListPolicy::link_front(Object* o, uint8_t segment) {
   o->hook.linked = true;
   o->hook.list = idx;
   o->hook.segment = segment;
-  o->hook.stamp = make_stamp(prio, segment, ++clock_);
+  clock_ += kStampGap;
+  o->hook.stamp = make_stamp(prio, segment, clock_);
 }
 
 void ListPolicy::unlink(Object* o) {
@@ -44,6 +51,31 @@ void ListPolicy::unlink(Object* o) {
 void ListPolicy::on_insert(Object* o) {
   ++live_;
   link_front(o, insert_segment(o));
+}
+
+void ListPolicy::on_insert_behind(Object* o, Object* prev) {
+  const uint8_t seg = static_cast<uint8_t>(std::min<uint32_t>(insert_segment(o), segments_ - 1));
+  const uint32_t idx = list_index(o, seg);
+  // Just behind `prev` when it is in the same list and its stamp leaves room below it (above
+  // the next older object's), so list order and stamp order still agree.
+  Object* older = prev->hook.next;
+  const uint64_t floor = older ? older->hook.stamp : 0;
+  ++live_;
+  if (!prev->hook.linked || prev->hook.list != idx || prev->hook.stamp <= floor + 1) {
+    link_front(o, seg);
+    return;
+  }
+  o->hook.prev = prev;
+  o->hook.next = older;
+  prev->hook.next = o;
+  if (older)
+    older->hook.prev = o;
+  else
+    lists_[idx].tail = o;
+  o->hook.linked = true;
+  o->hook.list = idx;
+  o->hook.segment = seg;
+  o->hook.stamp = prev->hook.stamp - 1;
 }
 
 void ListPolicy::on_access(Object* o) {

@@ -29,6 +29,7 @@ class ListPolicy : public EvictionPolicy {
  public:
   ListPolicy(uint32_t num_classes, uint32_t segments);
   void on_insert(Object* o) override;
+  void on_insert_behind(Object* o, Object* prev) override;
   void on_access(Object* o) override;
   void on_remove(Object* o, RemoveReason why) override;
   Object* victim_in_class(uint32_t klass) override;
@@ -48,6 +49,7 @@ class ListPolicy : public EvictionPolicy {
   };
   uint32_t lists_per_class() const { return (kMaxPriority + 1) * segments_; }
   void link_front(Object* o, uint8_t segment);
+  uint32_t list_index(const Object* o, uint8_t segment) const;
   void unlink(Object* o);
 
   uint32_t segments_;

@@ -320,7 +320,7 @@ ObjectRef Storage::reserve(std::string_view ns, std::string_view key, uint64_t l
   return obj;
 }
 
-void Storage::publish(const ObjectRef& obj) {
+void Storage::publish(const ObjectRef& obj, const ObjectRef& chain_prev) {
   ObjectRef old;  // released after the lock, so freeing the old chunk happens outside it
   std::lock_guard<std::mutex> lock(mu_);
   const int64_t now = now_ns();
@@ -345,7 +345,10 @@ void Storage::publish(const ObjectRef& obj) {
   }
   obj->indexed = true;
   stored_bytes_ += obj->value_len;
-  policy_->on_insert(obj.get());
+  if (chain_prev && chain_prev->indexed && chain_prev != obj)
+    policy_->on_insert_behind(obj.get(), chain_prev.get());
+  else
+    policy_->on_insert(obj.get());
   exp_link_locked(obj.get());
   slab_link_locked(obj.get());
   slab_touch_locked(obj.get());

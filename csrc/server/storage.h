@@ -63,7 +63,10 @@ class Storage {
   ObjectRef reserve(std::string_view ns, std::string_view key, uint64_t len, uint64_t checksum,
                     proto::Status* why, bool may_evict = true);
   // Makes a fully received and verified object visible, replacing any older version.
-  void publish(const ObjectRef& obj);
+  // `chain_prev`: the value published just before it in the same PUT frame, if any; a frame is
+  // a prefix chain in order, so the new object is ordered just behind it (evicted before it):
+  // a chain loses its tail before its head.
+  void publish(const ObjectRef& obj, const ObjectRef& chain_prev = nullptr);
 
   // Pinned references to the values of `keys` (nullptr for misses); counts hits/misses and
   // refreshes recency.

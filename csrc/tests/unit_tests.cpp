@@ -345,6 +345,31 @@ TEST(storage_slru_counts_evictions_by_reason_and_namespace_priority_survives_a_s
   CHECK(st.evictions == st.evicted_probation + st.evicted_protected + st.evicted_priority);
 }
 
+TEST(storage_put_frame_chain_loses_its_tail_first) {
+  for (const char* policy : {"lru", "slru"}) {
+    Storage::Options o = opts(8 * MiB, 1 * MiB);  // 7 slabs of 1 MiB values
+    o.policy = policy;
+    Storage s(o);
+    ObjectRef prev;
+    for (int i = 0; i < 3; ++i) {  // one PUT frame of a chain c0 -> c1 -> c2
+      Status why;
+      ObjectRef obj = s.reserve("default", "c" + std::to_string(i), 1 * MiB, 0, &why);
+      s.publish(obj, prev);
+      prev = obj;
+    }
+    prev.reset();
+    for (int i = 0; i < 5; ++i) put(s, "x" + std::to_string(i), 1 * MiB);  // needs 1 eviction
+    auto held = [&](const char* k) {  // EXISTS: no read, so the order stays as it is
+      std::vector<uint8_t> p;
+      s.exists_many("default", {k}, &p);
+      return p[0] != 0;
+    };
+    CHECK(held("c0") && held("c1") && !held("c2"));
+    put(s, "x5", 1 * MiB);
+    CHECK(held("c0") && !held("c1"));
+  }
+}
+
 TEST(storage_lru_policy_is_selectable) {
   Storage::Options o = opts(8 * MiB, 1 * MiB);
   o.policy = "lru";
