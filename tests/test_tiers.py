@@ -53,13 +53,13 @@ def test_host_index_is_the_server_policy(policy):
 
 
 def test_host_index_slru_keeps_reused_blocks_through_a_scan():
-    idx = HostIndex(10)  # the default policy
+    idx = HostIndex(100)  # the default policy
     assert idx.policy == "slru"
     prompt = hs(4, b"p")
     idx.admit(prompt)
     idx.touch(prompt)  # re-used once
-    for i in range(20):
-        idx.admit(hs(5, bytes([100 + i])))  # one-off prompts
+    for i in range(60):
+        idx.admit(hs(5, bytes([100 + i])))  # one-off prompts: 3x the capacity
     assert idx.prefix_hits(prompt) == 4
     assert idx.evictions["protected"] == 0 and idx.evictions["probation"] > 0
 

@@ -4,8 +4,9 @@
 // make_eviction_policy().
 //
 // Contract with Storage: after every hook an object's `hook.stamp` orders it for eviction -
-// the object with the smallest stamp is evicted first - and an object's stamp never decreases
-// while it is visible (Storage orders whole slabs by the newest stamp they hold). Policies
+// the object with the smallest stamp is evicted first - and an object's stamp does not decrease
+// while it is visible, but for a segmented policy's demotions (Storage orders whole slabs by the
+// newest stamp they have held, so a demotion only makes its slab look newer than it is). Policies
 // keep priorities and segments in the stamp's high bits (see make_stamp) so that holds.
 #pragma once
 #include <cstdint>

@@ -29,6 +29,7 @@ void ListPolicy::link_front(Object* o, uint8_t segment) {
   o->hook.linked = true;
   o->hook.list = idx;
   o->hook.segment = segment;
+  if (prio == 0) ++seg_count_[segment];
   clock_ += kStampGap;
   o->hook.stamp = make_stamp(prio, segment, clock_);
 }
@@ -46,11 +47,26 @@ void ListPolicy::unlink(Object* o) {
     l.tail = o->hook.prev;
   o->hook.prev = o->hook.next = nullptr;
   o->hook.linked = false;
+  if (o->priority == 0) --seg_count_[o->hook.segment];
 }
 
 void ListPolicy::on_insert(Object* o) {
   ++live_;
   link_front(o, insert_segment(o));
+  if (segments_ > 1 && o->hook.segment == segments_ - 1) promoted();
+}
+
+Object* ListPolicy::demote_oldest(uint8_t from, uint8_t to) {
+  Object* best = nullptr;
+  const uint32_t per = lists_per_class();
+  for (std::size_t base = 0; base < lists_.size(); base += per) {
+    Object* t = lists_[base + from].tail;  // priority 0, segment `from`
+    if (t && (!best || t->hook.stamp < best->hook.stamp)) best = t;
+  }
+  if (!best) return nullptr;
+  unlink(best);
+  link_front(best, to);
+  return best;
 }
 
 void ListPolicy::on_insert_behind(Object* o, Object* prev) {
@@ -63,6 +79,7 @@ void ListPolicy::on_insert_behind(Object* o, Object* prev) {
   ++live_;
   if (!prev->hook.linked || prev->hook.list != idx || prev->hook.stamp <= floor + 1) {
     link_front(o, seg);
+    if (segments_ > 1 && seg == segments_ - 1) promoted();
     return;
   }
   o->hook.prev = prev;
@@ -76,13 +93,17 @@ void ListPolicy::on_insert_behind(Object* o, Object* prev) {
   o->hook.list = idx;
   o->hook.segment = seg;
   o->hook.stamp = prev->hook.stamp - 1;
+  if (o->priority == 0) ++seg_count_[seg];
+  if (segments_ > 1 && seg == segments_ - 1) promoted();
 }
 
 void ListPolicy::on_access(Object* o) {
   if (!o->hook.linked) return;
   const uint8_t seg = std::max(o->hook.segment, access_segment(o));
+  const bool entered = seg != o->hook.segment;
   unlink(o);
   link_front(o, seg);
+  if (entered && segments_ > 1 && seg == segments_ - 1) promoted();
 }
 
 void ListPolicy::on_remove(Object* o, RemoveReason why) {
@@ -198,6 +219,11 @@ uint64_t SlruPolicy::key_hash(const Object* o) {
   return std::hash<std::string_view>{}(o->index_key);
 }
 
+void SlruPolicy::promoted() {
+  while (double(in_segment(1)) > protected_fraction_ * double(live()) && demote_oldest(1, 0)) {
+  }
+}
+
 uint8_t SlruPolicy::insert_segment(Object* o) {
   return ghost_.contains(key_hash(o)) ? 1 : 0;  // seen before: evicted or replaced recently
 }
@@ -211,10 +237,13 @@ void SlruPolicy::removed(Object* o, RemoveReason why) {
 std::unique_ptr<EvictionPolicy> make_eviction_policy(const std::string& name, uint32_t num_classes) {
   if (name == "lru") return std::make_unique<LruPolicy>(num_classes);
   if (name == "slru") return std::make_unique<SlruPolicy>(num_classes);
-  if (name.rfind("slru:", 0) == 0) {  // "slru:G": ghost generations of G x objects held (tuning)
+  if (name.rfind("slru:", 0) == 0) {  // "slru:G[:P]": ghost factor G, protected fraction P (tuning)
     char* end = nullptr;
     const double g = std::strtod(name.c_str() + 5, &end);
-    if (end && *end == '\0' && g > 0 && g <= 64) return std::make_unique<SlruPolicy>(num_classes, g);
+    double p = 0.875;
+    if (end && *end == ':') p = std::strtod(end + 1, &end);
+    if (end && *end == '\0' && g > 0 && g <= 64 && p > 0 && p <= 1)
+      return std::make_unique<SlruPolicy>(num_classes, g, p);
   }
   throw std::invalid_argument("unknown eviction policy '" + name + "' (known: lru, slru)");
 }

@@ -40,7 +40,12 @@ class ListPolicy : public EvictionPolicy {
   virtual uint8_t insert_segment(Object* o) = 0;
   virtual uint8_t access_segment(Object* o) = 0;
   virtual void removed(Object* o, RemoveReason why) = 0;
+  // After an object entered the last segment (insert or access).
+  virtual void promoted() {}
   uint64_t live() const { return live_; }
+  uint64_t in_segment(uint8_t segment) const { return seg_count_[segment]; }
+  // Moves the oldest priority-0 object of `from` to the front of `to` (nullptr if none).
+  Object* demote_oldest(uint8_t from, uint8_t to);
 
  private:
   struct List {
@@ -56,6 +61,7 @@ class ListPolicy : public EvictionPolicy {
   std::vector<List> lists_;
   uint64_t clock_ = 0;
   uint64_t live_ = 0;
+  uint64_t seg_count_[2] = {0, 0};
 };
 
 class LruPolicy final : public ListPolicy {
@@ -97,8 +103,12 @@ class SlruPolicy final : public ListPolicy {
  public:
   // The ghost list remembers the last ghost_factor x (objects held) evicted keys. 3 measured
   // best on synthetic_trace.jsonl (docs/benchmarks.md#cache-policy).
-  explicit SlruPolicy(uint32_t num_classes, double ghost_factor = 3.0)
-      : ListPolicy(num_classes, 2), ghost_factor_(ghost_factor) {}
+  // Protected holds at most protected_fraction of the objects (priority 0): beyond it its
+  // oldest goes back to the front of probation, so values re-read soon after their first
+  // sight always find room there (without it, a workload of values read twice and never again
+  // fills protected with them and evicts every new value before its second read).
+  explicit SlruPolicy(uint32_t num_classes, double ghost_factor = 3.0, double protected_fraction = 0.875)
+      : ListPolicy(num_classes, 2), ghost_factor_(ghost_factor), protected_fraction_(protected_fraction) {}
   const char* name() const override { return "slru"; }
   std::size_t ghost_bytes() const { return ghost_.bytes(); }
   // Ghost bytes per stored object with the default factor: 3 keys of a ring entry (8 bytes) and
@@ -108,11 +118,13 @@ class SlruPolicy final : public ListPolicy {
  protected:
   uint8_t insert_segment(Object* o) override;
   uint8_t access_segment(Object*) override { return 1; }
+  void promoted() override;
   void removed(Object* o, RemoveReason why) override;
 
  private:
   static uint64_t key_hash(const Object* o);
   double ghost_factor_;
+  double protected_fraction_;
   GhostList ghost_;
 };
 

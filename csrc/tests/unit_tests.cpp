@@ -142,7 +142,7 @@ TEST(lru_victims_follow_recency_across_classes) {
 }
 
 TEST(slru_evicts_first_sight_before_reused_and_remembers_ghosts) {
-  SlruPolicy p(1);
+  SlruPolicy p(1, 3.0, /*protected_fraction=*/1.0);  // no cap: see the test below for it
   SlabAllocator::Chunk none;
   none.klass = 0;
   std::vector<std::unique_ptr<Object>> objs;
@@ -237,6 +237,21 @@ TEST(policy_index_evicts_chain_tails_first) {
     }
     CHECK(broken == 0);
   }
+}
+
+TEST(slru_values_read_twice_soon_still_find_room_in_probation) {
+  // Each chain is read again by the next request and never after: protected fills with them,
+  // and only its cap (its oldest back to probation) leaves new chains room until their second
+  // read. Without the cap slru would hit almost nothing here.
+  PolicyIndex lru("lru", 200), slru("slru", 200), nocap("slru:3:1", 200);
+  uint64_t hits_lru = 0, hits_slru = 0, hits_nocap = 0;
+  for (int i = 0; i < 3000; ++i) {
+    const int id = i % 2 == 0 ? i : i - 1;  // odd requests re-read the previous chain
+    hits_nocap += nocap.request(chain(id * 100, 20));
+    hits_lru += lru.request(chain(id * 100, 20));
+    hits_slru += slru.request(chain(id * 100, 20));
+  }
+  CHECK(hits_lru > 20000 && hits_slru * 100 >= hits_lru * 99 && hits_nocap * 10 < hits_lru);
 }
 
 TEST(policy_index_high_priority_prefix_survives_a_scan) {
