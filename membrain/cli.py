@@ -20,6 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "membrain.bench.compression",
         "zstd wire compression on real KV: ratio, GB/s, break-even",
     ),
+    "bench policy": (
+        "membrain.bench.policy",
+        "replay a request trace against the real eviction policies: prefix hit ratio vs capacity",
+    ),
     "bench e2e": ("membrain.bench.e2e", "vLLM time-to-first-token: cold, Membrain-warm, local-warm"),
     "bench stall": ("membrain.bench.stall", "decode inter-token gaps while a long prefix loads"),
 }

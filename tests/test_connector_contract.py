@@ -306,7 +306,9 @@ def test_hit_sources_events_delivery_and_stats_once_across_ranks(monkeypatch):
     from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
     kv = make_vllm_kv("LBHNC")
-    s, w = _pair(kv, {"cpu_cache_size": 2 * 2 * 16 * 128 * 2 * 2})  # room for 2 blocks
+    # Room for 2 blocks, LRU: r3's new blocks evict r1's (under the default slru, r1's blocks,
+    # read again by r2, would be kept and r3's first-sight blocks not admitted).
+    s, w = _pair(kv, {"cpu_cache_size": 2 * 2 * 16 * 128 * 2 * 2, "eviction_policy": "lru"})
     assert s.requires_kv_delivery is False
     r1 = _req("r1", 35, 16)
     _admit(s, r1, [0, 1, 2])
@@ -337,3 +339,41 @@ def test_hit_sources_events_delivery_and_stats_once_across_ranks(monkeypatch):
     other = w3.get_kv_connector_stats()
     assert other is not None and other.data.get("store_bytes_host", 0) > 0
     assert "store_tokens_host" not in other.data and "stores" not in other.data
+
+
+def test_request_priority_keeps_its_prefix_and_scheduler_stats_per_tier():
+    # Host tier of 2 blocks. A request with kv_transfer_params={"membrain_priority": 1} stores a
+    # 2-block prefix; a scan of other prompts (each read again, so protected under slru) evicts
+    # everything else but not it. The scheduler's stats count lookups, hits per tier and
+    # host evictions by reason.
+    kv = make_vllm_kv("LBHNC")
+    s, w = _pair(kv, {"cpu_cache_size": 2 * 2 * 16 * 128 * 2 * 2})
+    sys_req = _req("sys", 35, 16, tag=b"s")
+    sys_req.kv_transfer_params = {"membrain_priority": 1}
+    _admit(s, sys_req, [0, 1, 2])
+    _step(s, w, sys_req, [0, 1, 2], 0)
+    for i in range(4):
+        r = _req(f"scan{i}", 35, 16, tag=bytes([65 + i]))
+        _admit(s, r, [3, 4, 5])
+        _step(s, w, r, [3, 4, 5], 0)
+    again = _req("again", 35, 16, tag=b"s")
+    assert _admit(s, again, [6, 7, 8]) == 32  # both blocks from the host tier
+    st = s.get_kv_connector_stats()
+    assert st is not None
+    d = st.reduce()
+    assert (
+        d["lookup_blocks"] == 6 * 2 and d["hit_blocks_host"] == 2 and d["hit_ratio_host"] == round(2 / 12, 4)
+    )
+    assert d.get("host_evicted_priority", 0) == 0
+    assert s.get_kv_connector_stats() is None  # taken once
+    # A bad per-request value falls back to the configured default instead of failing.
+    bad = _req("bad", 35, 16, tag=b"q")
+    bad.kv_transfer_params = {"membrain_priority": "high"}
+    assert s._scheduler._priority(bad) == 0
+
+
+def test_priority_and_policy_settings_are_validated():
+    assert mcfg.resolve({"priority": 2, "eviction_policy": "LRU", "admission": "seen"}, env={}).priority == 2
+    for bad in ({"priority": 4}, {"priority": "x"}, {"eviction_policy": "fifo"}, {"admission": "never"}):
+        with pytest.raises(mcfg.ConfigError):
+            mcfg.resolve(bad, env={})

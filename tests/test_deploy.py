@@ -183,7 +183,7 @@ def _defined_names() -> set[str]:
 
     names = {f"{name}_total" for _, name, _ in metrics._COUNTERS}
     names |= {name for _, name, _ in metrics._GAUGES}
-    names.add("membrain_requests_total")
+    names |= {"membrain_requests_total", "membrain_evictions_by_reason_total", "membrain_eviction_policy"}
     src = (_pkg_parent() / "membrain" / "vllm" / "stats.py").read_text()
     counters = re.findall(r"_counter_cls\(\s*name=\"(vllm:membrain_\w+)\"", src)
     assert len(counters) >= 6 and "_gauge_cls(" not in src and "_histogram_cls(" not in src

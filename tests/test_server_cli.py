@@ -67,6 +67,8 @@ def test_help_documents_every_option():
         "--metrics-host",
         "--max-pending-put-bytes",
         "--max-pending-put-bytes-per-connection",
+        "--eviction-policy",
+        "--namespace-priority",
     ):
         assert opt in r.stdout, opt
 
@@ -79,6 +81,9 @@ def test_help_documents_every_option():
         (["--threads", "0"], "must be >= 1"),
         (["--capacity", "1KiB", "--port", "0", "--metrics-port", "-1"], "64 KiB minimum"),
         (["--auth-token-file", "/nonexistent/token", "--port", "0"], "cannot read --auth-token-file"),
+        (["--eviction-policy", "fifo"], "invalid choice"),
+        (["--namespace-priority", "sys=9"], "0..3"),
+        (["--namespace-priority", "sys"], "PATTERN=N"),
     ],
 )
 def test_bad_options_fail_clearly(args, needle):
@@ -235,5 +240,53 @@ def test_metrics_require_the_token_and_listen_on_loopback(tmp_path):
                     urllib.request.urlopen(req, timeout=5)
             req = urllib.request.Request(srv.metrics_url + path, headers={"Authorization": "Bearer hunter2"})
             assert urllib.request.urlopen(req, timeout=5).status == 200
+    finally:
+        assert srv.stop() == 0
+
+
+@pytest.mark.parametrize("policy", ["lru", "slru"])
+def test_eviction_policy_flag_and_evictions_by_reason(policy):
+    # 8 MiB: a few slabs of 256 KiB values. A value in the priority namespace and one read again
+    # survive a scan of one-off values; /metrics says which policy runs and why it evicted.
+    srv = spawn_server(
+        capacity="8MiB",
+        metrics_port=0,
+        extra_args=[
+            "--no-prefault",
+            "--log-level",
+            "WARNING",
+            "--eviction-policy",
+            policy,
+            "--namespace-priority",
+            "sys*=2",
+        ],
+    )
+    try:
+        value = b"v" * (256 << 10)
+        with WireClient(srv.port) as c:
+            c.hello(b"system")
+            assert c.put([(b"prompt", value)]) == [OK]
+        with WireClient(srv.port) as c:
+            assert c.put([(b"hot", value)]) == [OK]
+            for i in range(100):
+                assert c.put([(f"scan{i}".encode(), value)]) == [OK]
+                if policy == "lru" or i == 0:
+                    assert c.get([b"hot"]) == [value]  # LRU needs it kept recent; SLRU one re-read
+            assert c.get([b"hot"]) == [value]
+        with WireClient(srv.port) as c:
+            c.hello(b"system")
+            assert c.get([b"prompt"]) == [value]
+        text = urllib.request.urlopen(srv.metrics_url + "/metrics", timeout=5).read().decode()
+        assert f'membrain_eviction_policy{{policy="{policy}"}} 1.0' in text, text
+        by = {
+            reason: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            for reason in ("probation", "protected", "priority")
+            if line.startswith(f'membrain_evictions_by_reason_total{{reason="{reason}"}}')
+        }
+        assert by["probation"] > 0 and by["priority"] == 0, by
+        stats = json.loads(urllib.request.urlopen(srv.metrics_url + "/stats", timeout=5).read())
+        assert stats["eviction_policy"] == policy
+        assert stats["evictions"] == sum(stats["evictions_by_reason"].values())
     finally:
         assert srv.stop() == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from concurrent.futures import Future
@@ -23,15 +24,70 @@ def hs(n, tag=b"a"):
 
 
 def test_host_index_lru_and_protect():
-    idx = HostIndex(3)
+    idx = HostIndex(3, "lru")
     a, e = idx.admit(hs(3))
     assert len(a) == 3 and e == []
     idx.touch([hs(3)[0]])
     a, e = idx.admit(hs(1, b"b"))
-    assert e == [hs(3)[1]]
-    assert idx.prefix_hits(hs(3)) == 1
-    a, e = idx.admit(hs(2, b"c"), protect=set(idx._lru))
+    assert e == [hs(3)[2]]  # the chain's tail goes first: a block never outlives its predecessor
+    assert idx.prefix_hits(hs(3)) == 2
+    held = {h for h in hs(3) + hs(1, b"b") if h in idx}
+    a, e = idx.admit(hs(2, b"c"), protect=held)
     assert a == [] and e == []
+
+
+@pytest.mark.parametrize("policy", ["lru", "slru"])
+def test_host_index_is_the_server_policy(policy):
+    # Same victims as the C++ PolicyIndex the server's policies are measured with.
+    from membrain import _native
+
+    idx, ref = HostIndex(40, policy), _native.PolicyIndex(policy, 40)
+    rng = random.Random(7)
+    for _ in range(300):
+        head = rng.randrange(20)
+        chain = [bytes([head, i]) * 8 for i in range(rng.randrange(1, 12))]
+        idx.admit(chain)
+        ref.admit(chain)
+    held = list(ref.keys())
+    assert all(h in idx for h in held) and len(idx) == len(held) == len(ref)
+
+
+def test_host_index_slru_keeps_reused_blocks_through_a_scan():
+    idx = HostIndex(100)  # the default policy
+    assert idx.policy == "slru"
+    prompt = hs(4, b"p")
+    idx.admit(prompt)
+    idx.touch(prompt)  # re-used once
+    for i in range(60):
+        idx.admit(hs(5, bytes([100 + i])))  # one-off prompts: 3x the capacity
+    assert idx.prefix_hits(prompt) == 4
+    assert idx.evictions["protected"] == 0 and idx.evictions["probation"] > 0
+
+
+def test_host_index_priority_survives_a_scan_that_evicts_everything_else():
+    idx = HostIndex(10, "slru")
+    system = hs(3, b"s")
+    idx.admit(system, priority=1)
+    for i in range(20):
+        chain = hs(5, bytes([100 + i]))
+        idx.admit(chain)
+        idx.touch(chain)  # even re-used blocks go before the priority prefix
+    assert idx.prefix_hits(system) == 3
+    assert idx.evictions["priority"] == 0
+    # Raising: a normal prefix touched by a high-priority request is kept the same way.
+    doc = hs(3, b"d")
+    idx.admit(doc)
+    idx.admit(doc, priority=2)
+    for i in range(20):
+        idx.admit(hs(5, bytes([150 + i])))
+    assert idx.prefix_hits(doc) == 3 and idx.prefix_hits(system) == 3
+
+
+def test_host_index_admission_on_second_sight():
+    idx = HostIndex(10, "lru", admission="seen")
+    assert idx.admit(hs(2)) == ([], [])
+    a, _ = idx.admit(hs(2))
+    assert a == hs(2)
 
 
 def test_manager_host_then_remote_and_promotion():
@@ -62,9 +118,9 @@ def test_evictions_reported_once_and_readmission_cancels():
     tm.plan_store(hs(2), [1, 2])
     tm.plan_store(hs(1, b"z"), [3])
     ev = tm.take_evictions()
-    assert ev == [hs(2)[0]] and tm.take_evictions() == []
-    tm.plan_store([hs(2)[0]], [4])  # evicts hs(2)[1], re-admits hs(2)[0]
-    assert tm.take_evictions() == [hs(2)[1]]
+    assert ev == [hs(2)[1]] and tm.take_evictions() == []  # the chain's tail first
+    tm.plan_store([hs(2)[1]], [4])  # evicts hs(2)[0], re-admits hs(2)[1]
+    assert tm.take_evictions() == [hs(2)[0]]
 
 
 def test_host_store_roundtrip_and_remote_put_get():

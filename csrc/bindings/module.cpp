@@ -11,4 +11,5 @@ PYBIND11_MODULE(_native, m) {
   register_transport(m);
   register_server(m);
   register_ucx(m);
+  register_policy(m);
 }

@@ -11,4 +11,5 @@ void register_pool(pybind11::module_& m);       // pool_bindings.cpp
 void register_transport(pybind11::module_& m);  // transport_bindings.cpp (client connections)
 void register_server(pybind11::module_& m);     // server_bindings.cpp
 void register_ucx(pybind11::module_& m);        // ucx_bindings.cpp
+void register_policy(pybind11::module_& m);     // policy_bindings.cpp
 }  // namespace membrain::bindings

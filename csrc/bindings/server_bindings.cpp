@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include "bindings/registry.h"
+#include "server/eviction_policy.h"
 #include "server/server.h"
 
 namespace py = pybind11;
@@ -30,6 +31,12 @@ py::dict stats_dict(const StatsSnapshot& s) {
   d["misses"] = s.storage.misses;
   d["evictions"] = s.storage.evictions;
   d["slab_reassignments"] = s.storage.slab_reassignments;
+  d["eviction_policy"] = s.storage.policy;
+  py::dict ev;
+  ev["probation"] = s.storage.evicted_probation;
+  ev["protected"] = s.storage.evicted_protected;
+  ev["priority"] = s.storage.evicted_priority;
+  d["evictions_by_reason"] = ev;
   d["expired"] = s.storage.expired;
   d["puts"] = s.storage.puts;
   d["deletes"] = s.storage.deletes;
@@ -71,7 +78,9 @@ void register_server(py::module_& m) {
                        uint64_t max_value_bytes, uint64_t max_payload_bytes, bool prefault, int ucx_port,
                        uint64_t max_pending_put_bytes, uint64_t max_pending_put_bytes_per_connection,
                        uint64_t max_reply_bytes_per_connection, double auth_timeout,
-                       std::vector<std::pair<std::string, std::vector<std::string>>> tokens) {
+                       std::vector<std::pair<std::string, std::vector<std::string>>> tokens,
+                       std::string eviction_policy,
+                       std::vector<std::pair<std::string, int>> namespace_priority) {
              if (port < 0 || port > 65535)
                throw std::invalid_argument("port " + std::to_string(port) + " must be in 0..65535");
              ServerConfig c;
@@ -99,6 +108,13 @@ void register_server(py::module_& m) {
              c.max_reply_bytes_per_connection = max_reply_bytes_per_connection;
              c.auth_timeout_s = auth_timeout;
              for (auto& [tok, pats] : tokens) c.tokens.push_back({std::move(tok), std::move(pats)});
+             membrain::server::make_eviction_policy(eviction_policy, 1);  // throws naming the known ones
+             c.eviction_policy = std::move(eviction_policy);
+             for (auto& [pat, prio] : namespace_priority) {
+               if (prio < 0 || prio > membrain::server::kMaxPriority)
+                 throw std::invalid_argument("namespace priority " + std::to_string(prio) + " must be in 0..3");
+               c.namespace_priority.emplace_back(std::move(pat), static_cast<uint8_t>(prio));
+             }
              return std::make_unique<Server>(std::move(c));
            }),
            py::arg("host") = "127.0.0.1", py::arg("port") = 9201, py::arg("capacity") = 256ull << 20,
@@ -109,7 +125,9 @@ void register_server(py::module_& m) {
            py::arg("max_payload_bytes") = 1ull << 30, py::arg("prefault") = true, py::arg("ucx_port") = -1,
            py::arg("max_pending_put_bytes") = 0, py::arg("max_pending_put_bytes_per_connection") = 0,
            py::arg("max_reply_bytes_per_connection") = 1ull << 30, py::arg("auth_timeout") = 10.0,
-           py::arg("tokens") = std::vector<std::pair<std::string, std::vector<std::string>>>{})
+           py::arg("tokens") = std::vector<std::pair<std::string, std::vector<std::string>>>{},
+           py::arg("eviction_policy") = std::string(membrain::server::kDefaultEvictionPolicy),
+           py::arg("namespace_priority") = std::vector<std::pair<std::string, int>>{})
       .def(
           "start",
           [](Server& s) {

@@ -48,6 +48,9 @@ struct ServerConfig {
   uint64_t max_pending_put_bytes = 0;
   uint64_t max_pending_put_bytes_per_connection = 0;
   proto::Limits limits;
+  std::string eviction_policy = "slru";  // make_eviction_policy(): "lru" or "slru"
+  // Retention priority by namespace glob, first match wins (0..3; eviction_policy.h).
+  std::vector<std::pair<std::string, uint8_t>> namespace_priority;
 
   bool auth_enabled() const { return !tokens.empty(); }  // after validation, auth_token is in tokens
 };

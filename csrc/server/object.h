@@ -25,6 +25,8 @@ struct EvictionHook {
   Object* prev = nullptr;
   Object* next = nullptr;
   uint64_t stamp = 0;
+  uint32_t list = 0;    // which of the policy's lists holds it
+  uint8_t segment = 0;  // 0 probation, 1 protected (segmented policies)
   bool linked = false;
 };
 
@@ -57,6 +59,7 @@ struct Object {
   uint64_t checksum;             // XXH3-64 of the value, verified on receipt, returned on GET
   uint64_t meta_bytes;           // bookkeeping charged against capacity for this object
   int64_t expires_at_ns = 0;     // steady clock; 0 = never
+  uint8_t priority = 0;          // retention priority 0..kMaxPriority (eviction_policy.h)
   bool indexed = false;          // visible in the index (guarded by the storage lock)
   EvictionHook hook;             // guarded by the storage lock
   NamespaceStats* ns = nullptr;  // while indexed, guarded by the storage lock

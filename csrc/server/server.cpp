@@ -62,6 +62,8 @@ Storage::Options storage_options(const ServerConfig& c) {
   o.capacity_bytes = c.capacity_bytes;
   o.slab_bytes = c.slab_bytes;
   o.ttl_s = c.ttl_s;
+  o.policy = c.eviction_policy;
+  o.namespace_priority = c.namespace_priority;
   return o;
 }
 }  // namespace
@@ -268,6 +270,7 @@ std::string Server::stats_json() const {
       "llu,"
       "\"checksum_failures\":%llu,\"no_space\":%llu,\"put_bytes_buffered\":%llu,\"pending_put_bytes\":%llu,"
       "\"put_land_waits\":%llu,\"slab_reassignments\":%llu,"
+      "\"evicted_probation\":%llu,\"evicted_protected\":%llu,\"evicted_priority\":%llu,"
       "\"slab_bytes\":%llu,\"meta_bytes\":%llu,\"meta_slab_bytes\":%llu,\"prefaulted_bytes\":%llu,\"uptime_"
       "s\":%.3f,\"requests\":",
       (unsigned long long)s.storage.stored_bytes, (unsigned long long)s.storage.capacity_bytes,
@@ -283,9 +286,11 @@ std::string Server::stats_json() const {
       (unsigned long long)s.timeouts, (unsigned long long)s.checksum_failures, (unsigned long long)s.no_space,
       (unsigned long long)s.put_bytes_buffered, (unsigned long long)s.pending_put_bytes,
       (unsigned long long)s.put_land_waits, (unsigned long long)s.storage.slab_reassignments,
-      (unsigned long long)s.slab_bytes, (unsigned long long)s.storage.meta_bytes,
-      (unsigned long long)s.storage.meta_slab_bytes, (unsigned long long)s.prefaulted_bytes, s.uptime_s);
-  return std::string(buf) + req + "}";
+      (unsigned long long)s.storage.evicted_probation, (unsigned long long)s.storage.evicted_protected,
+      (unsigned long long)s.storage.evicted_priority, (unsigned long long)s.slab_bytes,
+      (unsigned long long)s.storage.meta_bytes, (unsigned long long)s.storage.meta_slab_bytes,
+      (unsigned long long)s.prefaulted_bytes, s.uptime_s);
+  return std::string(buf) + req + ",\"eviction_policy\":\"" + s.storage.policy + "\"}";
 }
 
 }  // namespace membrain::server

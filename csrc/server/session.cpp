@@ -57,6 +57,7 @@ Status PutFrame::parse(const proto::Header& h, const uint8_t* table, std::size_t
                        const proto::Limits& limits) {
   const uint32_t count = h.count;
   items_.clear();
+  last_published_.reset();
   items_.resize(count);
   keys_bytes_ = values_bytes_ = 0;
   // The sum is computed without overflow by checking each term against what is left.
@@ -108,7 +109,8 @@ void PutFrame::landed(ServerContext& ctx, std::size_t i) {
   PutItem& it = items_[i];
   if (!it.obj) return;
   if (checksum64(it.obj->data(), it.value_len) == it.checksum) {
-    ctx.storage.publish(it.obj);
+    ctx.storage.publish(it.obj, last_published_.lock());
+    last_published_ = it.obj;
   } else {
     it.status = static_cast<uint8_t>(Status::kChecksumMismatch);
     Counters::inc(ctx.counters.checksum_failures);

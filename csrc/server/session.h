@@ -69,6 +69,9 @@ class PutFrame {
  private:
   std::vector<PutItem> items_;
   uint64_t keys_bytes_ = 0, values_bytes_ = 0;
+  // The value this frame published last: the next one is ordered just behind it for eviction
+  // (a frame is a prefix chain in order; Storage::publish). Weak: it pins nothing.
+  std::weak_ptr<Object> last_published_;
 };
 
 }  // namespace membrain::server

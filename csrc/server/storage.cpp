@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <chrono>
 
+#include "server/config.h"
+#include "server/list_policy.h"
+
 namespace membrain::server {
 
 namespace {
@@ -15,6 +18,7 @@ Storage::Storage(const Options& o)
     : alloc_(o.capacity_bytes,
              o.slab_bytes ? o.slab_bytes : SlabAllocator::auto_slab_bytes(o.capacity_bytes)),
       policy_(make_eviction_policy(o.policy, alloc_.num_classes())),
+      namespace_priority_(o.namespace_priority),
       ttl_ns_(static_cast<int64_t>(o.ttl_s * 1e9)),
       slab_heads_(alloc_.num_slabs(), nullptr),
       slab_stamp_(alloc_.num_slabs(), 0) {}
@@ -33,8 +37,10 @@ std::size_t Storage::per_object_overhead_bytes() {
   // rounding, and up to two bucket pointers (the table doubles at load factor 1). Key bytes
   // beyond the string's inline buffer come on top (item_charge_bytes).
   auto malloced = [](std::size_t n) { return (n + 8 + 15) & ~std::size_t{15}; };
+  // Plus the slru policy's ghost list, a few bytes per object (list_policy.h).
   return malloced(sizeof(Object) + 16) +
-         malloced(sizeof(void*) + sizeof(Index::value_type) + sizeof(std::size_t)) + 2 * sizeof(void*);
+         malloced(sizeof(void*) + sizeof(Index::value_type) + sizeof(std::size_t)) + 2 * sizeof(void*) +
+         SlruPolicy::kGhostBytesPerObject;
 }
 
 void Storage::make_index_key(std::string_view ns, std::string_view key, std::string* out) {
@@ -133,7 +139,21 @@ void Storage::ns_unlink_locked(Object* o, uint64_t NamespaceStats::* counter) {
 void Storage::remove_locked(Index::iterator it, uint64_t NamespaceStats::* counter) {
   Object* o = it->second.get();
   ns_unlink_locked(o, counter);
-  policy_->on_remove(o);
+  RemoveReason why = RemoveReason::kDeleted;
+  if (counter == &NamespaceStats::evictions) {
+    why = RemoveReason::kEvicted;
+    // Evictions by reason (disjoint): a raised-priority object, else the policy's segment it
+    // left from (first sight or re-used).
+    if (o->priority > 0)
+      ++evicted_priority_;
+    else if (policy_->segment_of(o) > 0)
+      ++evicted_protected_;
+    else
+      ++evicted_probation_;
+  } else if (counter == &NamespaceStats::expired) {
+    why = RemoveReason::kExpired;
+  }
+  policy_->on_remove(o, why);
   exp_unlink_locked(o);
   slab_unlink_locked(o);
   o->indexed = false;
@@ -295,10 +315,12 @@ ObjectRef Storage::reserve(std::string_view ns, std::string_view key, uint64_t l
   }
   SlabAllocator::Chunk none;
   none.klass = 0;  // empty values take no chunk; class 0 keeps them on an ordinary LRU list
-  return std::make_shared<Object>(&alloc_, chunk ? *chunk : none, std::move(ikey), len, checksum, meta);
+  auto obj = std::make_shared<Object>(&alloc_, chunk ? *chunk : none, std::move(ikey), len, checksum, meta);
+  obj->priority = priority_of(ns);
+  return obj;
 }
 
-void Storage::publish(const ObjectRef& obj) {
+void Storage::publish(const ObjectRef& obj, const ObjectRef& chain_prev) {
   ObjectRef old;  // released after the lock, so freeing the old chunk happens outside it
   std::lock_guard<std::mutex> lock(mu_);
   const int64_t now = now_ns();
@@ -313,7 +335,7 @@ void Storage::publish(const ObjectRef& obj) {
   if (!inserted) {
     Object* prev = it->second.get();
     ns_unlink_locked(prev, nullptr);
-    policy_->on_remove(prev);
+    policy_->on_remove(prev, RemoveReason::kReplaced);
     exp_unlink_locked(prev);
     slab_unlink_locked(prev);
     prev->indexed = false;
@@ -323,7 +345,10 @@ void Storage::publish(const ObjectRef& obj) {
   }
   obj->indexed = true;
   stored_bytes_ += obj->value_len;
-  policy_->on_insert(obj.get());
+  if (chain_prev && chain_prev->indexed && chain_prev != obj)
+    policy_->on_insert_behind(obj.get(), chain_prev.get());
+  else
+    policy_->on_insert(obj.get());
   exp_link_locked(obj.get());
   slab_link_locked(obj.get());
   slab_touch_locked(obj.get());
@@ -345,9 +370,14 @@ void Storage::get_many(std::string_view ns, const std::vector<std::string_view>&
       continue;
     }
     ++hits;
-    policy_->on_access(o);
-    slab_touch_locked(o);
     out->push_back(it->second);  // the pin
+  }
+  // Recency tail first: a batch is a prefix chain in order, so its head ends up the most
+  // recent and a block is never kept after its predecessor (list_policy.h).
+  for (auto r = out->rbegin(); r != out->rend(); ++r) {
+    if (!*r) continue;
+    policy_->on_access(r->get());
+    slab_touch_locked(r->get());
   }
   hits_ += hits;
   misses_ += keys.size() - hits;
@@ -439,6 +469,12 @@ std::vector<std::pair<std::string, NamespaceStats>> Storage::all_namespace_stats
   return {namespaces_.begin(), namespaces_.end()};
 }
 
+uint8_t Storage::priority_of(std::string_view ns) const {
+  for (const auto& [pattern, prio] : namespace_priority_)
+    if (glob_match(pattern, ns)) return std::min<uint8_t>(prio, kMaxPriority);
+  return 0;
+}
+
 StorageStats Storage::stats() const {
   StorageStats s;
   {
@@ -452,7 +488,11 @@ StorageStats Storage::stats() const {
     s.puts = puts_;
     s.deletes = deletes_;
     s.slab_reassignments = slab_reassignments_;
+    s.evicted_probation = evicted_probation_;
+    s.evicted_protected = evicted_protected_;
+    s.evicted_priority = evicted_priority_;
   }
+  s.policy = policy_->name();
   s.capacity_bytes = alloc_.capacity();
   s.allocated_bytes = alloc_.slab_bytes_in_use();
   s.chunk_bytes = alloc_.chunk_bytes_in_use();

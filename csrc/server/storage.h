@@ -36,7 +36,11 @@ struct StorageStats {
   uint64_t items = 0;
   uint64_t hits = 0, misses = 0, evictions = 0, expired = 0, puts = 0, deletes = 0;
   uint64_t slab_reassignments = 0;  // slabs emptied by eviction and handed to another class
-  double fragmentation = 0.0;       // (value slabs - stored) / value slabs (meta slabs not counted)
+  // Evictions by reason (they add up to `evictions`): first-sight objects (the policy's
+  // probation; every object under "lru"), re-used ones (protected), raised-priority ones.
+  uint64_t evicted_probation = 0, evicted_protected = 0, evicted_priority = 0;
+  std::string policy;
+  double fragmentation = 0.0;  // (value slabs - stored) / value slabs (meta slabs not counted)
 };
 
 class Storage {
@@ -45,7 +49,9 @@ class Storage {
     uint64_t capacity_bytes = 0;
     uint64_t slab_bytes = 0;  // 0 = SlabAllocator::auto_slab_bytes
     double ttl_s = 0.0;
-    std::string policy = "lru";
+    std::string policy = kDefaultEvictionPolicy;
+    // Retention priority by namespace glob (first match wins; eviction_policy.h).
+    std::vector<std::pair<std::string, uint8_t>> namespace_priority;
   };
   explicit Storage(const Options& o);
   ~Storage();
@@ -57,7 +63,10 @@ class Storage {
   ObjectRef reserve(std::string_view ns, std::string_view key, uint64_t len, uint64_t checksum,
                     proto::Status* why, bool may_evict = true);
   // Makes a fully received and verified object visible, replacing any older version.
-  void publish(const ObjectRef& obj);
+  // `chain_prev`: the value published just before it in the same PUT frame, if any; a frame is
+  // a prefix chain in order, so the new object is ordered just behind it (evicted before it):
+  // a chain loses its tail before its head.
+  void publish(const ObjectRef& obj, const ObjectRef& chain_prev = nullptr);
 
   // Pinned references to the values of `keys` (nullptr for misses); counts hits/misses and
   // refreshes recency.
@@ -133,6 +142,9 @@ class Storage {
   uint64_t stored_bytes_ = 0;
   uint64_t hits_ = 0, misses_ = 0, evictions_ = 0, expired_ = 0, puts_ = 0, deletes_ = 0;
   uint64_t slab_reassignments_ = 0;
+  uint64_t evicted_probation_ = 0, evicted_protected_ = 0, evicted_priority_ = 0;
+  std::vector<std::pair<std::string, uint8_t>> namespace_priority_;
+  uint8_t priority_of(std::string_view ns) const;
 };
 
 }  // namespace membrain::server

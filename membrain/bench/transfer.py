@@ -707,10 +707,13 @@ def _ucx_lanes(port: int) -> str:
         conn.close()
 
 
-def _spawn_server(capacity: int, threads: int) -> tuple[str, Any]:
+def _spawn_server(capacity: int, threads: int, eviction_policy: str | None = None) -> tuple[str, Any]:
     from membrain.server import spawn_server  # provided by the server package
 
-    handle = spawn_server(capacity=capacity, host="127.0.0.1", port=0, extra_args=["--threads", str(threads)])
+    extra = ["--threads", str(threads)]
+    if eviction_policy:
+        extra += ["--eviction-policy", eviction_policy]
+    handle = spawn_server(capacity=capacity, host="127.0.0.1", port=0, extra_args=extra)
     _wait_prefaulted(handle.port)
     return handle.endpoint, handle
 
@@ -753,6 +756,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, help="duration of each measurement")
     ap.add_argument("--server-threads", type=int, default=2)
     ap.add_argument("--capacity-gib", type=float, default=4.0)
+    ap.add_argument(
+        "--eviction-policy",
+        choices=["slru", "lru"],
+        default=None,
+        help="the spawned server's eviction policy (default: the server's default, slru)",
+    )
     ap.add_argument("--timeout-ms", type=int, default=10000)
     ap.add_argument("--no-redis", action="store_true")
     ap.add_argument(
@@ -820,7 +829,9 @@ def main(argv: list[str] | None = None) -> int:
     handle = None
     endpoint = args.endpoint
     if not endpoint:
-        endpoint, handle = _spawn_server(int(args.capacity_gib * GiB), args.server_threads)
+        endpoint, handle = _spawn_server(
+            int(args.capacity_gib * GiB), args.server_threads, args.eviction_policy
+        )
     run_id = f"r{os.getpid()}-{int(time.time())}"
     points: list[Point] = []
     lookup: dict[str, Any] = {}

@@ -56,9 +56,14 @@ class Server:
         max_reply_bytes_per_connection: int | str = 1 << 30,
         auth_timeout: float = 10.0,
         tokens: dict[str, list[str]] | None = None,
+        eviction_policy: str | None = None,
+        namespace_priority: dict[str, int] | None = None,
     ) -> None:
         """`tokens` maps tokens to the namespace patterns each opens (glob: ``*``, ``?``); a
-        token with ``"*"`` reaches everything. `auth_token` is one token for every namespace."""
+        token with ``"*"`` reaches everything. `auth_token` is one token for every namespace.
+        `eviction_policy`: ``"slru"`` (default) or ``"lru"`` (docs/server.md#eviction).
+        `namespace_priority` maps namespace patterns to a retention priority 0..3: objects of a
+        higher priority are evicted only when none of a lower one is left."""
         from membrain import _native
 
         token = auth_token.decode() if isinstance(auth_token, bytes) else (auth_token or "")
@@ -84,6 +89,8 @@ class Server:
             max_reply_bytes_per_connection=parse_size(max_reply_bytes_per_connection),
             auth_timeout=float(auth_timeout),
             tokens=[(t, list(p)) for t, p in (tokens or {}).items()],
+            eviction_policy=eviction_policy or str(_native.DEFAULT_EVICTION_POLICY),
+            namespace_priority=[(p, int(n)) for p, n in (namespace_priority or {}).items()],
         )
         self.host = host
 

@@ -51,6 +51,19 @@ def _port(allow_off: bool):
 MAX_SECONDS = 365 * 24 * 3600.0
 
 
+def _namespace_priority_arg(text: str) -> tuple[str, int]:
+    pattern, sep, n = text.rpartition("=")
+    if not sep or not pattern:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected PATTERN=N")
+    try:
+        v = int(n)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: priority {n!r} is not an integer") from None
+    if not 0 <= v <= 3:
+        raise argparse.ArgumentTypeError(f"{text!r}: priority must be in 0..3")
+    return pattern, v
+
+
 def _seconds(text: str) -> float:
     try:
         v = float(text)
@@ -94,7 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--capacity",
         type=_size,
         default="256MiB",
-        help="hard bound on stored value bytes, e.g. 256MiB, 64GiB; LRU eviction keeps within it",
+        help="hard bound on stored value bytes, e.g. 256MiB, 64GiB; eviction keeps within it",
+    )
+    p.add_argument(
+        "--eviction-policy",
+        choices=["slru", "lru"],
+        default="slru",
+        help="what is evicted first: slru (default) = values written once and never read before values "
+        "read again (a ghost list remembers evicted keys); lru = least recently used",
+    )
+    p.add_argument(
+        "--namespace-priority",
+        action="append",
+        type=_namespace_priority_arg,
+        default=[],
+        metavar="PATTERN=N",
+        help="retention priority 0..3 of the namespaces matching PATTERN (glob); a higher priority is "
+        "evicted only when nothing of a lower one is left (repeatable; first match wins)",
     )
     p.add_argument(
         "--metrics-port",
@@ -295,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
             max_pending_put_bytes_per_connection=args.max_pending_put_bytes_per_connection,
             max_reply_bytes_per_connection=args.max_reply_bytes_per_connection,
             auth_timeout=args.auth_timeout,
+            eviction_policy=args.eviction_policy,
+            namespace_priority=dict(args.namespace_priority),
         )
         server.start()
     except (ValueError, RuntimeError, OSError) as e:

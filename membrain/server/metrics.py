@@ -93,6 +93,21 @@ class _Collector:
             g = GaugeMetricFamily(name, help_)
             g.add_metric([], float(s.get(key, 0)))
             yield g
+        ev = CounterMetricFamily(
+            "membrain_evictions_by_reason",
+            "objects evicted, by what they were: probation (written once, never read again), "
+            "protected (re-used), priority (a raised --namespace-priority)",
+            labels=["reason"],
+        )
+        for reason, n in sorted(s.get("evictions_by_reason", {}).items()):
+            ev.add_metric([reason], float(n))
+        yield ev
+        info = GaugeMetricFamily(
+            "membrain_eviction_policy", "the eviction policy in use (always 1)", labels=["policy"]
+        )
+        if s.get("eviction_policy"):
+            info.add_metric([str(s["eviction_policy"])], 1.0)
+        yield info
         req = CounterMetricFamily("membrain_requests", "requests received, by opcode", labels=["op"])
         for op, n in sorted(s.get("requests", {}).items()):
             req.add_metric([op], float(n))

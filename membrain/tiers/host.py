@@ -1,7 +1,7 @@
 """Host tier: packed KV blocks in HostPool slots inside each worker process.
 
-The scheduler owns the policy through :class:`HostIndex` (an LRU of block hashes with a fixed
-capacity in blocks); every worker mirrors it with a :class:`HostStore` that executes the
+The scheduler owns the policy through :class:`HostIndex` (block hashes with a fixed capacity in
+blocks, ordered by the server's eviction policy); every worker mirrors it with a :class:`HostStore` that executes the
 scheduler's plan (store, load, evict) on its own slots. The worker never decides on its own, so
 both sides agree without a round trip; where they could still diverge (a slot shortage, a failed
 gather) the worker's load of that block fails and is reported, which makes vLLM recompute it.
@@ -10,71 +10,90 @@ gather) the worker's load of that block fails and is reported, which makes vLLM 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Sequence
+from typing import cast
 
 from membrain import HostPool, Slot, ops
 
 
 class HostIndex:
-    """Scheduler-side LRU of block hashes held by the workers' host tiers."""
+    """Scheduler-side index of the block hashes held by the workers' host tiers.
 
-    def __init__(self, capacity_blocks: int) -> None:
+    Ordering and eviction are the server's own C++ policies (``membrain._native.PolicyIndex``
+    over ``csrc/server/list_policy.*``, the code ``membrain bench policy`` measures), not a
+    Python copy: ``policy`` is ``"slru"`` (default) or ``"lru"``, ``admission`` ``"all"`` or
+    ``"seen"`` (a block is admitted on its second sight). A request's blocks are applied tail
+    first, so a chain loses its tail before its head. ``priority`` (0..3) raises the retention of
+    the blocks admitted or touched with it.
+
+    Units are block hashes (bytes) or, for hybrid models, ``(group, hash)``; the C++ index takes
+    bytes, so a ``(group, hash)`` unit is held as ``bytes([group]) + hash`` (one index never
+    mixes the two forms: a scheduler is hybrid or not)."""
+
+    def __init__(self, capacity_blocks: int, policy: str | None = None, admission: str = "all") -> None:
+        from membrain import _native
+
         self.capacity = max(0, int(capacity_blocks))
-        self._lru: OrderedDict[Hashable, None] = OrderedDict()
+        self.policy = policy or str(_native.DEFAULT_EVICTION_POLICY)
+        self.admission = admission
+        self._index = _native.PolicyIndex(self.policy, self.capacity, admission)
+        self._grouped = False  # units are (group, hash)
+
+    def _enc(self, units: Iterable[Hashable]) -> list[bytes]:
+        out = []
+        for u in units:
+            if isinstance(u, tuple):
+                self._grouped = True
+                g, h = u
+                out.append(bytes([int(g)]) + bytes(h))
+            else:
+                out.append(bytes(cast(bytes, u)))
+        return out
+
+    def _dec(self, keys: Iterable[bytes]) -> list[Hashable]:
+        if not self._grouped:
+            return list(keys)
+        return [(k[0], bytes(k[1:])) for k in keys]
 
     def __len__(self) -> int:
-        return len(self._lru)
+        return len(self._index)
 
     def __contains__(self, h: Hashable) -> bool:
-        return h in self._lru
+        return self._enc([h])[0] in self._index
+
+    @property
+    def evictions(self) -> dict[str, int]:
+        """Evictions so far, by reason: first-sight (probation), re-used (protected), priority."""
+        i = self._index
+        return {
+            "probation": i.evicted_probation,
+            "protected": i.evicted_protected,
+            "priority": i.evicted_priority,
+        }
 
     def prefix_hits(self, hashes: Sequence[Hashable]) -> int:
         """How many leading ``hashes`` are held."""
-        n = 0
-        for h in hashes:
-            if h not in self._lru:
-                break
-            n += 1
-        return n
+        return int(self._index.prefix_hits(self._enc(hashes)))
 
     def touch(self, hashes: Iterable[Hashable]) -> None:
-        for h in hashes:
-            if h in self._lru:
-                self._lru.move_to_end(h)
+        self._index.touch(self._enc(hashes))
 
     def admit(
-        self, hashes: Sequence[Hashable], protect: set[Hashable] | None = None
+        self, hashes: Sequence[Hashable], protect: set[Hashable] | None = None, priority: int = 0
     ) -> tuple[list[Hashable], list[Hashable]]:
-        """Adds new ``hashes`` (most recent last); returns (admitted, evicted).
+        """Adds new ``hashes`` (a prefix chain, head first); returns (admitted, evicted).
 
-        Eviction takes least-recently-used entries not in ``protect``; a hash that cannot get room
-        is not admitted.
+        Held ones are refreshed. Eviction follows the policy and never takes a hash of
+        ``protect`` or one of ``hashes`` already held; new hashes that cannot get room are not
+        admitted, the chain's tail first.
         """
-        admitted: list[Hashable] = []
-        evicted: list[Hashable] = []
         if self.capacity == 0:
-            return admitted, evicted
-        protect = protect or set()
-        for h in hashes:
-            if h in self._lru:
-                self._lru.move_to_end(h)
-                continue
-            while len(self._lru) >= self.capacity:
-                victim = next((k for k in self._lru if k not in protect), None)
-                if victim is None:
-                    break
-                del self._lru[victim]
-                evicted.append(victim)
-            if len(self._lru) >= self.capacity:
-                break
-            self._lru[h] = None
-            admitted.append(h)
-        return admitted, evicted
+            return [], []
+        admitted, evicted = self._index.admit(self._enc(hashes), self._enc(protect or ()), int(priority))
+        return self._dec(admitted), self._dec(evicted)
 
     def discard(self, hashes: Iterable[Hashable]) -> None:
-        for h in hashes:
-            self._lru.pop(h, None)
+        self._index.discard(self._enc(hashes))
 
 
 class HostStore:

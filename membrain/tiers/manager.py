@@ -119,9 +119,14 @@ def hybrid_hit_end(
 
 class TierManager:
     def __init__(
-        self, host_capacity_blocks: int, remote: RemoteTier | None, key_of: Callable[[bytes], bytes]
+        self,
+        host_capacity_blocks: int,
+        remote: RemoteTier | None,
+        key_of: Callable[[bytes], bytes],
+        policy: str | None = None,
+        admission: str = "all",
     ) -> None:
-        self.host = HostIndex(host_capacity_blocks)
+        self.host = HostIndex(host_capacity_blocks, policy, admission)
         self.remote = remote
         self.key_of = key_of
         self._pending_evict: dict[Any, None] = {}
@@ -206,16 +211,19 @@ class TierManager:
             self._lookups = ThreadPoolExecutor(max_workers=4, thread_name_prefix="membrain-lookup")
         return host_end, self._lookups.submit(run)
 
-    def plan_load_units(self, units: Sequence[Unit]) -> tuple[LoadPlan, set[int]]:
+    def plan_load_units(self, units: Sequence[Unit], priority: int = 0) -> tuple[LoadPlan, set[int]]:
         """A load plan for ``units`` (hybrid models): each from the host tier when it holds it,
-        else from the remote tier (promoted into the host tier where it gets room). Returns the
-        plan and the block positions that need the remote tier."""
+        else from the remote tier (promoted into the host tier where it gets room, with the
+        request's retention ``priority``). Returns the plan and the block positions that need
+        the remote tier."""
         plan = LoadPlan()
         host_u = [u.uid for u in units if u.uid in self.host]
         self.host.touch(host_u)
         held = set(host_u)
         remote_u = [u.uid for u in units if u.uid not in held]
-        promoted = self._admit(remote_u, protect=held | set(remote_u)) if remote_u else set()
+        promoted = (
+            self._admit(remote_u, protect=held | set(remote_u), priority=priority) if remote_u else set()
+        )
         remote_pos: set[int] = set()
         for u in units:
             r = u.uid not in held
@@ -229,8 +237,8 @@ class TierManager:
                 remote_pos.add(u.position)
         return plan, remote_pos
 
-    def plan_store_units(self, units: Sequence[Unit]) -> StorePlan:
-        plan = self.plan_store([u.uid for u in units], [u.block_id for u in units])
+    def plan_store_units(self, units: Sequence[Unit], priority: int = 0) -> StorePlan:
+        plan = self.plan_store([u.uid for u in units], [u.block_id for u in units], priority)
         plan.groups = [u.group for u in units]
         plan.positions = [u.position for u in units]
         return plan
@@ -251,21 +259,25 @@ class TierManager:
             remote_end = host_end + self.remote.lookup_prefix(keys)
         return Match(local_blocks, host_end, remote_end)
 
-    def _admit(self, hashes: Sequence[Any], protect: set[Any] | None = None) -> set[Any]:
-        admitted, evicted = self.host.admit(hashes, protect)
+    def _admit(self, hashes: Sequence[Any], protect: set[Any] | None = None, priority: int = 0) -> set[Any]:
+        admitted, evicted = self.host.admit(hashes, protect, priority)
         for h in admitted:
             self._pending_evict.pop(h, None)
         for h in evicted:
             self._pending_evict[h] = None
         return set(admitted)
 
-    def plan_load(self, m: Match, hashes: Sequence[bytes], block_ids: Sequence[int]) -> LoadPlan:
-        """``block_ids[i]`` is the device block of block position ``i`` of the request."""
+    def plan_load(
+        self, m: Match, hashes: Sequence[bytes], block_ids: Sequence[int], priority: int = 0
+    ) -> LoadPlan:
+        """``block_ids[i]`` is the device block of block position ``i`` of the request;
+        ``priority`` (0..3) is the request's retention priority for its prefix."""
         plan = LoadPlan()
         host_h = list(hashes[m.local : m.host_end])
-        self.host.touch(host_h)
         remote_h = list(hashes[m.host_end : m.remote_end])
-        promoted = self._admit(remote_h, protect=set(host_h) | set(remote_h))
+        # One chain, applied tail first: the host blocks are refreshed and the remote ones
+        # promoted without either half evicting the other.
+        promoted = self._admit(host_h + remote_h, protect=set(host_h), priority=priority)
         for i in range(m.local, m.remote_end):
             h = hashes[i]
             r = i >= m.host_end
@@ -275,8 +287,8 @@ class TierManager:
             plan.promote.append(r and h in promoted)
         return plan
 
-    def plan_store(self, hashes: Sequence[Any], block_ids: Sequence[int]) -> StorePlan:
-        admitted = self._admit(hashes)
+    def plan_store(self, hashes: Sequence[Any], block_ids: Sequence[int], priority: int = 0) -> StorePlan:
+        admitted = self._admit(hashes, priority=priority)
         remote = self.remote is not None
         return StorePlan(
             list(map(int, block_ids)), list(hashes), [h in admitted for h in hashes], [remote] * len(hashes)
@@ -284,7 +296,7 @@ class TierManager:
 
     def reset(self) -> None:
         """Forgets every block of the host tier (the workers drop theirs on the same step)."""
-        self.host = HostIndex(self.host.capacity)
+        self.host = HostIndex(self.host.capacity, self.host.policy, self.host.admission)
         self._pending_evict.clear()
 
     def take_evictions(self) -> list[Any]:

@@ -23,11 +23,18 @@ Environment (front end; copied into ``kv_connector_extra_config`` by the plugin)
                                    ``fail`` (vLLM fails the request)
 ``VLLM_MEMBRAIN_COMPRESSION``      ``zstd[:level]``: byte-shuffle + zstd of remote values (off
                                    by default; needs the ``zstandard`` package)
+``VLLM_MEMBRAIN_EVICTION_POLICY``  host tier eviction: ``slru`` (default) or ``lru``
+``VLLM_MEMBRAIN_ADMISSION``        host tier admission: ``all`` (default) or ``seen`` (a block
+                                   is kept on its second sight only)
+``VLLM_MEMBRAIN_PRIORITY``         retention priority 0..3 of this instance's prefixes (default
+                                   0); a request overrides it with ``kv_transfer_params=
+                                   {"membrain_priority": N}``
 =================================  =============================================================
 
 Extra-config keys (explicit ``--kv-transfer-config``) use the lower-case names without the prefix:
 ``endpoint``, ``namespace``, ``cpu_cache_size``, ``remote``, ``timeout_ms``, ``max_inflight``,
-``auth_token_file``, ``replicas``, ``load_failure_policy``, ``compression``; they win over the environment, and
+``auth_token_file``, ``replicas``, ``load_failure_policy``, ``compression``, ``eviction_policy``,
+``admission``, ``priority``; they win over the environment, and
 both paths go through :func:`resolve`. An unknown key or an unusable value raises
 :class:`ConfigError` at start-up; an unreachable server does not.
 """
@@ -65,8 +72,14 @@ KNOWN_KEYS = (
     "replicas",
     "load_failure_policy",
     "compression",
+    "eviction_policy",
+    "admission",
+    "priority",
 )
 LOAD_FAILURE_POLICIES = ("recompute", "fail")
+EVICTION_POLICIES = ("slru", "lru")
+ADMISSIONS = ("all", "seen")
+MAX_PRIORITY = 3
 
 
 class ConfigError(ValueError):
@@ -172,6 +185,9 @@ class MembrainSettings:
     replicas: int = 1
     load_failure_policy: str = "recompute"
     compression: str = ""
+    eviction_policy: str = "slru"
+    admission: str = "all"
+    priority: int = 0
 
     def to_extra_config(self) -> dict[str, Any]:
         d = asdict(self)
@@ -186,6 +202,9 @@ class MembrainSettings:
             "replicas": d["replicas"],
             "load_failure_policy": d["load_failure_policy"],
             "compression": d["compression"],
+            "eviction_policy": d["eviction_policy"],
+            "admission": d["admission"],
+            "priority": d["priority"],
         }
 
     def auth_token(self) -> str | None:
@@ -203,6 +222,17 @@ def read_token_file(path: str) -> str:
     if not token:
         raise ConfigError(f"auth_token_file {path!r} is empty")
     return token
+
+
+def parse_priority(value: Any, name: str) -> int:
+    """A retention priority 0..3 (docs/vllm.md#priorities), raising ConfigError."""
+    try:
+        p = int(str(value).strip())
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} {value!r}: expected an integer 0..{MAX_PRIORITY}") from None
+    if not 0 <= p <= MAX_PRIORITY:
+        raise ConfigError(f"{name} {p}: expected 0..{MAX_PRIORITY}")
+    return p
 
 
 def env_enabled(env: Mapping[str, str] | None = None) -> bool:
@@ -276,6 +306,13 @@ def resolve(extra: Mapping[str, Any] | None = None, env: Mapping[str, str] | Non
             raise ConfigError(
                 f"compression {compression!r} needs the zstandard package (pip install membrain[compression])"
             ) from None
+    eviction = str(vals.get("eviction_policy", "slru")).strip().lower()
+    if eviction not in EVICTION_POLICIES:
+        raise ConfigError(f"eviction_policy {eviction!r}: expected one of {', '.join(EVICTION_POLICIES)}")
+    admission = str(vals.get("admission", "all")).strip().lower()
+    if admission not in ADMISSIONS:
+        raise ConfigError(f"admission {admission!r}: expected one of {', '.join(ADMISSIONS)}")
+    priority = parse_priority(vals.get("priority", 0), "priority")
     settings = MembrainSettings(
         endpoints,
         namespace,
@@ -287,6 +324,9 @@ def resolve(extra: Mapping[str, Any] | None = None, env: Mapping[str, str] | Non
         replicas,
         policy,
         compression if spec else "",
+        eviction,
+        admission,
+        priority,
     )
     settings.auth_token()  # an unreadable token file is a start-up error, in the front end too
     return settings

@@ -32,10 +32,10 @@ from membrain.tiers.manager import LoadPlan, Match, TierManager, Unit
 from membrain.tiers.remote import RemoteTier
 from membrain.vllm import keys as mkeys
 from membrain.vllm import kv_format, parallel
-from membrain.vllm.config import MembrainSettings
+from membrain.vllm.config import ConfigError, MembrainSettings, parse_priority
 from membrain.vllm.events import EventLog
 from membrain.vllm.metadata import MembrainMetadata
-from membrain.vllm.stats import FailureCounter, MembrainStats
+from membrain.vllm.stats import FailureCounter, MembrainStats, StatsRecorder
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -103,10 +103,14 @@ class MembrainScheduler:
         self._fields = mkeys.identity_fields(vllm_config, kv_cache_config, 0, 0)
         self.identity = mkeys.identity_digest(self._fields, self.epoch)
         self._group_ids = self._identities()
-        self.tiers = TierManager(self.host_capacity, self.remote, self._key)
+        self.tiers = TierManager(
+            self.host_capacity, self.remote, self._key, settings.eviction_policy, settings.admission
+        )
         self._reqs: dict[str, _ReqState] = {}
+        self._stats = StatsRecorder()
+        self._host_evicted = {"probation": 0, "protected": 0, "priority": 0}
         self._pending_loads: dict[str, LoadPlan] = {}
-        self._failures = FailureCounter()
+        self._failures = FailureCounter(self._stats)
         self._clear_host = False
         self._events = EventLog(vllm_config, self.block_size)
         if self.enabled:
@@ -167,6 +171,21 @@ class MembrainScheduler:
         if r > 1:
             hs = hs[r - 1 :: r]  # the hash ending at each KV block's last token
         return [bytes(h) for h in hs[:n_blocks]]
+
+    def _priority(self, request: Request) -> int:
+        """The request's retention priority: ``kv_transfer_params["membrain_priority"]`` (0..3)
+        or the configured default; an unusable value is logged and ignored."""
+        params = getattr(request, "kv_transfer_params", None) or {}
+        value = params.get("membrain_priority") if isinstance(params, dict) else None
+        if value is None:
+            return self.settings.priority
+        try:
+            return parse_priority(value, "membrain_priority")
+        except ConfigError as e:
+            logger.warning(
+                "Membrain: request %s: %s; using %d", request.request_id, e, self.settings.priority
+            )
+            return self.settings.priority
 
     def _state(self, request: Request) -> _ReqState:
         st = self._reqs.get(request.request_id)
@@ -253,7 +272,9 @@ class MembrainScheduler:
         st.lookup, st.lookup_key = fut, key
         return None
 
-    def _alloc_hybrid(self, request: Request, st: _ReqState, m: Match, blocks: Any) -> None:
+    def _alloc_hybrid(
+        self, request: Request, st: _ReqState, m: Match, blocks: Any, priority: int = 0
+    ) -> None:
         """Plans the load of ``[m.local, m.remote_end)``: every full-attention block, and per
         sliding-window group the window before the end (the non-null blocks vLLM allocated)."""
         bs = self.block_size
@@ -277,7 +298,7 @@ class MembrainScheduler:
                 request.request_id,
                 wrong[:4],
             )
-        plan, remote_pos = self.tiers.plan_load_units(units)
+        plan, remote_pos = self.tiers.plan_load_units(units, priority)
         self._pending_loads[request.request_id] = plan
         st.remote_tokens = len(remote_pos) * bs
         st.host_tokens = (end - local) * bs - st.remote_tokens
@@ -291,16 +312,21 @@ class MembrainScheduler:
         m, st.match = st.match, None
         st.remote_known, st.lookup = None, None  # a later admission (preemption) asks afresh
         st.host_tokens = st.remote_tokens = 0
-        if num_external_tokens <= 0 or m is None:
+        if m is None:
             return
-        n = num_external_tokens // self.block_size
+        n = max(0, num_external_tokens) // self.block_size
         m = Match(m.local, min(m.host_end, m.local + n), min(m.remote_end, m.local + n))
+        asked = max(0, (request.num_prompt_tokens - 1) // self.block_size - m.local)
+        self._stats.add(lookup_blocks=asked, hit_blocks_host=m.host_blocks, hit_blocks_remote=m.remote_blocks)
+        if num_external_tokens <= 0:
+            return
+        priority = self._priority(request)
         if self.hybrid:
-            self._alloc_hybrid(request, st, m, blocks)
+            self._alloc_hybrid(request, st, m, blocks, priority)
         else:
             hashes = self._hashes(request, m.remote_end)
             block_ids = blocks.get_block_ids()[0]
-            self._pending_loads[request.request_id] = self.tiers.plan_load(m, hashes, block_ids)
+            self._pending_loads[request.request_id] = self.tiers.plan_load(m, hashes, block_ids, priority)
             st.host_tokens = m.host_blocks * self.block_size
             st.remote_tokens = m.remote_blocks * self.block_size
         logger.info(
@@ -364,7 +390,9 @@ class MembrainScheduler:
             seen.update(hashes[i] for i in rng)
             st.stored_upto = full
             if rng:
-                plan = self.tiers.plan_store([hashes[i] for i in rng], [ids[i] for i in rng])
+                plan = self.tiers.plan_store(
+                    [hashes[i] for i in rng], [ids[i] for i in rng], self._priority(req)
+                )
                 meta.stores[rid] = plan
                 self._events.stored(req, hashes, rng, plan)
         meta.evict = self.tiers.take_evictions()
@@ -425,7 +453,7 @@ class MembrainScheduler:
         units = [u for u in units if u.uid not in seen]
         seen.update(u.uid for u in units)
         if units:
-            plan = self.tiers.plan_store_units(units)
+            plan = self.tiers.plan_store_units(units, self._priority(req))
             meta.stores[rid] = plan
             self._events.stored(req, hashes, plan.positions, plan)
 
@@ -440,14 +468,21 @@ class MembrainScheduler:
         self._reqs.pop(request.request_id, None)  # also drops a pending lookup's answer
         return False, None
 
+    def take_stats(self) -> MembrainStats | None:
+        """Scheduler-side figures since the last call: blocks looked up beyond vLLM's own hit,
+        blocks hit per tier, host-tier evictions by reason, and failed loads once per block
+        (vLLM sums them with the workers')."""
+        now = self.tiers.host.evictions
+        delta = {f"host_evicted_{k}": v - self._host_evicted.get(k, 0) for k, v in now.items()}
+        self._host_evicted = dict(now)
+        self._stats.add(**{k: v for k, v in delta.items() if v > 0})
+        return self._stats.take()
+
     def take_events(self) -> list[Any]:
         return self._events.take()
 
     def update_connector_output(self, connector_output: Any) -> None:
         self._failures.update(connector_output)
-
-    def take_stats(self) -> MembrainStats | None:
-        return self._failures.stats.take()
 
     def reset_cache(self) -> bool:
         """Forget every block: the host index is cleared (workers drop their slots) and keys

@@ -32,7 +32,15 @@ COUNTERS = (
     # answered as misses without trying while open.
     "remote_breaker_opens",
     "remote_skipped_calls",
+    # scheduler side: blocks looked up beyond vLLM's own hit, hits per tier, host evictions
+    "lookup_blocks",
+    "hit_blocks_host",
+    "hit_blocks_remote",
+    "host_evicted_probation",
+    "host_evicted_protected",
+    "host_evicted_priority",
 )
+EVICTION_REASONS = ("probation", "protected", "priority")
 
 
 class MembrainStats(KVConnectorStats):
@@ -54,6 +62,14 @@ class MembrainStats(KVConnectorStats):
             d["avg_load_ms"] = round(1e3 * d.get("load_seconds", 0) / d["loads"], 3)
         if d.get("stores"):
             d["avg_store_ms"] = round(1e3 * d.get("store_seconds", 0) / d["stores"], 3)
+        asked = d.get("lookup_blocks", 0)
+        if asked:
+            # Per-tier hit ratios: the host tier over every block asked, the remote tier over
+            # those the host tier missed.
+            host = d.get("hit_blocks_host", 0)
+            d["hit_ratio_host"] = round(host / asked, 4)
+            if asked > host:
+                d["hit_ratio_remote"] = round(d.get("hit_blocks_remote", 0) / (asked - host), 4)
         return d
 
     def is_empty(self) -> bool:
@@ -87,8 +103,8 @@ class FailureCounter:
     block of a load in flight is counted once until every rank reported the load (the
     aggregated ``finished_recving``)."""
 
-    def __init__(self) -> None:
-        self.stats = StatsRecorder()
+    def __init__(self, stats: StatsRecorder | None = None) -> None:
+        self.stats = stats if stats is not None else StatsRecorder()  # where the count goes
         self._blocks: dict[str, list[int]] = {}  # loads sent to the workers, not yet finished
         self._counted: set[int] = set()
 
@@ -147,6 +163,22 @@ class MembrainPromMetrics(KVConnectorPromMetrics):
             labelnames=labelnames + ["op"],
             documentation="Membrain load / store operations",
         )
+        self._lookup = self._counter_cls(
+            name="vllm:membrain_lookup_blocks",
+            labelnames=labelnames,
+            documentation="Prompt blocks looked up beyond vLLM's own prefix hit",
+        )
+        self._hit_blocks = self._counter_cls(
+            name="vllm:membrain_hit_blocks",
+            labelnames=labelnames + ["tier"],
+            documentation="Blocks found, by tier (hit ratio: divide by vllm:membrain_lookup_blocks)",
+        )
+        self._evicted = self._counter_cls(
+            name="vllm:membrain_host_evictions",
+            labelnames=labelnames + ["reason"],
+            documentation="Host-tier evictions by reason: probation (stored once, never reused), "
+            "protected (reused), priority (a raised membrain_priority)",
+        )
 
         self._breaker_opens = self._counter_cls(
             name="vllm:membrain_remote_breaker_opens",
@@ -171,6 +203,14 @@ class MembrainPromMetrics(KVConnectorPromMetrics):
                 self._bytes.labels(*lv, "load", t).inc(d[f"load_bytes_{t}"])
             if d.get(f"store_bytes_{t}"):
                 self._bytes.labels(*lv, "store", t).inc(d[f"store_bytes_{t}"])
+        if d.get("lookup_blocks"):
+            self._lookup.labels(*lv).inc(d["lookup_blocks"])
+        for t in TIERS:
+            if d.get(f"hit_blocks_{t}"):
+                self._hit_blocks.labels(*lv, t).inc(d[f"hit_blocks_{t}"])
+        for reason in EVICTION_REASONS:
+            if d.get(f"host_evicted_{reason}"):
+                self._evicted.labels(*lv, reason).inc(d[f"host_evicted_{reason}"])
         if d.get("load_failed_blocks"):
             self._failed.labels(*lv).inc(d["load_failed_blocks"])
         for op in ("load", "store"):
