@@ -54,10 +54,16 @@ def finish_loads(w, rids: set[str], finished: set[str] | None = None, timeout_s:
 
 def step(s, w, req, block_ids: list[int], ncomp: int):
     s._scheduler.kv_cache_manager = NS(get_block_ids=lambda rid: (block_ids,))
+    return run_step(s, w, [(req.request_id, ncomp)], {req.request_id: req.num_tokens - ncomp})
+
+
+def run_step(s, w, new: list[tuple[str, int]], scheduled: dict[str, int]):
+    """One engine step for new requests ``(req_id, num_computed_tokens)``: the scheduler's
+    metadata, the worker's loads (until they complete) and stores. Returns (meta, load errors)."""
     so = NS(
-        scheduled_new_reqs=[NS(req_id=req.request_id, num_computed_tokens=ncomp)],
+        scheduled_new_reqs=[NS(req_id=rid, num_computed_tokens=n) for rid, n in new],
         scheduled_cached_reqs=NS(req_ids=[], num_computed_tokens=[], resumed_req_ids=set()),
-        num_scheduled_tokens={req.request_id: req.num_tokens - ncomp},
+        num_scheduled_tokens=scheduled,
     )
     meta = s.build_connector_meta(so)
     w.bind_connector_metadata(meta)

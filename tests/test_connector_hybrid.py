@@ -22,7 +22,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from connector_driver import finish_loads, matched
+from connector_driver import matched, run_step
 from fakes import FakeClient
 
 from membrain.bench.vllm_kv import build_hybrid_vllm_kv, same_bytes
@@ -87,28 +87,13 @@ def _instance(fc: FakeClient, seed: int, retention: int | None = None):
     return s, w, kv, mgr
 
 
-def _run_step(s, w, new: list[tuple[str, int]], scheduled: dict[str, int]):
-    so = NS(
-        scheduled_new_reqs=[NS(req_id=rid, num_computed_tokens=n) for rid, n in new],
-        scheduled_cached_reqs=NS(req_ids=[], num_computed_tokens=[], resumed_req_ids=set()),
-        num_scheduled_tokens=scheduled,
-    )
-    meta = s.build_connector_meta(so)
-    w.bind_connector_metadata(meta)
-    w.start_load_kv(None)
-    errors = finish_loads(w, set(meta.loads))
-    w.wait_for_save()
-    w.clear_connector_metadata()
-    return meta, errors
-
-
 def _compute(s, w, mgr, req):
     """Instance computes ``req`` as vLLM's scheduler would (no hit): allocation, one step, store."""
     assert matched(s, req) == (0, False)
     blocks = mgr.allocate_slots(req, req.num_tokens)
     s.update_state_after_alloc(req, mgr.get_blocks(req.request_id), 0)
     assert blocks is not None
-    meta, _ = _run_step(s, w, [(req.request_id, 0)], {req.request_id: req.num_tokens})
+    meta, _ = run_step(s, w, [(req.request_id, 0)], {req.request_id: req.num_tokens})
     assert w._worker.remote.drain(5)
     return meta
 
@@ -187,7 +172,7 @@ def test_fresh_instance_loads_full_blocks_and_the_window_vllm_allocated():
     ids_b = mgr_b.get_block_ids("b")
     assert ids_b[1][:8] == [0] * 8 and 0 not in ids_b[1][8:10]  # null below the window
     s_b.update_state_after_alloc(req_b, mgr_b.get_blocks("b"), 10 * BS)
-    meta, errors = _run_step(s_b, w_b, [], {})
+    meta, errors = run_step(s_b, w_b, [], {})
     load = meta.loads["b"]
     assert not errors and 0 not in load.block_ids
     assert sorted(zip(load.groups, load.positions)) == [(0, i) for i in range(10)] + [(1, 8), (1, 9)]
@@ -248,7 +233,7 @@ def test_extends_vllms_own_local_hybrid_hit():
     )
     ids_b = mgr_b.get_block_ids("b")
     s_b.update_state_after_alloc(req, mgr_b.get_blocks("b"), 6 * BS)
-    meta, errors = _run_step(s_b, w_b, [], {})
+    meta, errors = run_step(s_b, w_b, [], {})
     load = meta.loads["b"]
     assert not errors and 0 not in load.block_ids
     assert sorted(zip(load.groups, load.positions)) == [(0, i) for i in range(4, 10)] + [(1, 8), (1, 9)]

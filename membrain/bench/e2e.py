@@ -31,6 +31,20 @@ SHAPES: dict[str, dict[str, int]] = {
 }
 
 
+def shape_model(shape_name: str, model_dir: str | None = None) -> str:
+    """The random-weight model of ``shape_name`` (generated once, by default under
+    ``~/.cache/membrain/bench-model[-SHAPE]``); returns its directory."""
+    shape = SHAPES[shape_name]
+    suffix = "" if shape_name == "small" else f"-{shape_name}"
+    return C.ensure_model(
+        model_dir or os.path.expanduser(f"~/.cache/membrain/bench-model{suffix}"),
+        shape["hidden"],
+        shape["layers"],
+        kv_heads=shape["kv_heads"],
+        head_dim=shape["head_dim"],
+    )
+
+
 def kv_bytes_per_token(shape: dict[str, int]) -> int:
     return 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * 2  # K and V, bf16
 
@@ -155,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     wd = Path(a.workdir or C.tmpdir("membrain-bench-"))
     wd.mkdir(parents=True, exist_ok=True)
     shape = SHAPES[a.shape]
-    suffix = "" if a.shape == "small" else f"-{a.shape}"
-    model_dir = a.model_dir or os.path.expanduser(f"~/.cache/membrain/bench-model{suffix}")
+    model_dir = shape_model(a.shape, a.model_dir)
     res = run([int(x) for x in a.lengths.split(",")], model_dir, wd, a.endpoint, **shape)
     res["shape"] = a.shape
     Path(a.out + ".json").write_text(json.dumps(res, indent=2))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from membrain.bench import common as C
-from membrain.bench.e2e import SHAPES, kv_bytes_per_token
+from membrain.bench.e2e import SHAPES, kv_bytes_per_token, shape_model
 from membrain.bench.machine import machine_info
 
 
@@ -138,14 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     wd = Path(a.workdir or C.tmpdir("membrain-stall-"))
     wd.mkdir(parents=True, exist_ok=True)
     shape = SHAPES[a.shape]
-    suffix = "" if a.shape == "small" else f"-{a.shape}"
-    model = C.ensure_model(
-        a.model_dir or os.path.expanduser(f"~/.cache/membrain/bench-model{suffix}"),
-        shape["hidden"],
-        shape["layers"],
-        kv_heads=shape["kv_heads"],
-        head_dim=shape["head_dim"],
-    )
+    model = shape_model(a.shape, a.model_dir)
     prefix = C.make_prompts(1, a.prefix_tokens, seed=7)[0]
     decode_prompt = C.make_prompts(1, 64, seed=8)[0]
     rows = [run_mode(m, model, prefix, decode_prompt, a, wd) for m in a.modes.split(",")]
