@@ -58,5 +58,8 @@ def machine_info() -> dict[str, Any]:
 
 def machine_tag(info: dict[str, Any]) -> str:
     """Short file-name-safe tag: GPU name when there is one, else cores and CPU family."""
+    import re
+
     name = info.get("gpu_name") or f"{info.get('cpu_cores')}core-{info.get('cpu_model', 'cpu')}"
-    return "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()[:60]
+    name = re.sub(r"\((r|tm)\)", "", name, flags=re.I)  # "Intel(R) Xeon(R)" -> "Intel Xeon"
+    return re.sub(r"-+", "-", "".join(c if c.isalnum() else "-" for c in name)).strip("-").lower()[:60]
