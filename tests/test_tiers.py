@@ -221,3 +221,20 @@ def test_remote_breaker_slow_success_stays_closed_and_probe_recovers():
     fc.fail = False
     rt.lookup_prefix([b"a"])
     assert rt.available and fc.lookups == 2
+
+
+def test_background_load_threads_run_at_lower_priority():
+    """Loads must not slow the engine's threads: the executor's load threads are niced."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from membrain.tiers import executor
+
+    def nice_of_this_thread() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    base = nice_of_this_thread()
+    with ThreadPoolExecutor(1, initializer=executor._background_priority) as pool:
+        niced = pool.submit(nice_of_this_thread).result()
+    assert niced == min(19, base + executor.LOAD_THREAD_NICE)
+    assert nice_of_this_thread() == base  # the calling thread keeps its priority

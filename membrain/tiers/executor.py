@@ -29,6 +29,21 @@ HOST_HEADROOM_BLOCKS = 64
 # Blocks per remote fetch of a background load: the scatter of one chunk overlaps the fetch of
 # the next, and at most two chunks of staging slots are held at a time.
 FETCH_CHUNK_BLOCKS = 16
+# Niceness added to the background load threads (fetch, checksum, scatter calls): a load must
+# never slow the requests the engine is decoding meanwhile, so where CPU is short the engine's
+# threads go first and the load takes the slack (Linux: per-thread niceness).
+LOAD_THREAD_NICE = 10
+
+
+def _background_priority() -> None:
+    """ThreadPoolExecutor initializer: lowers this thread's scheduling priority."""
+    try:
+        import os
+
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + LOAD_THREAD_NICE))
+    except (AttributeError, OSError):  # not Linux, or not permitted: keep the default
+        pass
 
 
 @dataclass
@@ -154,8 +169,12 @@ class TierExecutor:
                 self._finished(j)
             return
         if self._loader is None:
-            self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="membrain-load")
-            self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="membrain-fetch")
+            self._loader = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="membrain-load", initializer=_background_priority
+            )
+            self._fetcher = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="membrain-fetch", initializer=_background_priority
+            )
         with self._jobs_lock:
             self._inflight_jobs += len(jobs)
         self._loader.submit(self._run_and_post, jobs)
