@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -423,6 +424,35 @@ def _emit(rows: list[Row], as_json: bool) -> None:
         print(render(rows, time.strftime("%Y-%m-%d %H:%M:%S")), flush=True)
 
 
+class _CtrlC:
+    """Ctrl-C as a flag the loop checks, not an exception.
+
+    A ``KeyboardInterrupt`` can land anywhere in the main thread, including inside the thread
+    pool's locks and waits while a poll is in flight (Python does not guarantee a ``with``
+    block's exit runs when the signal lands between acquire and the block). The handler only
+    sets an event; the current poll (at most ``--timeout``) finishes first. A SIGINT that the
+    parent set to be ignored (a background job of a script, ``nohup``) stays ignored, as for
+    any Unix tool.
+    """
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._previous: Any = None
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+        ):
+            self._previous = signal.signal(signal.SIGINT, lambda _sig, _frame: self.event.set())
+
+    def sleep(self, seconds: float) -> bool:
+        """Sleeps ``seconds``; True when Ctrl-C came (now or earlier)."""
+        return self.event.wait(max(0.0, seconds))
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.watch is not None and args.watch <= 0:
@@ -433,11 +463,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("membrain").setLevel(logging.CRITICAL)
     sources = make_sources(args)
     pool = ThreadPoolExecutor(max_workers=min(32, len(sources)), thread_name_prefix="membrain-stats")
+    ctrl_c = _CtrlC()
     try:
         prev = _poll_all(pool, sources)
         if args.watch is None:
             if args.interval > 0:
-                time.sleep(args.interval)
+                if ctrl_c.sleep(args.interval):
+                    return 0
                 cur = _poll_all(pool, sources)
             else:
                 cur, prev = prev, [Sample(0.0, None)] * len(sources)
@@ -448,14 +480,19 @@ def main(argv: list[str] | None = None) -> int:
         next_t = time.monotonic()
         while True:
             next_t += args.watch
-            time.sleep(max(0.0, next_t - time.monotonic()))
+            if ctrl_c.sleep(next_t - time.monotonic()):
+                return 0
             cur = _poll_all(pool, sources)
+            if ctrl_c.event.is_set():
+                return 0
             _emit([make_row(s.name, c, p) for s, c, p in zip(sources, cur, prev)], args.json)
             prev = cur
             shown += 1
             if args.count and shown >= args.count:
                 return 0
-    except KeyboardInterrupt:
+    except (
+        KeyboardInterrupt
+    ):  # only before the handler is installed, or when main() is not on the main thread
         return 0
     except BrokenPipeError:  # `membrain stats --watch | head`
         # Python flushes stdout again at exit: point it at /dev/null so that is quiet too.
@@ -465,10 +502,7 @@ def main(argv: list[str] | None = None) -> int:
             pass
         return 0
     finally:
+        ctrl_c.restore()
         pool.shutdown(wait=False)
         for s in sources:
             s.close()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
