@@ -359,7 +359,8 @@ def test_load_deadline_scales_with_the_bytes_asked(pair):
     _start(s, w, [20, 21, 22, 23, 24])
     _finish_loads(w, {"r"})
     bb = w._worker.executor.block_bytes
-    assert fc.timeouts[-1] == deadline_ms(2000, 4 * bb)
+    # each fetch shares the link with the other streams of the load: their bytes count too
+    assert fc.timeouts[-1] == deadline_ms(2000, 4 * bb * w._worker.executor.fetch_streams)
     # A long prefix gets the time its bytes need (stores too).
     w._worker.remote.get_into([b"k"], [bytearray(4)], nbytes=64 << 20)
     assert fc.timeouts[-1] == 2000 + 63 * PER_MIB_MS
@@ -400,7 +401,101 @@ def test_loads_of_one_step_are_one_batched_fetch_in_pipelined_chunks(pair):
     _alloc(s, r3, [20, 21, 22, 23, 24], 16)
     _start(s, w, [])
     assert _finish_loads(w, {"r3"}) == set()
-    assert calls == [3, 1] and _same(kv, [0, 1, 2, 3], [20, 21, 22, 23])
+    # (the chunks are fetched in parallel streams: in either order)
+    assert sorted(calls) == [1, 3] and _same(kv, [0, 1, 2, 3], [20, 21, 22, 23])
+
+
+def test_a_load_fetches_its_chunks_in_parallel_streams(pair):
+    fc = FakeClient()
+    kv_a = _stored_remotely(pair, fc)
+    s, w, kv = pair(cpu_cache=0, remote=fc)
+    ex = w._worker.executor
+    ex.fetch_chunk_blocks = 1
+    assert ex.fetch_streams == 3
+    # The first three one-block fetches must be in flight together: each waits at the barrier
+    # until all three arrived (a serial fetcher breaks it after the timeout).
+    together = threading.Barrier(ex.fetch_streams, timeout=10)
+    active, most, calls = [0], [0], [0]
+    lock = threading.Lock()
+    real = fc.get_into
+
+    def parallel(keys, bufs, timeout_ms=None):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+            calls[0] += 1
+            first_three = calls[0] <= together.parties
+        try:
+            if first_three:
+                try:
+                    together.wait()
+                except threading.BrokenBarrierError:
+                    pass
+            return real(keys, bufs, timeout_ms)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    fc.get_into = parallel
+    for t in kv.values():
+        t[20:25].zero_()
+    r = _req("r", 18)
+    assert _matched(s, r) == (16, True)
+    _alloc(s, r, [20, 21, 22, 23, 24], 16)
+    _start(s, w, [])
+    assert _finish_loads(w, {"r"}) == set()
+    assert not together.broken, "the first fetches of a load did not run in parallel"
+    assert most[0] == ex.fetch_streams, most  # and never more than fetch_streams at once
+    assert _same(kv, [0, 1, 2, 3], [20, 21, 22, 23])
+    del kv_a
+
+
+def test_an_idle_step_waits_for_a_load_and_a_busy_step_never_does(pair, monkeypatch):
+    from membrain.vllm import worker as worker_mod
+
+    monkeypatch.setattr(worker_mod, "IDLE_STEP_WAIT_S", 5.0)
+    fc = FakeClient()
+    _stored_remotely(pair, fc)
+    s, w, _kv = pair(cpu_cache=0, remote=fc)
+    r = _req("r", 18)
+    assert _matched(s, r) == (16, True)
+    _alloc(s, r, [20, 21, 22, 23, 24], 16)
+    fc.gate = threading.Event()  # the fetch waits for it
+    meta = _start(s, w, [])  # a step that schedules nothing: vLLM's engine loop spinning
+    assert meta.idle_step
+    # A step with work never waits, even with a load in flight.
+    t0 = time.monotonic()
+    assert w._worker.get_finished(set(), idle_step=False) == set()
+    assert time.monotonic() - t0 < 1.0
+    # An idle step waits for the load, and returns as soon as it finished (not at the timeout).
+    threading.Timer(0.2, fc.gate.set).start()
+    t0 = time.monotonic()
+    _sending, recving = w.get_finished(set())
+    waited = time.monotonic() - t0
+    assert recving == {"r"} and 0.15 < waited < 4.0, (recving, waited)
+    assert w.get_block_ids_with_load_errors() == set()
+
+
+def test_the_step_metadata_says_whether_anything_is_scheduled(pair):
+    s, _w, _kv = pair()
+    idle = NS(
+        scheduled_new_reqs=[],
+        scheduled_cached_reqs=NS(req_ids=[], num_computed_tokens=[], resumed_req_ids=set()),
+        num_scheduled_tokens={},
+        total_num_scheduled_tokens=0,
+    )
+    s._scheduler.kv_cache_manager = NS(get_block_ids=lambda rid: ([],))
+    assert s.build_connector_meta(idle).idle_step
+    busy = NS(**{**vars(idle), "total_num_scheduled_tokens": 1})
+    assert not s.build_connector_meta(busy).idle_step
+
+
+def test_fetch_chunks_are_sized_in_bytes():
+    from membrain.tiers.executor import FETCH_CHUNK_BLOCKS, FETCH_CHUNK_BYTES, fetch_chunk_blocks
+
+    assert fetch_chunk_blocks(64 << 10) == FETCH_CHUNK_BLOCKS  # small blocks: the block cap
+    assert fetch_chunk_blocks(8 << 20) == FETCH_CHUNK_BYTES // (8 << 20)  # a wide model's block
+    assert fetch_chunk_blocks(FETCH_CHUNK_BYTES * 2) == 1
 
 
 def test_eviction_during_a_load_cancels_its_promotion(pair):

@@ -99,6 +99,7 @@ def main(argv: list[str]) -> int:
     try:  # what vLLM resolved: is its hybrid KV-cache manager on (HMA)?
         sc = llm.llm_engine.vllm_config.scheduler_config
         engine["hybrid_kv_cache_manager"] = not bool(sc.disable_hybrid_kv_cache_manager)
+        engine["block_size"] = int(llm.llm_engine.vllm_config.cache_config.block_size)
     except Exception:
         pass
     json.dump({"results": results, "kv_block_digests": digests, "engine": engine}, open(argv[1], "w"))

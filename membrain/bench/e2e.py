@@ -5,7 +5,9 @@ Instance A (Membrain on): each prompt cold, then again (local prefix-cache hit).
 fresh process with the same Membrain settings: each prompt once (served from the remote tier,
 its host tier being empty). TTFT = wall time of a ``max_tokens=1`` request. For B each row also
 carries the worker's load (from its ``MEMBRAIN LOAD`` line): total seconds, queued, host-tier
-scatter, waiting on remote fetches, remote scatter, and the effective GB/s (bytes / seconds).
+scatter, waiting on remote fetches, remote scatter, and the effective GB/s (bytes / seconds),
+also as a ratio to the transport's GET rate at the same value size (one KV block), measured on
+the same server at the end of the same run (:func:`get_reference`).
 
 Shapes (random-weight Llama, bf16): ``small`` hidden 512, 6 layers, 4 KV heads of 64 (6 KiB of
 KV per token); ``wide`` hidden 512, 16 layers, 8 KV heads of 128 (64 KiB per token), where moving
@@ -24,6 +26,7 @@ from typing import Any
 
 from membrain.bench import common as C
 from membrain.bench.machine import machine_info
+from membrain.tiers.executor import fetch_chunk_blocks
 
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192)
 SHAPES: dict[str, dict[str, int]] = {
@@ -48,6 +51,41 @@ def shape_model(shape_name: str, model_dir: str | None = None) -> str:
 
 def kv_bytes_per_token(shape: dict[str, int]) -> int:
     return 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * 2  # K and V, bf16
+
+
+def get_reference(endpoint: str, value_bytes: int, batch: int, rounds: int = 5) -> dict[str, Any]:
+    """``Client.get_into`` of ``batch`` values of ``value_bytes`` (one KV block) from the server
+    the instances used, in one call, as a load's fetch chunk is: the transport's GET rate at the
+    load's value size, measured in the same run (median of ``rounds``)."""
+    import numpy as np
+
+    from membrain import Client
+    from membrain.bench.timing import gbps, median_seconds
+
+    client = Client(endpoint, namespace=f"bench-get-{int(time.time())}", timeout_ms=60_000)
+    try:
+        keys = [f"get-ref-{i}".encode() for i in range(batch)]
+        values = [
+            np.random.default_rng(i).integers(0, 256, value_bytes, dtype=np.uint8) for i in range(batch)
+        ]
+        if not all(client.put(keys, values)):
+            raise SystemExit(f"the GET reference could not store {batch} x {value_bytes} B on {endpoint}")
+        bufs = [np.empty(value_bytes, dtype=np.uint8) for _ in range(batch)]
+
+        def get() -> None:
+            if not all(client.get_into(keys, bufs)):
+                raise SystemExit("the GET reference missed its own values")
+
+        seconds = median_seconds(get, repeats=rounds, warmup=1)
+        client.delete(keys)
+    finally:
+        client.close()
+    return {
+        "value_bytes": value_bytes,
+        "batch": batch,
+        "seconds": seconds,
+        "gb_per_s": gbps(value_bytes * batch, seconds),
+    }
 
 
 def run(
@@ -88,6 +126,8 @@ def run(
         b = C.run_instance({**base, "repeat": 1}, C.base_env(), workdir, "bench_B", timeout=3600)
         if a["rc"] or b["rc"]:
             raise SystemExit(f"vLLM run failed: see {a['log_path']} / {b['log_path']}")
+        block_bytes = per_token * int(b["engine"].get("block_size", 16))
+        get_ref = get_reference(endpoint, block_bytes, fetch_chunk_blocks(block_bytes))
     finally:
         if server is not None:
             server.stop()
@@ -116,16 +156,19 @@ def run(
         )
         if i < len(loads):  # B's loads, one per prompt, in order
             ld = loads[i]
+            gb_per_s = ld["bytes"] / ld["seconds"] / 1e9 if ld["seconds"] > 0 else 0.0
             rows[-1]["load"] = {
                 k: ld[k] for k in ("req", "remote", "host", "failed", "bytes", "seconds", "queued")
             } | {
                 "host_scatter_s": ld["host_s"],
                 "fetch_wait_s": ld["fetch_wait"],
                 "scatter_s": ld["scatter"],
-                "gb_per_s": ld["bytes"] / ld["seconds"] / 1e9 if ld["seconds"] > 0 else 0.0,
+                "gb_per_s": gb_per_s,
+                "vs_get": gb_per_s / get_ref["gb_per_s"],
             }
     return {
         "rows": rows,
+        "get_reference": get_ref,
         "hits_B": C.hit_totals(b["log"]),
         "model": {
             "hidden": hidden,
@@ -191,8 +234,14 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"         load {ld['seconds'] * 1e3:8.1f} ms = queued {ld['queued'] * 1e3:.1f} + host "
                 f"{ld['host_scatter_s'] * 1e3:.1f} + fetch wait {ld['fetch_wait_s'] * 1e3:.1f} + scatter "
-                f"{ld['scatter_s'] * 1e3:.1f} ms; {ld['bytes'] / 2**20:.1f} MiB at {ld['gb_per_s']:.2f} GB/s"
+                f"{ld['scatter_s'] * 1e3:.1f} ms; {ld['bytes'] / 2**20:.1f} MiB at {ld['gb_per_s']:.2f} GB/s "
+                f"= {ld['vs_get']:.2f}x GET"
             )
+    ref = res["get_reference"]
+    print(
+        f"GET reference, same server and run: {ref['batch']} x {ref['value_bytes'] / 2**20:.1f} MiB per call "
+        f"at {ref['gb_per_s']:.2f} GB/s"
+    )
     print(f"wrote {a.out}.json and {a.out}.png")
     return 0
 

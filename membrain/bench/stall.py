@@ -79,7 +79,7 @@ def run_mode(
     env = C.base_env()
     try:
         if mode == "membrain":
-            server = C.start_server("4GiB", wd / "server.log")
+            server = C.start_server("4GiB", wd / "server.log", nice=args.server_nice)
             if server is None:
                 raise SystemExit(f"the local Membrain server did not start; see {wd / 'server.log'}")
             extra = {
@@ -130,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         help="vLLM's per-step token budget (chunked prefill)",
     )
     p.add_argument("--modes", default="off,membrain")
+    p.add_argument(
+        "--server-nice",
+        type=int,
+        default=0,
+        help="niceness of the local Membrain server's threads; 19 stands in for a server on its own "
+        "host (production), 0 (default) lets it take CPU from the engine as on one box",
+    )
     p.add_argument("--model-dir", default=None)
     p.add_argument("--json", default=None, metavar="PATH")
     p.add_argument("--workdir", default=None)
@@ -165,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": shape | {"kv_bytes_per_token": kv_bytes_per_token(shape)},
             "prefix_tokens": a.prefix_tokens,
             "max_num_batched_tokens": a.max_num_batched_tokens,
+            "server_nice": a.server_nice,
             "rows": rows,
         }
         Path(a.json).write_text(json.dumps(doc, indent=2))

@@ -208,7 +208,8 @@ class MembrainConnector(KVConnectorBase_V1, SupportsHMA):
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         if self._worker is None:
             return None, None
-        recving = self._worker.get_finished(finished_req_ids)
+        meta = self._meta()
+        recving = self._worker.get_finished(finished_req_ids, idle_step=meta is not None and meta.idle_step)
         return None, recving or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:

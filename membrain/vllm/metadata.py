@@ -20,3 +20,7 @@ class MembrainMetadata(KVConnectorMetadata):
     evict: list[bytes] = field(default_factory=list)
     # The host tier was cleared (reset_cache): workers drop every block they hold.
     clear_host: bool = False
+    # The step schedules no tokens (every running request waits, e.g. for its KV): vLLM's engine
+    # loop then spins empty steps, so a worker with loads in flight waits briefly for one to
+    # finish instead of returning at once (the spin would take the CPU the loads need).
+    idle_step: bool = False

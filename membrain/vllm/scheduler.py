@@ -45,6 +45,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger("vllm.membrain")
 
 
+def _scheduled_tokens(scheduler_output: SchedulerOutput) -> int:
+    total = getattr(scheduler_output, "total_num_scheduled_tokens", None)
+    if total is None:
+        total = sum(getattr(scheduler_output, "num_scheduled_tokens", {}).values())
+    return int(total)
+
+
 @dataclass
 class _ReqState:
     request: Any
@@ -354,6 +361,7 @@ class MembrainScheduler:
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> MembrainMetadata:
         meta = MembrainMetadata(host_capacity=self.host_capacity, epoch=self.epoch)
         meta.clear_host, self._clear_host = self._clear_host, False
+        meta.idle_step = _scheduled_tokens(scheduler_output) == 0
         if not self.enabled:
             return meta
         meta.loads, self._pending_loads = self._pending_loads, {}

@@ -33,6 +33,9 @@ from membrain.vllm.metadata import MembrainMetadata
 from membrain.vllm.stats import MembrainStats, StatsRecorder
 
 logger = logging.getLogger("vllm.membrain")
+# Longest wait for a load in a step that schedules nothing (see get_finished): a request that
+# arrives meanwhile is admitted at most this much later; a finished load ends the wait at once.
+IDLE_STEP_WAIT_S = 0.02
 
 
 class MembrainWorker:
@@ -208,17 +211,24 @@ class MembrainWorker:
                     job.error or "blocks missing from their tier",
                 )
 
-    def get_finished(self, finished_req_ids: set[str]) -> set[str]:
+    def get_finished(self, finished_req_ids: set[str], idle_step: bool = False) -> set[str]:
         """Requests whose load completed (landed, failed or cancelled) since the last call;
         their failed blocks are reported by the next :meth:`take_load_errors` (vLLM calls it
         right after, for the same step's output), so they are never later than the request's
         ``finished_recving``. A request that ended while loading (``finished_req_ids``) stops
-        being written but is still reported, so vLLM frees its blocks."""
+        being written but is still reported, so vLLM frees its blocks.
+
+        On an ``idle_step`` (nothing scheduled: vLLM's engine loop spins empty steps while
+        requests wait for their KV) it first waits up to IDLE_STEP_WAIT_S for a load to
+        finish, so the spin does not take the CPU the loads need; a step with work never
+        waits."""
         for rid in finished_req_ids:
             if rid in self._loading:
                 self._aborted.add(rid)
                 if self.executor is not None:
                     self.executor.cancel_load(rid)
+        if idle_step and self.executor is not None and not self._sync_done:
+            self.executor.wait_for_loads(IDLE_STEP_WAIT_S)
         done, self._sync_done = self._sync_done, []
         if self.executor is not None:
             done += self.executor.poll_loads()
