@@ -490,6 +490,45 @@ def test_the_step_metadata_says_whether_anything_is_scheduled(pair):
     assert not s.build_connector_meta(busy).idle_step
 
 
+def test_a_load_beside_running_requests_fetches_one_chunk_at_a_time(pair):
+    fc = FakeClient()
+    _stored_remotely(pair, fc)
+    s, w, kv = pair(cpu_cache=0, remote=fc)
+    w._worker.executor.fetch_chunk_blocks = 1
+    active, most = [0], [0]
+    lock = threading.Lock()
+    real = fc.get_into
+
+    def slow(keys, bufs, timeout_ms=None):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.05)  # long enough for a second stream to overlap, were there one
+        try:
+            return real(keys, bufs, timeout_ms)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    fc.get_into = slow
+    r = _req("r", 18)
+    assert _matched(s, r) == (16, True)
+    _alloc(s, r, [20, 21, 22, 23, 24], 16)
+    s._scheduler.kv_cache_manager = NS(get_block_ids=lambda rid: ([],))
+    busy = NS(  # the step also decodes another request
+        scheduled_new_reqs=[],
+        scheduled_cached_reqs=NS(req_ids=[], num_computed_tokens=[], resumed_req_ids=set()),
+        num_scheduled_tokens={"other": 1},
+    )
+    meta = s.build_connector_meta(busy)
+    assert not meta.idle_step and "r" in meta.loads
+    w.bind_connector_metadata(meta)
+    w.start_load_kv(None)
+    assert _finish_loads(w, {"r"}) == set()
+    assert most[0] == 1, most
+    assert _same(kv, [0, 1, 2, 3], [20, 21, 22, 23])
+
+
 def test_fetch_chunks_are_sized_in_bytes():
     from membrain.tiers.executor import FETCH_CHUNK_BLOCKS, FETCH_CHUNK_BYTES, fetch_chunk_blocks
 

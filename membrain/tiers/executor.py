@@ -27,10 +27,12 @@ logger = logging.getLogger("membrain.tiers.executor")
 # Slots kept beyond the host tier's capacity for staging remote transfers.
 HOST_HEADROOM_BLOCKS = 64
 # A background load fetches its remote blocks in chunks of at most FETCH_CHUNK_BLOCKS blocks and
-# FETCH_CHUNK_BYTES bytes, FETCH_STREAMS chunks at a time (each on its own connection) while the
-# chunk before them is scattered: at most FETCH_STREAMS + 1 chunks of staging slots are held.
-# Several streams because one TCP connection's receive is one thread's copy: on the 2-core box,
-# `membrain bench transfer` GETs 16 x 1 MiB at 1.44 GB/s on one connection, 2.4-2.6 GB/s on four.
+# FETCH_CHUNK_BYTES bytes, while the chunk before them is scattered. A load started in a step
+# that schedules nothing else (every request waits for its KV) fetches FETCH_STREAMS chunks at a
+# time, each on its own connection: one TCP connection's receive is one thread's copy, and on the
+# 2-core box `membrain bench transfer` GETs 16 x 1 MiB at 1.44 GB/s on one connection, 2.4-2.6
+# GB/s on four. A load started beside running requests fetches one chunk at a time, so it takes
+# less of the CPU they decode on. At most streams + 1 chunks of staging slots are held.
 FETCH_CHUNK_BLOCKS = 16
 FETCH_CHUNK_BYTES = 32 << 20
 FETCH_STREAMS = 3
@@ -84,6 +86,7 @@ class LoadJob:
     host_slots: list[Any] = field(default_factory=list)
     landed: set[int] = field(default_factory=set)
     ready: Any = None  # CUDA: event the side stream waits on before scattering
+    streams: int = 1  # remote fetches in flight at a time (set by start_loads)
     ctx: Any = None  # the caller's (e.g. a tracing span)
 
 
@@ -163,16 +166,19 @@ class TierExecutor:
         assert job.result is not None
         return job.result
 
-    def start_loads(self, jobs: Sequence[LoadJob], host_capacity: int) -> None:
+    def start_loads(self, jobs: Sequence[LoadJob], host_capacity: int, beside_work: bool = False) -> None:
         """Starts the loads of one step in the background (one loader thread, jobs in order):
         host-tier blocks are scattered from their slots, remote blocks of all jobs are fetched
-        in one batch, in chunks fetched ``fetch_streams`` at a time while the one before them
-        is scattered, and promoted where the plan says. Each job's outcome comes back through
+        in one batch, in chunks fetched ``fetch_streams`` at a time (one at a time when the
+        step runs other requests: ``beside_work``) while the one before them is scattered,
+        and promoted where the plan says. Each job's outcome comes back through
         :meth:`poll_loads`; every job comes back exactly once, also on errors (then with its
         blocks failed)."""
         if not jobs:
             return
         jobs = list(jobs)
+        for j in jobs:
+            j.streams = 1 if beside_work else max(1, self.fetch_streams)
         try:
             self._prepare(jobs, host_capacity)
         except Exception as e:
@@ -374,9 +380,9 @@ class TierExecutor:
                 self._fail(j, "request finished while loading")
         if want:
             batch = list({id(j): j for j, _ in want}.values())
-            self._load_remote(want, stream, batch)
+            self._load_remote(want, stream, batch, min(j.streams for j in batch))
 
-    def _fetch(self, chunk: list[tuple[LoadJob, int]]) -> tuple[list[Any], list[bool]]:
+    def _fetch(self, chunk: list[tuple[LoadJob, int]], streams: int) -> tuple[list[Any], list[bool]]:
         """Fetcher thread: one remote get of ``chunk`` into pool slots (pinned on CUDA;
         pageable scratch only on CPU when the pool is short)."""
         store = self.store_
@@ -393,14 +399,16 @@ class TierExecutor:
             got = self.remote.get_into(
                 [chunk[n][0].keys[chunk[n][1]] for n in want],
                 [bufs[n] for n in want],
-                nbytes=len(want) * self.block_bytes * max(1, self.fetch_streams),
+                nbytes=len(want) * self.block_bytes * max(1, streams),
             )
         oks = [False] * len(chunk)
         for n, ok in zip(want, got):
             oks[n] = ok
         return bufs, oks
 
-    def _load_remote(self, want: list[tuple[LoadJob, int]], stream: Any, batch: list[LoadJob]) -> None:
+    def _load_remote(
+        self, want: list[tuple[LoadJob, int]], stream: Any, batch: list[LoadJob], streams: int
+    ) -> None:
         size = max(1, self.fetch_chunk_blocks)
         chunks = [want[c : c + size] for c in range(0, len(want), size)]
         fetcher = self._fetcher
@@ -409,22 +417,22 @@ class TierExecutor:
         def submit(c: list[tuple[LoadJob, int]]) -> Future[tuple[list[Any], list[bool]]]:
             if fetcher is None:  # synchronous form (load())
                 f: Future[tuple[list[Any], list[bool]]] = Future()
-                f.set_result(self._fetch(c))
+                f.set_result(self._fetch(c, 1))
                 return f
-            return fetcher.submit(self._fetch, c)
+            return fetcher.submit(self._fetch, c, streams)
 
-        ahead = max(1, self.fetch_streams)
+        ahead = max(1, streams) if fetcher is not None else 1
         for c in chunks[:ahead]:
             futs.append(submit(c))
         taken = 0
         try:
             for n, chunk in enumerate(chunks):
-                if n + ahead < len(chunks):
-                    futs.append(submit(chunks[n + ahead]))  # fetches overlap this scatter
                 taken = n + 1
                 t = time.perf_counter()
                 bufs, oks = futs[n].result()
                 t_got = time.perf_counter()
+                if n + ahead < len(chunks):  # keeps `ahead` fetches in flight over this scatter
+                    futs.append(submit(chunks[n + ahead]))
                 self._land_chunk(chunk, bufs, oks, stream)
                 t_end = time.perf_counter()
                 for j in batch:

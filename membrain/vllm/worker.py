@@ -150,7 +150,7 @@ class MembrainWorker:
             else:
                 jobs.append(job)
         if jobs and self.executor is not None:
-            self.executor.start_loads(jobs, meta.host_capacity)
+            self.executor.start_loads(jobs, meta.host_capacity, beside_work=not meta.idle_step)
         if self.executor is not None and meta.evict:
             self.executor.evict_host([self._key(h) for h in meta.evict])
 
