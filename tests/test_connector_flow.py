@@ -405,9 +405,33 @@ def test_loads_of_one_step_are_one_batched_fetch_in_pipelined_chunks(pair):
     assert sorted(calls) == [1, 3] and _same(kv, [0, 1, 2, 3], [20, 21, 22, 23])
 
 
+def _count_concurrent_fetches(fc, inside) -> list[int]:
+    """Wraps ``fc.get_into``: ``inside(n)`` runs within the n-th call (from 1); the returned
+    list holds the most calls in flight at once."""
+    active, most, calls = [0], [0], [0]
+    lock = threading.Lock()
+    real = fc.get_into
+
+    def counting(keys, bufs, timeout_ms=None):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+            calls[0] += 1
+            n = calls[0]
+        try:
+            inside(n)
+            return real(keys, bufs, timeout_ms)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    fc.get_into = counting
+    return most
+
+
 def test_a_load_fetches_its_chunks_in_parallel_streams(pair):
     fc = FakeClient()
-    kv_a = _stored_remotely(pair, fc)
+    _stored_remotely(pair, fc)
     s, w, kv = pair(cpu_cache=0, remote=fc)
     ex = w._worker.executor
     ex.fetch_chunk_blocks = 1
@@ -415,28 +439,15 @@ def test_a_load_fetches_its_chunks_in_parallel_streams(pair):
     # The first three one-block fetches must be in flight together: each waits at the barrier
     # until all three arrived (a serial fetcher breaks it after the timeout).
     together = threading.Barrier(ex.fetch_streams, timeout=10)
-    active, most, calls = [0], [0], [0]
-    lock = threading.Lock()
-    real = fc.get_into
 
-    def parallel(keys, bufs, timeout_ms=None):
-        with lock:
-            active[0] += 1
-            most[0] = max(most[0], active[0])
-            calls[0] += 1
-            first_three = calls[0] <= together.parties
-        try:
-            if first_three:
-                try:
-                    together.wait()
-                except threading.BrokenBarrierError:
-                    pass
-            return real(keys, bufs, timeout_ms)
-        finally:
-            with lock:
-                active[0] -= 1
+    def meet(n: int) -> None:
+        if n <= together.parties:
+            try:
+                together.wait()
+            except threading.BrokenBarrierError:
+                pass
 
-    fc.get_into = parallel
+    most = _count_concurrent_fetches(fc, meet)
     for t in kv.values():
         t[20:25].zero_()
     r = _req("r", 18)
@@ -447,7 +458,6 @@ def test_a_load_fetches_its_chunks_in_parallel_streams(pair):
     assert not together.broken, "the first fetches of a load did not run in parallel"
     assert most[0] == ex.fetch_streams, most  # and never more than fetch_streams at once
     assert _same(kv, [0, 1, 2, 3], [20, 21, 22, 23])
-    del kv_a
 
 
 def test_an_idle_step_waits_for_a_load_and_a_busy_step_never_does(pair, monkeypatch):
@@ -495,22 +505,8 @@ def test_a_load_beside_running_requests_fetches_one_chunk_at_a_time(pair):
     _stored_remotely(pair, fc)
     s, w, kv = pair(cpu_cache=0, remote=fc)
     w._worker.executor.fetch_chunk_blocks = 1
-    active, most = [0], [0]
-    lock = threading.Lock()
-    real = fc.get_into
-
-    def slow(keys, bufs, timeout_ms=None):
-        with lock:
-            active[0] += 1
-            most[0] = max(most[0], active[0])
-        time.sleep(0.05)  # long enough for a second stream to overlap, were there one
-        try:
-            return real(keys, bufs, timeout_ms)
-        finally:
-            with lock:
-                active[0] -= 1
-
-    fc.get_into = slow
+    # long enough for a second stream to overlap, were there one
+    most = _count_concurrent_fetches(fc, lambda _n: time.sleep(0.05))
     r = _req("r", 18)
     assert _matched(s, r) == (16, True)
     _alloc(s, r, [20, 21, 22, 23, 24], 16)
