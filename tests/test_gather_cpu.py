@@ -23,6 +23,7 @@ from kv_layouts import (
 )
 
 import membrain
+from membrain import _native as native
 from membrain import ops
 
 
@@ -280,6 +281,49 @@ def test_large_pages_split_within_a_page():
     out = _poisoned(ops.packed_nbytes(kv, 2))
     ops.gather_blocks(kv, [3, 1], out)
     assert torch.equal(out, reference_gather(kv, [3, 1]))
+
+
+# Lengths around the streaming copy's pieces: the 64-byte line, the four-page (16 KiB) group.
+STREAM_LENGTHS = [0, 1, 63, 64, 65, 4095, 16383, 16384, 16385, 3 * 16384 + 4096 + 77]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_contiguous_copy_any_alignment_and_length(streaming):
+    rng = np.random.default_rng(7)
+    src = rng.integers(0, 256, size=(1 << 17) + 256, dtype=np.uint8)
+    for length in STREAM_LENGTHS:
+        for src_off, dst_off in [(0, 0), (1, 0), (0, 17), (33, 63), (48, 16)]:
+            dst = np.full(length + 256, 0xA5, dtype=np.uint8)
+            native.memcpy_cpu(dst.ctypes.data + dst_off, src.ctypes.data + src_off, length, streaming)
+            assert np.array_equal(dst[dst_off : dst_off + length], src[src_off : src_off + length]), (
+                length,
+                src_off,
+                dst_off,
+            )
+            # Nothing outside the destination range is touched.
+            assert (dst[:dst_off] == 0xA5).all() and (dst[dst_off + length :] == 0xA5).all()
+
+
+@pytest.mark.parametrize("pages", ["whole-block", "odd"])
+def test_streaming_gather_and_scatter_past_the_threshold(pages, rng):
+    # Past 8 MiB the copies use streaming stores over four-page groups; runs of an odd size
+    # leave every run's start misaligned, whole-block runs (BLNHC) are 128 KiB each.
+    if pages == "whole-block":
+        kv = make_kv_caches("BLNHC", 8, 160, 16, 4, 64, torch.bfloat16, seed=3)
+        fresh = make_kv_caches("BLNHC", 8, 160, 16, 4, 64, torch.bfloat16, seed=4)
+    else:
+        kv = [torch.randint(0, 256, (4000, 16411), dtype=torch.uint8) for _ in range(2)]
+        fresh = [torch.zeros_like(layer) for layer in kv]
+    num_blocks = kv[0].shape[0]
+    ids = rng.permutation(num_blocks)[: num_blocks * 3 // 4].tolist()
+    out = _poisoned(ops.packed_nbytes(kv, len(ids)))
+    assert out.numel() >= 8 << 20
+    ops.gather_blocks(kv, ids, out)
+    order = "NHC" if pages == "whole-block" else "HNC"
+    assert same_bytes(out, reference_gather(kv, ids, order))
+    ops.scatter_blocks(out, fresh, ids)
+    for layer, copy in zip(kv, fresh, strict=True):
+        assert same_bytes(copy[ids], layer[ids])
 
 
 def test_scatter_duplicates_last_occurrence_wins():

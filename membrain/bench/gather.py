@@ -6,6 +6,9 @@ For each page size and (layers, blocks) shape, on CPU tensors:
   * a per-page copy loop (torch copy_ per page),
   * the limit: one contiguous copy of the same bytes by the same number of threads (the
     faster of glibc memcpy and a streaming-store copy).
+Gather, scatter and the limit are timed in rounds, each once per round, and each ratio is the
+median over rounds of the limit's time over the op's: a shared host drifts by tens of percent
+within seconds, which ratios of medians taken one after the other would carry.
 Then, at 16 KiB pages, the same for vLLM's own per-layer views (built with
 create_kv_cache_views) in the layouts that matter: LBHNC (contiguous pages), LBNHC (CUDA's
 default: pages one run, dims permuted), BLNHC (a block of all layers is one run) and LHBNC (one
@@ -39,10 +42,40 @@ def _shapes(page: int, quick: bool) -> list[tuple[int, int]]:
     return shapes
 
 
+def _copy_vs_limit(
+    gather: Any, scatter: Any, limit_dst: Any, src: Any, nbytes: int, repeats: int
+) -> dict[str, float]:
+    """Gather, scatter and the limit timed in rounds (see timing.interleaved_seconds): the limit
+    of a round is the faster of glibc's memcpy and a streaming-store copy of the same bytes by
+    the same threads, and each ratio is the median over rounds of limit time / op time. The
+    limit copies run last in a round, so what they leave in the cache cannot help the ops."""
+    from membrain import _native
+    from membrain.bench.timing import gbps, interleaved_seconds, median_ratio
+
+    t = interleaved_seconds(
+        {
+            "gather": gather,
+            "scatter": scatter,
+            "memcpy": lambda: _native.memcpy_cpu(limit_dst.data_ptr(), src.data_ptr(), nbytes),
+            "stream": lambda: _native.memcpy_cpu(limit_dst.data_ptr(), src.data_ptr(), nbytes, True),
+        },
+        repeats=repeats,
+    )
+    limit = [min(a, b) for a, b in zip(t["memcpy"], t["stream"], strict=True)]
+    med = lambda name: float(np.median(t[name]))  # noqa: E731
+    return {
+        "gather_gbps": gbps(nbytes, med("gather")),
+        "scatter_gbps": gbps(nbytes, med("scatter")),
+        "limit_memcpy_gbps": gbps(nbytes, float(np.median(limit))),
+        "gather_vs_limit": median_ratio(limit, t["gather"]),
+        "scatter_vs_limit": median_ratio(limit, t["scatter"]),
+    }
+
+
 def _cpu_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
 
-    from membrain import _native, ops
+    from membrain import ops
     from membrain.bench.timing import gbps, median_seconds
 
     rng = np.random.default_rng(0)
@@ -60,19 +93,13 @@ def _cpu_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             desc = ops.describe_kv_caches(kv)
             out3 = out.view(blocks, layers, page)
 
-            t_gather = median_seconds(lambda: ops.gather_blocks(desc, ids, out), repeats=args.repeats)
-            t_scatter = median_seconds(lambda: ops.scatter_blocks(src, desc, ids), repeats=args.repeats)
-            # The limit is the faster of glibc's memcpy and a streaming-store copy, both split
-            # over the same threads: one contiguous copy of the same bytes.
-            t_limit = min(
-                median_seconds(
-                    lambda: _native.memcpy_cpu(limit_dst.data_ptr(), src.data_ptr(), nbytes),
-                    repeats=args.repeats,
-                ),
-                median_seconds(
-                    lambda: _native.memcpy_cpu(limit_dst.data_ptr(), src.data_ptr(), nbytes, True),
-                    repeats=args.repeats,
-                ),
+            timed = _copy_vs_limit(
+                lambda: ops.gather_blocks(desc, ids, out),
+                lambda: ops.scatter_blocks(src, desc, ids),
+                limit_dst,
+                src,
+                nbytes,
+                args.repeats,
             )
 
             def torch_index_select():
@@ -98,7 +125,6 @@ def _cpu_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "gather produced wrong bytes"
             )
 
-            g_limit = gbps(nbytes, t_limit)
             row = {
                 "device": "cpu",
                 "page_bytes": page,
@@ -106,14 +132,10 @@ def _cpu_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "blocks": blocks,
                 "bytes": nbytes,
                 "threads": ops.get_num_threads(),
-                "gather_gbps": gbps(nbytes, t_gather),
-                "scatter_gbps": gbps(nbytes, t_scatter),
-                "limit_memcpy_gbps": g_limit,
+                **timed,
                 "torch_index_select_gbps": gbps(nbytes, t_torch),
                 "per_page_loop_gbps": gbps(loop_bytes, t_loop),
             }
-            row["gather_vs_limit"] = row["gather_gbps"] / g_limit
-            row["scatter_vs_limit"] = row["scatter_gbps"] / g_limit
             row["gather_vs_torch"] = row["gather_gbps"] / row["torch_index_select_gbps"]
             row["scatter_vs_torch"] = row["scatter_gbps"] / row["torch_index_select_gbps"]
             row["gather_vs_loop"] = row["gather_gbps"] / row["per_page_loop_gbps"]
@@ -130,8 +152,7 @@ LAYOUT_BLOCK_SIZE, LAYOUT_KV_HEADS, LAYOUT_HEAD_SIZE = 16, 4, 64
 def _layout_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
 
-    from membrain import _native, ops
-    from membrain.bench.timing import gbps, median_seconds
+    from membrain import ops
     from membrain.bench.vllm_kv import vllm_kv_caches
 
     rng = np.random.default_rng(1)
@@ -152,16 +173,13 @@ def _layout_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         out = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
         src = out.clone()
         limit_dst = torch.empty_like(out)
-        t_gather = median_seconds(lambda: ops.gather_blocks(desc, ids, out), repeats=args.repeats)
-        t_scatter = median_seconds(lambda: ops.scatter_blocks(src, desc, ids), repeats=args.repeats)
-        t_limit = min(
-            median_seconds(
-                lambda: _native.memcpy_cpu(limit_dst.data_ptr(), src.data_ptr(), nbytes), repeats=args.repeats
-            ),
-            median_seconds(
-                lambda: _native.memcpy_cpu(limit_dst.data_ptr(), src.data_ptr(), nbytes, True),
-                repeats=args.repeats,
-            ),
+        timed = _copy_vs_limit(
+            lambda: ops.gather_blocks(desc, ids, out),
+            lambda: ops.scatter_blocks(src, desc, ids),
+            limit_dst,
+            src,
+            nbytes,
+            args.repeats,
         )
         # Correctness guard against the logical view (see membrain.ops: page_order).
         ops.gather_blocks(desc, ids, out)
@@ -173,7 +191,6 @@ def _layout_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         assert torch.equal(got, logical.contiguous().reshape(-1).view(torch.uint8)), (
             "gather produced wrong bytes"
         )
-        g_limit = gbps(nbytes, t_limit)
         row: dict[str, Any] = {
             "device": "cpu",
             "layout": layout,
@@ -184,16 +201,12 @@ def _layout_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             "blocks": blocks,
             "bytes": nbytes,
             "threads": ops.get_num_threads(),
-            "gather_gbps": gbps(nbytes, t_gather),
-            "scatter_gbps": gbps(nbytes, t_scatter),
-            "limit_memcpy_gbps": g_limit,
+            **timed,
         }
-        row["gather_vs_limit"] = row["gather_gbps"] / g_limit
-        row["scatter_vs_limit"] = row["scatter_gbps"] / g_limit
         rows.append(row)
         print(
             f"{layout:>6} {row['page_order']:>5} {row['runs_per_block']:>5} {page // 1024:>4}Ki {layers:>6} "
-            f"{blocks:>7} {row['gather_gbps']:>8.2f} {row['scatter_gbps']:>8.2f} {g_limit:>8.2f} "
+            f"{blocks:>7} {row['gather_gbps']:>8.2f} {row['scatter_gbps']:>8.2f} {row['limit_memcpy_gbps']:>8.2f} "
             f"{row['gather_vs_limit']:>6.2f} {row['scatter_vs_limit']:>6.2f}",
             flush=True,
         )
