@@ -460,6 +460,37 @@ def test_a_load_fetches_its_chunks_in_parallel_streams(pair):
     assert _same(kv, [0, 1, 2, 3], [20, 21, 22, 23])
 
 
+
+def test_a_load_counts_the_page_faults_of_its_fetch_threads(pair):
+    """Page faults on the load path are counted per load (stats, Prometheus, the load's log
+    line): a fetch that first-touches 1024 fresh 4 KiB pages shows at least that many."""
+    import mmap
+
+    pages = 1024
+    fc = FakeClient()
+    _stored_remotely(pair, fc)
+    s, w, _kv = pair(cpu_cache=0, remote=fc)
+
+    def touch_fresh_pages(n: int) -> None:
+        if n == 1:
+            m = mmap.mmap(-1, pages * 4096)
+            m.madvise(mmap.MADV_NOHUGEPAGE)  # one fault per 4 KiB page, whatever THP says
+            for off in range(0, pages * 4096, 4096):
+                m[off] = 1
+            m.close()
+
+    _count_concurrent_fetches(fc, touch_fresh_pages)
+    w.get_kv_connector_stats()  # drop what the stores counted
+    r = _req("r", 18)
+    assert _matched(s, r) == (16, True)
+    _alloc(s, r, [20, 21, 22, 23, 24], 16)
+    _start(s, w, [])
+    assert _finish_loads(w, {"r"}) == set()
+    stats = w.get_kv_connector_stats()
+    assert stats is not None and stats.data["loads"] == 1
+    assert stats.data["load_page_faults_fetch"] >= pages, stats.data
+    assert stats.data["load_page_faults_fetch"] < 50 * pages  # the thread's own, not the process's
+
 def test_an_idle_step_waits_for_a_load_and_a_busy_step_never_does(pair, monkeypatch):
     from membrain.vllm import worker as worker_mod
 

@@ -183,12 +183,14 @@ _STORE = re.compile(r"MEMBRAIN STORE req=(\S+) tokens=(\d+) host=(\d+) remote=(\
 _LOAD = re.compile(
     r"MEMBRAIN LOAD req=(\S+) host=(\d+) remote=(\d+) failed=(\d+) bytes=(\d+) seconds=([\d.]+) "
     r"queued=([\d.]+) host_s=([\d.]+) fetch_wait=([\d.]+) scatter=([\d.]+)"
+    r"(?: faults_fetch=(\d+) faults_scatter=(\d+))?"
 )
 
 
 def parse_loads(log: str) -> list[dict[str, Any]]:
     """The worker's (lead rank) completed loads in log order: tokens per tier, bytes and where
-    the time went (``seconds`` in all; ``queued``, ``host_s``, ``fetch_wait``, ``scatter``)."""
+    the time went (``seconds`` in all; ``queued``, ``host_s``, ``fetch_wait``, ``scatter``) and
+    the minor page faults of the fetch and scatter threads (``faults_fetch``, ``faults_scatter``)."""
     keys = ("host", "remote", "failed", "bytes")
     times = ("seconds", "queued", "host_s", "fetch_wait", "scatter")
     out: list[dict[str, Any]] = []
@@ -196,6 +198,8 @@ def parse_loads(log: str) -> list[dict[str, Any]]:
         d: dict[str, Any] = {"req": m.group(1)}
         d.update({k: int(m.group(2 + i)) for i, k in enumerate(keys)})
         d.update({k: float(m.group(6 + i)) for i, k in enumerate(times)})
+        d["faults_fetch"] = int(m.group(11) or 0)
+        d["faults_scatter"] = int(m.group(12) or 0)
         out.append(d)
     return out
 

@@ -163,6 +163,8 @@ def run(
                 "host_scatter_s": ld["host_s"],
                 "fetch_wait_s": ld["fetch_wait"],
                 "scatter_s": ld["scatter"],
+                "page_faults_fetch": ld["faults_fetch"],
+                "page_faults_scatter": ld["faults_scatter"],
                 "gb_per_s": gb_per_s,
                 "vs_get": gb_per_s / get_ref["gb_per_s"],
             }
@@ -235,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"         load {ld['seconds'] * 1e3:8.1f} ms = queued {ld['queued'] * 1e3:.1f} + host "
                 f"{ld['host_scatter_s'] * 1e3:.1f} + fetch wait {ld['fetch_wait_s'] * 1e3:.1f} + scatter "
                 f"{ld['scatter_s'] * 1e3:.1f} ms; {ld['bytes'] / 2**20:.1f} MiB at {ld['gb_per_s']:.2f} GB/s "
-                f"= {ld['vs_get']:.2f}x GET"
+                f"= {ld['vs_get']:.2f}x GET; page faults: fetch {ld['page_faults_fetch']}, "
+                f"scatter {ld['page_faults_scatter']}"
             )
     ref = res["get_reference"]
     print(

@@ -10,6 +10,7 @@ report it to vLLM, which recomputes it: no outcome is silent.
 from __future__ import annotations
 
 import logging
+import resource
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +24,17 @@ from membrain.tiers.manager import LoadPlan, StorePlan
 from membrain.tiers.remote import RemoteTier
 
 logger = logging.getLogger("membrain.tiers.executor")
+
+
+def thread_minor_faults() -> int:
+    """Minor page faults of the calling thread so far (0 where the OS does not say). Loads count
+    the faults of their fetches and scatters: a first touch of fresh host slots or of KV pages
+    costs a fault per 4 KiB page, which is where a load falls behind a GET into warm buffers."""
+    try:
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    except (AttributeError, OSError, ValueError):
+        return 0
+
 
 # Slots kept beyond the host tier's capacity for staging remote transfers.
 HOST_HEADROOM_BLOCKS = 64
@@ -82,6 +94,8 @@ class LoadJob:
     # Where the time went (seconds; the remote ones are the whole batch's, shared by its jobs):
     # queued behind earlier loads, host-tier scatter, waiting for remote fetches, remote scatter.
     times: dict[str, float] = field(default_factory=dict)
+    # Minor page faults on the fetch threads and the scatter thread (the batch's, as ``times``).
+    faults: dict[str, int] = field(default_factory=dict)
     host_idx: list[int] = field(default_factory=list)
     host_slots: list[Any] = field(default_factory=list)
     landed: set[int] = field(default_factory=set)
@@ -339,6 +353,7 @@ class TierExecutor:
         t_start = time.perf_counter()
         for j in jobs:
             j.times = {"queued": t_start - j.t0, "host": 0.0, "fetch_wait": 0.0, "scatter": 0.0}
+            j.faults = {"fetch": 0, "scatter": 0}
         stream = self._device_stream()
         if stream is not None:
             for ev in {id(j.ready): j.ready for j in jobs if j.ready is not None}.values():
@@ -346,6 +361,7 @@ class TierExecutor:
         # Host-tier blocks first (memory speed), per job.
         for j in jobs:
             t_host = time.perf_counter()
+            f_host = thread_minor_faults()
             res = j.result
             assert res is not None
             if self._is_cancelled(j):
@@ -366,6 +382,7 @@ class TierExecutor:
                 self._device_done()
                 self._fail(j, f"load error: {e}")
             j.times["host"] = time.perf_counter() - t_host
+            j.faults["scatter"] += thread_minor_faults() - f_host
         self._device_done()
         # Remote blocks of every job: one batch, fetched in chunks (pipelined with the scatter).
         want: list[tuple[LoadJob, int]] = [
@@ -382,9 +399,11 @@ class TierExecutor:
             batch = list({id(j): j for j, _ in want}.values())
             self._load_remote(want, stream, batch, min(j.streams for j in batch))
 
-    def _fetch(self, chunk: list[tuple[LoadJob, int]], streams: int) -> tuple[list[Any], list[bool]]:
+    def _fetch(self, chunk: list[tuple[LoadJob, int]], streams: int) -> tuple[list[Any], list[bool], int]:
         """Fetcher thread: one remote get of ``chunk`` into pool slots (pinned on CUDA;
-        pageable scratch only on CPU when the pool is short)."""
+        pageable scratch only on CPU when the pool is short); also returns the thread's minor
+        page faults meanwhile."""
+        faults0 = thread_minor_faults()
         store = self.store_
         bufs: list[Any] = []
         for _ in chunk:
@@ -404,7 +423,7 @@ class TierExecutor:
         oks = [False] * len(chunk)
         for n, ok in zip(want, got):
             oks[n] = ok
-        return bufs, oks
+        return bufs, oks, thread_minor_faults() - faults0
 
     def _load_remote(
         self, want: list[tuple[LoadJob, int]], stream: Any, batch: list[LoadJob], streams: int
@@ -412,11 +431,11 @@ class TierExecutor:
         size = max(1, self.fetch_chunk_blocks)
         chunks = [want[c : c + size] for c in range(0, len(want), size)]
         fetcher = self._fetcher
-        futs: list[Future[tuple[list[Any], list[bool]]]] = []
+        futs: list[Future[tuple[list[Any], list[bool], int]]] = []
 
-        def submit(c: list[tuple[LoadJob, int]]) -> Future[tuple[list[Any], list[bool]]]:
+        def submit(c: list[tuple[LoadJob, int]]) -> Future[tuple[list[Any], list[bool], int]]:
             if fetcher is None:  # synchronous form (load())
-                f: Future[tuple[list[Any], list[bool]]] = Future()
+                f: Future[tuple[list[Any], list[bool], int]] = Future()
                 f.set_result(self._fetch(c, 1))
                 return f
             return fetcher.submit(self._fetch, c, streams)
@@ -429,19 +448,23 @@ class TierExecutor:
             for n, chunk in enumerate(chunks):
                 taken = n + 1
                 t = time.perf_counter()
-                bufs, oks = futs[n].result()
+                bufs, oks, fetch_faults = futs[n].result()
                 t_got = time.perf_counter()
                 if n + ahead < len(chunks):  # keeps `ahead` fetches in flight over this scatter
                     futs.append(submit(chunks[n + ahead]))
+                f_land = thread_minor_faults()
                 self._land_chunk(chunk, bufs, oks, stream)
                 t_end = time.perf_counter()
+                scatter_faults = thread_minor_faults() - f_land
                 for j in batch:
                     j.times["fetch_wait"] += t_got - t
                     j.times["scatter"] += t_end - t_got
+                    j.faults["fetch"] += fetch_faults
+                    j.faults["scatter"] += scatter_faults
         finally:
             for f in futs[taken:]:  # fetched ahead but never scattered (an error above)
                 try:
-                    bufs, _ = f.result()
+                    bufs, _, _ = f.result()
                 except Exception:
                     continue
                 for buf in bufs:

@@ -21,6 +21,10 @@ COUNTERS = (
     "load_failed_shards",  # per rank
     "load_seconds",
     "loads",
+    # Minor page faults of the load threads (per rank): fetches into host slots, scatters into
+    # the KV cache. A first touch of memory costs one per 4 KiB page on the hot path.
+    "load_page_faults_fetch",
+    "load_page_faults_scatter",
     "store_tokens_host",
     "store_tokens_remote",
     "store_bytes_host",
@@ -158,6 +162,11 @@ class MembrainPromMetrics(KVConnectorPromMetrics):
             labelnames=labelnames + ["op"],
             documentation="Seconds spent in Membrain loads / stores (worker)",
         )
+        self._faults = self._counter_cls(
+            name="vllm:membrain_load_page_faults",
+            labelnames=labelnames + ["stage"],
+            documentation="Minor page faults of Membrain's load threads, by stage (fetch, scatter)",
+        )
         self._ops = self._counter_cls(
             name="vllm:membrain_ops",
             labelnames=labelnames + ["op"],
@@ -218,6 +227,9 @@ class MembrainPromMetrics(KVConnectorPromMetrics):
                 self._seconds.labels(*lv, op).inc(d[f"{op}_seconds"])
             if d.get(f"{op}s"):
                 self._ops.labels(*lv, op).inc(d[f"{op}s"])
+        for stage in ("fetch", "scatter"):
+            if d.get(f"load_page_faults_{stage}"):
+                self._faults.labels(*lv, stage).inc(d[f"load_page_faults_{stage}"])
         if d.get("remote_breaker_opens"):
             self._breaker_opens.labels(*lv).inc(d["remote_breaker_opens"])
         if d.get("remote_skipped_calls"):

@@ -176,6 +176,8 @@ class MembrainWorker:
             load_bytes_host=host_ok * bb,
             load_bytes_remote=remote_ok * bb,
             load_failed_shards=len(failed),  # this rank's; blocks are counted once by the scheduler
+            load_page_faults_fetch=job.faults.get("fetch", 0),
+            load_page_faults_scatter=job.faults.get("scatter", 0),
         )
         if self.lead:
             self._stats.add(
@@ -188,7 +190,7 @@ class MembrainWorker:
             t = job.times
             logger.info(
                 "MEMBRAIN LOAD req=%s host=%d remote=%d failed=%d bytes=%d seconds=%.6f "
-                "queued=%.6f host_s=%.6f fetch_wait=%.6f scatter=%.6f",
+                "queued=%.6f host_s=%.6f fetch_wait=%.6f scatter=%.6f faults_fetch=%d faults_scatter=%d",
                 job.req_id,
                 host_tok,
                 remote_tok,
@@ -199,6 +201,8 @@ class MembrainWorker:
                 t.get("host", 0.0),
                 t.get("fetch_wait", 0.0),
                 t.get("scatter", 0.0),
+                job.faults.get("fetch", 0),
+                job.faults.get("scatter", 0),
             )
         if failed:
             self._failed.update(failed)
