@@ -16,7 +16,7 @@ run per KV head), each against its own limit measured in the same run. Needs vll
 without it.
 With a CUDA device, the GPU rows come from membrain.bench.gather_cuda.
 
-Usage: membrain bench gather [--quick] [--json PATH] [--threads N]
+Usage: membrain bench gather [--quick] [--json PATH] [--threads N] [--layouts-only] [--layout-passes N]
 """
 
 from __future__ import annotations
@@ -247,10 +247,17 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 "cpu_16KiB_scatter_vs_torch": med("scatter_vs_torch"),
             }
         )
+    # Each layout's ratios: the median over passes (--layout-passes), with their range.
+    by_layout: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         if r.get("device") == "cpu" and "layout" in r:
-            summary[f"cpu_16KiB_{r['layout']}_gather_vs_limit"] = r["gather_vs_limit"]
-            summary[f"cpu_16KiB_{r['layout']}_scatter_vs_limit"] = r["scatter_vs_limit"]
+            by_layout.setdefault(r["layout"], []).append(r)
+    for layout, rs in by_layout.items():
+        for op in ("gather", "scatter"):
+            vals = [r[f"{op}_vs_limit"] for r in rs]
+            summary[f"cpu_16KiB_{layout}_{op}_vs_limit"] = float(np.median(vals))
+            if len(vals) > 1:
+                summary[f"cpu_16KiB_{layout}_{op}_vs_limit_range"] = [min(vals), max(vals)]
     return summary
 
 
@@ -265,6 +272,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="CPU copy threads (0 = default)")
     parser.add_argument("--repeats", type=int, default=7, help="timed repetitions per measurement (median)")
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU rows")
+    parser.add_argument(
+        "--layouts-only", action="store_true", help="of the CPU rows, only the vLLM layout rows"
+    )
+    parser.add_argument(
+        "--layout-passes",
+        type=int,
+        default=1,
+        help="measure the vLLM layout rows this many times; the summary takes each ratio's median",
+    )
     parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA rows")
     args = parser.parse_args(argv)
 
@@ -282,8 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"CPU gather/scatter, {ops.get_num_threads()} threads; limit = one contiguous memcpy, same threads"
         )
-        _print_header()
-        rows += _cpu_rows(args)
+        if not args.layouts_only:
+            _print_header()
+            rows += _cpu_rows(args)
         try:
             import vllm  # noqa: F401
 
@@ -298,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{'layout':>6} {'order':>5} {'runs':>5} {'page':>6} {'layers':>6} {'blocks':>7} {'gather':>8} "
                 f"{'scatter':>8} {'memcpy':>8} {'g/lim':>6} {'s/lim':>6}   (GB/s; runs per block)"
             )
-            rows += _layout_rows(args)
+            for n in range(max(1, args.layout_passes)):
+                rows += [dict(r, layout_pass=n) for r in _layout_rows(args)]
         else:
             print("vLLM layout rows skipped: vllm is not installed")
     cuda_rows: list[dict[str, Any]] = []
@@ -321,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
 
         summary.update(getattr(gather_cuda, "summarize", lambda r: {})(cuda_rows))
     for k, v in summary.items():
-        print(f"{k}: {v:.2f}")
+        print(f"{k}: " + (f"{v[0]:.2f}-{v[1]:.2f}" if isinstance(v, list) else f"{v:.2f}"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
