@@ -42,20 +42,22 @@ def _shapes(page: int, quick: bool) -> list[tuple[int, int]]:
     return shapes
 
 
-def _copy_vs_limit(
-    gather: Any, scatter: Any, limit_dst: Any, src: Any, nbytes: int, repeats: int
-) -> dict[str, float]:
-    """Gather, scatter and the limit timed in rounds (see timing.interleaved_seconds): the limit
-    of a round is the faster of glibc's memcpy and a streaming-store copy of the same bytes by
-    the same threads, and each ratio is the median over rounds of limit time / op time. The
-    limit copies run last in a round, so what they leave in the cache cannot help the ops."""
-    from membrain import _native
+def _copy_vs_limit(desc: Any, ids: Any, out: Any, repeats: int) -> dict[str, float]:
+    """Gather into ``out``, scatter back from a copy of it, and the limit, timed in rounds (see
+    timing.interleaved_seconds): the limit of a round is the faster of glibc's memcpy and a
+    streaming-store copy of the same bytes by the same threads, and each ratio is the median
+    over rounds of limit time / op time. The limit copies run last in a round, so what they
+    leave in the cache cannot help the ops."""
+    from membrain import _native, ops
     from membrain.bench.timing import gbps, interleaved_seconds, median_ratio
 
+    src = out.clone()
+    limit_dst = out.new_empty(out.shape)
+    nbytes = out.numel()
     t = interleaved_seconds(
         {
-            "gather": gather,
-            "scatter": scatter,
+            "gather": lambda: ops.gather_blocks(desc, ids, out),
+            "scatter": lambda: ops.scatter_blocks(src, desc, ids),
             "memcpy": lambda: _native.memcpy_cpu(limit_dst.data_ptr(), src.data_ptr(), nbytes),
             "stream": lambda: _native.memcpy_cpu(limit_dst.data_ptr(), src.data_ptr(), nbytes, True),
         },
@@ -88,19 +90,10 @@ def _cpu_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             ids_t = torch.from_numpy(ids)
             nbytes = blocks * layers * page
             out = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
-            src = out.clone()
-            limit_dst = torch.empty_like(out)
             desc = ops.describe_kv_caches(kv)
             out3 = out.view(blocks, layers, page)
 
-            timed = _copy_vs_limit(
-                lambda: ops.gather_blocks(desc, ids, out),
-                lambda: ops.scatter_blocks(src, desc, ids),
-                limit_dst,
-                src,
-                nbytes,
-                args.repeats,
-            )
+            timed = _copy_vs_limit(desc, ids, out, args.repeats)
 
             def torch_index_select():
                 for l, layer in enumerate(kv):
@@ -171,16 +164,7 @@ def _layout_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         ids = rng.permutation(num_blocks)[:blocks].astype(np.int64)
         nbytes = desc.packed_nbytes(blocks)
         out = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
-        src = out.clone()
-        limit_dst = torch.empty_like(out)
-        timed = _copy_vs_limit(
-            lambda: ops.gather_blocks(desc, ids, out),
-            lambda: ops.scatter_blocks(src, desc, ids),
-            limit_dst,
-            src,
-            nbytes,
-            args.repeats,
-        )
+        timed = _copy_vs_limit(desc, ids, out, args.repeats)
         # Correctness guard against the logical view (see membrain.ops: page_order).
         ops.gather_blocks(desc, ids, out)
         i, l = len(ids) // 2, layers - 1
