@@ -460,7 +460,6 @@ def test_a_load_fetches_its_chunks_in_parallel_streams(pair):
     assert _same(kv, [0, 1, 2, 3], [20, 21, 22, 23])
 
 
-
 def test_a_load_counts_the_page_faults_of_its_fetch_threads(pair):
     """Page faults on the load path are counted per load (stats, Prometheus, the load's log
     line): a fetch that first-touches 1024 fresh 4 KiB pages shows at least that many."""
@@ -490,6 +489,7 @@ def test_a_load_counts_the_page_faults_of_its_fetch_threads(pair):
     assert stats is not None and stats.data["loads"] == 1
     assert stats.data["load_page_faults_fetch"] >= pages, stats.data
     assert stats.data["load_page_faults_fetch"] < 50 * pages  # the thread's own, not the process's
+
 
 def test_an_idle_step_waits_for_a_load_and_a_busy_step_never_does(pair, monkeypatch):
     from membrain.vllm import worker as worker_mod
