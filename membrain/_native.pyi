@@ -58,6 +58,7 @@ def gather_cpu(
     sub_stride: int = 0,
     run_count: int = 1,
     run_stride: int = 0,
+    max_threads: int = 0,
 ) -> None: ...
 def scatter_cpu(
     src_ptr: int,
@@ -72,6 +73,7 @@ def scatter_cpu(
     sub_stride: int = 0,
     run_count: int = 1,
     run_stride: int = 0,
+    max_threads: int = 0,
 ) -> None: ...
 def describe_paged_layout(
     layer_ptrs: Sequence[int],
@@ -171,6 +173,10 @@ class HostPool:
 
     def acquire_many(self, n: int) -> list[Slot] | None:
         """n free Slots, or None (and nothing taken) when fewer are free."""
+
+    def prefault(self, first: int, count: int) -> int:
+        """Backs slots [first, first + count) with memory now, contents unchanged (page faults
+        taken here, not on the first copy into them); returns the bytes populated."""
 
     @property
     def slot_bytes(self) -> int: ...

@@ -301,6 +301,7 @@ def gather_blocks(
     *,
     stream: Any = None,
     mode: str = "auto",
+    threads: int = 0,
 ) -> None:
     """Copies the pages of ``block_ids`` (all layers) into the packed buffer ``out``.
 
@@ -308,7 +309,9 @@ def gather_blocks(
     least ``len(block_ids) * num_layers * page_bytes`` bytes. For CUDA caches it may be device
     memory or pinned host memory; ``stream`` is a torch.cuda.Stream or a raw cudaStream_t
     (default: torch's current stream). Raises IndexError for a bad block id and ValueError for
-    a bad shape, size or device combination; nothing is written then.
+    a bad shape, size or device combination; nothing is written then. CPU caches: ``threads``
+    caps the copy threads (0: the process-wide copy pool, see :func:`set_num_threads`); 1 copies
+    on the calling thread alone, at its priority, never waiting for the pool.
     """
     kv = kv_caches if isinstance(kv_caches, PagedKV) else describe_kv_caches(kv_caches)
     ids = _block_ids(block_ids)
@@ -326,6 +329,7 @@ def gather_blocks(
             buf.ptr,
             buf.nbytes,
             **kv._run_args(),
+            max_threads=threads,
         )
         return
     _check_mode(mode)
@@ -352,6 +356,7 @@ def scatter_blocks(
     *,
     stream: Any = None,
     mode: str = "auto",
+    threads: int = 0,
 ) -> None:
     """The exact inverse of :func:`gather_blocks`: writes packed ``src`` into the pages of
     ``block_ids``. With duplicate ids the last occurrence wins."""
@@ -371,6 +376,7 @@ def scatter_blocks(
             kv.block_stride,
             ids,
             **kv._run_args(),
+            max_threads=threads,
         )
         return
     _check_mode(mode)

@@ -491,6 +491,20 @@ def test_a_load_counts_the_page_faults_of_its_fetch_threads(pair):
     assert stats.data["load_page_faults_fetch"] < 50 * pages  # the thread's own, not the process's
 
 
+def test_the_worker_backs_its_host_tier_at_start_up(pair):
+    """register_kv_caches creates the host tier's slots (capacity as the scheduler sizes it,
+    plus staging headroom) and prefaults them, so no load pays their first touch."""
+    s, w, _kv = pair(cpu_cache=1 << 20)
+    ex = w._worker.executor
+    assert ex is not None and ex.store_ is not None
+    assert ex.store_.capacity == s._scheduler.host_capacity > 0
+    if ex.store_.prefaulted_bytes == 0:
+        pytest.skip("kernel without MADV_POPULATE_WRITE (Linux < 5.14)")
+    pool = ex.store_.pool
+    assert ex.store_.prefaulted_bytes >= pool.num_slots * pool.slot_bytes  # every slot
+    w.shutdown()
+
+
 def test_an_idle_step_waits_for_a_load_and_a_busy_step_never_does(pair, monkeypatch):
     from membrain.vllm import worker as worker_mod
 
@@ -531,7 +545,18 @@ def test_the_step_metadata_says_whether_anything_is_scheduled(pair):
     assert not s.build_connector_meta(busy).idle_step
 
 
-def test_a_load_beside_running_requests_fetches_one_chunk_at_a_time(pair):
+def test_a_load_beside_running_requests_fetches_one_chunk_at_a_time(pair, monkeypatch):
+    """... and scatters on the (niced) loader thread alone: the shared copy pool runs at the
+    engine's priority and is what the step's own gathers wait for."""
+    from membrain import ops
+
+    scatter, copy_threads = ops.scatter_blocks, []
+
+    def recording_scatter(*args, threads: int = 0, **kwargs):
+        copy_threads.append(threads)
+        return scatter(*args, threads=threads, **kwargs)
+
+    monkeypatch.setattr(ops, "scatter_blocks", recording_scatter)
     fc = FakeClient()
     _stored_remotely(pair, fc)
     s, w, kv = pair(cpu_cache=0, remote=fc)
@@ -554,6 +579,7 @@ def test_a_load_beside_running_requests_fetches_one_chunk_at_a_time(pair):
     assert _finish_loads(w, {"r"}) == set()
     assert most[0] == 1, most
     assert _same(kv, [0, 1, 2, 3], [20, 21, 22, 23])
+    assert copy_threads == [1] * 4
 
 
 def test_fetch_chunks_are_sized_in_bytes():

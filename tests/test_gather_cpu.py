@@ -326,6 +326,39 @@ def test_streaming_gather_and_scatter_past_the_threshold(pages, rng):
         assert same_bytes(copy[ids], layer[ids])
 
 
+def test_copies_on_the_calling_thread_alone_match_the_pool(rng):
+    """threads=1 (background loads beside running requests) moves the same bytes as the pool,
+    on the calling thread only: no copy-pool worker runs meanwhile."""
+    kv = make_kv_caches("LBNHC", 8, 96, 16, 4, 64, torch.bfloat16, seed=5)
+    fresh = make_kv_caches("LBNHC", 8, 96, 16, 4, 64, torch.bfloat16, seed=6)
+    ids = rng.permutation(96)[:64].tolist()
+    out = _poisoned(ops.packed_nbytes(kv, len(ids)))
+    assert out.numel() >= 4 << 20  # large enough that the pool would split it
+    ops.gather_blocks(kv, ids, out, threads=1)
+    assert same_bytes(out, reference_gather(kv, ids, "NHC"))
+    busy = _pool_cpu_seconds()
+    for _ in range(60):  # with the pool, its threads show >= 30 ms of CPU over these
+        ops.scatter_blocks(out, fresh, ids, threads=1)
+    assert _pool_cpu_seconds() - busy < 0.005
+    for layer, copy in zip(kv, fresh, strict=True):
+        assert same_bytes(copy[ids], layer[ids])
+
+
+def _pool_cpu_seconds() -> float:
+    """CPU time of the copy pool's threads (named membrain-copy; Linux /proc)."""
+    import os
+
+    total = 0
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            if f.read().strip() != "membrain-copy":
+                continue
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def test_scatter_duplicates_last_occurrence_wins():
     kv = [torch.zeros(8, 64, dtype=torch.uint8)]
     src = torch.arange(3 * 64, dtype=torch.int64).remainder(251).to(torch.uint8)

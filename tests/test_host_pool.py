@@ -112,3 +112,49 @@ def test_concurrent_acquire_release_never_hands_out_a_slot_twice():
 def test_pinning_follows_cuda_availability():
     pool = membrain.HostPool(slot_bytes=4096, num_slots=2)
     assert pool.pinned == (membrain.native_info()["cuda_devices"] > 0)
+
+
+def _first_write_faults(pool: membrain.HostPool, n: int) -> int:
+    """Minor faults of writing every byte of ``n`` slots (this thread's only)."""
+    import resource
+
+    slots = [pool.acquire() for _ in range(n)]
+    f0 = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    for s in slots:
+        np.frombuffer(s, dtype=np.uint8)[:] = 7
+    faults = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - f0
+    for s in slots:
+        s.release()
+    return faults
+
+
+def test_prefault_backs_slots_without_changing_their_bytes():
+    """A prefaulted slot's first write takes no page fault, and prefaulting beside a slot that
+    already holds data leaves its bytes alone."""
+    n, slot_bytes = 64, 256 << 10
+    pages = n * slot_bytes // 4096
+    cold = membrain.HostPool(slot_bytes, n, pin=False, huge_pages=False)
+    assert _first_write_faults(cold, n) >= pages  # the cost prefaulting removes
+
+    pool = membrain.HostPool(slot_bytes, n, pin=False, huge_pages=False)
+    held = pool.acquire()
+    np.frombuffer(held, dtype=np.uint8)[:] = 0xAB
+    if pool.prefault(0, n) == 0:
+        pytest.skip("kernel without MADV_POPULATE_WRITE (Linux < 5.14)")
+    assert (np.frombuffer(held, dtype=np.uint8) == 0xAB).all()
+    held.release()
+    assert _first_write_faults(pool, n) < pages // 16
+    assert pool.prefault(n, 1) == 0 and pool.prefault(0, 0) == 0  # out of range: nothing to do
+    assert pool.prefault(n - 1, 100) == 256 << 10  # clipped to the pool
+
+
+def test_host_store_prefaults_every_slot():
+    from membrain.tiers.host import HostStore
+
+    store = HostStore(1 << 20, capacity_blocks=48, headroom=16, pin=False)
+    store.prefault()
+    if store.prefaulted_bytes == 0:
+        pytest.skip("kernel without MADV_POPULATE_WRITE (Linux < 5.14)")
+    assert store.prefaulted_bytes == store.pool.num_slots * store.pool.slot_bytes == 64 << 20
+    assert _first_write_faults(store.pool, 64) < 64 * 256 // 16
+    store.close()

@@ -172,6 +172,7 @@ def test_settings_parse_and_errors():
         {"endpoint": "tcp://x:notaport"},
         {"cpu_cache_size": "lots"},
         {"remote": "maybe"},
+        {"host_prefault": "sometimes"},
         {"timeout_ms": 0},
         {"namespace": "a/b"},
     ):
@@ -181,6 +182,9 @@ def test_settings_parse_and_errors():
         mcfg.resolve({}, env={"VLLM_MEMBRAIN_TYPO": "1"})
     # extra_config wins over env
     assert mcfg.resolve({"namespace": "x"}, env={"VLLM_MEMBRAIN_NAMESPACE": "y"}).namespace == "x"
+    assert mcfg.resolve({}, env={}).host_prefault  # on by default
+    assert not mcfg.resolve({}, env={"VLLM_MEMBRAIN_HOST_PREFAULT": "0"}).host_prefault
+    assert mcfg.resolve({"host_prefault": True}, env={"VLLM_MEMBRAIN_HOST_PREFAULT": "0"}).host_prefault
 
 
 def test_keys_short_and_identity_sensitive():

@@ -18,32 +18,35 @@ void register_ops(py::module_& m) {
       "gather_cpu",
       [](const std::vector<uintptr_t>& layer_ptrs, int64_t num_blocks, int64_t page_bytes,
          int64_t block_stride, const IdArray& ids, uintptr_t out_ptr, std::size_t out_bytes,
-         int64_t sub_count, int64_t sub_stride, int64_t run_count, int64_t run_stride) {
+         int64_t sub_count, int64_t sub_stride, int64_t run_count, int64_t run_stride,
+         std::size_t max_threads) {
         const PagedLayout layout = make_layout(layer_ptrs, num_blocks, page_bytes, block_stride,
                                                {sub_count, sub_stride, run_count, run_stride});
         const int64_t* id_ptr = id_data(ids);
         const std::size_t n = static_cast<std::size_t>(ids.shape(0));
         py::gil_scoped_release release;
-        cpu::gather(layout, id_ptr, n, reinterpret_cast<void*>(out_ptr), out_bytes);
+        cpu::gather(layout, id_ptr, n, reinterpret_cast<void*>(out_ptr), out_bytes, max_threads);
       },
       py::arg("layer_ptrs"), py::arg("num_blocks"), py::arg("page_bytes"), py::arg("block_stride"),
       py::arg("block_ids"), py::arg("out_ptr"), py::arg("out_bytes"), py::arg("sub_count") = 1,
-      py::arg("sub_stride") = 0, py::arg("run_count") = 1, py::arg("run_stride") = 0);
+      py::arg("sub_stride") = 0, py::arg("run_count") = 1, py::arg("run_stride") = 0,
+      py::arg("max_threads") = 0);
   m.def(
       "scatter_cpu",
       [](uintptr_t src_ptr, std::size_t src_bytes, const std::vector<uintptr_t>& layer_ptrs,
          int64_t num_blocks, int64_t page_bytes, int64_t block_stride, const IdArray& ids, int64_t sub_count,
-         int64_t sub_stride, int64_t run_count, int64_t run_stride) {
+         int64_t sub_stride, int64_t run_count, int64_t run_stride, std::size_t max_threads) {
         const PagedLayout layout = make_layout(layer_ptrs, num_blocks, page_bytes, block_stride,
                                                {sub_count, sub_stride, run_count, run_stride});
         const int64_t* id_ptr = id_data(ids);
         const std::size_t n = static_cast<std::size_t>(ids.shape(0));
         py::gil_scoped_release release;
-        cpu::scatter(reinterpret_cast<const void*>(src_ptr), src_bytes, layout, id_ptr, n);
+        cpu::scatter(reinterpret_cast<const void*>(src_ptr), src_bytes, layout, id_ptr, n, max_threads);
       },
       py::arg("src_ptr"), py::arg("src_bytes"), py::arg("layer_ptrs"), py::arg("num_blocks"),
       py::arg("page_bytes"), py::arg("block_stride"), py::arg("block_ids"), py::arg("sub_count") = 1,
-      py::arg("sub_stride") = 0, py::arg("run_count") = 1, py::arg("run_stride") = 0);
+      py::arg("sub_stride") = 0, py::arg("run_count") = 1, py::arg("run_stride") = 0,
+      py::arg("max_threads") = 0);
   m.def(
       "describe_paged_layout",
       [](const std::vector<uintptr_t>& layer_ptrs, int64_t num_blocks, int64_t page_bytes,

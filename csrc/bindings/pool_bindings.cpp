@@ -100,6 +100,10 @@ void register_pool(py::module_& m) {
             return out;
           },
           py::arg("n"), "n free Slots, or None (and nothing taken) when fewer are free.")
+      .def("prefault", &HostPool::prefault, py::arg("first"), py::arg("count"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Backs slots [first, first + count) with memory now, contents unchanged (page faults "
+           "taken here, not on the first copy into them); returns the bytes populated.")
       .def_property_readonly("slot_bytes", &HostPool::slot_bytes)
       .def_property_readonly("num_slots", &HostPool::num_slots)
       .def_property_readonly("free_slots", &HostPool::free_slots)

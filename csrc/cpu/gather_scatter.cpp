@@ -25,7 +25,7 @@ constexpr std::size_t kStreamingThreshold = 8u << 20;
 // block, the run continues into it: adjacent ids become one copy.
 template <typename CopyFn>
 void for_each_packed_range(const PagedLayout& plan, const int64_t* ids, std::size_t n_ids,
-                           const std::vector<char>* skip, CopyFn&& copy) {
+                           const std::vector<char>* skip, std::size_t max_threads, CopyFn&& copy) {
   const std::size_t layers = plan.num_layers();
   const std::size_t run = static_cast<std::size_t>(plan.run_bytes);
   const std::size_t runs_per_page = static_cast<std::size_t>(plan.runs_per_page());
@@ -33,7 +33,8 @@ void for_each_packed_range(const PagedLayout& plan, const int64_t* ids, std::siz
   if (total == 0) return;
   const bool ids_can_merge = layers == 1 && runs_per_page == 1 && plan.block_stride == plan.run_bytes;
   auto pool = copy_pool();
-  const std::size_t parts = std::max<std::size_t>(1, std::min(pool->size(), total / kMinBytesPerThread));
+  std::size_t parts = std::max<std::size_t>(1, std::min(pool->size(), total / kMinBytesPerThread));
+  if (max_threads > 0) parts = std::min(parts, max_threads);  // 1 part runs on this thread alone
   pool->parallel_for(parts, [&](std::size_t part) {
     const std::size_t begin = total * part / parts;
     const std::size_t end = total * (part + 1) / parts;
@@ -69,14 +70,14 @@ void for_each_packed_range(const PagedLayout& plan, const int64_t* ids, std::siz
 }  // namespace
 
 void gather(const PagedLayout& layout, const int64_t* ids, std::size_t n_ids, void* out,
-            std::size_t out_bytes) {
+            std::size_t out_bytes, std::size_t max_threads) {
   const PagedLayout plan = copy_plan(layout);  // validates
   validate_addresses(layout);
   validate_block_ids(ids, n_ids, layout.num_blocks);
   validate_packed_size(out_bytes, layout.packed_bytes(n_ids), "gather output");
   if (n_ids > 0 && out == nullptr) throw std::invalid_argument("gather output pointer is null");
   auto* dst = static_cast<uint8_t*>(out);
-  for_each_packed_range(plan, ids, n_ids, nullptr,
+  for_each_packed_range(plan, ids, n_ids, nullptr, max_threads,
                         [&](const uint8_t* from, std::size_t pos, std::size_t len, bool streaming) {
                           if (streaming) {
                             stream_copy(dst + pos, from, len);
@@ -87,7 +88,7 @@ void gather(const PagedLayout& layout, const int64_t* ids, std::size_t n_ids, vo
 }
 
 void scatter(const void* src, std::size_t src_bytes, const PagedLayout& layout, const int64_t* ids,
-             std::size_t n_ids) {
+             std::size_t n_ids, std::size_t max_threads) {
   const PagedLayout plan = copy_plan(layout);  // validates
   validate_addresses(layout);
   validate_block_ids(ids, n_ids, layout.num_blocks);
@@ -113,7 +114,7 @@ void scatter(const void* src, std::size_t src_bytes, const PagedLayout& layout, 
     }
   }
   const auto* from = static_cast<const uint8_t*>(src);
-  for_each_packed_range(plan, ids, n_ids, skip.empty() ? nullptr : &skip,
+  for_each_packed_range(plan, ids, n_ids, skip.empty() ? nullptr : &skip, max_threads,
                         [&](uint8_t* to, std::size_t pos, std::size_t len, bool streaming) {
                           if (streaming) {
                             stream_copy(to, from + pos, len);

@@ -9,12 +9,14 @@
 namespace membrain::cpu {
 
 // Copies block ids[i], layer l into out + (i * L + l) * page_bytes() for every i, l (the runs of
-// a page in (kernel block, head) order).
+// a page in (kernel block, head) order). `max_threads` caps the threads the copy is split over
+// (0: the whole copy pool); 1 copies on the calling thread only, never waiting for the pool,
+// which background work uses so it takes no CPU at the pool's priority.
 void gather(const PagedLayout& layout, const int64_t* ids, std::size_t n_ids, void* out,
-            std::size_t out_bytes);
+            std::size_t out_bytes, std::size_t max_threads = 0);
 // The inverse. With duplicate ids the last occurrence wins, as a sequential loop would do.
 void scatter(const void* src, std::size_t src_bytes, const PagedLayout& layout, const int64_t* ids,
-             std::size_t n_ids);
+             std::size_t n_ids, std::size_t max_threads = 0);
 
 }  // namespace membrain::cpu
 

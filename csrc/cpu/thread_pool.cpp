@@ -1,5 +1,7 @@
 #include "cpu/thread_pool.h"
 
+#include <pthread.h>
+
 #include <algorithm>
 #include <memory>
 
@@ -8,7 +10,13 @@ namespace membrain::cpu {
 ThreadPool::ThreadPool(std::size_t num_threads) {
   const std::size_t extra = num_threads > 1 ? num_threads - 1 : 0;
   workers_.reserve(extra);
-  for (std::size_t i = 0; i < extra; ++i) workers_.emplace_back([this] { worker_loop(); });
+  for (std::size_t i = 0; i < extra; ++i) {
+    workers_.emplace_back([this] {
+      // Named so `top -H` and per-thread accounting tell the copy pool from the engine's threads.
+      pthread_setname_np(pthread_self(), "membrain-copy");
+      worker_loop();
+    });
+  }
 }
 
 ThreadPool::~ThreadPool() {

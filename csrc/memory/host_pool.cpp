@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <limits>
@@ -10,6 +11,7 @@
 
 #include <sys/mman.h>
 
+#include "common/populate.h"
 #include "cuda/cuda_api.h"
 
 namespace membrain {
@@ -114,6 +116,13 @@ void HostPool::release(uint32_t slot) {
 uint32_t HostPool::refcount(uint32_t slot) const {
   check_slot(slot);
   return refcounts_[slot].load(std::memory_order_acquire);
+}
+
+std::size_t HostPool::prefault(std::size_t first, std::size_t count) {
+  if (first >= num_slots_ || count == 0) return 0;
+  count = std::min(count, num_slots_ - first);
+  const std::size_t bytes = count * slot_stride_;
+  return populate_for_write(region_ + first * slot_stride_, bytes) ? bytes : 0;
 }
 
 uint8_t* HostPool::slot_data(uint32_t slot) const {

@@ -34,6 +34,10 @@ class HostPool : public std::enable_shared_from_this<HostPool> {
   // Drops one reference; the slot is free again when the count reaches zero.
   void release(uint32_t slot);
   uint32_t refcount(uint32_t slot) const;
+  // Backs slots [first, first + count) with memory now (write faults taken here, not on the
+  // first copy into them); contents are unchanged, so slots in use may be included. Returns the
+  // bytes populated. Safe to call from any thread while the pool is in use.
+  std::size_t prefault(std::size_t first, std::size_t count);
 
   uint8_t* slot_data(uint32_t slot) const;
   std::size_t slot_bytes() const { return slot_bytes_; }

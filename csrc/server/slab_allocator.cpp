@@ -8,6 +8,8 @@
 
 #include <sys/mman.h>
 
+#include "common/populate.h"
+
 namespace membrain::server {
 
 uint64_t SlabAllocator::auto_slab_bytes(uint64_t capacity) {
@@ -157,14 +159,13 @@ void SlabAllocator::release_slab_locked(uint32_t first, uint32_t n) {
 }
 
 void SlabAllocator::prefault(const std::atomic<bool>& stop) {
-  // Populates the region in steps so a stop request is honoured quickly. MADV_POPULATE_WRITE
-  // (Linux 5.14+) faults pages in without writing them, so it is safe beside live values; on
-  // older kernels it fails with EINVAL and values keep faulting in on first write.
-#ifdef MADV_POPULATE_WRITE
+  // Populates the region in steps so a stop request is honoured quickly; safe beside live
+  // values (populate_for_write leaves contents alone). Where the kernel cannot, values keep
+  // faulting in on first write.
   constexpr uint64_t kStep = 64ull << 20;
   for (uint64_t off = 0; off < region_bytes_ && !stop.load(std::memory_order_relaxed); off += kStep) {
     const uint64_t len = std::min(kStep, region_bytes_ - off);
-    if (::madvise(region_ + off, len, MADV_POPULATE_WRITE) != 0) return;
+    if (!populate_for_write(region_ + off, len)) return;
     {
       // Slabs lent to bookkeeping meanwhile must not stay resident.
       std::lock_guard<std::mutex> lock(mutex_);
@@ -175,9 +176,6 @@ void SlabAllocator::prefault(const std::atomic<bool>& stop) {
     }
     prefaulted_bytes_.store(off + len, std::memory_order_relaxed);
   }
-#else
-  (void)stop;
-#endif
 }
 
 void SlabAllocator::free(const Chunk& c) {

@@ -101,6 +101,9 @@ class LoadJob:
     landed: set[int] = field(default_factory=set)
     ready: Any = None  # CUDA: event the side stream waits on before scattering
     streams: int = 1  # remote fetches in flight at a time (set by start_loads)
+    # CPU copy threads of its scatters: 1 beside running requests (the niced loader thread
+    # alone; the shared copy pool runs at the engine's priority), 0 = the whole pool otherwise.
+    copy_threads: int = 0
     ctx: Any = None  # the caller's (e.g. a tracing span)
 
 
@@ -163,6 +166,13 @@ class TierExecutor:
             )
         return self.store_
 
+    def open_host(self, capacity_blocks: int, prefault: bool) -> None:
+        """Creates the host tier's slots at start-up (rather than in the first step that uses
+        them) and, with ``prefault``, backs them with memory before returning."""
+        store = self.host(capacity_blocks)
+        if store is not None and prefault:
+            store.prefault()
+
     # ---------------------------------------------------------------- loads
 
     def load(self, plan: LoadPlan, keys: Sequence[bytes], host_capacity: int) -> LoadResult:
@@ -193,6 +203,7 @@ class TierExecutor:
         jobs = list(jobs)
         for j in jobs:
             j.streams = 1 if beside_work else max(1, self.fetch_streams)
+            j.copy_threads = 1 if beside_work else 0
         try:
             self._prepare(jobs, host_capacity)
         except Exception as e:
@@ -373,7 +384,7 @@ class TierExecutor:
                     if slot is None:
                         res.failed_block_ids.append(b)
                         continue
-                    ops.scatter_blocks(slot, self._kv(j.plan, i), [b], stream=stream)
+                    ops.scatter_blocks(slot, self._kv(j.plan, i), [b], stream=stream, threads=j.copy_threads)
                     j.landed.add(b)
                     res.host_blocks += 1
                     res.host_units.append(i)
@@ -486,7 +497,9 @@ class TierExecutor:
                 assert res is not None
                 if ok and not j.error and not self._is_cancelled(j):
                     try:
-                        ops.scatter_blocks(buf, self._kv(j.plan, i), [b], stream=stream)
+                        ops.scatter_blocks(
+                            buf, self._kv(j.plan, i), [b], stream=stream, threads=j.copy_threads
+                        )
                         j.landed.add(b)
                         res.remote_blocks += 1
                         res.remote_units.append(i)

@@ -9,11 +9,18 @@ gather) the worker's load of that block fails and is reported, which makes vLLM 
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Hashable, Iterable, Sequence
 from typing import cast
 
 from membrain import HostPool, Slot, ops
+
+logger = logging.getLogger("membrain.tiers.host")
+
+# Prefaulting backs this many bytes of slots per native call (the GIL is free meanwhile).
+PREFAULT_STEP_BYTES = 64 << 20
 
 
 class HostIndex:
@@ -106,9 +113,41 @@ class HostStore:
     def __init__(self, slot_bytes: int, capacity_blocks: int, headroom: int, pin: bool) -> None:
         self.capacity = capacity_blocks
         n = max(1, capacity_blocks + headroom)
-        self.pool = HostPool(slot_bytes, n, pin=pin, huge_pages=False)
+        # Transparent huge pages where the kernel allows: a first touch then costs one fault per
+        # 2 MiB instead of per 4 KiB (measured: 496 x 1 MiB first writes at 1.1-1.2 GB/s on 4 KiB
+        # pages, 2.2-3.1 GB/s on huge pages, 5.7-6.4 GB/s into memory already backed).
+        self.pool = HostPool(slot_bytes, n, pin=pin, huge_pages=True)
         self._slots: dict[bytes, Slot] = {}
         self.lock = threading.RLock()
+        self.prefaulted_bytes = 0
+
+    def prefault(self) -> None:
+        """Backs every slot with memory now, so loads and stores never take the first-touch
+        page faults on their hot path. Called once at start-up, in the foreground: done in the
+        background it overlapped the first loads and slowed them 3-6x on 2 cores (a 4 GiB tier
+        takes 0.5-1.5 s). Contents are left alone. Pinned pools (CUDA) are already backed by the
+        pinning; this is for pageable ones."""
+        pool = self.pool
+        if pool.pinned or self.prefaulted_bytes:
+            return
+        step = max(1, PREFAULT_STEP_BYTES // pool.slot_bytes)
+        t0 = time.perf_counter()
+        for first in range(0, pool.num_slots, step):
+            done = pool.prefault(first, step)
+            if done == 0:  # kernel without MADV_POPULATE_WRITE, or memory short: first touch it is
+                logger.info(
+                    "Membrain host tier: prefault stopped after %.1f MiB (the kernel cannot "
+                    "populate ahead); the rest is backed as it fills",
+                    self.prefaulted_bytes / 2**20,
+                )
+                return
+            self.prefaulted_bytes += done
+        logger.info(
+            "Membrain host tier: %.1f MiB prefaulted in %.2f s (huge pages: %s)",
+            self.prefaulted_bytes / 2**20,
+            time.perf_counter() - t0,
+            "yes" if pool.huge_pages else "no",
+        )
 
     def __len__(self) -> int:
         return len(self._slots)

@@ -12,6 +12,9 @@ Environment (front end; copied into ``kv_connector_extra_config`` by the plugin)
 ``VLLM_MEMBRAIN_CPU_CACHE_SIZE``   host tier per worker, e.g. ``2GiB``; ``0`` disables it.
                                    Default: min(10% of MemAvailable, 4 GiB), resolved once in the
                                    front end so scheduler and workers agree.
+``VLLM_MEMBRAIN_HOST_PREFAULT``    ``1`` (default) / ``0``: back the host tier with memory at
+                                   start-up (a background thread), so loads never take its
+                                   first-touch page faults; ``0`` commits it as it fills
 ``VLLM_MEMBRAIN_REMOTE``           ``1`` (default) / ``0``: use the remote servers
 ``VLLM_MEMBRAIN_TIMEOUT_MS``       per remote operation, default 2000
 ``VLLM_MEMBRAIN_MAX_INFLIGHT``     remote stores in flight per worker before new ones are
@@ -32,10 +35,10 @@ Environment (front end; copied into ``kv_connector_extra_config`` by the plugin)
 =================================  =============================================================
 
 Extra-config keys (explicit ``--kv-transfer-config``) use the lower-case names without the prefix:
-``endpoint``, ``namespace``, ``cpu_cache_size``, ``remote``, ``timeout_ms``, ``max_inflight``,
-``auth_token_file``, ``replicas``, ``load_failure_policy``, ``compression``, ``eviction_policy``,
-``admission``, ``priority``; they win over the environment, and
-both paths go through :func:`resolve`. An unknown key or an unusable value raises
+``endpoint``, ``namespace``, ``cpu_cache_size``, ``host_prefault``, ``remote``, ``timeout_ms``,
+``max_inflight``, ``auth_token_file``, ``replicas``, ``load_failure_policy``, ``compression``,
+``eviction_policy``, ``admission``, ``priority``; they win over the environment, and both paths go
+through :func:`resolve`. An unknown key or an unusable value raises
 :class:`ConfigError` at start-up; an unreachable server does not.
 """
 
@@ -65,6 +68,7 @@ KNOWN_KEYS = (
     "endpoint",
     "namespace",
     "cpu_cache_size",
+    "host_prefault",
     "remote",
     "timeout_ms",
     "max_inflight",
@@ -188,6 +192,7 @@ class MembrainSettings:
     eviction_policy: str = "slru"
     admission: str = "all"
     priority: int = 0
+    host_prefault: bool = True
 
     def to_extra_config(self) -> dict[str, Any]:
         d = asdict(self)
@@ -205,6 +210,7 @@ class MembrainSettings:
             "eviction_policy": d["eviction_policy"],
             "admission": d["admission"],
             "priority": d["priority"],
+            "host_prefault": d["host_prefault"],
         }
 
     def auth_token(self) -> str | None:
@@ -276,6 +282,7 @@ def resolve(extra: Mapping[str, Any] | None = None, env: Mapping[str, str] | Non
         else parse_size(size)
     )
     remote = parse_bool(vals.get("remote", True), "remote")
+    host_prefault = parse_bool(vals.get("host_prefault", True), "host_prefault")
     try:
         timeout_ms = int(vals.get("timeout_ms", DEFAULT_TIMEOUT_MS))
         max_inflight = int(vals.get("max_inflight", DEFAULT_MAX_INFLIGHT))
@@ -327,6 +334,7 @@ def resolve(extra: Mapping[str, Any] | None = None, env: Mapping[str, str] | Non
         eviction,
         admission,
         priority,
+        host_prefault,
     )
     settings.auth_token()  # an unreadable token file is a start-up error, in the front end too
     return settings

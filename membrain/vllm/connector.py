@@ -64,6 +64,22 @@ logger = logging.getLogger("vllm.membrain")
 __all__ = ["MembrainConnector", "MembrainMetadata"]
 
 
+def _route_membrain_logs_to_vllm() -> None:
+    """The tiers and the client log under ``membrain.*``, outside vLLM's ``vllm`` logger tree,
+    so inside vLLM their INFO lines (host-tier prefault, remote health) would go nowhere. Give
+    the ``membrain`` logger vLLM's handlers and level, unless the application configured it."""
+    ours, theirs = logging.getLogger("membrain"), logging.getLogger("vllm")
+    if ours.handlers or ours.level != logging.NOTSET or not theirs.handlers:
+        return
+    for h in theirs.handlers:
+        ours.addHandler(h)
+    ours.setLevel(theirs.getEffectiveLevel())
+    ours.propagate = False
+
+
+_route_membrain_logs_to_vllm()
+
+
 def _apply_failure_policy(kv_transfer_config: Any, settings: mcfg.MembrainSettings) -> None:
     if settings.load_failure_policy == "fail":
         kv_transfer_config.kv_load_failure_policy = "fail"

@@ -52,6 +52,9 @@ class MembrainWorker:
         self.remote = remote
         self.block_size = int(vllm_config.cache_config.block_size)
         self.kv_cache_config = kv_cache_config
+        # The host tier's blocks, sized as the scheduler sizes it (parallel.host_block_bytes).
+        block_bytes = parallel.host_block_bytes(vllm_config, kv_cache_config)
+        self.host_capacity = settings.cpu_cache_bytes // block_bytes if block_bytes else 0
         groups = list(getattr(kv_cache_config, "kv_cache_groups", None) or [])
         # One list of layers per KV-cache group (hybrid models: one PagedKV description each).
         self.group_layers = [list(g.layer_names) for g in groups]
@@ -92,6 +95,7 @@ class MembrainWorker:
             if keyed != actual:
                 raise ValueError(f"packed page order {actual} differs from the keys' {keyed}")
             executor = TierExecutor(kvs, self.remote, self.settings.max_inflight)  # checks block sizes
+            executor.open_host(self.host_capacity, self.settings.host_prefault)
         except Exception as e:
             # Loads planned anyway are reported as errors (see start_load_kv); stores are skipped.
             self.unusable = f"unsupported KV cache tensors: {e}"
