@@ -55,3 +55,28 @@ def test_env_names_known_to_vllm(fresh_plugin, monkeypatch):
     monkeypatch.setenv("VLLM_MEMBRAIN_ENABLED", "1")
     fresh_plugin.register()
     assert "VLLM_MEMBRAIN_ENDPOINT" in envs.environment_variables
+
+
+def test_membrain_logs_reach_vllms_handler(monkeypatch):
+    """The tiers log under membrain.* (host-tier prefault, remote health); inside vLLM those
+    lines must land where vLLM's own go, at vLLM's level, unless the application configured
+    the membrain logger itself."""
+    import logging
+
+    from membrain.vllm import connector
+
+    theirs, ours = logging.getLogger("vllm"), logging.getLogger("membrain")
+    handler = logging.StreamHandler()
+    monkeypatch.setattr(theirs, "handlers", [handler])
+    monkeypatch.setattr(theirs, "level", logging.INFO)
+    monkeypatch.setattr(ours, "handlers", [])
+    monkeypatch.setattr(ours, "level", logging.NOTSET)
+    monkeypatch.setattr(ours, "propagate", True)
+    connector._route_membrain_logs_to_vllm()
+    assert ours.handlers == [handler] and not ours.propagate
+    assert logging.getLogger("membrain.tiers.host").isEnabledFor(logging.INFO)
+
+    mine = logging.NullHandler()
+    monkeypatch.setattr(ours, "handlers", [mine])
+    connector._route_membrain_logs_to_vllm()
+    assert ours.handlers == [mine]
