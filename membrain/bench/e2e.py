@@ -133,7 +133,8 @@ def run(
             raise SystemExit(f"vLLM run failed: see {b['log_path']}")
         after = get_reference(endpoint, block_bytes, fetch_chunk_blocks(block_bytes))
         get_ref = {
-            **after,
+            "value_bytes": block_bytes,
+            "batch": after["batch"],
             "gb_per_s": (before["gb_per_s"] + after["gb_per_s"]) / 2,
             "before_b_gb_per_s": before["gb_per_s"],
             "after_b_gb_per_s": after["gb_per_s"],
