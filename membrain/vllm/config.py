@@ -12,9 +12,9 @@ Environment (front end; copied into ``kv_connector_extra_config`` by the plugin)
 ``VLLM_MEMBRAIN_CPU_CACHE_SIZE``   host tier per worker, e.g. ``2GiB``; ``0`` disables it.
                                    Default: min(10% of MemAvailable, 4 GiB), resolved once in the
                                    front end so scheduler and workers agree.
-``VLLM_MEMBRAIN_HOST_PREFAULT``    ``1`` (default) / ``0``: back the host tier with memory at
-                                   start-up (a background thread), so loads never take its
-                                   first-touch page faults; ``0`` commits it as it fills
+``VLLM_MEMBRAIN_HOST_PREFAULT``    ``1`` (default) / ``0``: back the host tier and its staging
+                                   slots with memory when the worker starts, so loads never take
+                                   their first-touch page faults; ``0`` commits them as they fill
 ``VLLM_MEMBRAIN_REMOTE``           ``1`` (default) / ``0``: use the remote servers
 ``VLLM_MEMBRAIN_TIMEOUT_MS``       per remote operation, default 2000
 ``VLLM_MEMBRAIN_MAX_INFLIGHT``     remote stores in flight per worker before new ones are
