@@ -100,11 +100,16 @@ class LoadJob:
     host_slots: list[Any] = field(default_factory=list)
     landed: set[int] = field(default_factory=set)
     ready: Any = None  # CUDA: event the side stream waits on before scattering
-    streams: int = 1  # remote fetches in flight at a time (set by start_loads)
-    # CPU copy threads of its scatters: 1 beside running requests (the niced loader thread
-    # alone; the shared copy pool runs at the engine's priority), 0 = the whole pool otherwise.
-    copy_threads: int = 0
+    # Started in a step that runs other requests (set by start_loads): its remote chunks are
+    # fetched one at a time instead of fetch_streams at a time, and on CPU it scatters on the
+    # niced loader thread alone, since the shared copy pool runs at the engine's priority.
+    beside_work: bool = False
     ctx: Any = None  # the caller's (e.g. a tracing span)
+
+    @property
+    def copy_threads(self) -> int:
+        """CPU copy threads of its scatters (ops.scatter_blocks' ``threads``; 0: the pool)."""
+        return 1 if self.beside_work else 0
 
 
 @dataclass
@@ -202,8 +207,7 @@ class TierExecutor:
             return
         jobs = list(jobs)
         for j in jobs:
-            j.streams = 1 if beside_work else max(1, self.fetch_streams)
-            j.copy_threads = 1 if beside_work else 0
+            j.beside_work = beside_work
         try:
             self._prepare(jobs, host_capacity)
         except Exception as e:
@@ -408,7 +412,8 @@ class TierExecutor:
                 self._fail(j, "request finished while loading")
         if want:
             batch = list({id(j): j for j, _ in want}.values())
-            self._load_remote(want, stream, batch, min(j.streams for j in batch))
+            streams = 1 if any(j.beside_work for j in batch) else max(1, self.fetch_streams)
+            self._load_remote(want, stream, batch, streams)
 
     def _fetch(self, chunk: list[tuple[LoadJob, int]], streams: int) -> tuple[list[Any], list[bool], int]:
         """Fetcher thread: one remote get of ``chunk`` into pool slots (pinned on CUDA;

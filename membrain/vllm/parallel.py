@@ -128,6 +128,13 @@ def _stage_layer_counts(vllm_config: Any) -> list[int] | None:
         return None
 
 
+def host_capacity_blocks(cpu_cache_bytes: int, block_bytes: int) -> int:
+    """Blocks of ``block_bytes`` (:func:`host_block_bytes`) in a host tier of
+    ``cpu_cache_bytes``: the scheduler plans with it and every worker sizes its slots with it,
+    so both must compute it here."""
+    return cpu_cache_bytes // block_bytes if block_bytes > 0 else 0
+
+
 def host_block_bytes(vllm_config: Any, kv_cache_config: Any) -> int:
     """Bytes one KV block takes in one worker's host tier, for sizing it (the scheduler sizes all
     workers alike): this rank's shard (the spec's page is already per TP rank) of the layers of

@@ -94,7 +94,7 @@ class MembrainScheduler:
             self.enabled = False
         # Host tier per worker: its own shard of its own PP stage's layers (the largest stage's).
         self.block_bytes = parallel.host_block_bytes(vllm_config, kv_cache_config) if self.enabled else 0
-        self.host_capacity = settings.cpu_cache_bytes // self.block_bytes if self.block_bytes else 0
+        self.host_capacity = parallel.host_capacity_blocks(settings.cpu_cache_bytes, self.block_bytes)
         self.hash_ratio = 1
         if self.enabled:
             self.hash_ratio = self._hash_ratio()

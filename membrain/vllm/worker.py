@@ -52,9 +52,10 @@ class MembrainWorker:
         self.remote = remote
         self.block_size = int(vllm_config.cache_config.block_size)
         self.kv_cache_config = kv_cache_config
-        # The host tier's blocks, sized as the scheduler sizes it (parallel.host_block_bytes).
-        block_bytes = parallel.host_block_bytes(vllm_config, kv_cache_config)
-        self.host_capacity = settings.cpu_cache_bytes // block_bytes if block_bytes else 0
+        # The host tier's blocks, as the scheduler counts them.
+        self.host_capacity = parallel.host_capacity_blocks(
+            settings.cpu_cache_bytes, parallel.host_block_bytes(vllm_config, kv_cache_config)
+        )
         groups = list(getattr(kv_cache_config, "kv_cache_groups", None) or [])
         # One list of layers per KV-cache group (hybrid models: one PagedKV description each).
         self.group_layers = [list(g.layer_names) for g in groups]
