@@ -158,3 +158,35 @@ def test_host_store_prefaults_every_slot():
     assert store.prefaulted_bytes == store.pool.num_slots * store.pool.slot_bytes == 64 << 20
     assert _first_write_faults(store.pool, 64) < 64 * 256 // 16
     store.close()
+
+
+def test_a_prefault_the_kernel_refuses_stops_and_leaves_the_slots_usable():
+    """Kernels before 5.14 (no MADV_POPULATE_WRITE) or short memory: the prefault stops where
+    the kernel refused, says so, and the slots still work (backed as they fill)."""
+    from membrain.tiers.host import PREFAULT_STEP_BYTES, HostStore
+
+    store = HostStore(1 << 20, capacity_blocks=200, headroom=0, pin=False)
+    real = store.pool
+    if real.prefault(0, 1) == 0:
+        pytest.skip("kernel without MADV_POPULATE_WRITE (Linux < 5.14)")
+
+    class RefusesAfterOneStep:  # the native pool, whose kernel stops populating after one step
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def __getattr__(self, name: str):
+            return getattr(real, name)
+
+        def prefault(self, first: int, count: int) -> int:
+            self.calls += 1
+            return real.prefault(first, count) if self.calls == 1 else 0
+
+    store.pool = RefusesAfterOneStep()  # type: ignore[assignment]
+    store.prefault()
+    assert 0 < store.prefaulted_bytes <= PREFAULT_STEP_BYTES < 200 << 20
+    assert store.pool.calls == 2  # stopped at the first refusal
+    slot = store.acquire()
+    np.frombuffer(slot, dtype=np.uint8)[:] = 5
+    assert memoryview(slot)[(1 << 20) - 1] == 5
+    slot.release()
+    store.close()
