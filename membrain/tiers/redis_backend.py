@@ -11,6 +11,8 @@ Wire format: each block is ``SET prefix+key value+trailer`` where ``prefix`` is
 ``mb:<namespace>:`` and the trailer is the XXH3-64 (:func:`membrain.checksum64`) of the value,
 8 bytes little-endian. A read verifies the trailer and the length (the value must fill the
 caller's buffer exactly); a corrupt, truncated or foreign value is a miss, never wrong bytes.
+``get_into`` reads its replies itself (:mod:`membrain.tiers.redis_direct`): each value's body is
+received straight into the caller's buffer, without redis-py's intermediate copies.
 
 Batching: a batch of blocks is grouped by the cluster node that owns each key's slot and sent
 as one pipelined round trip per node (``MGET`` cannot span slots), the nodes in parallel.
@@ -33,13 +35,11 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 from urllib.parse import urlsplit
 
-import numpy as np
-
 from membrain import checksum64
 from membrain.client.breaker import CircuitBreaker
+from membrain.tiers.redis_direct import TRAILER, get_batch_into
 
 log = logging.getLogger("membrain.redis")
-TRAILER = 8
 MAX_KEY_LEN = 128
 
 
@@ -149,6 +149,8 @@ class RedisBackend:
             "socket_connect_timeout": t,
             "retry": Retry(NoBackoff(), 0),  # no hidden retries: the deadline is the caller's
             "health_check_interval": 0,
+            # RESP2: no out-of-band pushes (RESP3's ">") can land between redis_direct's replies.
+            "protocol": 2,
             "socket_read_size": 1 << 20,  # replies of 1 MiB values: 16x fewer recv + feed calls
         }
         self._cluster: Any = None
@@ -264,41 +266,35 @@ class RedisBackend:
     def _run(
         self,
         keys: list[bytes],
-        build: Callable[[Any, list[int]], None],
-        handle: Callable[[list[int], list[Any]], Any],
+        node_call: Callable[[Any, list[int], float], Any],
         timeout_ms: int | None = None,
+        bounded: bool = False,
     ) -> list[tuple[list[int], Any]]:
-        """One pipelined round trip per node, nodes in parallel, within the deadline: ``build(pipe,
-        idx)`` queues the commands, ``handle(idx, replies)`` (on the I/O thread) turns the replies
-        into a result. Returns ``(idx, result)`` for the nodes that answered; raises
-        ConnectionError when none did (and there was at least one to ask)."""
+        """``node_call(client, idx, deadline)`` for each node with its keys' indices, the nodes
+        in parallel (the first on the calling thread), each behind its breaker. Returns
+        ``(idx, result)`` for the nodes that answered; raises ConnectionError when none did
+        (and there was at least one to ask). ``bounded``: the calls end by the deadline by
+        themselves, so they are all waited for (nothing of theirs runs after the return)."""
         if self._closed:
             raise ConnectionError("Redis backend closed")
         deadline = time.monotonic() + (timeout_ms or self.timeout_ms) / 1000.0
         self._maybe_refresh()
         groups = self._groups([self.prefix + k for k in keys])
 
-        def one(name: str, conn: Any, idx: list[int]) -> tuple[list[int], Any] | None:
+        def one(name: str, client: Any, idx: list[int]) -> tuple[list[int], Any] | None:
             br = self._breaker(name)
             state = br.admit()
             if state == "open":
                 return None
             try:
-                pipe = conn.pipeline(transaction=False)
-                build(pipe, idx)
-                replies = pipe.execute(raise_on_error=False)
+                result = node_call(client, idx, deadline)
             except Exception as e:
                 br.failure(probe=state == "probe")
                 self._refresh_due = self.scheme == "redis-cluster"
                 log.debug("Redis node %s failed: %s", name, e)
                 return None
-            errors = [r for r in replies if isinstance(r, Exception)]
-            if errors:
-                # CLUSTERDOWN / MOVED / ASK / TRYAGAIN / LOADING...: misses, slot map reloaded.
-                self._refresh_due = self.scheme == "redis-cluster"
-                log.debug("Redis node %s answered %d errors (first: %s)", name, len(errors), errors[0])
             br.success()
-            return idx, handle(idx, replies)
+            return idx, result
 
         if not groups:
             if keys:
@@ -308,13 +304,35 @@ class RedisBackend:
         results: list[tuple[list[int], Any] | None] = [one(*groups[0])]
         for f in futs:
             try:
-                results.append(f.result(timeout=max(0.0, deadline - time.monotonic())))
+                results.append(f.result(timeout=None if bounded else max(0.0, deadline - time.monotonic())))
             except FutureTimeout:
                 results.append(None)
         done = [r for r in results if r is not None]
         if not done:
             raise ConnectionError(f"all {len(groups)} Redis node(s) failed or are backing off")
         return done
+
+    def _pipelined(
+        self, build: Callable[[Any, list[int]], None], handle: Callable[[list[int], list[Any]], Any]
+    ) -> Callable[[Any, list[int], float], Any]:
+        """A node call that sends one redis-py pipeline (``build(pipe, idx)`` queues its
+        commands) and turns the replies into a result with ``handle(idx, replies)``."""
+
+        def call(client: Any, idx: list[int], deadline: float) -> Any:
+            pipe = client.pipeline(transaction=False)
+            build(pipe, idx)
+            replies = pipe.execute(raise_on_error=False)
+            self._note_errors(client, [r for r in replies if isinstance(r, Exception)])
+            return handle(idx, replies)
+
+        return call
+
+    def _note_errors(self, client: Any, errors: Sequence[Any]) -> None:
+        """Error replies (CLUSTERDOWN / MOVED / ASK / TRYAGAIN / LOADING...) are misses; in a
+        cluster they mean the slot map is stale, so it is reloaded."""
+        if errors:
+            self._refresh_due = self.scheme == "redis-cluster"
+            log.debug("Redis node %s answered %d errors (first: %s)", client, len(errors), errors[0])
 
     # ------------------------------------------------------------------ API
 
@@ -328,7 +346,7 @@ class RedisBackend:
             for i in idx:
                 pipe.exists(self.prefix + k[i])
 
-        for idx, replies in self._run(k, build, lambda idx, r: r):
+        for idx, replies in self._run(k, self._pipelined(build, lambda idx, r: r)):
             for i, r in zip(idx, replies):
                 present[i] = r == 1
         n = 0
@@ -339,8 +357,10 @@ class RedisBackend:
     def get_into(
         self, keys: Sequence[Any], buffers: Sequence[Any], timeout_ms: int | None = None
     ) -> list[bool]:
-        """Values land in the caller's buffers after checksum and length checks, on the I/O
-        threads; a corrupt, truncated or missing value leaves its buffer untouched."""
+        """Each value is received straight into its buffer (on the node's I/O thread) and
+        reported True only when its checksum matched. A missing value, or one of another length,
+        leaves its buffer untouched; one that fails its checksum leaves it undefined (as with
+        :class:`membrain.Client`). No buffer is written after the call returns."""
         k = _norm_keys(keys)
         views = [_flat(b, writable=True) for b in buffers]
         if len(views) != len(k):
@@ -349,37 +369,26 @@ class RedisBackend:
         if not k:
             return out
 
-        def build(pipe: Any, idx: list[int]) -> None:
-            for i in idx:
-                pipe.get(self.prefix + k[i])
+        def node_call(client: Any, idx: list[int], deadline: float) -> list[int]:
+            # Values are received straight into the views (redis_direct); the call ends by the
+            # deadline, so _run waits for every node and no view is written after the return.
+            pool = client.connection_pool
+            conn = pool.get_connection()
+            try:
+                hits, errors = get_batch_into(
+                    conn, [self.prefix + k[i] for i in idx], [views[i] for i in idx], deadline
+                )
+            except BaseException:
+                conn.disconnect()  # replies may be left unread
+                raise
+            finally:
+                pool.release(conn)
+            self._note_errors(client, errors)
+            return [i for i, hit in zip(idx, hits) if hit]
 
-        # Each node's I/O thread verifies and copies its own values (numpy copies without the
-        # GIL), overlapping the other nodes' transfers. Once the call has returned, ``open_`` is
-        # False and a node that answers late writes nothing: a buffer reported as a miss is not
-        # written after the call (one that only failed verification is never written at all).
-        lock = threading.Lock()
-        open_ = [True]
-
-        def handle(idx: list[int], replies: list[Any]) -> list[int]:
-            hits: list[int] = []
-            for i, r in zip(idx, replies):
-                p = verify(r, views[i].nbytes) if isinstance(r, bytes) else None
-                if p is None:
-                    continue
-                with lock:
-                    if not open_[0]:
-                        break
-                    np.copyto(np.frombuffer(views[i], dtype=np.uint8), np.frombuffer(p, dtype=np.uint8))
-                hits.append(i)
-            return hits
-
-        try:
-            for _idx, hits in self._run(k, build, handle, timeout_ms):
-                for i in hits:
-                    out[i] = True
-        finally:
-            with lock:
-                open_[0] = False
+        for _idx, hits in self._run(k, node_call, timeout_ms, bounded=True):
+            for i in hits:
+                out[i] = True
         return out
 
     def get(self, keys: Sequence[Any], timeout_ms: int | None = None) -> list[memoryview | None]:
@@ -396,7 +405,7 @@ class RedisBackend:
         def handle(idx: list[int], replies: list[Any]) -> list[memoryview | None]:
             return [verify(r) if isinstance(r, bytes) else None for r in replies]
 
-        for idx, payloads in self._run(k, build, handle, timeout_ms):
+        for idx, payloads in self._run(k, self._pipelined(build, handle), timeout_ms):
             for i, p in zip(idx, payloads):
                 out[i] = p
         return out
@@ -413,7 +422,7 @@ class RedisBackend:
             for i in idx:
                 pipe.set(self.prefix + k[i], pack(values[i]))
 
-        for idx, replies in self._run(k, build, lambda idx, r: r, timeout_ms):
+        for idx, replies in self._run(k, self._pipelined(build, lambda idx, r: r), timeout_ms):
             for i, r in zip(idx, replies):
                 out[i] = r is True
         return out
@@ -436,7 +445,7 @@ class RedisBackend:
             for i in idx:
                 pipe.delete(self.prefix + k[i])
 
-        for _idx, replies in self._run(k, build, lambda idx, r: r):
+        for _idx, replies in self._run(k, self._pipelined(build, lambda idx, r: r)):
             n += sum(r for r in replies if isinstance(r, int))
         return n
 
