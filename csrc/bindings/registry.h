@@ -12,4 +12,5 @@ void register_transport(pybind11::module_& m);  // transport_bindings.cpp (clien
 void register_server(pybind11::module_& m);     // server_bindings.cpp
 void register_ucx(pybind11::module_& m);        // ucx_bindings.cpp
 void register_policy(pybind11::module_& m);     // policy_bindings.cpp
+void register_redis(pybind11::module_& m);      // redis_bindings.cpp (Redis GET reply reader)
 }  // namespace membrain::bindings

@@ -80,19 +80,6 @@ double since(Clock::time_point& t) {
 
 }  // namespace
 
-struct TcpConnection::Deadline {
-  std::chrono::steady_clock::time_point at;
-  explicit Deadline(int timeout_ms)
-      : at(std::chrono::steady_clock::now() + std::chrono::milliseconds(std::max(timeout_ms, 0))) {}
-  // Milliseconds left, rounded up so a sub-millisecond remainder still gets one poll.
-  int remaining_ms() const {
-    const auto left = at - std::chrono::steady_clock::now();
-    if (left <= std::chrono::steady_clock::duration::zero()) return 0;
-    const auto us = std::chrono::duration_cast<std::chrono::microseconds>(left).count();
-    return static_cast<int>(std::min<long long>((us + 999) / 1000, INT_MAX));
-  }
-};
-
 TcpConnection::TcpConnection(Options options) : opts_(std::move(options)) {
   if (!proto::valid_namespace(opts_.ns, limits_)) {
     throw std::invalid_argument("namespace must be 1..64 bytes of [A-Za-z0-9._-], got '" + opts_.ns + "'");

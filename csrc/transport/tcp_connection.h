@@ -24,6 +24,7 @@
 
 #include <sys/uio.h>
 
+#include "common/deadline.h"
 #include "common/unique_fd.h"
 #include "transport/protocol.h"
 #include "transport/request_codec.h"  // ConstSpan, MutSpan, ValuePlacer, validate_key, KeyListCall
@@ -95,7 +96,6 @@ class TcpConnection {
   uint16_t port() const { return opts_.port; }
 
  private:
-  struct Deadline;
   void connect_socket();
   void hello();
   void fail(const std::string& what);  // marks broken, throws TransportError

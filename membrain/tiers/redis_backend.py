@@ -11,8 +11,9 @@ Wire format: each block is ``SET prefix+key value+trailer`` where ``prefix`` is
 ``mb:<namespace>:`` and the trailer is the XXH3-64 (:func:`membrain.checksum64`) of the value,
 8 bytes little-endian. A read verifies the trailer and the length (the value must fill the
 caller's buffer exactly); a corrupt, truncated or foreign value is a miss, never wrong bytes.
-``get_into`` reads its replies itself (:mod:`membrain.tiers.redis_direct`): each value's body is
-received straight into the caller's buffer, without redis-py's intermediate copies.
+``get_into`` reads its replies in native code (:mod:`membrain.tiers.redis_direct`): each value's
+body is received straight into the caller's buffer, without redis-py's copies or the GIL (over
+TLS redis-py reads them, and each value is copied once more).
 
 Batching: a batch of blocks is grouped by the cluster node that owns each key's slot and sent
 as one pipelined round trip per node (``MGET`` cannot span slots), the nodes in parallel.
@@ -369,6 +370,9 @@ class RedisBackend:
         if not k:
             return out
 
+        if self.scheme == "rediss":
+            return self._get_into_through_redis_py(k, views, out, timeout_ms)
+
         def node_call(client: Any, idx: list[int], deadline: float) -> list[int]:
             # Values are received straight into the views (redis_direct); the call ends by the
             # deadline, so _run waits for every node and no view is written after the return.
@@ -389,6 +393,40 @@ class RedisBackend:
         for _idx, hits in self._run(k, node_call, timeout_ms, bounded=True):
             for i in hits:
                 out[i] = True
+        return out
+
+    def _get_into_through_redis_py(
+        self, k: list[bytes], views: list[memoryview], out: list[bool], timeout_ms: int | None
+    ) -> list[bool]:
+        """``get_into`` over TLS, whose socket native code cannot read beneath Python's ssl:
+        redis-py parses the replies, each value is verified, then copied into its view."""
+        lock = threading.Lock()
+        open_ = [True]  # once the call returned, a node that answers late writes nothing
+
+        def handle(idx: list[int], replies: list[Any]) -> list[int]:
+            hits: list[int] = []
+            for i, r in zip(idx, replies):
+                p = verify(r, views[i].nbytes) if isinstance(r, bytes) else None
+                if p is None:
+                    continue
+                with lock:
+                    if not open_[0]:
+                        break
+                    views[i][:] = p
+                hits.append(i)
+            return hits
+
+        def build(pipe: Any, idx: list[int]) -> None:
+            for i in idx:
+                pipe.get(self.prefix + k[i])
+
+        try:
+            for _idx, hits in self._run(k, self._pipelined(build, handle), timeout_ms):
+                for i in hits:
+                    out[i] = True
+        finally:
+            with lock:
+                open_[0] = False
         return out
 
     def get(self, keys: Sequence[Any], timeout_ms: int | None = None) -> list[memoryview | None]:
