@@ -93,6 +93,39 @@ def test_hung_server_misses_within_deadline(server) -> None:
         assert c.get(["h"]) == [b"v"]
 
 
+def test_a_hung_server_opens_the_remote_tiers_breaker(server) -> None:
+    """membrain.Client answers misses (it does not raise) once its endpoints are marked down;
+    the remote tier still counts that as a failure, so requests stop paying for probes: one
+    lookup waits out the deadline, the next ones are instant until the tier's backoff ends (the
+    client's own breaker alone would let a probe through every 50 ms..5 s)."""
+    from membrain.tiers.remote import RemoteTier
+
+    c = membrain.Client(server.endpoint, timeout_ms=300)
+    tier = RemoteTier(c, timeout_ms=300, backoff_s=0.5, max_backoff_s=1.0)
+    try:
+        assert c.put([b"k"], [b"v"]) == [True]
+        assert tier.lookup_prefix([b"k"]) == 1 and tier.available
+        server.pause()
+        try:
+            n, dt = _timed(tier.lookup_prefix, [b"k"])
+            assert n == 0 and dt <= 0.3 + SLACK_S
+            assert c.all_down and not tier.available
+            time.sleep(0.1)  # past the client's first backoff (50 ms): it alone would probe now
+            for _ in range(5):
+                n, dt = _timed(tier.lookup_prefix, [b"k"])
+                assert n == 0 and dt < 0.05, dt
+            assert tier.take_breaker_counts() == (1, 5)
+        finally:
+            server.resume()
+        deadline = time.monotonic() + 5
+        while tier.lookup_prefix([b"k"]) != 1:  # the tier's probe gets through once it is due
+            assert time.monotonic() < deadline, "the remote tier never recovered"
+            time.sleep(0.1)
+        assert tier.available and not c.all_down
+    finally:
+        tier.close()
+
+
 def test_unreachable_endpoint_is_a_miss() -> None:
     port = free_port()
     with membrain.Client(f"tcp://127.0.0.1:{port}", timeout_ms=300) as c:

@@ -463,6 +463,13 @@ class Client:
         i = endpoint if isinstance(endpoint, int) else [str(e) for e in self.endpoints].index(str(endpoint))
         return self._breakers[i].is_open
 
+    @property
+    def all_down(self) -> bool:
+        """Whether every endpoint is marked down. Calls then answer misses without raising;
+        :class:`~membrain.tiers.remote.RemoteTier` counts such a call as a failure, so its own
+        (longer) breaker opens as it does for a backend that raises."""
+        return all(b.is_open for b in self._breakers)
+
     # ------------------------------------------------------------------ async
 
     def _submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:

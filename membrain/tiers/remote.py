@@ -124,6 +124,17 @@ class RemoteTier:
             with self._lock:
                 self._opened += 1
 
+    def _settled(self, what: str, probe: bool) -> None:
+        """A call returned: a success, unless the backend answered misses only because every
+        endpoint it has is down (membrain.Client does not raise for that). Counting it as a
+        failure opens this breaker, so a hung server costs one probe per backoff period (up to
+        ``max_backoff_s``), not one per endpoint backoff (up to 5 s), each stalling a request's
+        lookup for up to the connect timeout."""
+        if getattr(self.client, "all_down", False):
+            self._failed(what, "every endpoint is down", probe)
+        else:
+            self._succeeded()
+
     def _succeeded(self) -> None:
         self._breaker.success()
         if self._warned:
@@ -153,7 +164,7 @@ class RemoteTier:
         except Exception as e:
             self._failed(what, e, probe=state == "probe")
             return fallback
-        self._succeeded()
+        self._settled(what, probe=state == "probe")
         return res
 
     def lookup_prefix(self, keys: Sequence[bytes]) -> int:
@@ -253,7 +264,7 @@ class RemoteTier:
                     try:
                         r = fut.result()
                         res = [bool(x) for x in r] if r is not None and len(r) == n else [True] * n
-                        self._succeeded()
+                        self._settled("put", probe)
                     except Exception as e:
                         self._failed("put", e, probe)
                 elif err is not None:
