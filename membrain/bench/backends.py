@@ -2,7 +2,8 @@
 ``--backend redis-cluster://...``): Membrain's own server, the Redis Cluster backend
 (:class:`~membrain.tiers.redis_backend.RedisBackend`: one pipelined round trip per master, the
 masters in parallel, XXH3 trailer verified) and plain redis-py pipelined SET / GET on one
-standalone redis-server, at 1 MiB x 16 per batch from one caller thread, in interleaved rounds.
+standalone redis-server, at 1 MiB x 16 per batch from one caller thread, in interleaved rounds
+(every other round in reverse order).
 
 Acceptance: the cluster backend moves at least 1.3x what redis-py pipelined moves in the same run.
 """
@@ -119,8 +120,13 @@ def bench_backends(
         per_round: list[dict[str, dict[str, float]]] = []
         for rnd in range(rounds):
             row: dict[str, dict[str, float]] = {}
-            for name, (put, get) in steps.items():
+            # Every other round in reverse order, so no backend always runs first (or last) as
+            # the host's speed drifts.
+            order = list(steps) if rnd % 2 == 0 else list(reversed(steps))
+            for name in order:
+                put, get = steps[name]
                 row[name] = {"PUT": _rate(put, seconds), "GET": _rate(get, seconds)}
+            row = {name: row[name] for name in steps}
             for op in ("PUT", "GET"):
                 row.setdefault("cluster_vs_redis_py", {})[op] = (
                     row["redis_cluster_backend"][op] / row["redis_py_pipelined"][op]
