@@ -96,6 +96,6 @@ def test_redis_cluster_backends_smoke(tmp_path: Path) -> None:
     assert f"results: {path}" in r.stdout
     d = json.loads(path.read_text())["backends"]
     assert d["batch"] == 16 and d["size"] == 1 << 20 and len(d["rounds"]) == 1
-    for name in ("membrain", "redis_cluster_backend", "redis_py_pipelined"):
+    for name in ("membrain", "redis_cluster_backend", "redis_py_pipelined", "redis_py_cluster_pipelined"):
         assert d["median"][name]["PUT"] > 0 and d["median"][name]["GET"] > 0, name
     assert set(d["cluster_ge_1.3x_redis_py"]) == {"PUT", "GET"}

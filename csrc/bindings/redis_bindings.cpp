@@ -15,7 +15,8 @@ void register_redis(py::module_& m) {
   m.def(
       "redis_read_gets",
       [](int fd, const py::sequence& buffers, int timeout_ms) {
-        if (fd < 0) throw py::value_error("redis_read_gets: fd must be an open socket, got " + std::to_string(fd));
+        if (fd < 0)
+          throw py::value_error("redis_read_gets: fd must be an open socket, got " + std::to_string(fd));
         std::vector<std::unique_ptr<connection_detail::PinnedBuffer>> pins;
         const auto dests = connection_detail::pin_all<MutSpan>(buffers, true, "buffer", &pins);
         redis::GetBatchResult r;

@@ -204,7 +204,8 @@ GetBatchResult read_get_replies(int fd, const std::vector<MutSpan>& dests, int t
         throw Stop{Failure::protocol, "bulk string not terminated by CRLF"};
       r.hits[i] = checksum64(d.data, d.size, 0) == load_le64(tail);
     }
-    if (s.leftover()) throw Stop{Failure::protocol, std::to_string(s.leftover()) + " bytes after the last reply"};
+    if (s.leftover())
+      throw Stop{Failure::protocol, std::to_string(s.leftover()) + " bytes after the last reply"};
   } catch (const Stop& stop) {
     r.failure = stop.why;
     r.detail = stop.detail;
