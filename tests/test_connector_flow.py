@@ -21,6 +21,7 @@ from fakes import FakeClient
 
 from membrain.bench.vllm_kv import build_vllm_kv as make_vllm_kv
 from membrain.bench.vllm_kv import same_bytes
+from membrain.tiers.executor import staging_blocks
 
 BS, LAYERS, BLOCKS = 4, 2, 32
 
@@ -501,6 +502,9 @@ def test_the_worker_backs_its_host_tier_at_start_up(pair):
     if ex.store_.prefaulted_bytes == 0:
         pytest.skip("kernel without MADV_POPULATE_WRITE (Linux < 5.14)")
     pool = ex.store_.pool
+    assert pool.num_slots == ex.store_.capacity + staging_blocks(
+        pool.slot_bytes, ex.remote is not None, ex.max_inflight
+    )
     assert ex.store_.prefaulted_bytes >= pool.num_slots * pool.slot_bytes  # every slot
     w.shutdown()
 

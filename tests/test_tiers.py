@@ -242,3 +242,19 @@ def test_background_load_threads_run_at_lower_priority():
         niced = pool.submit(nice_of_this_thread).result()
     assert niced == min(19, base + executor.LOAD_THREAD_NICE)
     assert nice_of_this_thread() == base  # the calling thread keeps its priority
+
+
+def test_staging_is_capped_in_bytes_but_holds_a_loads_fetch_pipeline():
+    from membrain.tiers.executor import FETCH_STREAMS, HOST_HEADROOM_BYTES, fetch_chunk_blocks, staging_blocks
+
+    mib = 1 << 20
+    assert staging_blocks(768 << 10, remote=False, max_inflight=256) == 64
+    assert staging_blocks(768 << 10, remote=True, max_inflight=256) == 256  # 192 MiB: under the cap
+    assert staging_blocks(mib, remote=True, max_inflight=16) == 64  # the base stays
+    # 8 MiB blocks (Llama-8B-like, block size 64): 512 MiB of staging, not 256 blocks = 2 GiB.
+    assert staging_blocks(8 * mib, remote=True, max_inflight=256) * 8 * mib == HOST_HEADROOM_BYTES
+    # Blocks so large that the cap holds fewer than one load's fetch pipeline: the pipeline wins.
+    huge = 256 * mib
+    assert staging_blocks(huge, remote=True, max_inflight=256) == (FETCH_STREAMS + 1) * fetch_chunk_blocks(
+        huge
+    )

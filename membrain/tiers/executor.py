@@ -36,8 +36,13 @@ def thread_minor_faults() -> int:
         return 0
 
 
-# Slots kept beyond the host tier's capacity for staging remote transfers.
+# Slots kept beyond the host tier's capacity for staging remote transfers: HOST_HEADROOM_BLOCKS,
+# or with a remote tier up to 4x that for stores in flight (max_inflight), but never more than
+# HOST_HEADROOM_BYTES: they are resident from start-up (prefaulted or pinned), and 256 blocks
+# of a model with 8 MiB blocks would be 2 GiB. A store finding no free slot is dropped and
+# counted. Never fewer than one load's fetch pipeline holds at once (see staging_blocks).
 HOST_HEADROOM_BLOCKS = 64
+HOST_HEADROOM_BYTES = 512 << 20
 # A background load fetches its remote blocks in chunks of at most FETCH_CHUNK_BLOCKS blocks and
 # FETCH_CHUNK_BYTES bytes, while the chunk before them is scattered. A load started in a step
 # that schedules nothing else (every request waits for its KV) fetches FETCH_STREAMS chunks at a
@@ -57,6 +62,15 @@ LOAD_THREAD_NICE = 10
 def fetch_chunk_blocks(block_bytes: int) -> int:
     """Blocks per remote fetch of a load, for blocks of ``block_bytes``."""
     return max(1, min(FETCH_CHUNK_BLOCKS, FETCH_CHUNK_BYTES // max(1, block_bytes)))
+
+
+def staging_blocks(block_bytes: int, remote: bool, max_inflight: int) -> int:
+    """Staging slots beside the host tier's (see HOST_HEADROOM_BLOCKS)."""
+    blocks = HOST_HEADROOM_BLOCKS
+    if remote:
+        blocks = max(blocks, min(max_inflight, 4 * HOST_HEADROOM_BLOCKS))
+    pipeline = (FETCH_STREAMS + 1) * fetch_chunk_blocks(block_bytes)  # chunks in flight + scattering
+    return max(pipeline, min(blocks, HOST_HEADROOM_BYTES // max(1, block_bytes)))
 
 
 def _background_priority() -> None:
@@ -163,9 +177,7 @@ class TierExecutor:
         """The host tier's slots (``capacity_blocks`` from the scheduler) plus staging headroom
         for remote transfers; created on first use, also with capacity 0 when remote is on."""
         if self.store_ is None and (capacity_blocks > 0 or self.remote is not None):
-            headroom = HOST_HEADROOM_BLOCKS
-            if self.remote is not None:
-                headroom = max(headroom, min(self.max_inflight, 4 * HOST_HEADROOM_BLOCKS))
+            headroom = staging_blocks(self.block_bytes, self.remote is not None, self.max_inflight)
             self.store_ = HostStore(
                 self.block_bytes, capacity_blocks, headroom, pin=self.kv.device_type == "cuda"
             )
