@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import time
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -26,7 +27,6 @@ pytest.importorskip("vllm")
 
 from membrain.bench import common as C
 from membrain.bench.redis_local import RedisCluster, have_redis
-from membrain.utils.net import free_port
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
@@ -123,36 +123,43 @@ def reference(model, workdir, off_big) -> VllmReference:
     return VllmReference([off_big, small])
 
 
-def test_env_only_enablement_host_tier_and_server_down(model, workdir, reference, off_big):
-    """VLLM_MEMBRAIN_* only (general plugin), nothing listening on the endpoint: every request
-    completes with vLLM's own tokens at its cached length; prompts evicted from the small device
-    cache come back whole from the host tier; no request waits on the unreachable server."""
+def test_env_only_enablement_host_tier_and_hung_server(model, workdir, reference, off_big):
+    """VLLM_MEMBRAIN_* only (general plugin), the endpoint a server that accepts connections and
+    never answers (harder than nothing listening, which fails at once): every request completes
+    with vLLM's own tokens at its cached length; prompts evicted from the small device cache
+    come back whole from the host tier; no request waits out the call timeout, and the remote
+    tier's breaker opens."""
     # With membrain pip-installed (make test) its real entry point is used; a source-tree run
     # gets an equivalent dist-info on PYTHONPATH.
     installed = any(ep.name == "membrain" for ep in entry_points(group="vllm.general_plugins"))
     extra_path = [] if installed else [C.plugin_site(workdir / "plugin_site")]
-    port = free_port()  # nothing listens here
     timeout_s = 5.0  # far above a request's own time, so waiting on the network cannot hide in noise
-    env = C.base_env(
-        {
-            "VLLM_MEMBRAIN_ENABLED": "1",
-            "VLLM_MEMBRAIN_ENDPOINT": f"tcp://127.0.0.1:{port}",
-            "VLLM_MEMBRAIN_CPU_CACHE_SIZE": "256MiB",
-            "VLLM_MEMBRAIN_TIMEOUT_MS": str(int(timeout_s * 1000)),
-            "VLLM_USE_V1": "1",
-        },
-        pythonpath=extra_path,
-    )
-    run = C.run_instance(_spec(model, "plain", repeat=2), env, workdir, "env_only")
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as hung:  # never accepts, never reads
+        env = C.base_env(
+            {
+                "VLLM_MEMBRAIN_ENABLED": "1",
+                "VLLM_MEMBRAIN_ENDPOINT": f"tcp://127.0.0.1:{hung.getsockname()[1]}",
+                "VLLM_MEMBRAIN_CPU_CACHE_SIZE": "256MiB",
+                "VLLM_MEMBRAIN_TIMEOUT_MS": str(int(timeout_s * 1000)),
+                "VLLM_USE_V1": "1",
+            },
+            pythonpath=extra_path,
+        )
+        run = C.run_instance(_spec(model, "plain", repeat=2), env, workdir, "env_only")
     _check_ok(run)
     assert "Membrain enabled from the environment" in run["log"]
     reference.check(run)
     assert C.store_totals(run["log"])["host"] > 0
     assert C.hit_totals(run["log"])["host"] > 0, "second pass should load evicted prefixes from the host tier"
     assert [r["cached_tokens"] for r in run["results"] if r["rep"] == 1] == [FULL_HIT] * N_PROMPTS
+    # The scheduler's lookup found the server hung (its handshake timed out) and the remote
+    # tier's breaker opened, so later requests skip it instead of probing it again.
+    assert re.search(r"Membrain remote lookup failed \(every endpoint is down\)", run["log"]), run["log"][
+        -3000:
+    ]
     # A same-run speed ratio belongs in `membrain bench`: the host's speed drifts up to 1.6x
-    # between instances here. What this test can judge is that no request waited on the dead
-    # endpoint, which would cost it at least the client timeout.
+    # between instances here. What this test can judge is that no request waited out the call
+    # timeout on the hung server (the connect handshake's own, shorter, timeout bounds a probe).
     first_pass = [r["seconds"] for r in run["results"] if r["rep"] == 0]
     cold = [r["seconds"] for r in off_big["results"] if r["rep"] == 0]
     assert max(first_pass) < timeout_s, (first_pass, cold)

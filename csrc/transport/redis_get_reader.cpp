@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <charconv>
+#include <chrono>
 #include <cstring>
 #include <string_view>
 
@@ -19,6 +20,7 @@ namespace membrain::redis {
 namespace {
 
 using Failure = GetBatchResult::Failure;
+using Clock = std::chrono::steady_clock;
 
 // Header reads are small, so little of a value's body detours through the buffer; a line that
 // has not ended within kMaxLine bytes is a broken stream, not a reply.
@@ -26,6 +28,9 @@ constexpr std::size_t kChunk = 4096;
 constexpr std::size_t kMaxLine = 64 << 10;
 // The largest RESP3 blob error read (its text is only logged); it must fit the buffer.
 constexpr int64_t kMaxBlobError = kMaxLine - 2;
+// Redis refuses bulk strings above proto-max-bulk-len (512 MiB by default); a longer one is a
+// broken or hostile stream, not something to drain.
+constexpr int64_t kMaxBulk = int64_t{512} << 20;
 
 struct Stop {
   Failure why;
@@ -100,6 +105,13 @@ class ReplyStream {
     }
   }
 
+  // The CRLF that ends a bulk string.
+  void crlf() {
+    uint8_t end[2];
+    exact(end, 2);
+    if (end[0] != '\r' || end[1] != '\n') throw Stop{Failure::protocol, "bulk string not terminated by CRLF"};
+  }
+
   std::size_t leftover() const { return end_ - pos_; }
 
  private:
@@ -126,7 +138,11 @@ class ReplyStream {
       msg.msg_iovlen = static_cast<std::size_t>(cnt);
       // MSG_DONTWAIT: the socket may be in blocking mode; only poll() waits, with the time left.
       const ssize_t n = ::recvmsg(fd_, &msg, MSG_DONTWAIT);
-      if (n > 0) return static_cast<std::size_t>(n);
+      if (n > 0) {
+        // Also when data keeps coming: a server streaming a long reply must not hold us past it.
+        if (Clock::now() >= dl_.at) throw Stop{Failure::timed_out, "the GET batch ran past its deadline"};
+        return static_cast<std::size_t>(n);
+      }
       if (n == 0) throw Stop{Failure::closed, "Redis closed the connection mid-reply"};
       if (errno == EINTR) continue;
       if (errno != EAGAIN && errno != EWOULDBLOCK)
@@ -191,18 +207,19 @@ GetBatchResult read_get_replies(int fd, const std::vector<MutSpan>& dests, int t
           throw Stop{Failure::protocol, "a GET was answered with '" + printable(head) + "'"};
       }
       const int64_t n = length(rest);
-      if (n < 0) continue;  // nil: not stored
+      if (n == -1) continue;  // nil: not stored
+      if (n < 0 || n > kMaxBulk) throw Stop{Failure::protocol, "bulk length " + std::to_string(n)};
       const MutSpan& d = dests[i];
       if (static_cast<uint64_t>(n) != d.size + kTrailer) {
-        s.skip(static_cast<std::size_t>(n) + 2);  // another block size or a foreign value: a miss
+        s.skip(static_cast<std::size_t>(n));  // another block size or a foreign value: a miss
+        s.crlf();
         continue;
       }
       s.into(d.data, d.size);
-      uint8_t tail[kTrailer + 2];
-      s.exact(tail, sizeof(tail));
-      if (tail[kTrailer] != '\r' || tail[kTrailer + 1] != '\n')
-        throw Stop{Failure::protocol, "bulk string not terminated by CRLF"};
-      r.hits[i] = checksum64(d.data, d.size, 0) == load_le64(tail);
+      uint8_t trailer[kTrailer];
+      s.exact(trailer, sizeof(trailer));
+      s.crlf();
+      r.hits[i] = checksum64(d.data, d.size, 0) == load_le64(trailer);
     }
     if (s.leftover())
       throw Stop{Failure::protocol, std::to_string(s.leftover()) + " bytes after the last reply"};

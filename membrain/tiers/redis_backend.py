@@ -274,8 +274,9 @@ class RedisBackend:
         """``node_call(client, idx, deadline)`` for each node with its keys' indices, the nodes
         in parallel (the first on the calling thread), each behind its breaker. Returns
         ``(idx, result)`` for the nodes that answered; raises ConnectionError when none did
-        (and there was at least one to ask). ``bounded``: the calls end by the deadline by
-        themselves, so they are all waited for (nothing of theirs runs after the return)."""
+        (and there was at least one to ask). ``bounded``: a call still running at the deadline
+        ends soon by itself (its reads by the deadline, a connect by the socket timeout), and is
+        waited for, so nothing of it runs after the return; one that never started is dropped."""
         if self._closed:
             raise ConnectionError("Redis backend closed")
         deadline = time.monotonic() + (timeout_ms or self.timeout_ms) / 1000.0
@@ -283,6 +284,8 @@ class RedisBackend:
         groups = self._groups([self.prefix + k for k in keys])
 
         def one(name: str, client: Any, idx: list[int]) -> tuple[list[int], Any] | None:
+            if time.monotonic() >= deadline:
+                return None  # queued behind other calls until too late: a miss, not the node's fault
             br = self._breaker(name)
             state = br.admit()
             if state == "open":
@@ -305,9 +308,14 @@ class RedisBackend:
         results: list[tuple[list[int], Any] | None] = [one(*groups[0])]
         for f in futs:
             try:
-                results.append(f.result(timeout=None if bounded else max(0.0, deadline - time.monotonic())))
+                results.append(f.result(timeout=max(0.0, deadline - time.monotonic())))
             except FutureTimeout:
-                results.append(None)
+                if bounded and not f.cancel():
+                    # Running: it ends by the deadline by itself (its connect by the socket
+                    # timeout); waiting for it means nothing of it runs after the return.
+                    results.append(f.result())
+                else:
+                    results.append(None)
         done = [r for r in results if r is not None]
         if not done:
             raise ConnectionError(f"all {len(groups)} Redis node(s) failed or are backing off")

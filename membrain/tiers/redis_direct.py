@@ -21,6 +21,7 @@ those through redis-py (:meth:`RedisBackend.get_into`).
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any
 
@@ -54,7 +55,14 @@ def get_batch_into(
         raise ConnectionError("Redis connection is not connected")
     conn.send_packed_command(conn.pack_commands([("GET", k) for k in keys]), check_health=False)
     left_ms = max(1, math.ceil((deadline - time.monotonic()) * 1000))
-    hits, errors, failure, detail = _native.redis_read_gets(sock.fileno(), buffers, left_ms)
+    # The reader gets its own descriptor of the socket: if redis-py closes the connection
+    # meanwhile (backend.close()), the socket is shut down (the read ends) but its number
+    # cannot be reused for another file under the reader.
+    fd = os.dup(sock.fileno())
+    try:
+        hits, errors, failure, detail = _native.redis_read_gets(fd, buffers, left_ms)
+    finally:
+        os.close(fd)
     if failure == "timed_out":
         raise TimeoutError(f"Redis GET batch: {detail}")
     if failure == "protocol":
