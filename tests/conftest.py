@@ -2,7 +2,9 @@
 
 ``server_factory(**opts)`` starts a real ``membrain server`` subprocess and returns a handle with
 ``endpoint``, ``port``, ``metrics_url`` (with ``metrics_port=0``), ``kill()``, ``restart()`` (same
-port), ``pause()``/``resume()`` (SIGSTOP/SIGCONT, a hung server). Tests import the installed ``membrain`` (make test installs it).
+port), ``pause()``/``resume()`` (SIGSTOP/SIGCONT, a hung server). ``standalone`` is a throwaway
+``redis-server`` (skipped where Redis is not installed). Tests import the installed ``membrain``
+(make test installs it).
 """
 
 from __future__ import annotations
@@ -146,3 +148,15 @@ def rng():
     import numpy as np
 
     return np.random.default_rng(int(os.environ.get("MEMBRAIN_TEST_SEED", "1234")))
+
+
+@pytest.fixture
+def standalone() -> Iterator[Any]:
+    """One throwaway redis-server on a loopback port (membrain.bench.redis_local.RedisNode)."""
+    from membrain.bench.redis_local import RedisNode, have_redis
+
+    if not have_redis():
+        pytest.skip("redis-server / redis-cli not installed")
+    node = RedisNode()
+    yield node
+    node.close()

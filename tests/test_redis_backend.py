@@ -70,15 +70,6 @@ def test_resolve_redis_from_env_and_extra(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def standalone():
-    if not have_redis():
-        pytest.skip("redis-server / redis-cli not installed")
-    node = RedisNode()
-    yield node
-    node.close()
-
-
-@pytest.fixture
 def cluster():
     if not have_redis():
         pytest.skip("redis-server / redis-cli not installed")

@@ -30,17 +30,8 @@ from membrain.tiers.redis_direct import RespProtocolError, get_batch_into
 BLOCK = 256 << 10
 
 
-@pytest.fixture
-def node():
-    if not have_redis():
-        pytest.skip("redis-server / redis-cli not installed")
-    n = RedisNode()
-    yield n
-    n.close()
-
-
-def test_every_get_reply_in_one_batch_on_a_real_server(node: RedisNode) -> None:
-    r = redis.Redis(host="127.0.0.1", port=node.port)
+def test_every_get_reply_in_one_batch_on_a_real_server(standalone: RedisNode) -> None:
+    r = redis.Redis(host="127.0.0.1", port=standalone.port)
     vals = [os.urandom(BLOCK) for _ in range(3)]
     r.set(b"hit0", pack(vals[0]))
     r.set(b"short", pack(vals[1][:-1]))  # another block size: skipped unread
@@ -53,7 +44,7 @@ def test_every_get_reply_in_one_batch_on_a_real_server(node: RedisNode) -> None:
     bufs = [bytearray(BLOCK) for _ in keys]
     # redis-py's default protocol (RESP3 in 8.x) answers a missing key with "_"; the backend
     # itself speaks RESP2 ("$-1"), which test_redis_backend's misses cover.
-    conn = redis.Connection(host="127.0.0.1", port=node.port, socket_timeout=5)
+    conn = redis.Connection(host="127.0.0.1", port=standalone.port, socket_timeout=5)
     conn.connect()
     try:
         hits, errors = get_batch_into(conn, keys, [memoryview(b) for b in bufs], time.monotonic() + 5)
@@ -71,13 +62,13 @@ def test_every_get_reply_in_one_batch_on_a_real_server(node: RedisNode) -> None:
         r.close()
 
 
-def test_the_backend_reads_many_blocks_through_one_pooled_connection(node: RedisNode) -> None:
-    b = RedisBackend([f"redis://{node.endpoint}"])
+def test_the_backend_reads_many_blocks_through_one_pooled_connection(standalone: RedisNode) -> None:
+    b = RedisBackend([f"redis://{standalone.endpoint}"])
     try:
         keys = [os.urandom(16) for _ in range(24)]
         vals = [os.urandom(BLOCK) for _ in keys]
         assert all(b.put_async(keys, vals).result(timeout=10))
-        r = redis.Redis(host="127.0.0.1", port=node.port)
+        r = redis.Redis(host="127.0.0.1", port=standalone.port)
         b.get_into(keys[:1], [bytearray(BLOCK)])  # the reader's connection exists from here
         accepted = r.info("stats")["total_connections_received"]
         for _ in range(3):
@@ -307,11 +298,11 @@ def test_a_stalled_or_closed_stream_ends_the_read() -> None:
 
 
 @pytest.mark.skipif(not have_redis(), reason="redis-server / redis-cli not installed")
-def test_the_tls_path_reads_through_redis_py_with_the_same_answers(node: RedisNode) -> None:
+def test_the_tls_path_reads_through_redis_py_with_the_same_answers(standalone: RedisNode) -> None:
     """rediss:// sockets cannot be read natively; that path (exercised here over plain TCP)
     gives the same answers: hits byte-exact, a corrupt or short value a miss."""
-    b = RedisBackend([f"redis://{node.endpoint}"])
-    r = redis.Redis(host="127.0.0.1", port=node.port)
+    b = RedisBackend([f"redis://{standalone.endpoint}"])
+    r = redis.Redis(host="127.0.0.1", port=standalone.port)
     try:
         keys = [os.urandom(16) for _ in range(4)]
         vals = [os.urandom(BLOCK) for _ in keys]
@@ -328,4 +319,35 @@ def test_the_tls_path_reads_through_redis_py_with_the_same_answers(node: RedisNo
         assert bytes(views[1]) == bytes(BLOCK) and bytes(views[2]) == bytes(BLOCK)
     finally:
         r.close()
+        b.close()
+
+
+def test_a_node_call_still_queued_at_the_deadline_is_a_miss_not_the_nodes_fault(
+    standalone: RedisNode,
+) -> None:
+    """The backend's I/O pool is shared: a node's call that cannot start before the deadline
+    (the pool busy with other calls) is dropped, the caller does not wait for the pool, and the
+    node's breaker is not charged for it."""
+    b = RedisBackend([f"redis://{standalone.endpoint}"], io_threads=1)
+    try:
+        client = b._single
+        busy = threading.Event()
+        b._io.submit(busy.wait, 5)  # the only I/O thread is taken
+        b._groups = lambda keys: [("first", client, [0]), ("queued", client, [1])]  # type: ignore[method-assign]
+        called: list[list[int]] = []
+
+        def node_call(_client: object, idx: list[int], _deadline: float) -> str:
+            called.append(idx)
+            return "ok"
+
+        t = time.monotonic()
+        done = b._run([b"a", b"b"], node_call, timeout_ms=200, bounded=True)
+        assert time.monotonic() - t < 1.5  # not the 5 s the pool stays busy
+        busy.set()
+        assert done == [([0], "ok")] and called == [[0]]
+        time.sleep(0.1)  # the dropped call never runs, even once the pool is free
+        assert called == [[0]]
+        assert b._breaker("queued").failures == 0
+    finally:
+        busy.set()
         b.close()
