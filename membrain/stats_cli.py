@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -430,27 +431,42 @@ class _CtrlC:
     A ``KeyboardInterrupt`` can land anywhere in the main thread, including inside the thread
     pool's locks and waits while a poll is in flight (Python does not guarantee a ``with``
     block's exit runs when the signal lands between acquire and the block). The handler only
-    sets an event; the current poll (at most ``--timeout``) finishes first. A SIGINT that the
-    parent set to be ignored (a background job of a script, ``nohup``) stays ignored, as for
-    any Unix tool.
+    sets a flag and writes a byte to a pipe the sleeps wait on: it takes no lock, since it runs
+    on the main thread wherever that thread was, possibly holding the very lock (a
+    ``threading.Event.set`` here once deadlocked against the ``Event.wait`` it interrupted). The
+    current poll (at most ``--timeout``) finishes first. A SIGINT that the parent set to be
+    ignored (a background job of a script, ``nohup``) stays ignored, as for any Unix tool.
     """
 
     def __init__(self) -> None:
-        self.event = threading.Event()
+        self.fired = False
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._w, False)
         self._previous: Any = None
         if (
             threading.current_thread() is threading.main_thread()
             and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
         ):
-            self._previous = signal.signal(signal.SIGINT, lambda _sig, _frame: self.event.set())
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, _sig: int, _frame: Any) -> None:
+        self.fired = True
+        try:
+            os.write(self._w, b"x")
+        except OSError:  # the pipe is full: a byte is already waiting
+            pass
 
     def sleep(self, seconds: float) -> bool:
         """Sleeps ``seconds``; True when Ctrl-C came (now or earlier)."""
-        return self.event.wait(max(0.0, seconds))
+        if not self.fired:
+            select.select([self._r], [], [], max(0.0, seconds))
+        return self.fired
 
     def restore(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+        os.close(self._r)
+        os.close(self._w)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -483,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
             if ctrl_c.sleep(next_t - time.monotonic()):
                 return 0
             cur = _poll_all(pool, sources)
-            if ctrl_c.event.is_set():
+            if ctrl_c.fired:
                 return 0
             _emit([make_row(s.name, c, p) for s, c, p in zip(sources, cur, prev)], args.json)
             prev = cur
