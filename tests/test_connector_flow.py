@@ -244,6 +244,36 @@ def test_async_lookup_answers_none_until_the_remote_answers(pair):
     assert s2.get_num_new_matched_tokens(_req("x", 18), 0) == (0, False)
 
 
+def test_a_lookup_over_its_budget_admits_the_request_without_the_remote(pair):
+    """A hung or overloaded server costs a new request at most lookup_budget_ms: then it is
+    admitted with what the host tier holds (here nothing) and the late answer is dropped."""
+    import dataclasses
+
+    fc = FakeClient()
+    _stored_remotely(pair, fc)
+    s, _w, _kv = pair(remote=fc)
+    sched = s._scheduler
+    sched.settings = dataclasses.replace(sched.settings, lookup_budget_ms=50)
+    fc.gate = threading.Event()  # the remote does not answer
+    r = _req("r", 18)
+    assert s.get_num_new_matched_tokens(r, 0) == (None, False)
+    time.sleep(0.03)
+    assert s.get_num_new_matched_tokens(r, 0) == (None, False)  # within its budget: ask again
+    time.sleep(0.05)
+    assert s.get_num_new_matched_tokens(r, 0) == (0, False)  # over it: computed, not waited for
+    fc.gate.set()
+    time.sleep(0.02)
+    assert s.get_num_new_matched_tokens(r, 0) == (0, False)  # the late answer changes nothing
+    assert fc.lookups == 2  # A's own miss, then one for r
+    assert sched.take_stats().data["lookups_over_budget"] == 1
+    # An answer that came in time counts even when the scheduler asks after the budget (a long
+    # step in between): the budget bounds waiting, not answers.
+    r2 = _req("r2", 18)
+    assert s.get_num_new_matched_tokens(r2, 0) == (None, False)
+    time.sleep(0.1)
+    assert s.get_num_new_matched_tokens(r2, 0) == (16, True)
+
+
 def test_host_hit_answers_at_once_even_with_a_slow_remote(pair):
     fc = FakeClient()
     s, w, _kv = pair(remote=fc)

@@ -258,3 +258,28 @@ def test_each_group_has_its_own_key_space_and_single_group_keys_stay():
     f1 = mkeys.identity_fields(one.vllm_config, one.kv_cache_config, 0, 0)
     assert mkeys.group_identity(f1, "0", 0) == mkeys.identity_digest(f1, "0")
     assert "window" not in f1["groups"][0]
+
+
+def test_hybrid_lookup_over_its_budget_admits_the_request_with_the_host_hit():
+    """The hybrid path keeps the lookup budget too: a remote that does not answer costs the
+    request lookup_budget_ms, then it is admitted with the host tier's hit (none here)."""
+    import dataclasses
+    import threading
+    import time
+
+    fc = FakeClient()
+    s_a, w_a, _kv_a, mgr_a = _instance(fc, seed=1)
+    tokens = _tokens(10 * BS + 1, 7)
+    _compute(s_a, w_a, mgr_a, _request("a", tokens))
+    s_b, _w_b, _kv_b, _mgr_b = _instance(fc, seed=2)
+    sched = s_b._scheduler
+    sched.settings = dataclasses.replace(sched.settings, lookup_budget_ms=50)
+    fc.gate = threading.Event()
+    req_b = _request("b", tokens)
+    try:
+        assert s_b.get_num_new_matched_tokens(req_b, 0) == (None, False)
+        time.sleep(0.08)
+        assert s_b.get_num_new_matched_tokens(req_b, 0) == (0, False)
+    finally:
+        fc.gate.set()
+    assert sched.take_stats().data["lookups_over_budget"] == 1

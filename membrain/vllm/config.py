@@ -17,6 +17,8 @@ Environment (front end; copied into ``kv_connector_extra_config`` by the plugin)
                                    their first-touch page faults; ``0`` commits them as they fill
 ``VLLM_MEMBRAIN_REMOTE``           ``1`` (default) / ``0``: use the remote servers
 ``VLLM_MEMBRAIN_TIMEOUT_MS``       per remote operation, default 2000
+``VLLM_MEMBRAIN_LOOKUP_BUDGET_MS`` how long a new request waits for its remote lookup before it
+                                   is admitted without the remote tier's blocks, default 500
 ``VLLM_MEMBRAIN_MAX_INFLIGHT``     remote stores in flight per worker before new ones are
                                    dropped (never waited on), default 256 blocks
 ``VLLM_MEMBRAIN_AUTH_TOKEN_FILE``  file holding the servers' auth token (read by every process;
@@ -36,7 +38,7 @@ Environment (front end; copied into ``kv_connector_extra_config`` by the plugin)
 
 Extra-config keys (explicit ``--kv-transfer-config``) use the lower-case names without the prefix:
 ``endpoint``, ``namespace``, ``cpu_cache_size``, ``host_prefault``, ``remote``, ``timeout_ms``,
-``max_inflight``, ``auth_token_file``, ``replicas``, ``load_failure_policy``, ``compression``,
+``lookup_budget_ms``, ``max_inflight``, ``auth_token_file``, ``replicas``, ``load_failure_policy``, ``compression``,
 ``eviction_policy``, ``admission``, ``priority``; they win over the environment, and both paths go
 through :func:`resolve`. An unknown key or an unusable value raises
 :class:`ConfigError` at start-up; an unreachable server does not.
@@ -59,6 +61,10 @@ ENV_PREFIX = "VLLM_MEMBRAIN_"
 DEFAULT_ENDPOINT = "http://localhost:9201"
 DEFAULT_NAMESPACE = "default"
 DEFAULT_TIMEOUT_MS = 2000
+# A lookup answers in about a millisecond from a healthy server; one still out after this long
+# means a hung or overloaded one, and its request is admitted without the remote tier's blocks
+# (computed) rather than waiting up to the call's deadline for the answer.
+DEFAULT_LOOKUP_BUDGET_MS = 500
 DEFAULT_MAX_INFLIGHT = 256
 DEFAULT_CPU_CACHE_CAP = 4 << 30
 DEFAULT_CPU_CACHE_FRACTION = 0.10
@@ -71,6 +77,7 @@ KNOWN_KEYS = (
     "host_prefault",
     "remote",
     "timeout_ms",
+    "lookup_budget_ms",
     "max_inflight",
     "auth_token_file",
     "replicas",
@@ -193,6 +200,7 @@ class MembrainSettings:
     admission: str = "all"
     priority: int = 0
     host_prefault: bool = True
+    lookup_budget_ms: int = DEFAULT_LOOKUP_BUDGET_MS
 
     def to_extra_config(self) -> dict[str, Any]:
         d = asdict(self)
@@ -211,6 +219,7 @@ class MembrainSettings:
             "admission": d["admission"],
             "priority": d["priority"],
             "host_prefault": d["host_prefault"],
+            "lookup_budget_ms": d["lookup_budget_ms"],
         }
 
     def auth_token(self) -> str | None:
@@ -285,12 +294,15 @@ def resolve(extra: Mapping[str, Any] | None = None, env: Mapping[str, str] | Non
     host_prefault = parse_bool(vals.get("host_prefault", True), "host_prefault")
     try:
         timeout_ms = int(vals.get("timeout_ms", DEFAULT_TIMEOUT_MS))
+        lookup_budget_ms = int(vals.get("lookup_budget_ms", DEFAULT_LOOKUP_BUDGET_MS))
         max_inflight = int(vals.get("max_inflight", DEFAULT_MAX_INFLIGHT))
         replicas = int(vals.get("replicas", 1))
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"timeout_ms / max_inflight / replicas must be integers ({e})") from None
-    if timeout_ms <= 0 or max_inflight < 0:
-        raise ConfigError("timeout_ms must be > 0 and max_inflight >= 0")
+        raise ConfigError(
+            f"timeout_ms / lookup_budget_ms / max_inflight / replicas must be integers ({e})"
+        ) from None
+    if timeout_ms <= 0 or lookup_budget_ms <= 0 or max_inflight < 0:
+        raise ConfigError("timeout_ms and lookup_budget_ms must be > 0 and max_inflight >= 0")
     if is_redis(endpoints) and replicas != 1:
         raise ConfigError("replicas must be 1 with a Redis / Valkey backend (it replicates on its own)")
     if not 1 <= replicas <= len(endpoints):
@@ -335,6 +347,7 @@ def resolve(extra: Mapping[str, Any] | None = None, env: Mapping[str, str] | Non
         admission,
         priority,
         host_prefault,
+        lookup_budget_ms,
     )
     settings.auth_token()  # an unreadable token file is a start-up error, in the front end too
     return settings

@@ -22,6 +22,7 @@ read in the step that computed it, before vLLM can free it once the window has p
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -65,9 +66,11 @@ class _ReqState:
     # Remote lookups run in the background: the one in flight (and the block it starts at),
     # then its answer as the block range [start, end) the remote tier holds.
     lookup: Future[int] | None = None
+    lookup_started: float = 0.0  # time.monotonic() when it was started
     lookup_from: int = -1
     lookup_key: tuple[int, int] = (-1, -1)  # hybrid: the (local, max_blocks) it answers
     remote_known: tuple[int, int] | None = None
+    host_only_end: int = -1  # hybrid: the hit end over the host tier alone, while the lookup runs
 
 
 class MembrainScheduler:
@@ -118,6 +121,8 @@ class MembrainScheduler:
         self._host_evicted = {"probation": 0, "protected": 0, "priority": 0}
         self._pending_loads: dict[str, LoadPlan] = {}
         self._failures = FailureCounter(self._stats)
+        self._over_budget_count = 0  # lookups over budget since the last warning
+        self._over_budget_logged = -1e9
         self._clear_host = False
         self._events = EventLog(vllm_config, self.block_size)
         if self.enabled:
@@ -245,6 +250,8 @@ class MembrainScheduler:
             except Exception:  # RemoteTier never raises; a cancelled future is a miss
                 n = 0
             st.remote_known, st.lookup = (st.lookup_from, st.lookup_from + n), None
+        elif st.remote_known is None and st.lookup is not None and self._over_budget(st):
+            st.remote_known, st.lookup = (st.lookup_from, st.lookup_from), None  # its answer is dropped
         known = st.remote_known
         if known is not None and known[0] <= host_end:
             # The remote holds [start, end) contiguously, so it also holds [host_end, end).
@@ -254,7 +261,30 @@ class MembrainScheduler:
         if st.lookup is None:
             st.lookup_from = host_end
             st.lookup = self.tiers.lookup_async(hashes, host_end, max_blocks)
+            st.lookup_started = time.monotonic()
         return None
+
+    def _over_budget(self, st: _ReqState) -> bool:
+        """True when the request's lookup, still out, has had its ``lookup_budget_ms``: the
+        request is then admitted without the remote tier's blocks (a hung or overloaded server
+        costs it at most the budget, not the call's deadline). Counted and logged."""
+        waited = time.monotonic() - st.lookup_started
+        if waited * 1e3 < self.settings.lookup_budget_ms:
+            return False
+        self._stats.add(lookups_over_budget=1)
+        self._over_budget_count += 1
+        now = time.monotonic()
+        if now - self._over_budget_logged >= 30.0:
+            logger.warning(
+                "Membrain: %d remote lookup(s) still unanswered after lookup_budget_ms=%d (req %s); "
+                "admitted without the remote tier's blocks. Check the Membrain servers "
+                "(vllm:membrain_lookups_over_budget counts these)",
+                self._over_budget_count,
+                self.settings.lookup_budget_ms,
+                st.request.request_id,
+            )
+            self._over_budget_logged, self._over_budget_count = now, 0
+        return True
 
     def _match_hybrid(self, st: _ReqState, hashes: list[bytes], local: int) -> Match | None:
         """Hybrid models: the hit end over all groups (``Match(local, end, end)``: which units
@@ -263,7 +293,10 @@ class MembrainScheduler:
         key = (local, len(hashes))
         if st.lookup is not None and st.lookup_key == key:
             if not st.lookup.done():
-                return None
+                if not self._over_budget(st):
+                    return None
+                st.lookup = None  # its answer is dropped
+                return Match(local, st.host_only_end, st.host_only_end)
             try:
                 end = int(st.lookup.result())
             except Exception:  # RemoteTier never raises; a cancelled future is a miss
@@ -277,6 +310,7 @@ class MembrainScheduler:
             st.lookup = None
             return Match(local, end, end)
         st.lookup, st.lookup_key = fut, key
+        st.lookup_started, st.host_only_end = time.monotonic(), end
         return None
 
     def _alloc_hybrid(

@@ -38,6 +38,8 @@ COUNTERS = (
     "remote_skipped_calls",
     # scheduler side: blocks looked up beyond vLLM's own hit, hits per tier, host evictions
     "lookup_blocks",
+    # lookups still out after lookup_budget_ms: their requests were admitted without the remote
+    "lookups_over_budget",
     "hit_blocks_host",
     "hit_blocks_remote",
     "host_evicted_probation",
@@ -177,6 +179,12 @@ class MembrainPromMetrics(KVConnectorPromMetrics):
             labelnames=labelnames,
             documentation="Prompt blocks looked up beyond vLLM's own prefix hit",
         )
+        self._over_budget = self._counter_cls(
+            name="vllm:membrain_lookups_over_budget",
+            labelnames=labelnames,
+            documentation="Remote lookups still unanswered after lookup_budget_ms (their requests "
+            "were admitted without the remote tier's blocks)",
+        )
         self._hit_blocks = self._counter_cls(
             name="vllm:membrain_hit_blocks",
             labelnames=labelnames + ["tier"],
@@ -214,6 +222,8 @@ class MembrainPromMetrics(KVConnectorPromMetrics):
                 self._bytes.labels(*lv, "store", t).inc(d[f"store_bytes_{t}"])
         if d.get("lookup_blocks"):
             self._lookup.labels(*lv).inc(d["lookup_blocks"])
+        if d.get("lookups_over_budget"):
+            self._over_budget.labels(*lv).inc(d["lookups_over_budget"])
         for t in TIERS:
             if d.get(f"hit_blocks_{t}"):
                 self._hit_blocks.labels(*lv, t).inc(d[f"hit_blocks_{t}"])
