@@ -24,14 +24,14 @@ TLS = ["tcp", "sm,self,tcp"]
 MiB = 1 << 20
 
 
-def _spawn(tls: str, port: int = 0, ucx_port: int = 0, extra: tuple[str, ...] = ()):
+def _spawn(tls: str, port: int = 0, ucx_port: int = 0, extra: tuple[str, ...] = (), capacity: str = "256MiB"):
     from membrain.server import spawn_server
 
     deadline = time.monotonic() + 15
     while True:
         try:
             return spawn_server(
-                capacity="256MiB",
+                capacity=capacity,
                 port=port,
                 extra_args=["--ucx-port", str(ucx_port), "--threads", "1", *extra],
                 env={**os.environ, "UCX_TLS": tls},
@@ -331,5 +331,23 @@ def test_rendezvous_values_reserved_within_the_pending_budget(tls):
         assert c.get([b"small"]) == [small]
         st = c.stats()
         assert st["pending_put_bytes"] == 0 and st["no_space"] >= 1
+    finally:
+        srv.kill()
+
+
+def test_a_put_larger_than_the_pending_budget_goes_in_several_frames(tls):
+    # 40 x 8 MiB = 320 MiB in one call, above the server's default per-connection budget of
+    # pending rendezvous bytes (the largest value: 256 MiB). Sent as one frame, the items past
+    # 256 MiB were refused (a fresh vLLM instance then found half an 8000-token prefix); the
+    # client now sends at most 256 MiB of values per frame.
+    srv = _spawn(tls, capacity="512MiB", extra=("--no-prefault",))
+    try:
+        c = _ucx(srv, timeout_ms=60000)
+        keys = [b"blk%02d" % i for i in range(40)]
+        vals = [bytes([i]) * (8 * MiB) for i in range(40)]
+        assert c.put(keys, vals) == [0] * 40
+        assert c.lookup_prefix(keys) == 40
+        assert c.get(keys[-2:]) == vals[-2:]
+        assert c.stats()["no_space"] == 0
     finally:
         srv.kill()

@@ -487,23 +487,31 @@ std::vector<std::pair<std::size_t, std::size_t>> UcxConnection::chunks(
     std::size_t per_item, std::size_t per_item_header) const {
   // per_item_header: AM header bytes per item besides its key (PUT: table row + key; GET:
   // the reply's table row). 0 = the frame's items do not travel in an AM header.
+  // A PUT frame's values arrive by rendezvous: the server reserves all of them when the frame
+  // comes in, within its per-connection budget of pending bytes (by default the largest value,
+  // --max-pending-put-bytes-per-connection), and refuses the items beyond it. A frame that
+  // carries at most max_value_bytes of values stays within that default budget.
   std::vector<std::pair<std::size_t, std::size_t>> out;
   std::size_t begin = 0;
-  uint64_t bytes = 0, hdr = proto::kHeaderBytes;
+  uint64_t bytes = 0, values = 0, hdr = proto::kHeaderBytes;
   const bool keys_in_header = per_item_header == proto::kPutItemBytes && value_sizes != nullptr;
   for (std::size_t i = 0; i < keys.size(); ++i) {
-    const uint64_t item = per_item + keys[i].size() + (value_sizes ? (*value_sizes)[i] : 0);
+    const uint64_t value = value_sizes ? (*value_sizes)[i] : 0;
+    const uint64_t item = per_item + keys[i].size() + value;
     const uint64_t item_hdr = per_item_header ? per_item_header + (keys_in_header ? keys[i].size() : 0) : 0;
     const bool full = (i - begin) >= limits_.max_batch ||
                       (i > begin && bytes + item > limits_.max_payload_bytes) ||
+                      (i > begin && values + value > limits_.max_value_bytes) ||
                       (i > begin && item_hdr && hdr + item_hdr > am_cap_);
     if (full) {
       out.emplace_back(begin, i);
       begin = i;
       bytes = 0;
+      values = 0;
       hdr = proto::kHeaderBytes;
     }
     bytes += item;
+    values += value;
     hdr += item_hdr;
   }
   if (begin < keys.size()) out.emplace_back(begin, keys.size());

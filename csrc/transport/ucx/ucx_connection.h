@@ -113,6 +113,8 @@ class UcxConnection {
   template <class Result>
   Result run_key_list(Result (*op)(const KeyListCall&), const std::vector<std::string_view>& keys,
                       int timeout_ms);
+  // [begin, end) frames of a batch within max_batch, max_payload_bytes and the AM header cap;
+  // with value_sizes, also at most max_value_bytes of values per frame (see put()).
   std::vector<std::pair<std::size_t, std::size_t>> chunks(const std::vector<std::string_view>& keys,
                                                           const std::vector<std::size_t>* value_sizes,
                                                           std::size_t per_item,
