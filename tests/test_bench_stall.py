@@ -30,3 +30,12 @@ def test_request_served_in_the_next_step_has_no_waiting_gaps():
     s = gap_stats(_phase(stamps, 0.025, 0.07))
     assert s["gaps_while_waiting"] == 0 and s["max_gap_while_waiting_s"] == 0.0
     assert s["compute_step_s"] == pytest.approx(0.05)
+
+
+def test_a_stream_that_ends_before_the_first_token_is_flagged():
+    # The stream's last token (0.05) comes before the long request's first (0.3): its gaps do not
+    # cover the wait, and its last gap is not the step that computed the request's tokens.
+    stamps = [0.0, 0.01, 0.02, 0.03, 0.04, 0.05]
+    s = gap_stats(_phase(stamps, 0.025, 0.3))
+    assert s["stream_covered_wait"] is False
+    assert gap_stats(_phase([0.0, 0.01, 0.02, 0.07, 0.08], 0.025, 0.07))["stream_covered_wait"] is True

@@ -244,14 +244,18 @@ def plugin_site(dirpath: str | os.PathLike[str]) -> str:
     return str(d)
 
 
-def start_server(capacity: str, log_path: Path, port: int = 0, nice: int = 0) -> ServerProcess | None:
+def start_server(
+    capacity: str, log_path: Path, port: int = 0, nice: int = 0, ucx: bool = False
+) -> ServerProcess | None:
     """A local ``membrain server`` for demos and benchmarks (its stderr goes to ``log_path``), or
     None when it does not start (the reason is in the log). ``nice`` > 0 lowers the priority of
     every thread of the server: on a one-box benchmark it stands in for a server on its own
-    host, whose CPU the engine does not share."""
+    host, whose CPU the engine does not share. ``ucx`` also listens for UCX clients
+    (``.ucx_endpoint``; on one host UCX moves values through shared memory)."""
+    extra = ["--ucx-port", "0"] if ucx else []
     with open(log_path, "w") as log:
         try:
-            server = spawn_server(capacity=capacity, port=port, stderr=log, env=base_env())
+            server = spawn_server(capacity=capacity, port=port, stderr=log, env=base_env(), extra_args=extra)
         except RuntimeError as e:
             log.write(f"{e}\n")
             return None

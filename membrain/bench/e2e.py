@@ -99,6 +99,7 @@ def run(
     kv_bytes: int = 1 << 30,
     kv_heads: int = 4,
     head_dim: int = 64,
+    transport: str = "tcp",
 ) -> dict[str, Any]:
     model = C.ensure_model(model_dir, hidden, layers, kv_heads=kv_heads, head_dim=head_dim)
     per_token = kv_bytes_per_token({"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim})
@@ -106,10 +107,12 @@ def run(
     kv_bytes = max(kv_bytes, int(1.5 * per_token * (sum(lengths) + 64 * len(lengths))))
     server = None
     if endpoint is None:
-        server = C.start_server("4GiB", workdir / "server.log")
+        server = C.start_server("4GiB", workdir / "server.log", ucx=transport == "ucx")
         if server is None:
             raise SystemExit(f"the local Membrain server did not start; see {workdir / 'server.log'}")
-        endpoint = server.endpoint
+        endpoint = server.ucx_endpoint if transport == "ucx" else server.endpoint
+        if endpoint is None:
+            raise SystemExit("the server has no UCX listener: this build lacks UCX (native_info()['ucx'])")
     try:
         prompts = [C.make_prompts(1, n, seed=100 + n)[0] for n in lengths]
         extra = {"endpoint": endpoint, "namespace": f"bench-{int(time.time())}", "cpu_cache_size": "2GiB"}
@@ -181,6 +184,7 @@ def run(
             }
     return {
         "rows": rows,
+        "endpoint_scheme": endpoint.split("://", 1)[0],
         "get_reference": get_ref,
         "hits_B": C.hit_totals(b["log"]),
         "model": {
@@ -223,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", choices=sorted(SHAPES), default="small", help="model shape (see above)")
     p.add_argument("--model-dir", default=None, help="default: ~/.cache/membrain/bench-model[-SHAPE]")
     p.add_argument("--endpoint", default=None, help="a running Membrain server (default: start one)")
+    p.add_argument(
+        "--transport",
+        choices=("tcp", "ucx"),
+        default="tcp",
+        help="how the instances and the GET reference reach the server started here: tcp "
+        "(default) or ucx (on one host UCX moves values through shared memory)",
+    )
     p.add_argument("--out", default="e2e_ttft")
     p.add_argument("--workdir", default=None)
     a = p.parse_args(argv)
@@ -230,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     wd.mkdir(parents=True, exist_ok=True)
     shape = SHAPES[a.shape]
     model_dir = shape_model(a.shape, a.model_dir)
-    res = run([int(x) for x in a.lengths.split(",")], model_dir, wd, a.endpoint, **shape)
+    res = run(
+        [int(x) for x in a.lengths.split(",")], model_dir, wd, a.endpoint, **shape, transport=a.transport
+    )
     res["shape"] = a.shape
     res["machine"] = machine_info()
     Path(a.out + ".json").write_text(json.dumps(res, indent=2))

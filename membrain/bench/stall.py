@@ -46,6 +46,9 @@ def gap_stats(phase: dict[str, Any]) -> dict[str, float]:
     # The step that produced the long request's first token also produced a stream token.
     k = min(range(len(after)), key=lambda i: abs(after[i][1] - first)) if after else -1
     waiting = [b - a for a, b in after[:k]] if k > 0 else []
+    # The stream must run past the first token, or the wait is not covered and the "compute
+    # step" would be the stream's last gap (a stream too short for the load).
+    covered = bool(st) and st[-1] > first
     med = statistics.median(before) if before else float("nan")
     worst = max(waiting) if waiting else 0.0
     compute = after[k][1] - after[k][0] if k >= 0 else float("nan")
@@ -56,6 +59,7 @@ def gap_stats(phase: dict[str, Any]) -> dict[str, float]:
         "gaps_while_waiting": len(waiting),
         "compute_step_s": compute,
         "ttft_s": first - arrive,
+        "stream_covered_wait": covered,
     }
 
 
@@ -73,17 +77,24 @@ def run_mode(
         "decode_prompt": decode_prompt,
         "decode_tokens": args.decode_tokens,
         "arrive_after": args.arrive_after,
+        "tail_tokens": args.tail_tokens,
         "long_prompts": [prefix, prefix],
     }
     server = None
     env = C.base_env()
     try:
         if mode == "membrain":
-            server = C.start_server("4GiB", wd / "server.log", nice=args.server_nice)
+            ucx = args.transport == "ucx"
+            server = C.start_server("4GiB", wd / "server.log", nice=args.server_nice, ucx=ucx)
             if server is None:
                 raise SystemExit(f"the local Membrain server did not start; see {wd / 'server.log'}")
+            endpoint = server.ucx_endpoint if ucx else server.endpoint
+            if endpoint is None:
+                raise SystemExit(
+                    "the server has no UCX listener: this build lacks UCX (native_info()['ucx'])"
+                )
             extra = {
-                "endpoint": server.endpoint,
+                "endpoint": endpoint,
                 "namespace": f"stall-{int(time.time())}",
                 "cpu_cache_size": "2GiB",
             }
@@ -121,7 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prefix-tokens", type=int, default=8000)
     p.add_argument("--shape", choices=sorted(SHAPES), default="wide")
-    p.add_argument("--decode-tokens", type=int, default=160, help="tokens the decoding stream generates")
+    p.add_argument(
+        "--decode-tokens",
+        type=int,
+        default=1000,
+        help="the most tokens the decoding stream generates (it stops --tail-tokens after the long "
+        "request's first token)",
+    )
+    p.add_argument(
+        "--tail-tokens", type=int, default=20, help="stream tokens after the long request's first token"
+    )
     p.add_argument("--arrive-after", type=int, default=40, help="stream tokens before the long request")
     p.add_argument(
         "--max-num-batched-tokens",
@@ -136,6 +156,13 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="niceness of the local Membrain server's threads; 19 stands in for a server on its own "
         "host (production), 0 (default) lets it take CPU from the engine as on one box",
+    )
+    p.add_argument(
+        "--transport",
+        choices=("tcp", "ucx"),
+        default="tcp",
+        help="how the instances reach the local server: tcp (default) or ucx (on one host UCX moves "
+        "values through shared memory: the loader's thread reads them from the server's memory)",
     )
     p.add_argument("--model-dir", default=None)
     p.add_argument("--json", default=None, metavar="PATH")
@@ -164,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{s['compute_step_s'] * 1e3:11.1f}ms {s['ttft_s']:6.2f}s"
             )
         print(f"{r['mode']:>9} compute step vs local hit: {r['compute_step_vs_local_hit']:.2f}x")
+        for ph in ("first", "local_hit"):
+            if not r[ph]["stream_covered_wait"]:
+                print(
+                    f"{r['mode']:>9} {ph}: the stream ended before the long request's first token; "
+                    "its gaps do not cover the wait (raise --decode-tokens)"
+                )
     if a.json:
         doc = {
             "benchmark": "stall",
@@ -173,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             "prefix_tokens": a.prefix_tokens,
             "max_num_batched_tokens": a.max_num_batched_tokens,
             "server_nice": a.server_nice,
+            "transport": a.transport,
             "rows": rows,
         }
         Path(a.json).write_text(json.dumps(doc, indent=2))

@@ -4,13 +4,16 @@ long-prefix request arriving mid-stream; writes per-token timestamps as JSON.
 Usage: python -m membrain.bench.stall_driver SPEC.json OUT.json
 
 SPEC keys: model, kv_cache_memory_bytes, max_model_len, max_num_batched_tokens, membrain ("off" |
-"explicit"), extra (kv_connector_extra_config), decode_prompt (token ids), decode_tokens (how
-many tokens the stream generates), arrive_after (stream tokens before the long request is sent),
-long_prompts (token-id lists, sent one per phase, each while a fresh decoding stream runs).
+"explicit"), extra (kv_connector_extra_config), decode_prompt (token ids), decode_tokens (the
+most tokens the stream generates), arrive_after (stream tokens before the long request is sent),
+tail_tokens (stream tokens after the long request's first token), long_prompts (token-id lists,
+sent one per phase, each while a fresh decoding stream runs).
 
 Each phase: a decoding stream starts (``DELTA`` outputs: one timestamp per token, taken when the
 token reaches this process); after ``arrive_after`` of its tokens the phase's long request is
-sent (``max_tokens=1``); the phase ends when the stream finishes. Phase 1 of the benchmark is the
+sent (``max_tokens=1``); the stream is stopped (aborted) ``tail_tokens`` tokens after the long
+request's first token, so it covers the whole wait however long the load takes (or ends at
+``decode_tokens``, which the benchmark reports as a stream too short to judge). Phase 1 of the benchmark is the
 long prompt served from Membrain (or computed cold), phase 2 the same prompt again: vLLM's own
 prefix-cache hit, the reference for the step that computes the request's remaining tokens.
 """
@@ -21,10 +24,20 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 
-async def _stream(engine: Any, prompt: list[int], max_tokens: int, rid: str, stamps: list[float]) -> None:
+async def _stream(
+    engine: Any,
+    prompt: list[int],
+    max_tokens: int,
+    rid: str,
+    stamps: list[float],
+    until: Callable[[], bool] | None = None,
+) -> None:
+    """Generates up to ``max_tokens`` tokens of ``prompt``, a timestamp per token in ``stamps``;
+    stops early (vLLM aborts the request) once ``until()`` is true."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
@@ -36,15 +49,27 @@ async def _stream(engine: Any, prompt: list[int], max_tokens: int, rid: str, sta
         detokenize=False,
         output_kind=RequestOutputKind.DELTA,
     )
-    async for out in engine.generate(TokensPrompt(prompt_token_ids=prompt), sp, rid):
-        now = time.perf_counter()
-        stamps.extend([now] * len(out.outputs[0].token_ids))
+    gen = engine.generate(TokensPrompt(prompt_token_ids=prompt), sp, rid)
+    try:
+        async for out in gen:
+            now = time.perf_counter()
+            stamps.extend([now] * len(out.outputs[0].token_ids))
+            if until is not None and until():
+                break
+    finally:
+        await gen.aclose()  # an early stop aborts the request in the engine
 
 
 async def _phase(engine: Any, spec: dict[str, Any], long_prompt: list[int], tag: str) -> dict[str, Any]:
     stamps: list[float] = []
+    first: list[float] = []
+    tail = int(spec.get("tail_tokens", 20))
+
+    def covered() -> bool:  # the stream ran on past the long request's first token
+        return bool(first) and sum(1 for t in stamps if t > first[0]) >= tail
+
     decode = asyncio.create_task(
-        _stream(engine, spec["decode_prompt"], int(spec["decode_tokens"]), f"decode-{tag}", stamps)
+        _stream(engine, spec["decode_prompt"], int(spec["decode_tokens"]), f"decode-{tag}", stamps, covered)
     )
     while len(stamps) < int(spec["arrive_after"]):
         if decode.done():
@@ -52,7 +77,6 @@ async def _phase(engine: Any, spec: dict[str, Any], long_prompt: list[int], tag:
             raise RuntimeError("the decoding stream ended before the long request arrived")
         await asyncio.sleep(0.001)
     arrive = time.perf_counter()
-    first: list[float] = []
     await _stream(engine, long_prompt, 1, f"long-{tag}", first)
     await decode
     return {"decode_stamps": stamps, "long_arrive": arrive, "long_first_token": first[0] if first else None}
