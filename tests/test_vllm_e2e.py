@@ -128,7 +128,8 @@ def test_env_only_enablement_host_tier_and_hung_server(model, workdir, reference
     never answers (harder than nothing listening, which fails at once): every request completes
     with vLLM's own tokens at its cached length; prompts evicted from the small device cache
     come back whole from the host tier; no request waits out the call timeout, and the remote
-    tier's breaker opens."""
+    tier's breaker opens. The request whose lookup meets the hung server waits out only the
+    lookup budget, not the connect handshake's timeout."""
     # With membrain pip-installed (make test) its real entry point is used; a source-tree run
     # gets an equivalent dist-info on PYTHONPATH.
     installed = any(ep.name == "membrain" for ep in entry_points(group="vllm.general_plugins"))
@@ -141,6 +142,8 @@ def test_env_only_enablement_host_tier_and_hung_server(model, workdir, reference
                 "VLLM_MEMBRAIN_ENDPOINT": f"tcp://127.0.0.1:{hung.getsockname()[1]}",
                 "VLLM_MEMBRAIN_CPU_CACHE_SIZE": "256MiB",
                 "VLLM_MEMBRAIN_TIMEOUT_MS": str(int(timeout_s * 1000)),
+                # Far below the handshake's 1 s timeout, so the budget, not the handshake, decides.
+                "VLLM_MEMBRAIN_LOOKUP_BUDGET_MS": "200",
                 "VLLM_USE_V1": "1",
             },
             pythonpath=extra_path,
@@ -148,6 +151,8 @@ def test_env_only_enablement_host_tier_and_hung_server(model, workdir, reference
         run = C.run_instance(_spec(model, "plain", repeat=2), env, workdir, "env_only")
     _check_ok(run)
     assert "Membrain enabled from the environment" in run["log"]
+    if len(os.sched_getaffinity(0)) >= 2:  # vLLM reserves a core: the transfers run there
+        assert "Membrain worker: transfer threads on CPUs" in run["log"], run["log"][-3000:]
     reference.check(run)
     assert C.store_totals(run["log"])["host"] > 0
     assert C.hit_totals(run["log"])["host"] > 0, "second pass should load evicted prefixes from the host tier"
@@ -157,6 +162,8 @@ def test_env_only_enablement_host_tier_and_hung_server(model, workdir, reference
     assert re.search(r"Membrain remote lookup failed \(every endpoint is down\)", run["log"]), run["log"][
         -3000:
     ]
+    # ... and the request whose lookup met it was admitted after the budget, its prefix computed.
+    assert "still unanswered after lookup_budget_ms=200" in run["log"], run["log"][-3000:]
     # A same-run speed ratio belongs in `membrain bench`: the host's speed drifts up to 1.6x
     # between instances here. What this test can judge is that no request waited out the call
     # timeout on the hung server (the connect handshake's own, shorter, timeout bounds a probe).
