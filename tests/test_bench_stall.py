@@ -21,6 +21,7 @@ def test_gaps_split_into_before_waiting_and_compute_step():
     assert s["gaps_while_waiting"] == 4  # 0.05, 0.08, 0.11, 0.12
     assert s["max_gap_while_waiting_s"] == pytest.approx(0.03)
     assert s["max_wait_gap_ratio"] == pytest.approx(3.0)
+    assert s["excess_while_waiting_s"] == pytest.approx(0.0 + 0.02 + 0.02 + 0.0)
     assert s["compute_step_s"] == pytest.approx(0.08)
     assert s["ttft_s"] == pytest.approx(0.1551)
 

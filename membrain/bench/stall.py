@@ -4,8 +4,9 @@ One request decodes (streamed through vLLM's async engine, a timestamp per token
 request arrives whose long prefix is in Membrain. Reported per mode:
 
 * the decoding stream's inter-token gaps: the median before the new request arrives, the largest
-  while the request waits for its KV (the load), and the step that computes the request's
-  remaining tokens;
+  while the request waits for its KV (the load), their excess over that median in all (the
+  stream's decode time lost to the wait), and the step that computes the request's remaining
+  tokens;
 * the new request's TTFT;
 * the same two figures for that prompt once more in the same instance: vLLM's own prefix-cache
   hit, the reference for the step that computes the remaining tokens.
@@ -51,12 +52,15 @@ def gap_stats(phase: dict[str, Any]) -> dict[str, float]:
     covered = bool(st) and st[-1] > first
     med = statistics.median(before) if before else float("nan")
     worst = max(waiting) if waiting else 0.0
+    # The decode time the wait cost the stream: how much longer its gaps were than the median.
+    excess = sum(g - med for g in waiting) if waiting else 0.0
     compute = after[k][1] - after[k][0] if k >= 0 else float("nan")
     return {
         "median_gap_before_s": med,
         "max_gap_while_waiting_s": worst,
         "max_wait_gap_ratio": worst / med if med > 0 else float("nan"),
         "gaps_while_waiting": len(waiting),
+        "excess_while_waiting_s": excess,
         "compute_step_s": compute,
         "ttft_s": first - arrive,
         "stream_covered_wait": covered,
@@ -180,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         f"machine: {info['cpu_model']} ({info['cpu_cores']} cores); shape {a.shape}, prefix {a.prefix_tokens}"
     )
     print(
-        f"{'mode':>9} {'phase':>10} {'median gap':>11} {'max wait gap':>13} {'ratio':>6} {'compute step':>13} {'TTFT':>7}"
+        f"{'mode':>9} {'phase':>10} {'median gap':>11} {'max wait gap':>13} {'ratio':>6} {'excess':>9} "
+        f"{'compute step':>13} {'TTFT':>7}"
     )
     for r in rows:
         for ph in ("first", "local_hit"):
@@ -188,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{r['mode']:>9} {ph:>10} {s['median_gap_before_s'] * 1e3:9.1f}ms "
                 f"{s['max_gap_while_waiting_s'] * 1e3:11.1f}ms {s['max_wait_gap_ratio']:5.1f}x "
+                f"{s['excess_while_waiting_s'] * 1e3:7.0f}ms "
                 f"{s['compute_step_s'] * 1e3:11.1f}ms {s['ttft_s']:6.2f}s"
             )
         print(f"{r['mode']:>9} compute step vs local hit: {r['compute_step_vs_local_hit']:.2f}x")
