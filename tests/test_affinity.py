@@ -74,3 +74,21 @@ def test_enter_background_moves_a_real_thread_and_leaves_its_creator():
         affinity.set_background_cpus(None)
     with ThreadPoolExecutor(1, initializer=affinity.enter_background) as pool:
         assert pool.submit(os.sched_getaffinity, 0).result() == mine  # none set: inherited
+
+
+def test_openmp_cores_from_the_environment_vllm_sets():
+    from membrain.vllm.cpu_affinity import omp_env_cpus
+
+    assert omp_env_cpus({"KMP_AFFINITY": "granularity=fine,explicit,proclist=[0,1,2,3]"}) == {0, 1, 2, 3}
+    assert omp_env_cpus({"GOMP_CPU_AFFINITY": "4 5 6"}) == {4, 5, 6}
+    assert omp_env_cpus({"OMP_PLACES": "{0,1,2}", "OMP_PROC_BIND": "true"}) == {0, 1, 2}
+    assert omp_env_cpus({}) == set()
+    with pytest.raises(ValueError):
+        omp_env_cpus({"GOMP_CPU_AFFINITY": "0-15:2"})
+
+
+def test_a_main_thread_pinned_to_one_openmp_core_does_not_free_the_others():
+    # libiomp / libgomp pin the main thread to the first core of the list: its affinity is {0},
+    # but the forward runs on 0-2; only the reserved core 3 is free.
+    assert transfer_cpus({0}, {0, 1, 2, 3}, "auto", NODES_1, NO_SMT, omp_cpus={0, 1, 2}) == {3}
+    assert transfer_cpus({0}, {0, 1, 2, 3}, "auto", NODES_1, NO_SMT, omp_cpus={0, 1, 2, 3}) == set()

@@ -13,7 +13,7 @@ Each phase: a decoding stream starts (``DELTA`` outputs: one timestamp per token
 token reaches this process); after ``arrive_after`` of its tokens the phase's long request is
 sent (``max_tokens=1``); the stream is stopped (aborted) ``tail_tokens`` tokens after the long
 request's first token, so it covers the whole wait however long the load takes (or ends at
-``decode_tokens``, which the benchmark reports as a stream too short to judge). Phase 1 of the benchmark is the
+``decode_tokens``; one that ended before that first token is reported as too short to judge). Phase 1 of the benchmark is the
 long prompt served from Membrain (or computed cold), phase 2 the same prompt again: vLLM's own
 prefix-cache hit, the reference for the step that computes the request's remaining tokens.
 """

@@ -117,6 +117,18 @@ def hybrid_hit_end(
     return local
 
 
+def _held_in(ids: set[Any]) -> Callable[[list[Any]], int]:
+    """How many of a run of unit ids, from its start, are in ``ids``."""
+
+    def held(run: list[Any]) -> int:
+        n = 0
+        while n < len(run) and run[n] in ids:
+            n += 1
+        return n
+
+    return held
+
+
 class TierManager:
     def __init__(
         self,
@@ -156,6 +168,33 @@ class TierManager:
         remote = self.remote
         return self._lookups.submit(remote.lookup_prefix, keys)
 
+    def _host_ids(
+        self,
+        local: int,
+        max_blocks: int,
+        full_groups: Sequence[int],
+        window_groups: Sequence[tuple[int, int]],
+        uid: Callable[[int, int], Any],
+    ) -> set[Any]:
+        return {
+            u
+            for g in [*full_groups, *(w[0] for w in window_groups)]
+            for i in range(local, max_blocks)
+            if (u := uid(g, i)) in self.host
+        }
+
+    def hybrid_host_end(
+        self,
+        local: int,
+        max_blocks: int,
+        full_groups: Sequence[int],
+        window_groups: Sequence[tuple[int, int]],
+        uid: Callable[[int, int], Any],
+    ) -> int:
+        """The hybrid hit end (:func:`hybrid_hit_end`) over the host tier alone, now."""
+        host_ids = self._host_ids(local, max_blocks, full_groups, window_groups, uid)
+        return hybrid_hit_end(local, max_blocks, full_groups, window_groups, uid, _held_in(host_ids))
+
     def hybrid_lookup(
         self,
         local: int,
@@ -169,20 +208,8 @@ class TierManager:
         (computed on the lookup pool from a snapshot of the host index: never on the engine's
         thread). A unit the host tier loses meanwhile is loaded from the remote tier or fails
         as a load error, so a stale answer costs a recompute, never wrong bytes."""
-        host_ids = {
-            u
-            for g in [*full_groups, *(w[0] for w in window_groups)]
-            for i in range(local, max_blocks)
-            if (u := uid(g, i)) in self.host
-        }
-
-        def held_host(ids: list[Any]) -> int:
-            n = 0
-            while n < len(ids) and ids[n] in host_ids:
-                n += 1
-            return n
-
-        host_end = hybrid_hit_end(local, max_blocks, full_groups, window_groups, uid, held_host)
+        host_ids = self._host_ids(local, max_blocks, full_groups, window_groups, uid)
+        host_end = hybrid_hit_end(local, max_blocks, full_groups, window_groups, uid, _held_in(host_ids))
         if not self.needs_remote(host_end, max_blocks):
             return host_end, None
         remote = self.remote

@@ -5,8 +5,9 @@ Linux threads inherit the CPU affinity of the thread that starts them, so on vll
 worker binds itself to its OpenMP cores, every transfer thread Membrain starts would share those
 cores with the forward and slow the requests decoding there. vLLM's own NIXL connector moves its
 transfer threads off them for the same reason. :func:`set_background_cpus` names the cores to
-use instead (see ``membrain.vllm.cpu_affinity``); every background thread pool of Membrain runs
-:func:`enter_background` as its initializer.
+use instead (see ``membrain.vllm.cpu_affinity``); the thread pools of the data path (loads,
+fetches, remote shipping, the client's and the Redis backend's I/O and codec threads) run
+:func:`enter_background` as their initializer.
 """
 
 from __future__ import annotations

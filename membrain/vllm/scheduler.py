@@ -70,7 +70,6 @@ class _ReqState:
     lookup_from: int = -1
     lookup_key: tuple[int, int] = (-1, -1)  # hybrid: the (local, max_blocks) it answers
     remote_known: tuple[int, int] | None = None
-    host_only_end: int = -1  # hybrid: the hit end over the host tier alone, while the lookup runs
 
 
 class MembrainScheduler:
@@ -251,7 +250,8 @@ class MembrainScheduler:
                 n = 0
             st.remote_known, st.lookup = (st.lookup_from, st.lookup_from + n), None
         elif st.remote_known is None and st.lookup is not None and self._over_budget(st):
-            st.remote_known, st.lookup = (st.lookup_from, st.lookup_from), None  # its answer is dropped
+            st.lookup.cancel()  # its answer is dropped; one still queued never reaches the server
+            st.remote_known, st.lookup = (st.lookup_from, st.lookup_from), None
         known = st.remote_known
         if known is not None and known[0] <= host_end:
             # The remote holds [start, end) contiguously, so it also holds [host_end, end).
@@ -267,7 +267,8 @@ class MembrainScheduler:
     def _over_budget(self, st: _ReqState) -> bool:
         """True when the request's lookup, still out, has had its ``lookup_budget_ms``: the
         request is then admitted without the remote tier's blocks (a hung or overloaded server
-        costs it at most the budget, not the call's deadline). Counted and logged."""
+        costs it the budget, rounded up to the engine step in which vLLM asks again, not the
+        call's deadline). Counted and logged."""
         waited = time.monotonic() - st.lookup_started
         if waited * 1e3 < self.settings.lookup_budget_ms:
             return False
@@ -295,8 +296,14 @@ class MembrainScheduler:
             if not st.lookup.done():
                 if not self._over_budget(st):
                     return None
-                st.lookup = None  # its answer is dropped
-                return Match(local, st.host_only_end, st.host_only_end)
+                st.lookup.cancel()  # its answer is dropped; one still queued never reaches the server
+                st.lookup = None
+                # The host tier as it is now: a unit it lost during the budget is not planned
+                # as a remote load from the server that did not answer.
+                end = self.tiers.hybrid_host_end(
+                    local, len(hashes), self._full, self._windows, self._uid_fn(hashes)
+                )
+                return Match(local, end, end)
             try:
                 end = int(st.lookup.result())
             except Exception:  # RemoteTier never raises; a cancelled future is a miss
@@ -310,7 +317,7 @@ class MembrainScheduler:
             st.lookup = None
             return Match(local, end, end)
         st.lookup, st.lookup_key = fut, key
-        st.lookup_started, st.host_only_end = time.monotonic(), end
+        st.lookup_started = time.monotonic()
         return None
 
     def _alloc_hybrid(
@@ -507,7 +514,9 @@ class MembrainScheduler:
         # blocks on vLLM's side until the workers report it in finished_recving (they always
         # do); a load planned but not yet sent to the workers still goes out, so that report
         # comes.
-        self._reqs.pop(request.request_id, None)  # also drops a pending lookup's answer
+        st = self._reqs.pop(request.request_id, None)  # also drops a pending lookup's answer
+        if st is not None and st.lookup is not None:
+            st.lookup.cancel()  # one still queued never reaches the server
         return False, None
 
     def take_stats(self) -> MembrainStats | None:
@@ -537,6 +546,8 @@ class MembrainScheduler:
         self._clear_host = True
         self._events.cleared()
         for st in self._reqs.values():
+            if st.lookup is not None:
+                st.lookup.cancel()
             st.match, st.remote_known, st.lookup = None, None, None
         logger.info("Membrain cache reset: new key epoch %s, identity %s", self.epoch, self.identity)
         return True
